@@ -1,0 +1,1 @@
+"""Command line: thin parsers that validate and call the library."""

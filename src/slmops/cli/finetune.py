@@ -1,0 +1,66 @@
+"""`slmops finetune`: flags as `olive finetune` and TrainingArguments name them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from slmops.config import from_flat, load_yaml, to_yaml
+from slmops.config.schema import SECTIONS, FinetuneConfig
+from slmops.cli.common import add_schema_flags, setup_logging
+
+EXAMPLE = """example:
+  slmops finetune -m smollm2-135m-instruct -d examples/data/tone.jsonl \\
+    --train_split "train[:500]" --eval_split "train[500:]" \\
+    --text_template "{phrase}\\nTone: {tone}" --method lora --max_steps 100 -o models/tone/ft
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model with LoRA, QLoRA, DoRA, LoHa, LoKr or in full",
+        description="Fine-tune a small language model. Flags follow `olive finetune` and Hugging Face TrainingArguments.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file with model/data/method/training sections; flags override it")
+    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="validate, print the resolved config and plan, and stop")
+    titles = {"model": "model", "data": "data", "method": "method", "training": "training"}
+    for section, schema in SECTIONS.items():
+        add_schema_flags(parser, schema, titles[section])
+    add_schema_flags(parser, FinetuneConfig, "run", skip=SECTIONS)
+    parser.set_defaults(handler=run)
+
+
+def build_config(args: argparse.Namespace) -> FinetuneConfig:
+    values = {k: v for k, v in vars(args).items() if k not in {"config", "dry_run", "handler", "command"}}
+    base = load_yaml(args.config) if args.config else None
+    if base is not None and {"config", "resolved"} <= set(base):  # an OUT/run.yaml: replay its config
+        base = base["config"]
+    return from_flat(values, base)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    setup_logging(config.log_level)
+    quiet = config.log_level >= 3
+    from slmops.finetune_recipe import plan_finetune, run_plan
+
+    plan = plan_finetune(config, quiet=quiet)
+    if args.dry_run:
+        print(to_yaml(config))
+        print("# plan")
+        print(json.dumps(plan.describe(), indent=2, default=str))
+        return 0
+    result = run_plan(plan, quiet=quiet)
+    train = result.train
+    print(
+        f"slmops: finished {train.steps} steps in {train.train_seconds:.0f} s ({train.tokens_per_second:.0f} tokens/s); "
+        f"final train loss {train.final_train_loss:.4f}"
+        + (f", best eval loss {train.best_eval_loss:.4f} at step {train.best_step}" if train.best_eval_loss is not None else ""),
+        file=sys.stderr,
+    )
+    print(f"slmops: outputs in {result.output_path}: model/, {'adapter/, ' if result.adapter_path else ''}checkpoints/, logs/, run.yaml, report.md", file=sys.stderr)
+    return 0

@@ -1,0 +1,39 @@
+"""Entry point: `slmops COMMAND ...`. Each command lives in its own module and registers
+itself here; library errors become one-line messages and an exit code."""
+
+from __future__ import annotations
+
+import sys
+
+from slmops.cli import data, evaluate, finetune, models
+from slmops.cli.common import Parser, fail
+from slmops.errors import SlmopsError
+
+COMMANDS = [finetune, evaluate, models, data]
+
+
+def build_parser() -> Parser:
+    from slmops import __version__
+
+    parser = Parser(prog="slmops", description="Fine-tune small language models and make them ready to deploy.")
+    parser.add_argument("--version", action="version", version=f"slmops {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except SlmopsError as exc:
+        return fail(exc)
+    except KeyboardInterrupt:
+        print("slmops: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Typed configuration of a fine-tuning run: the single source of truth for defaults,
+help text and validation. The command line (`slmops finetune --flag`) and YAML files
+(`slmops finetune --config run.yaml`) both build a `FinetuneConfig` from here.
+
+Field names follow Microsoft Olive's `olive finetune` and Hugging Face
+`TrainingArguments`, so a user who knows those knows these. Every field name is unique
+across sections, which lets the CLI expose them as flat `--flags`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (reported with a suggestion by config.load).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _split_csv(value: Any) -> Any:
+    """'q_proj, v_proj' -> ['q_proj', 'v_proj']; lists pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class ModelConfig(_Section):
+    model_name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Model to tune: a built-in name (`slmops models list`), a local Hugging Face "
+        "folder, a .gguf file, an earlier slmops output folder, or a Hugging Face Hub id.",
+        json_schema_extra={"cli": ["-m"]},
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model's repository to run.")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the frozen base weights. auto: bfloat16 where the device computes it "
+        "fast (CPUs with AMX/AVX512-BF16, recent GPUs), else float32.",
+    )
+
+
+class DataConfig(_Section):
+    data_name: str | None = Field(
+        None,
+        description="Dataset: a local file or folder (json, jsonl, csv, parquet, txt) or a Hugging Face Hub dataset name.",
+        json_schema_extra={"cli": ["-d"]},
+    )
+    data_files: list[str] | None = Field(None, description="Comma-separated data files inside --data_name (or alone).")
+    train_subset: str | None = Field(None, description="Dataset subset (configuration name) for training.")
+    eval_subset: str | None = Field(None, description="Dataset subset (configuration name) for evaluation.")
+    train_split: str = Field("train", description="Training split, with slicing: 'train', 'train[:4096]', 'train[:90%]'.")
+    eval_split: str | None = Field(None, description="Evaluation split, e.g. 'train[4096:4224]'. Turns on validation, early stopping and best-adapter selection.")
+    text_template: str | None = Field(
+        None,
+        description="Python-format template over columns, e.g. 'Q: {question}\\nA: {answer}'. "
+        "\\n escapes are honoured. When the last field ends the template, it is the completion.",
+    )
+    text_field: str | None = Field(None, description="Column holding the full training text (loss on all of it).")
+    use_chat_template: bool = Field(False, description="Render messages / conversations / prompt+completion columns with the model's chat template.")
+    data_format: Literal["auto", "template", "text", "chat", "prompt_completion", "alpaca", "input_output"] = Field(
+        "auto", description="How rows become text. auto: chosen from the flags and columns, and reported."
+    )
+    train_on_inputs: bool = Field(False, description="Compute the loss on the prompt too, not only on the completion.")
+    max_seq_len: int = Field(1024, gt=0, description="Longest tokenized example.")
+    long_examples: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples longer than --max_seq_len (counted and reported either way)."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows (after the split slice).")
+
+    _csv = field_validator("data_files", mode="before")(_split_csv)
+
+
+class MethodConfig(_Section):
+    method: str = Field("lora", description="lora | qlora | dora | loha | lokr | full  (`slmops methods` lists them).")
+    lora_r: int = Field(16, gt=0, description="Adapter rank.")
+    lora_alpha: float = Field(32, gt=0, description="Adapter scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Modules to adapt, comma-separated, or 'all-linear'. Default: the model's attention projections.",
+    )
+    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved with the adapter.")
+    adapter_path: str | None = Field(None, description="Start from this existing PEFT adapter instead of a fresh one.")
+
+    _csv = field_validator("target_modules", "modules_to_save", mode="before")(_split_csv)
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1: run --num_train_epochs.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs to run when --max_steps is -1.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per evaluation batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate. Default: the method's own (2e-4 adapters, 2e-5 full).")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = Field("linear", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides --warmup_ratio when > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw", "sgd"] = Field("adamw_torch", description="Optimizer.")
+    bf16: bool | None = Field(None, description="Train in bfloat16. Default: on where the device computes bf16 fast, and said so.")
+    fp16: bool = Field(False, description="Train in float16 (CUDA only).")
+    seed: int = Field(42, description="Seed for weights init, dropout and data order.")
+    logging_steps: int = Field(10, gt=0, description="Log train loss every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps. Default: ten times a run.")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps. Default: as --eval_steps, or ten times a run.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most N step checkpoints (the best one is always kept).")
+    logging_dir: str | None = Field(None, description="TensorBoard and metrics.jsonl folder. Default: OUTPUT/logs.")
+    report_to: Literal["tensorboard", "none", "all"] = Field("tensorboard", description="Where to send metrics besides metrics.jsonl.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for batching (0: in the main process).")
+    resume_from_checkpoint: str | None = Field(
+        None, description="Checkpoint folder to resume from, or 'latest' (true) for the newest in OUTPUT/checkpoints."
+    )
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Stop after N evaluations without improvement (needs --eval_split). 0/none turns it off."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
+    load_best_model_at_end: bool = Field(True, description="With --eval_split, the saved adapter is the best one seen.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
+
+    @field_validator("early_stopping_patience", mode="before")
+    @classmethod
+    def _patience_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in {"0", "none", "off", "false"}:
+            return None
+        if value == 0:
+            return None
+        return value
+
+    @field_validator("resume_from_checkpoint", mode="before")
+    @classmethod
+    def _resume_true(cls, value: Any) -> Any:
+        if value is True or (isinstance(value, str) and value.strip().lower() in {"true", "latest"}):
+            return "latest"
+        if value is False or (isinstance(value, str) and value.strip().lower() in {"false", "none", ""}):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> "TrainingConfig":
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are both on; choose one")
+        return self
+
+
+class FinetuneConfig(_Section):
+    """A whole `slmops finetune` run. YAML files have the sections as keys:
+
+    model: {model_name_or_path: ...}
+    data: {data_name: ..., text_template: ...}
+    method: {method: lora, lora_r: 16}
+    training: {max_steps: 100}
+    output_path: models/x/ft
+    """
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_path: str = Field("models/slmops-ft", description="Output folder.", json_schema_extra={"cli": ["-o"]})
+    overwrite: bool = Field(False, description="Replace an output folder that holds another run.")
+    task_name: str | None = Field(None, description="A name for this run, shown in logs and reports.")
+    log_level: int = Field(
+        1, ge=0, le=4, description="0 debug, 1 info, 2 warning, 3 error, 4 critical (as Olive's --log_level)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _named_level(cls, value: Any) -> Any:
+        names = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
+        if isinstance(value, str) and value.strip().lower() in names:
+            return names[value.strip().lower()]
+        return value
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "training": TrainingConfig,
+}
+
+
+class EvaluateConfig(_Section):
+    """`slmops evaluate`: one or more models on one eval split."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(train_split="train"))
+    adapter_path: str | None = Field(None, description="PEFT adapter to load on the model.")
+    compare_to: list[str] | None = Field(
+        None, description="Other models to evaluate beside it, comma-separated; 'base' is the model without --adapter_path."
+    )
+    metrics: list[str] = Field(["accuracy", "f1", "perplexity"], description="Comma-separated: accuracy, f1, perplexity, bleu, rouge, latency.")
+    max_new_tokens: int = Field(32, gt=0, description="Most tokens generated per example.")
+    batch_size: int = Field(16, gt=0, description="Examples per generation / loss batch.")
+    latency_samples: int = Field(8, gt=0, description="Examples timed one at a time for the latency metric.")
+    output_path: str | None = Field(None, description="Folder for results.json, predictions and report.md.", json_schema_extra={"cli": ["-o"]})
+    log_level: int = Field(1, ge=0, le=4, description="0 debug ... 4 critical.")
+
+    _csv = field_validator("compare_to", "metrics", mode="before")(_split_csv)

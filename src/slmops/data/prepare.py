@@ -1,0 +1,111 @@
+"""The data half of a run: load splits, choose the format, tokenize, report. Needs only
+the tokenizer, so every data problem surfaces before a model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slmops.config.schema import DataConfig
+from slmops.data.format import FormattedExample, Formatter, build_formatter, template_fields, unescape
+from slmops.data.load import LoadedSplit, load_split
+from slmops.data.tokenize import TokenizedData, tokenize_examples
+from slmops.errors import DataError
+
+
+@dataclass
+class PreparedData:
+    formatter: Formatter
+    train: TokenizedData
+    train_split: LoadedSplit
+    eval: TokenizedData | None = None
+    eval_split: LoadedSplit | None = None
+    eval_examples: list[FormattedExample] | None = None
+
+    def describe(self) -> dict:
+        info = {
+            "format": self.formatter.name,
+            "format_description": self.formatter.description,
+            "train": {"source": self.train_split.source, "split": self.train_split.split, "rows": len(self.train_split.dataset),
+                      "fingerprint": self.train_split.fingerprint, "tokenized": self.train.summary(),
+                      "trained_tokens": self.train.trained_tokens()},
+        }
+        if self.eval is not None and self.eval_split is not None:
+            info["eval"] = {"source": self.eval_split.source, "split": self.eval_split.split, "rows": len(self.eval_split.dataset),
+                            "fingerprint": self.eval_split.fingerprint, "tokenized": self.eval.summary()}
+        return info
+
+
+def format_rows(dataset, formatter: Formatter) -> list[FormattedExample]:
+    out = []
+    for index, row in enumerate(dataset):
+        try:
+            out.append(formatter(row))
+        except DataError as exc:
+            raise DataError(f"row {index}: {exc}") from None
+    return out
+
+
+@dataclass
+class RawSplits:
+    train: LoadedSplit
+    eval: LoadedSplit | None
+
+
+def load_splits(cfg: DataConfig) -> RawSplits:
+    """Read the splits and check what can be checked without a tokenizer (columns used by
+    a template or text field), so data mistakes surface before a model is fetched."""
+    train = load_split(cfg.data_name, cfg.train_split, cfg.data_files, cfg.train_subset)
+    if cfg.max_samples is not None and cfg.max_samples < len(train.dataset):
+        train.dataset = train.dataset.select(range(cfg.max_samples))
+    evaluation = None
+    if cfg.eval_split:
+        evaluation = load_split(cfg.data_name, cfg.eval_split, cfg.data_files, cfg.eval_subset or cfg.train_subset)
+    for split in filter(None, (train, evaluation)):
+        columns = list(split.dataset.column_names)
+        if cfg.text_template:
+            missing = [f for f in template_fields(unescape(cfg.text_template)) if f not in columns]
+            if missing:
+                raise DataError(
+                    f"--text_template: field(s) {', '.join(repr(m) for m in missing)} not in the data "
+                    f"({split.source}, split {split.split!r}); columns are: {', '.join(columns)}"
+                )
+        elif cfg.text_field and cfg.text_field not in columns:
+            raise DataError(f"--text_field {cfg.text_field!r} is not a column of {split.source}; columns are: {', '.join(columns)}")
+    return RawSplits(train, evaluation)
+
+
+def prepare_data(cfg: DataConfig, tokenizer, splits: RawSplits | None = None, need_eval_examples: bool = False) -> PreparedData:
+    splits = splits or load_splits(cfg)
+    train_split = splits.train
+    formatter = build_formatter(cfg, list(train_split.dataset.column_names), tokenizer)
+    train = tokenize_examples(format_rows(train_split.dataset, formatter), tokenizer, formatter, cfg.max_seq_len, cfg.long_examples)
+    if len(train) == 0:
+        raise DataError(f"no training examples left after tokenization ({train.summary()}); raise --max_seq_len or check the data")
+    prepared = PreparedData(formatter, train, train_split)
+    if splits.eval is not None:
+        eval_split = splits.eval
+        eval_formatter = build_formatter(cfg, list(eval_split.dataset.column_names), tokenizer)
+        examples = format_rows(eval_split.dataset, eval_formatter)
+        prepared.eval = tokenize_examples(examples, tokenizer, eval_formatter, cfg.max_seq_len, cfg.long_examples)
+        prepared.eval_split = eval_split
+        prepared.eval_examples = examples if need_eval_examples else None
+        if len(prepared.eval) == 0:
+            raise DataError(f"the eval split {cfg.eval_split!r} has no usable examples ({prepared.eval.summary()})")
+    return prepared
+
+
+def preview(example: FormattedExample, tokenizer, formatter: Formatter, max_seq_len: int) -> str:
+    """One example as the model sees it: tokens without loss dimmed in [brackets], tokens
+    with loss plain, plus counts."""
+    data = tokenize_examples([example], tokenizer, formatter, max_seq_len)
+    if not len(data):
+        return f"(this example is dropped: {data.summary()})"
+    ids, labels = data.input_ids[0], data.labels[0]
+    pieces = []
+    for i, (token, label) in enumerate(zip(ids, labels)):
+        text = tokenizer.decode([token])
+        trained = label != -100 and i > 0
+        pieces.append(text if trained else f"[{text}]")
+    n_loss = sum(1 for label in labels[1:] if label != -100)
+    legend = f"\n\n-- {len(ids)} tokens, {n_loss} with loss (shown plain); tokens in [brackets] carry no loss"
+    return "".join(pieces) + legend

@@ -1,0 +1,115 @@
+"""Predictors: one interface (generate, loss) over a PyTorch model with or without a
+PEFT adapter. (The ONNX Runtime GenAI back end plugs in behind the same interface.)"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from slmops.data.batching import collate
+from slmops.data.tokenize import TokenizedData
+from slmops.errors import ModelError
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class TorchPredictor:
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, model_name_or_path: str, adapter_path: str | None = None, trust_remote_code: bool = False,
+             dtype: torch.dtype = torch.float32, quiet: bool = False, use_source_adapter: bool = True) -> "TorchPredictor":
+        from slmops.models import load_model, load_tokenizer, resolve_model
+        from slmops.models.precision import pick_device
+
+        source = resolve_model(model_name_or_path, quiet=quiet)
+        if adapter_path is None and source.adapter_path is not None and use_source_adapter:
+            adapter_path = str(source.adapter_path)  # an slmops output folder: base + its adapter
+        tokenizer = load_tokenizer(source.path, trust_remote_code)
+        model = load_model(source.path, dtype, pick_device(), trust_remote_code)
+        name = source.given if use_source_adapter or source.adapter_path is None else f"{source.given} (base)"
+        if adapter_path:
+            model = attach_adapter(model, adapter_path)
+            name += f" + {adapter_path}"
+        return cls(model, tokenizer, name)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], add_special_tokens: bool, max_new_tokens: int = 32, batch_size: int = 8,
+                 progress: bool = True) -> list[str]:
+        """Greedy generation, batched with left padding; prompts sorted by length to pad little."""
+        from tqdm.auto import tqdm
+
+        tok = self.tokenizer
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs: list[str] = [""] * len(prompts)
+        saved_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            for start in tqdm(range(0, len(order), batch_size), desc=f"generate ({self.name})", disable=not progress, unit="batch"):
+                idx = order[start : start + batch_size]
+                enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(self.device)
+                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                new = out[:, enc["input_ids"].shape[1]:]
+                for i, row in zip(idx, new):
+                    outputs[i] = tok.decode(row, skip_special_tokens=True)
+        finally:
+            tok.padding_side = saved_side
+        return outputs
+
+    @torch.no_grad()
+    def loss(self, data: TokenizedData, batch_size: int = 8) -> tuple[float, int]:
+        from slmops.train.loss import plain_loss
+
+        total, count = 0.0, 0
+        order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+        for start in range(0, len(order), batch_size):
+            batch = collate(data, order[start : start + batch_size], self.tokenizer.pad_token_id)
+            loss_sum, n = plain_loss(self.model, {k: v.to(self.device) for k, v in batch.items()})
+            total += float(loss_sum)
+            count += n
+        return total, count
+
+    @torch.no_grad()
+    def timed_generate(self, prompt: str, add_special_tokens: bool, max_new_tokens: int = 32) -> dict:
+        """One prompt, batch 1: time to first token and decode speed."""
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(self.device)
+        start = time.perf_counter()
+        self.model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        total = time.perf_counter() - start
+        generated = out.shape[1] - enc["input_ids"].shape[1]
+        decode = (generated - 1) / max(total - ttft, 1e-9) if generated > 1 else None
+        return {"ttft_s": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak_rss_mb()}
+
+
+def attach_adapter(model, adapter_path: str):
+    """Load a PEFT adapter onto `model`, with a clear error when it was trained on another base."""
+    from peft import PeftConfig, PeftModel
+
+    path = Path(adapter_path)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"--adapter_path {adapter_path!r} holds no adapter_config.json (not a PEFT adapter)")
+    config = PeftConfig.from_pretrained(path)
+    targets = config.target_modules
+    if isinstance(targets, (list, set)):
+        leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in leaves]
+        if missing:
+            raise ModelError(f"adapter {adapter_path!r} targets {', '.join(sorted(missing))}, which this model does not have: it was trained on another base")
+    try:
+        return PeftModel.from_pretrained(model, path).eval()
+    except RuntimeError as exc:  # size mismatch: another hidden size
+        first = str(exc).splitlines()[0:3]
+        raise ModelError(f"adapter {adapter_path!r} does not fit this model (trained on another base?): {' '.join(first)[:300]}") from None

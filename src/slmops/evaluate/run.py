@@ -1,0 +1,136 @@
+"""`slmops evaluate` as a library call: several models, one eval set, one table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmops.config.schema import EvaluateConfig
+from slmops.data.format import build_formatter
+from slmops.data.load import load_split
+from slmops.data.prepare import format_rows
+from slmops.data.tokenize import tokenize_examples
+from slmops.errors import DataError
+from slmops.evaluate.metrics import get_metrics
+from slmops.evaluate.predict import TorchPredictor
+from slmops.outputs import versions
+
+log = logging.getLogger("slmops")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    metrics: dict
+    predictions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _split_of(cfg: EvaluateConfig) -> str:
+    return cfg.data.eval_split or cfg.data.train_split
+
+
+def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
+    metrics = get_metrics(cfg.metrics)  # unknown metric names fail before any work
+    split = load_split(cfg.data.data_name, _split_of(cfg), cfg.data.data_files, cfg.data.eval_subset or cfg.data.train_subset)
+    dataset = split.dataset
+    if cfg.data.max_samples is not None and cfg.data.max_samples < len(dataset):
+        dataset = dataset.select(range(cfg.data.max_samples))
+
+    # (model, adapter, use the adapter an slmops output folder carries)
+    candidates = [(cfg.model.model_name_or_path, cfg.adapter_path, True)]
+    for other in cfg.compare_to or []:
+        candidates.append((cfg.model.model_name_or_path, None, False) if other == "base" else (other, None, True))
+
+    results: list[ModelResult] = []
+    examples = None
+    references: list[str] = []
+    for model_name, adapter, own_adapter in candidates:
+        predictor = TorchPredictor.load(model_name, adapter, cfg.model.trust_remote_code, _dtype(cfg), quiet=quiet, use_source_adapter=own_adapter)
+        formatter = build_formatter(cfg.data, list(dataset.column_names), predictor.tokenizer)
+        examples = format_rows(dataset, formatter)
+        references = [ex.completion for ex in examples]
+        needs_generation = any(m.needs == "generation" for m in metrics)
+        if needs_generation and any(r is None for r in references):
+            raise DataError(f"generation metrics need a completion in each example, and the {formatter.name} format has none; "
+                            "use a template whose last field is the answer, or chat/prompt+completion data")
+        started = time.perf_counter()
+        values: dict = {}
+        predictions: list[str] = []
+        if needs_generation:
+            predictions = predictor.generate([ex.prompt for ex in examples], formatter.add_special_tokens, cfg.max_new_tokens, cfg.batch_size, progress=not quiet)
+        for metric in metrics:
+            if metric.needs == "generation":
+                values.update(metric.compute(predictions=predictions, references=references))
+            elif metric.needs == "loss":
+                data = tokenize_examples(examples, predictor.tokenizer, formatter, cfg.data.max_seq_len, cfg.data.long_examples)
+                loss_sum, count = predictor.loss(data, cfg.batch_size)
+                values.update(metric.compute(loss_sum=loss_sum, token_count=count))
+            elif metric.needs == "timing":
+                timings = [predictor.timed_generate(ex.prompt, formatter.add_special_tokens, cfg.max_new_tokens)
+                           for ex in examples[: cfg.latency_samples]]
+                values.update(metric.compute(timings=timings))
+        results.append(ModelResult(predictor.name, values, predictions, time.perf_counter() - started))
+        del predictor
+
+    report = {
+        "data": {"source": split.source, "split": split.split, "rows": len(dataset), "fingerprint": split.fingerprint},
+        "metrics": cfg.metrics,
+        "models": [{"name": r.name, "metrics": r.metrics, "seconds": r.seconds} for r in results],
+        "versions": versions(),
+    }
+    if cfg.output_path:
+        _write(cfg, report, results, examples or [], references)
+    return report
+
+
+def _dtype(cfg: EvaluateConfig) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.torch_dtype, torch.float32)
+
+
+HEADLINE = ["accuracy", "macro_f1", "micro_f1", "unparseable", "perplexity", "loss", "bleu", "rouge1", "rouge2", "rougeL",
+            "ttft_p50_s", "ttft_p95_s", "decode_tokens_per_s_p50", "peak_rss_mb"]
+
+
+def format_table(report: dict) -> str:
+    """Metrics side by side; with two or more models, the difference of each to the last."""
+    models = report["models"]
+    keys = [k for k in HEADLINE if any(k in m["metrics"] and m["metrics"][k] is not None for m in models)]
+    names = [m["name"] for m in models]
+    header = ["metric", *names] + (["delta (first - last)"] if len(models) > 1 else [])
+    rows = []
+    for key in keys:
+        vals = [m["metrics"].get(key) for m in models]
+        row = [key, *[_fmt(v) for v in vals]]
+        if len(models) > 1:
+            row.append(_fmt(vals[0] - vals[-1]) if vals[0] is not None and vals[-1] is not None else "")
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _write(cfg: EvaluateConfig, report: dict, results: list[ModelResult], examples, references) -> None:
+    out = Path(cfg.output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    for index, result in enumerate(results):
+        if not result.predictions:
+            continue
+        with open(out / f"predictions-{index}.jsonl", "w") as handle:
+            for ex, ref, pred in zip(examples, references, result.predictions):
+                handle.write(json.dumps({"model": result.name, "prompt": ex.prompt, "reference": ref, "prediction": pred}) + "\n")
+    (out / "report.md").write_text(f"# slmops evaluate\n\ndata: {report['data']['source']} ({report['data']['split']}, "
+                                   f"{report['data']['rows']} rows)\n\n```\n{format_table(report)}\n```\n")

@@ -1,0 +1,239 @@
+"""`slmops finetune` as a library call. Reads top to bottom in dependency order:
+validate everything cheap first (config, method, output folder, model structure, data),
+then load the model, attach the method, train, and write the outputs."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from slmops.config import FinetuneConfig, to_yaml
+from slmops.data.prepare import PreparedData, load_splits, prepare_data
+from slmops.errors import ConfigError, ModelError
+from slmops.methods import Method, get_method, resolve_target_modules
+from slmops.models import choose_precision, inspect_model, load_model, load_tokenizer, resolve_model
+from slmops.models.precision import Precision
+from slmops.models.resolve import ModelSource, source_description
+from slmops.outputs import OutputLayout, check_output_folder, clear_previous_run, copy_model_folder, versions
+from slmops.train import checkpoint as ckpt
+from slmops.train.trainer import Trainer, TrainResult
+
+log = logging.getLogger("slmops")
+
+
+@dataclass
+class FinetunePlan:
+    """Everything decided before the model is loaded (what --dry_run prints)."""
+
+    config: FinetuneConfig
+    method: Method
+    source: ModelSource
+    target_modules: list[str] | str | None
+    precision: Precision
+    data: PreparedData
+    layout: OutputLayout
+    resume_from: Path | None
+    learning_rate: float
+    tokenizer: object
+
+    def describe(self) -> dict:
+        return {
+            "model": source_description(self.source),
+            "method": self.method.name,
+            "target_modules": self.target_modules,
+            "precision": {"name": self.precision.name, "device": str(self.precision.device), "reason": self.precision.reason},
+            "learning_rate": self.learning_rate,
+            "data": self.data.describe(),
+            "resume_from": str(self.resume_from) if self.resume_from else None,
+        }
+
+
+@dataclass
+class FinetuneResult:
+    output_path: Path
+    adapter_path: Path | None
+    model_path: Path
+    train: TrainResult
+    plan: dict
+
+
+def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
+    """Validate and resolve everything cheap; raise on the first class of problem found."""
+    method = get_method(config.method.method)
+    tcfg = config.training
+    if tcfg.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a CUDA GPU; on a CPU leave it off (bf16 is chosen when the CPU is fast at it)")
+    resuming = tcfg.resume_from_checkpoint is not None
+    layout = check_output_folder(Path(config.output_path), config.overwrite, resuming)
+    resume_from = None
+    if resuming:
+        resume_from = ckpt.find_resume_checkpoint(tcfg.resume_from_checkpoint, layout.checkpoints)
+    if method.name != "full" and config.method.modules_to_save and not method.is_adapter:
+        raise ConfigError("--modules_to_save applies to adapter methods only")
+
+    splits = load_splits(config.data)  # data mistakes surface before any model is fetched
+    source = resolve_model(config.model.model_name_or_path, fetch=True, quiet=quiet)
+    structure = inspect_model(source.path, config.model.trust_remote_code)
+    targets = resolve_target_modules(config.method.target_modules, structure) if method.is_adapter else None
+    if config.method.adapter_path and not (Path(config.method.adapter_path) / "adapter_config.json").is_file():
+        raise ModelError(f"--adapter_path {config.method.adapter_path!r} holds no adapter_config.json (not a PEFT adapter)")
+
+    tokenizer = load_tokenizer(source.path, config.model.trust_remote_code)
+    data = prepare_data(config.data, tokenizer, splits)
+    precision = choose_precision(tcfg.bf16, tcfg.fp16, config.model.torch_dtype, adapter_method=method.is_adapter)
+    if method.quantize_base_4bit and structure.num_parameters < 1_000_000_000 and precision.device.type == "cpu":
+        log.warning(
+            "qlora on a %.0fM-parameter model: on a CPU, bf16 LoRA (--method lora) is faster and uses about as little "
+            "memory below ~1B parameters; 4-bit pays on larger models", structure.num_parameters / 1e6,
+        )
+    learning_rate = tcfg.learning_rate or method.default_learning_rate
+    return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(plan: FinetunePlan):
+    """Load the base with the dtype policy, merge a source adapter, attach the method."""
+    cfg = plan.config
+    precision = plan.precision
+    _seed_everything(cfg.training.seed)
+    if plan.source.adapter_path is not None:
+        # Continuing from an earlier slmops adapter run: its tuned model is base + adapter.
+        from peft import PeftModel
+
+        base = load_model(plan.source.path, torch.float32, precision.device, cfg.model.trust_remote_code)
+        base = PeftModel.from_pretrained(base, plan.source.adapter_path).merge_and_unload()
+        base.save_pretrained(plan.layout.model)
+        plan.tokenizer.save_pretrained(plan.layout.model)
+        if precision.weights != torch.float32 and not plan.method.quantize_base_4bit:
+            base.to(precision.weights)
+        model = base
+        if plan.method.quantize_base_4bit:
+            model = load_model(plan.layout.model, precision.weights, precision.device, cfg.model.trust_remote_code, quantize_4bit=True,
+                               compute_dtype=torch.bfloat16 if precision.weights == torch.bfloat16 else torch.float32)
+    else:
+        compute = torch.bfloat16 if precision.weights == torch.bfloat16 else torch.float32
+        model = load_model(plan.source.path, precision.weights, precision.device, cfg.model.trust_remote_code,
+                           quantize_4bit=plan.method.quantize_base_4bit, compute_dtype=compute)
+    model.config.use_cache = False
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not plan.method.is_adapter:
+        model.requires_grad_(True)
+        return model
+
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if plan.method.quantize_base_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method.adapter_path:
+        model = PeftModel.from_pretrained(model, cfg.method.adapter_path, is_trainable=True)
+    else:
+        peft_config = plan.method.peft_config(cfg.method, plan.target_modules)
+        # Adapters are kept in fp32 even on a bf16 base: small, and precise for AdamW.
+        model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    return model
+
+
+def finetune(config: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.data` and write the outputs (see README)."""
+    plan = plan_finetune(config, quiet=quiet)
+    return run_plan(plan, quiet=quiet)
+
+
+def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
+    config, layout = plan.config, plan.layout
+    data = plan.data
+    log.info("model: %s (%s)", plan.source.given, plan.source.kind)
+    log.info("data: %s", data.formatter.description)
+    log.info("train: %s; eval: %s", data.train.summary(), data.eval.summary() if data.eval else "none")
+    log.info("precision: %s on %s (%s)", plan.precision.name, plan.precision.device, plan.precision.reason)
+    if config.overwrite and plan.resume_from is None:
+        clear_previous_run(layout)
+    layout.root.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(plan)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("method: %s; trainable parameters %s of %s (%.2f%%)", plan.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+
+    _write_run_yaml(plan, status="running")
+    tcfg = config.training
+    trainer = Trainer(
+        model,
+        data.train,
+        data.eval,
+        tcfg,
+        plan.precision,
+        plan.learning_rate,
+        layout.checkpoints,
+        Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs,
+        plan.tokenizer.pad_token_id,
+        save_adapter=plan.method.is_adapter,
+        quiet=quiet,
+    )
+    result = trainer.train(resume_from=plan.resume_from)
+    if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
+        trainer.restore_best()
+        log.info("kept the best weights: step %d, eval loss %.4f", result.best_step, result.best_eval_loss)
+
+    adapter_path = _save_outputs(plan, model)
+    _write_run_yaml(plan, status="finished", result=result)
+    from slmops.report import write_training_report
+
+    write_training_report(layout, Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.describe(), asdict(result))
+    return FinetuneResult(layout.root, adapter_path, layout.model, result, plan.describe())
+
+
+def _save_outputs(plan: FinetunePlan, model) -> Path | None:
+    layout = plan.layout
+    if plan.method.is_adapter:
+        if plan.source.adapter_path is None:  # else build_model already wrote the merged base
+            copy_model_folder(plan.source.path, layout.model)
+            plan.tokenizer.save_pretrained(layout.model)
+        model.save_pretrained(layout.adapter)
+        _point_adapter_at_base(layout.adapter, plan.source.hub_id or plan.source.given)
+        return layout.adapter
+    # Full fine-tuning: master weights are fp32; save them as the tuned model.
+    model.config.use_cache = True
+    model.save_pretrained(layout.model)
+    plan.tokenizer.save_pretrained(layout.model)
+    return None
+
+
+def _point_adapter_at_base(adapter_dir: Path, base_name: str) -> None:
+    """Record the public base name (not a cache path) in adapter_config.json."""
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _write_run_yaml(plan: FinetunePlan, status: str, result: TrainResult | None = None) -> None:
+    doc = {
+        "status": status,
+        "config": yaml.safe_load(to_yaml(plan.config)),
+        "resolved": plan.describe(),
+        "versions": versions(),
+    }
+    if result is not None:
+        summary = asdict(result)
+        summary.pop("history", None)
+        doc["result"] = summary
+    text = yaml.safe_dump(doc, sort_keys=False)
+    tmp = plan.layout.run_yaml.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(plan.layout.run_yaml)

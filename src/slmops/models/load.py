@@ -1,0 +1,96 @@
+"""Load tokenizers and models from a resolved folder, and inspect a model's structure
+without loading its weights (for validation before any expensive work)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slmops.errors import ModelError
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"could not load the tokenizer from {str(path)!r}: {exc}") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token will do;
+        # eos is the usual choice and keeps the vocabulary unchanged.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"could not read the model config in {str(path)!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What validation needs to know about a model, read without loading its weights."""
+
+    model_type: str
+    linear_layers: list[str]  # full names of linear-like leaves
+    attention_projections: list[str]  # leaf names of linears directly inside attention blocks
+    num_parameters: int
+
+    def leaf_names(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in self.linear_layers})
+
+
+def inspect_model(path: Path, trust_remote_code: bool = False) -> ModelStructure:
+    """Build the model on the meta device (no memory, no weights read) and describe it."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"could not build the model in {str(path)!r}: {exc}") from None
+    classes = {name: type(module).__name__ for name, module in model.named_modules()}
+    linear = [name for name, module in model.named_modules() if _is_linear(module)]
+    projections: list[str] = []
+    for full in linear:
+        parent, _, leaf = full.rpartition(".")
+        if classes.get(parent, "").endswith("Attention") and leaf not in projections:
+            projections.append(leaf)
+    return ModelStructure(config.model_type, linear, projections, sum(p.numel() for p in model.parameters()))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a linear layer with transposed weights.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, quantize_4bit: bool = False, compute_dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype or dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ImportError as exc:
+        raise ModelError(f"loading {str(path)!r} needs a package that is missing: {exc}") from None
+    if not quantize_4bit:
+        model.to(device)
+    return model

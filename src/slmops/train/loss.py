@@ -1,0 +1,56 @@
+"""Causal-LM loss computed only where it counts.
+
+A plain forward computes logits for every position over the whole vocabulary (49k for
+SmolLM2) and then masks most of them away. Here the decoder runs once, and the output
+head runs only on positions that carry a label: for short completions that skips most of
+the largest matmul of the step. Before relying on it, `check_fast_path` compares it with
+the model's own forward once, so a model whose head does something extra (soft-capping,
+scaling) falls back to the plain path instead of training on wrong logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slmops.data.tokenize import IGNORE
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def plain_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of tokens) from the model's own full forward."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    selected = logits[:, :-1][mask].float()  # (N, V)
+    return F.cross_entropy(selected, targets[mask], reduction="sum"), int(mask.sum())
+
+
+def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Same value as plain_loss; the head only sees labelled positions."""
+    inner = _inner(model)
+    hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    logits = inner.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
+    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+
+
+@torch.no_grad()
+def check_fast_path(model, batch: dict[str, torch.Tensor]) -> bool:
+    """True when selective_loss reproduces the model's own logits on this batch."""
+    inner = _inner(model)
+    if not (hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None):
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        plain, _ = plain_loss(model, batch)
+        fast, _ = selective_loss(model, batch)
+    except Exception:
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.isfinite(fast)) and abs(float(plain) - float(fast)) <= 1e-3 * max(1.0, abs(float(plain)))

@@ -1,0 +1,262 @@
+"""The training loop, explicit from top to bottom: batches in a deterministic order,
+gradient accumulation normalised by labelled tokens, clipping, schedule, periodic logging,
+evaluation, early stopping and atomic checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmops.config.schema import TrainingConfig
+from slmops.data.batching import collate, epoch_batches
+from slmops.data.tokenize import IGNORE, TokenizedData
+from slmops.models.precision import Precision
+from slmops.train import checkpoint as ckpt
+from slmops.train.loss import check_fast_path, plain_loss, selective_loss
+from slmops.train.monitor import MetricsLog
+
+log = logging.getLogger("slmops")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped_early: bool
+    best_step: int | None
+    best_eval_loss: float | None
+    final_train_loss: float | None
+    tokens_seen: int  # labelled tokens (the ones with loss)
+    input_tokens_seen: int  # non-pad tokens through the model
+    train_seconds: float
+    tokens_per_second: float  # non-pad tokens per second
+    fast_loss: bool
+    history: list[dict] = field(default_factory=list)
+
+
+def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    micro_per_epoch = math.ceil(n_examples / cfg.per_device_train_batch_size)
+    return max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def default_interval(steps: int) -> int:
+    return max(1, steps // 10)
+
+
+def build_optimizer(model, cfg: TrainingConfig, learning_rate: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=cfg.optim == "adamw_torch_fused" or None)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model,
+        train_data: TokenizedData,
+        eval_data: TokenizedData | None,
+        cfg: TrainingConfig,
+        precision: Precision,
+        learning_rate: float,
+        checkpoint_dir: Path,
+        log_dir: Path,
+        pad_id: int,
+        save_adapter: bool,
+        quiet: bool = False,
+    ):
+        self.model = model
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.cfg = cfg
+        self.precision = precision
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.log_dir = Path(log_dir)
+        self.pad_id = pad_id
+        self.save_adapter = save_adapter
+        self.quiet = quiet
+        self.steps = total_steps(cfg, len(train_data))
+        self.eval_every = cfg.eval_steps or default_interval(self.steps)
+        self.save_every = cfg.save_steps or self.eval_every
+        self.optimizer = build_optimizer(model, cfg, learning_rate)
+        from transformers import get_scheduler
+
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.steps)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.steps)
+        self.scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 else None
+        self.state = ckpt.TrainState()
+        self.loss_fn = plain_loss
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.precision.device.type, dtype=self.precision.autocast)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.precision.device, non_blocking=True) for k, v in batch.items()}
+
+    def _choose_loss(self) -> None:
+        probe = collate(self.train_data, list(range(min(2, len(self.train_data)))), self.pad_id)
+        with self._autocast():
+            fast = check_fast_path(self.model, self._to_device(probe))
+        self.loss_fn = selective_loss if fast else plain_loss
+        log.info("loss: %s", "output head on labelled positions only" if fast else "full logits (model's own forward)")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        assert self.eval_data is not None
+        self.model.eval()
+        order = sorted(range(len(self.eval_data)), key=lambda i: self.eval_data.lengths[i])
+        size = self.cfg.per_device_eval_batch_size
+        total, count = 0.0, 0
+        for start in range(0, len(order), size):
+            batch = self._to_device(collate(self.eval_data, order[start : start + size], self.pad_id))
+            with self._autocast():
+                loss_sum, n = self.loss_fn(self.model, batch)
+            total += float(loss_sum)
+            count += n
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def _save(self, name: str, weights_only: bool = False) -> None:
+        # 'best' only needs weights; step checkpoints carry everything needed to resume.
+        optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
+        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def train(self, resume_from: Path | None = None) -> TrainResult:
+        cfg = self.cfg
+        resume_step = None
+        if resume_from is not None:
+            self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            resume_step = self.state.step
+            log.info("resumed from %s at step %d", resume_from, resume_step)
+        self.model.train()
+        self._choose_loss()
+        metrics = MetricsLog(self.log_dir, cfg.report_to != "none", resume_step)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.steps, initial=self.state.step, desc="finetune", unit="step", disable=self.quiet, dynamic_ncols=True, mininterval=1.0)
+        window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+        last_train_loss = None
+        run_start = time.perf_counter() - self.state.elapsed_s
+        stopped_early = False
+        batches = epoch_batches(self.train_data.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
+        try:
+            while self.state.step < self.steps:
+                if self.state.batch_in_epoch >= len(batches):  # next epoch: a new, seeded order
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    batches = epoch_batches(self.train_data.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
+                micro = batches[self.state.batch_in_epoch : self.state.batch_in_epoch + cfg.gradient_accumulation_steps]
+                collated = [collate(self.train_data, idx, self.pad_id) for idx in micro]
+                # Normalise by the labelled tokens of the whole optimizer step, so gradient
+                # accumulation gives the same update as one big batch.
+                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in collated)
+                step_inputs = sum(int(b["attention_mask"].sum()) for b in collated)  # non-pad tokens
+                step_loss = 0.0
+                for batch in collated:
+                    batch = self._to_device(batch)
+                    with self._autocast():
+                        loss_sum, _ = self.loss_fn(self.model, batch)
+                    loss = loss_sum / step_tokens
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    step_loss += float(loss_sum.detach())
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+                self.state.step += 1
+                self.state.batch_in_epoch += len(micro)
+                self.state.tokens_seen += step_tokens
+                self.state.input_tokens_seen += step_inputs
+                window_loss += step_loss
+                window_tokens += step_tokens
+                window_inputs += step_inputs
+                last_train_loss = step_loss / step_tokens
+                step = self.state.step
+                bar.update(1)
+
+                if step % cfg.logging_steps == 0 or step == self.steps:
+                    seconds = time.perf_counter() - window_start
+                    train_loss = window_loss / max(window_tokens, 1)
+                    lr = self.scheduler.get_last_lr()[0]
+                    tps = window_inputs / max(seconds, 1e-9)
+                    metrics.log(step, "train", loss=train_loss, learning_rate=lr, tokens_per_second=tps,
+                                trained_tokens_per_second=window_tokens / max(seconds, 1e-9), step_seconds=seconds / cfg.logging_steps,
+                                epoch=self.state.epoch + self.state.batch_in_epoch / max(len(batches), 1))
+                    bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tps:,.0f}")
+                    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+
+                paused = time.perf_counter()  # eval and checkpoint time is not training throughput
+                if self.eval_data is not None and (step % self.eval_every == 0 or step == self.steps):
+                    result = self.evaluate()
+                    metrics.log(step, "eval", **result)
+                    improved = self.state.best_metric is None or result["loss"] < self.state.best_metric - cfg.early_stopping_threshold
+                    if improved:
+                        self.state.best_metric, self.state.best_step = result["loss"], step
+                        self.state.evals_without_improvement = 0
+                        self.state.elapsed_s = time.perf_counter() - run_start
+                        self._save("best", weights_only=True)
+                    else:
+                        self.state.evals_without_improvement += 1
+                    bar.write(f"step {step}: eval loss {result['loss']:.4f} (best {self.state.best_metric:.4f} at step {self.state.best_step})")
+                    if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
+                        bar.write(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
+                        stopped_early = True
+
+                if step % self.save_every == 0 or step == self.steps or stopped_early:
+                    self.state.elapsed_s = time.perf_counter() - run_start
+                    self._save(f"step-{step:06d}")
+                    ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
+                window_start += time.perf_counter() - paused
+                if stopped_early:
+                    break
+        finally:
+            bar.close()
+            metrics.close()
+        seconds = time.perf_counter() - run_start
+        return TrainResult(
+            steps=self.state.step,
+            stopped_early=stopped_early,
+            best_step=self.state.best_step,
+            best_eval_loss=self.state.best_metric,
+            final_train_loss=last_train_loss,
+            tokens_seen=self.state.tokens_seen,
+            input_tokens_seen=self.state.input_tokens_seen,
+            train_seconds=seconds,
+            tokens_per_second=self.state.input_tokens_seen / max(seconds, 1e-9),
+            fast_loss=self.loss_fn is selective_loss,
+        )
+
+    def restore_best(self) -> None:
+        """Load the best checkpoint's weights (for --load_best_model_at_end)."""
+        from safetensors.torch import load_file
+
+        best = self.checkpoint_dir / "best" / "trainable.safetensors"
+        if best.is_file():
+            ckpt.load_trainable_state(self.model, load_file(best))

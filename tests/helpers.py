@@ -1,0 +1,29 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slmops.config import from_flat
+
+
+def tiny_config(model: Path, out: Path, **overrides):
+    """A fast finetune config on the tiny model and the shipped tone data."""
+    from conftest import TONE, TONE_TEMPLATE
+
+    values = {
+        "model_name_or_path": str(model),
+        "data_name": str(TONE),
+        "train_split": "train[:64]",
+        "text_template": TONE_TEMPLATE,
+        "max_steps": 8,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-2,
+        "logging_steps": 2,
+        "report_to": "none",
+        "output_path": str(out),
+        "bf16": False,
+        "max_seq_len": 64,
+    }
+    values.update({k: v for k, v in overrides.items()})
+    return from_flat({k: v for k, v in values.items() if v is not None})

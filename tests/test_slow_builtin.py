@@ -1,0 +1,118 @@
+"""End to end on the real built-in model (SmolLM2-135M-Instruct from the package index):
+the seed commands as the issue writes them, the demo, and PEFT reloading our outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.needs_default_model]
+
+TONE = str(ROOT / "examples" / "data" / "tone.jsonl")
+CODES = str(ROOT / "examples" / "data" / "tiny_codes.jsonl")
+LLAMA3_TONE = "<|start_header_id|>user<|end_header_id|>\\n{phrase}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n{tone}"
+CODES_TEMPLATE = "### Language: {programming_language} \\n### Question: {prompt} \\n### Answer: {response}"
+
+
+def slmops(*args: str, cwd: Path) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "slmops.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_builtin_model_answers_like_smollm2(builtin_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(builtin_model)
+    model = AutoModelForCausalLM.from_pretrained(builtin_model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    source = json.loads((builtin_model / "slmops_source.json").read_text())
+    assert source["sha256"] == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
+
+@pytest.fixture(scope="module")
+def seed_tone_run(tmp_path_factory, builtin_model) -> Path:
+    """Seed command 1, as written (model and data pointed at local sources)."""
+    cwd = tmp_path_factory.mktemp("seed1")
+    slmops("finetune", "--model_name_or_path", "smollm2-135m-instruct", "--trust_remote_code", "--output_path", "models/llama/ft",
+           "--data_name", TONE, "--text_template", LLAMA3_TONE, "--method", "lora", "--max_steps", "100", "--log_level", "1", cwd=cwd)
+    return cwd / "models" / "llama" / "ft"
+
+
+def test_seed_tone_command_learns_and_peft_reproduces_it(seed_tone_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmops.evaluate.predict import TorchPredictor
+
+    out = seed_tone_run
+    metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train = [m["loss"] for m in metrics if m["split"] == "train"]
+    assert train[-1] < train[0] / 3, train
+    prompts = [LLAMA3_TONE.replace("\\n", "\n").split("{tone}")[0].format(phrase=p) for p in
+               ["I am furious about the late train, this is unacceptable.", "What a wonderful surprise the party was!",
+                "The report is scheduled for Monday at nine."]]
+    ours = TorchPredictor.load(str(out), quiet=True).generate(prompts, add_special_tokens=True, max_new_tokens=6, progress=False)
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "model"), out / "adapter").eval()
+    theirs = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        theirs.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert ours == theirs
+    assert [t.strip() for t in theirs] == ["angry", "joyful", "neutral"]
+
+
+def test_demo_tuned_accuracy_beats_base(tmp_path, builtin_model):
+    """The README's demo (examples/demo.sh): held-out accuracy, base vs tuned."""
+    env = dict(os.environ, DEMO_OUT=str(tmp_path / "demo"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "demo.sh")], env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("accuracy"))
+    tuned, base = (float(x) for x in re.findall(r"\d+\.\d+", row)[:2])
+    assert tuned >= 0.8 and tuned > base + 0.3, proc.stdout
+
+
+def test_seed_qlora_commands(tmp_path, builtin_model):
+    """Seed commands 2 and 3 with their flags as written, for a few steps (the full 150
+    steps are measured in the issue notes, not in CI)."""
+    out = slmops("finetune", "--method", "qlora", "--model_name_or_path", "smollm2-135m-instruct", "--data_name", CODES,
+                 "--train_split", "train[:4096]", "--eval_split", "train[4096:4224]", "--text_template", CODES_TEMPLATE,
+                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_steps", "3",
+                 "--logging_steps", "50", "--output_path", "adapters/tiny-codes", cwd=tmp_path)
+    assert "bf16 LoRA (--method lora) is faster" in out
+    adapter = tmp_path / "adapters" / "tiny-codes" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    slmops("finetune", "--method", "qlora", "--gradient_checkpointing", "true", "--per_device_train_batch_size", "1",
+           "--gradient_accumulation_steps", "16", "--model_name_or_path", "smollm2-135m-instruct", "--data_name", CODES,
+           "--train_split", "train[:64]", "--text_template", CODES_TEMPLATE, "--max_steps", "2", "--output_path", "ga", cwd=tmp_path)
+    metrics = [json.loads(line) for line in (tmp_path / "ga" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 2 and torch.isfinite(torch.tensor(metrics[-1]["loss"]))
+
+
+def test_seed_logging_command(tmp_path, builtin_model):
+    """Seed command 4: logging, eval, save and TensorBoard flags."""
+    slmops("finetune", "--logging_steps", "10", "--eval_steps", "50", "--save_steps", "100", "--logging_dir", "./logs",
+           "--report_to", "tensorboard", "--model_name_or_path", "smollm2-135m-instruct", "--data_name", TONE,
+           "--train_split", "train[:600]", "--eval_split", "train[600:]", "--text_template", LLAMA3_TONE,
+           "--max_steps", "100", "--per_device_train_batch_size", "4", "--output_path", "out", cwd=tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/loss")] == [50, 100]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(10, 101, 10))
+    assert (tmp_path / "out" / "checkpoints" / "step-000100" / "optimizer.pt").is_file()

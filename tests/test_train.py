@@ -1,0 +1,154 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from slmops.data.batching import collate, epoch_batches
+from slmops.finetune_recipe import build_model, finetune, plan_finetune
+from slmops.train.loss import check_fast_path, plain_loss, selective_loss
+from slmops.train.monitor import read_metrics
+
+from helpers import tiny_config
+
+
+def _batch(plan, n=4):
+    return collate(plan.data.train, list(range(n)), plan.tokenizer.pad_token_id)
+
+
+def test_selective_loss_equals_plain_loss(tiny_models, tmp_path):
+    for arch, path in tiny_models.items():
+        plan = plan_finetune(tiny_config(path, tmp_path / arch), quiet=True)
+        model = build_model(plan).eval()
+        batch = _batch(plan)
+        with torch.no_grad():
+            a, na = plain_loss(model, batch)
+            b, nb = selective_loss(model, batch)
+        assert na == nb > 0
+        assert float(a) == pytest.approx(float(b), rel=1e-5), arch
+        assert check_fast_path(model, batch)
+
+
+def test_bf16_fast_path_matches_fp32_loss(tiny_llama, tmp_path):
+    """The default CPU fast path (bf16 base, fp32 adapters) and the plain fp32 path give the
+    same loss within bf16 tolerance."""
+    losses = {}
+    for bf16 in (False, True):
+        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(bf16), bf16=bf16), quiet=True)
+        model = build_model(plan).eval()
+        assert next(p for n, p in model.named_parameters() if "q_proj.base_layer" in n).dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        with torch.no_grad():
+            loss, n = selective_loss(model, _batch(plan, 8))
+        losses[bf16] = float(loss) / n
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
+    common = dict(max_steps=3, lora_dropout=0.0, group_by_length=False, learning_rate=1e-3)
+    finetune(tiny_config(tiny_llama, tmp_path / "big", per_device_train_batch_size=8, **common), quiet=True)
+    finetune(tiny_config(tiny_llama, tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common), quiet=True)
+    a = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "acc" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_load_in_peft_and_reproduce_predictions(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    finetune(tiny_config(tiny_llama, out, eval_split="train[64:80]", max_steps=10), quiet=True)
+    run = __import__("yaml").safe_load((out / "run.yaml").read_text())
+    assert run["status"] == "finished" and "torch" in run["versions"]
+    assert (out / "loss.png").stat().st_size > 1000 and "eval loss" in (out / "report.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(out / "model")
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    from slmops.evaluate.predict import TorchPredictor
+
+    ours = TorchPredictor.load(str(out), quiet=True)
+    prompts = ["Phrase: I am so happy today\nTone:", "Phrase: This is a disgrace\nTone:"]
+    theirs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        theirs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert ours.generate(prompts, add_special_tokens=True, max_new_tokens=5, progress=False) == theirs
+
+
+def test_eval_early_stopping_and_best_adapter(tiny_llama, tmp_path):
+    out = tmp_path / "es"
+    # A huge learning rate makes eval loss rise after a few steps, so patience triggers.
+    result = finetune(tiny_config(tiny_llama, out, eval_split="train[64:96]", max_steps=60, eval_steps=2,
+                                  learning_rate=0.3, early_stopping_patience=2, lr_scheduler_type="constant"), quiet=True)
+    evals = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "eval"]
+    assert result.train.stopped_early and result.train.steps < 60
+    best = min(evals, key=lambda r: r["loss"])
+    assert result.train.best_step == best["step"]
+    state = json.loads((out / "checkpoints" / "best" / "state.json").read_text())
+    assert state["best_step"] == best["step"]
+
+
+def test_output_folder_with_another_run_is_refused(tiny_llama, tmp_path):
+    from slmops.errors import OutputError
+
+    out = tmp_path / "taken"
+    finetune(tiny_config(tiny_llama, out, max_steps=2), quiet=True)
+    with pytest.raises(OutputError, match="--overwrite"):
+        plan_finetune(tiny_config(tiny_llama, out, max_steps=2), quiet=True)
+    finetune(tiny_config(tiny_llama, out, max_steps=2, overwrite=True), quiet=True)
+
+
+def _cli(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "slmops.cli.main", "finetune", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _flags(model, out, steps):
+    from conftest import TONE, TONE_TEMPLATE
+
+    return ["-m", str(model), "-d", str(TONE), "--train_split", "train[:96]", "--text_template", TONE_TEMPLATE,
+            "--max_steps", str(steps), "--save_steps", "4", "--logging_steps", "1", "--learning_rate", "5e-3",
+            "--per_device_train_batch_size", "4", "--bf16", "false", "--report_to", "tensorboard", "-o", str(out), "--log_level", "3"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path):
+    steps = 40
+    ref = _cli(_flags(tiny_llama, tmp_path / "ref", steps))
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+
+    out = tmp_path / "killed"
+    proc = _cli(_flags(tiny_llama, out, steps))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step-000012").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists(), "the run should have been killed before it finished"
+    resumed = _cli(_flags(tiny_llama, out, steps) + ["--resume_from_checkpoint", "latest"])
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+
+    a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    ref_curve = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "logs" / "metrics.jsonl") if r["split"] == "train"]
+    our_curve = [(r["step"], r["loss"]) for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "train"]
+    assert [s for s, _ in our_curve] == list(range(1, steps + 1))
+    for (s1, l1), (s2, l2) in zip(ref_curve, our_curve):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_epoch_batches_are_deterministic_and_cover_everything():
+    lengths = [5, 9, 3, 7, 2, 8, 1, 4, 6, 10]
+    a = epoch_batches(lengths, 3, seed=1, epoch=0, group_by_length=True)
+    assert a == epoch_batches(lengths, 3, seed=1, epoch=0, group_by_length=True)
+    assert a != epoch_batches(lengths, 3, seed=1, epoch=1, group_by_length=True)
+    assert sorted(i for b in a for i in b) == list(range(10))
