@@ -152,3 +152,12 @@ def test_epoch_batches_are_deterministic_and_cover_everything():
     assert a == epoch_batches(lengths, 3, seed=1, epoch=0, group_by_length=True)
     assert a != epoch_batches(lengths, 3, seed=1, epoch=1, group_by_length=True)
     assert sorted(i for b in a for i in b) == list(range(10))
+
+
+def test_dataloader_workers_give_the_same_run(tiny_llama, tmp_path):
+    finetune(tiny_config(tiny_llama, tmp_path / "w0", max_steps=4, lora_dropout=0.0), quiet=True)
+    finetune(tiny_config(tiny_llama, tmp_path / "w2", max_steps=4, lora_dropout=0.0, dataloader_num_workers=2), quiet=True)
+    a = load_file(tmp_path / "w0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "w2" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])

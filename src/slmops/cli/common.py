@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 import typing
+import warnings
 from collections.abc import Iterable
 
 from pydantic import BaseModel
@@ -94,10 +95,15 @@ def setup_logging(level: int) -> None:
         handler.setFormatter(logging.Formatter("slmops: %(message)s"))
         logger.addHandler(handler)
     logger.propagate = False
-    # Quiet the libraries' chatter unless debugging.
+    # Quiet the libraries' chatter unless debugging: bitsandbytes reports an optional
+    # kernels package it does not find, peft calls a transformers API deprecated in v6.
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity(LOG_LEVELS[level] if level == 0 else logging.ERROR)
+    if level > 0:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
 
 
 def fail(exc: BaseException) -> int:

@@ -5,6 +5,7 @@ evaluation, early stopping and atomic checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -109,6 +110,17 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.precision.device, non_blocking=True) for k, v in batch.items()}
 
+    def _micro_batches(self, batches: list[list[int]], start: int):
+        """Collated micro-batches of one epoch from position `start`; with
+        --dataloader_num_workers, collated ahead of time in worker processes."""
+        collate_fn = functools.partial(collate, self.train_data, pad_id=self.pad_id)
+        rest = batches[start:]
+        if self.cfg.dataloader_num_workers > 0:
+            from torch.utils.data import DataLoader
+
+            return iter(DataLoader(rest, batch_size=None, shuffle=False, collate_fn=collate_fn, num_workers=self.cfg.dataloader_num_workers))
+        return map(collate_fn, rest)
+
     def _choose_loss(self) -> None:
         probe = collate(self.train_data, list(range(min(2, len(self.train_data)))), self.pad_id)
         with self._autocast():
@@ -156,16 +168,19 @@ class Trainer:
         window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
         last_train_loss = None
         run_start = time.perf_counter() - self.state.elapsed_s
+        paused_total = 0.0  # seconds spent in eval and checkpoints, not training
         stopped_early = False
         batches = epoch_batches(self.train_data.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
+        micro_batches = self._micro_batches(batches, self.state.batch_in_epoch)
         try:
             while self.state.step < self.steps:
                 if self.state.batch_in_epoch >= len(batches):  # next epoch: a new, seeded order
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
                     batches = epoch_batches(self.train_data.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
-                micro = batches[self.state.batch_in_epoch : self.state.batch_in_epoch + cfg.gradient_accumulation_steps]
-                collated = [collate(self.train_data, idx, self.pad_id) for idx in micro]
+                    micro_batches = self._micro_batches(batches, 0)
+                n_micro = min(cfg.gradient_accumulation_steps, len(batches) - self.state.batch_in_epoch)
+                collated = [next(micro_batches) for _ in range(n_micro)]
                 # Normalise by the labelled tokens of the whole optimizer step, so gradient
                 # accumulation gives the same update as one big batch.
                 step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in collated)
@@ -191,7 +206,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
 
                 self.state.step += 1
-                self.state.batch_in_epoch += len(micro)
+                self.state.batch_in_epoch += n_micro
                 self.state.tokens_seen += step_tokens
                 self.state.input_tokens_seen += step_inputs
                 window_loss += step_loss
@@ -234,6 +249,7 @@ class Trainer:
                     self._save(f"step-{step:06d}")
                     ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
                 window_start += time.perf_counter() - paused
+                paused_total += time.perf_counter() - paused
                 if stopped_early:
                     break
         finally:
@@ -249,7 +265,7 @@ class Trainer:
             tokens_seen=self.state.tokens_seen,
             input_tokens_seen=self.state.input_tokens_seen,
             train_seconds=seconds,
-            tokens_per_second=self.state.input_tokens_seen / max(seconds, 1e-9),
+            tokens_per_second=self.state.input_tokens_seen / max(seconds - paused_total, 1e-9),
             fast_loss=self.loss_fn is selective_loss,
         )
 
