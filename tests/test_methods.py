@@ -55,3 +55,34 @@ def test_other_architectures_train(tiny_models, tmp_path, arch):
     finetune(tiny_config(tiny_models[arch], tmp_path / arch, max_steps=16, logging_steps=1), quiet=True)
     losses = _losses(tmp_path / arch)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
+
+
+def test_qlora_gradients_survive_evaluation(tiny_llama, tmp_path):
+    """Evaluating a 4-bit model mid-training must not change the gradients of later steps
+    (bitsandbytes repacks CPU weights for inference into a kernel without backward)."""
+    import torch
+
+    from slmops.data.batching import collate
+    from slmops.finetune_recipe import build_model, plan_finetune
+    from slmops.train.loss import selective_loss
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0), quiet=True)
+    model = build_model(plan).train()
+    batch = collate(plan.data.train, list(range(4)), plan.tokenizer.pad_token_id)
+
+    def grads():
+        model.zero_grad()
+        loss, n = selective_loss(model, batch)
+        (loss / n).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.train()
+    after = grads()
+    first_layer_b = next(name for name in before if "layers.0." in name and "lora_B" in name)
+    assert before[first_layer_b].abs().sum() > 0  # its gradient flows back through later 4-bit layers
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)

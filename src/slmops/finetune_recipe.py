@@ -126,6 +126,8 @@ def build_model(plan: FinetunePlan):
         model = load_model(plan.source.path, precision.weights, precision.device, cfg.model.trust_remote_code,
                            quantize_4bit=plan.method.quantize_base_4bit, compute_dtype=compute)
     model.config.use_cache = False
+    if plan.method.quantize_base_4bit:
+        _keep_4bit_layers_differentiable(model)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not plan.method.is_adapter:
@@ -144,6 +146,16 @@ def build_model(plan: FinetunePlan):
         # Adapters are kept in fp32 even on a bf16 base: small, and precise for AdamW.
         model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     return model
+
+
+def _keep_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its fast CPU inference kernel
+    the first time the layer runs in eval mode without gradients, and that kernel has no
+    backward: every later training step would silently lose the gradient through the layer.
+    Evaluation during training runs in eval mode, so switch the repacking off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def finetune(config: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
