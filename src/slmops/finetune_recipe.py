@@ -180,6 +180,13 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
     total = sum(p.numel() for p in model.parameters())
     log.info("method: %s; trainable parameters %s of %s (%.2f%%)", plan.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
+    fast_lora = None
+    if plan.precision.device.type == "cpu" and plan.method.name == "lora":
+        from slmops.train.fast_lora import FastLoraPath
+
+        fast_lora = FastLoraPath(model, config.training.seed)
+        log.info("fast CPU LoRA path on %d layers (cheaper dropout masks, adapter in %s)", len(fast_lora.layers),
+                 str(plan.precision.weights).removeprefix("torch."))
     _write_run_yaml(plan, status="running")
     tcfg = config.training
     trainer = Trainer(
@@ -194,12 +201,15 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
         plan.tokenizer.pad_token_id,
         save_adapter=plan.method.is_adapter,
         quiet=quiet,
+        fast_lora=fast_lora,
     )
     result = trainer.train(resume_from=plan.resume_from)
     if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
         trainer.restore_best()
         log.info("kept the best weights: step %d, eval loss %.4f", result.best_step, result.best_eval_loss)
 
+    if fast_lora is not None:
+        fast_lora.remove()
     adapter_path = _save_outputs(plan, model)
     _write_run_yaml(plan, status="finished", result=result)
     from slmops.report import write_training_report

@@ -68,7 +68,7 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, save_adapter: bool) -> Path:
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, save_adapter: bool, extra_rng: dict | None = None) -> Path:
     folder = Path(folder)
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     if staging.exists():
@@ -79,7 +79,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save(rng_states(), staging / "rng.pt")
+    torch.save({**rng_states(), "extra": extra_rng}, staging / "rng.pt")
     if save_adapter:
         # A PEFT-format copy, so any checkpoint can be loaded or exported on its own.
         model.save_pretrained(staging / "adapter")
@@ -102,7 +102,9 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
+    """Restore a checkpoint in place; returns the train state and any extra RNG state
+    (e.g. the fast LoRA path's dropout generator)."""
     folder = Path(folder)
     for required in ("trainable.safetensors", "state.json", "rng.pt"):
         if not (folder / required).is_file():
@@ -112,8 +114,9 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
     if scheduler is not None and (folder / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    set_rng_states(torch.load(folder / "rng.pt", weights_only=False))
-    return TrainState(**json.loads((folder / "state.json").read_text()))
+    rng = torch.load(folder / "rng.pt", weights_only=False)
+    set_rng_states(rng)
+    return TrainState(**json.loads((folder / "state.json").read_text())), rng.get("extra")
 
 
 def step_checkpoints(root: Path) -> list[tuple[int, Path]]:

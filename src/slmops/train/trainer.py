@@ -77,6 +77,7 @@ class Trainer:
         pad_id: int,
         save_adapter: bool,
         quiet: bool = False,
+        fast_lora=None,
     ):
         self.model = model
         self.train_data = train_data
@@ -88,6 +89,7 @@ class Trainer:
         self.pad_id = pad_id
         self.save_adapter = save_adapter
         self.quiet = quiet
+        self.fast_lora = fast_lora  # FastLoraPath or None; its dropout RNG is checkpointed
         self.steps = total_steps(cfg, len(train_data))
         self.eval_every = cfg.eval_steps or default_interval(self.steps)
         self.save_every = cfg.save_steps or self.eval_every
@@ -148,7 +150,8 @@ class Trainer:
     def _save(self, name: str, weights_only: bool = False) -> None:
         # 'best' only needs weights; step checkpoints carry everything needed to resume.
         optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
-        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter)
+        extra = self.fast_lora.state_dict() if self.fast_lora is not None else None
+        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter, extra)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -156,7 +159,9 @@ class Trainer:
         cfg = self.cfg
         resume_step = None
         if resume_from is not None:
-            self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            self.state, extra_rng = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            if self.fast_lora is not None and extra_rng is not None:
+                self.fast_lora.load_state_dict(extra_rng)
             resume_step = self.state.step
             log.info("resumed from %s at step %d", resume_from, resume_step)
         self.model.train()
