@@ -87,6 +87,8 @@ def test_evaluate_cli_compares_models(tiny_llama, tmp_path, capsys):
     tuned, base = results["models"]
     assert tuned["metrics"]["perplexity"] < base["metrics"]["perplexity"]
     assert (tmp_path / "ev" / "predictions-0.jsonl").read_text().count("\n") == 20
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2  # a confusion matrix per model
 
 
 def test_adapter_on_wrong_base_is_refused(tiny_models, tmp_path):
@@ -100,3 +102,24 @@ def test_adapter_on_wrong_base_is_refused(tiny_models, tmp_path):
     finetune(tiny_config(tiny_models["gpt2"], out, max_steps=1), quiet=True)
     with pytest.raises(ModelError, match="another base"):
         TorchPredictor.load(str(tiny_models["llama"]), str(out / "adapter"), quiet=True)
+
+
+def test_adapter_from_a_wider_model_is_refused(tiny_llama, tokenizer_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from slmops.errors import ModelError
+    from slmops.evaluate.predict import TorchPredictor
+    from slmops.finetune_recipe import finetune
+
+    from helpers import tiny_config
+
+    wide = tmp_path / "wide"
+    base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=AutoTokenizer.from_pretrained(tokenizer_dir).__len__(), hidden_size=64,
+                                                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                        num_key_value_heads=2, initializer_range=0.3))
+    base.save_pretrained(wide)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(wide)
+    finetune(tiny_config(wide, tmp_path / "ft", max_steps=1), quiet=True)
+    with pytest.raises(ModelError, match="64 in the adapter"):
+        TorchPredictor.load(str(tiny_llama), str(tmp_path / "ft" / "adapter"), quiet=True)

@@ -66,7 +66,8 @@ def test_outputs_load_in_peft_and_reproduce_predictions(tiny_llama, tmp_path):
     finetune(tiny_config(tiny_llama, out, eval_split="train[64:80]", max_steps=10), quiet=True)
     run = __import__("yaml").safe_load((out / "run.yaml").read_text())
     assert run["status"] == "finished" and "torch" in run["versions"]
-    assert (out / "loss.png").stat().st_size > 1000 and "eval loss" in (out / "report.md").read_text()
+    assert (out / "loss.png").stat().st_size > 1000 and "best eval" in (out / "report.md").read_text()
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2  # loss; lr + throughput
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     base = AutoModelForCausalLM.from_pretrained(out / "model")
     model = PeftModel.from_pretrained(base, out / "adapter").eval()
@@ -161,3 +162,30 @@ def test_dataloader_workers_give_the_same_run(tiny_llama, tmp_path):
     b = load_file(tmp_path / "w2" / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_eval_metrics_during_training_pick_the_best(tiny_llama, tmp_path):
+    out = tmp_path / "acc"
+    result = finetune(tiny_config(tiny_llama, out, eval_split="train[64:80]", max_steps=6, eval_steps=2,
+                                  eval_metrics="accuracy,f1", metric_for_best_model="accuracy", eval_max_new_tokens=3), quiet=True)
+    evals = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and "macro_f1" in r for r in evals)
+    best = max(evals, key=lambda r: (r["accuracy"], -r["step"]))
+    assert result.train.best_eval_loss == best["accuracy"] and result.train.best_step == best["step"]
+
+
+def test_eval_metric_problems_are_reported_up_front(tiny_llama, tmp_path):
+    from slmops.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="needs --eval_split"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "a", eval_metrics="accuracy"), quiet=True)
+    with pytest.raises(ConfigError, match="'macro_f1' is not computed"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "b", eval_split="train[64:80]", metric_for_best_model="macro_f1"), quiet=True)
+    with pytest.raises(ConfigError, match="Did you mean 'accuracy'"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "c", eval_split="train[64:80]", eval_metrics="acurracy"), quiet=True)
+    bad = tmp_path / "multi.jsonl"
+    bad.write_text('{"phrase": "a", "tone": "x"}\n{"phrase": "b", "tone": "two\\nlines"}\n' * 4)
+    with pytest.raises(DataError, match="one-line, non-empty gold labels"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "d", data_name=str(bad), train_split="train", eval_split="train[:4]",
+                                  eval_metrics="accuracy"), quiet=True)

@@ -77,6 +77,7 @@ def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
     if method.name != "full" and config.method.modules_to_save and not method.is_adapter:
         raise ConfigError("--modules_to_save applies to adapter methods only")
 
+    _check_eval_metrics(config, None)
     splits = load_splits(config.data)  # data mistakes surface before any model is fetched
     source = resolve_model(config.model.model_name_or_path, fetch=True, quiet=quiet)
     structure = inspect_model(source.path, config.model.trust_remote_code)
@@ -85,7 +86,8 @@ def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
         raise ModelError(f"--adapter_path {config.method.adapter_path!r} holds no adapter_config.json (not a PEFT adapter)")
 
     tokenizer = load_tokenizer(source.path, config.model.trust_remote_code)
-    data = prepare_data(config.data, tokenizer, splits)
+    data = prepare_data(config.data, tokenizer, splits, need_eval_examples=bool(tcfg.eval_metrics))
+    _check_eval_metrics(config, data)
     precision = choose_precision(tcfg.bf16, tcfg.fp16, config.model.torch_dtype, adapter_method=method.is_adapter)
     if method.quantize_base_4bit and structure.num_parameters < 1_000_000_000 and precision.device.type == "cpu":
         log.warning(
@@ -94,6 +96,29 @@ def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
         )
     learning_rate = tcfg.learning_rate or method.default_learning_rate
     return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer)
+
+
+def _check_eval_metrics(config: FinetuneConfig, data: PreparedData | None) -> None:
+    """--eval_metrics and --metric_for_best_model must make sense for this data."""
+    from slmops.evaluate.metrics import check_labels, get_metrics
+
+    tcfg = config.training
+    metrics = get_metrics(tcfg.eval_metrics or [])
+    if any(m.needs == "timing" for m in metrics):
+        raise ConfigError("--eval_metrics: latency is measured by `slmops evaluate`, not during training")
+    if metrics and not config.data.eval_split:
+        raise ConfigError("--eval_metrics needs --eval_split")
+    available = {"loss", "perplexity"} | {key for m in metrics for key in m.produces}
+    if tcfg.metric_for_best_model not in available:
+        raise ConfigError(
+            f"--metric_for_best_model {tcfg.metric_for_best_model!r} is not computed; available: {', '.join(sorted(available))} "
+            "(add its metric to --eval_metrics)"
+        )
+    if data is not None and any(m.needs == "generation" for m in metrics):
+        if not data.formatter.has_completion:
+            raise ConfigError(f"--eval_metrics need a completion to compare with, and the {data.formatter.name} format has none")
+        if any(m.name in ("accuracy", "f1") for m in metrics):
+            check_labels([ex.completion for ex in data.eval_examples or []])
 
 
 def _seed_everything(seed: int) -> None:
@@ -202,11 +227,14 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
         save_adapter=plan.method.is_adapter,
         quiet=quiet,
         fast_lora=fast_lora,
+        eval_examples=data.eval_examples,
+        tokenizer=plan.tokenizer,
+        add_special_tokens=data.formatter.add_special_tokens,
     )
     result = trainer.train(resume_from=plan.resume_from)
     if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
         trainer.restore_best()
-        log.info("kept the best weights: step %d, eval loss %.4f", result.best_step, result.best_eval_loss)
+        log.info("kept the best weights: step %d, eval %s %.4f", result.best_step, tcfg.metric_for_best_model, result.best_eval_loss)
 
     if fast_lora is not None:
         fast_lora.remove()

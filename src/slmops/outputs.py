@@ -64,7 +64,7 @@ def clear_previous_run(layout: OutputLayout) -> None:
     for path in (layout.adapter, layout.model, layout.checkpoints, layout.logs):
         if path.exists():
             shutil.rmtree(path)
-    for name in ("run.yaml", "report.md", "loss.png"):
+    for name in ("run.yaml", "report.md", "report.html", "loss.png"):
         (layout.root / name).unlink(missing_ok=True)
 
 

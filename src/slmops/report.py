@@ -1,59 +1,149 @@
-"""Human-readable run report: loss curves as a picture, and a short markdown summary."""
+"""Human-readable reports: training curves and evaluation tables as pictures in one
+self-contained HTML page (images embedded), plus report.md and loss.png."""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 from pathlib import Path
 
 from slmops.outputs import OutputLayout
 from slmops.train.monitor import read_metrics
 
 
-def plot_loss(records: list[dict], out_png: Path, title: str = "loss") -> Path | None:
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
-    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and "loss" in r]
-    if not train and not evals:
-        return None
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    matplotlib.use("Agg")  # files only, no display; must precede pyplot
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _series(records: list[dict], split: str, key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
+
+
+def loss_figure(records: list[dict], title: str) -> bytes | None:
+    train, evals = _series(records, "train", "loss"), _series(records, "eval", "loss")
+    if not train and not evals:
+        return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train), label="train loss", marker="." if len(train) < 30 else None)
     if evals:
         ax.plot(*zip(*evals), label="eval loss", marker="o")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return _png(fig)
+
+
+def training_figure(records: list[dict]) -> bytes | None:
+    """Learning rate, throughput and any eval metrics beside the loss."""
+    panels = [("learning rate", _series(records, "train", "learning_rate")),
+              ("tokens/s", _series(records, "train", "tokens_per_second"))]
+    for key in ("accuracy", "macro_f1", "bleu", "rougeL"):
+        if _series(records, "eval", key):
+            panels.append((f"eval {key}", _series(records, "eval", key)))
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), dpi=110, squeeze=False)
+    for ax, (name, points) in zip(axes[0], panels):
+        ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        ax.set(title=name, xlabel="step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def confusion_figure(confusion: dict[str, dict[str, int]], title: str) -> bytes:
+    gold = list(confusion)
+    predicted = list(next(iter(confusion.values())))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(predicted), 1.0 + 0.8 * len(gold)), dpi=110)
+    values = [[confusion[g][p] for p in predicted] for g in gold]
+    ax.imshow(values, cmap="Blues")
+    ax.set_xticks(range(len(predicted)), predicted, rotation=45, ha="right")
+    ax.set_yticks(range(len(gold)), gold)
+    ax.set(xlabel="predicted", ylabel="gold", title=title)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > max(map(max, values)) / 2 else "black")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def html_page(title: str, blocks: list[str | bytes]) -> str:
+    """Text blocks (already HTML) and PNG images, in order, in one self-contained page."""
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "th:first-child,td:first-child{text-align:left}img{max-width:100%}</style>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for block in blocks:
+        if isinstance(block, bytes):
+            parts.append(f"<p><img src='data:image/png;base64,{base64.b64encode(block).decode()}'></p>")
+        else:
+            parts.append(block)
+    return "\n".join(parts)
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, result: dict) -> Path:
     records = read_metrics(Path(log_dir) / "metrics.jsonl")
-    png = plot_loss(records, layout.root / "loss.png", title=f"{plan['method']} on {plan['model']['given']}")
-    lines = [
-        "# slmops finetune report",
-        "",
-        f"- model: `{plan['model']['given']}` ({plan['model']['kind']})",
-        f"- method: {plan['method']}, target modules: {plan['target_modules']}",
-        f"- data: {plan['data']['format_description']}",
-        f"- train: {plan['data']['train']['tokenized']}",
-        f"- precision: {plan['precision']['name']} on {plan['precision']['device']} ({plan['precision']['reason']})",
-        f"- steps: {result['steps']}{' (stopped early)' if result['stopped_early'] else ''}",
-        f"- final train loss: {result['final_train_loss']:.4f}" if result.get("final_train_loss") is not None else "- final train loss: n/a",
-        f"- tokens: {result['input_tokens_seen']:,} through the model ({result['tokens_seen']:,} with loss) in "
-        f"{result['train_seconds']:.1f} s ({result['tokens_per_second']:.0f} tokens/s)",
+    title = f"{plan['method']} on {plan['model']['given']}"
+    loss_png = loss_figure(records, title)
+    if loss_png:
+        (layout.root / "loss.png").write_bytes(loss_png)
+    facts = [
+        ("model", f"{plan['model']['given']} ({plan['model']['kind']})"),
+        ("method", f"{plan['method']}, target modules: {plan['target_modules']}"),
+        ("data", plan["data"]["format_description"]),
+        ("train", plan["data"]["train"]["tokenized"]),
+        ("precision", f"{plan['precision']['name']} on {plan['precision']['device']} ({plan['precision']['reason']})"),
+        ("steps", f"{result['steps']}{' (stopped early)' if result['stopped_early'] else ''}"),
+        ("final train loss", f"{result['final_train_loss']:.4f}" if result.get("final_train_loss") is not None else "n/a"),
+        ("tokens", f"{result['input_tokens_seen']:,} through the model ({result['tokens_seen']:,} with loss) in "
+                   f"{result['train_seconds']:.1f} s ({result['tokens_per_second']:.0f} tokens/s)"),
     ]
     if result.get("best_eval_loss") is not None:
-        lines.append(f"- best eval loss: {result['best_eval_loss']:.4f} at step {result['best_step']}")
-    if png:
-        lines += ["", "![loss curves](loss.png)"]
+        facts.append(("best eval", f"{result['best_eval_loss']:.4f} at step {result['best_step']}"))
+    lines = ["# slmops finetune report", ""] + [f"- {k}: {v}" for k, v in facts]
+    if loss_png:
+        lines += ["", "![loss curves](loss.png)", "", "Curves, learning rate and throughput: report.html"]
     path = layout.root / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    blocks: list[str | bytes] = [html_table(["", ""], [list(f) for f in facts])]
+    blocks += [png for png in (loss_png, training_figure(records)) if png]
+    (layout.root / "report.html").write_text(html_page(f"slmops finetune: {title}", blocks))
+    return path
+
+
+def write_evaluation_report(out: Path, report: dict, table_text: str) -> Path:
+    blocks: list[str | bytes] = [f"<p>data: {html.escape(report['data']['source'])} ({html.escape(report['data']['split'])}, "
+                                 f"{report['data']['rows']} rows)</p>", f"<pre>{html.escape(table_text)}</pre>"]
+    for model in report["models"]:
+        confusion = model["metrics"].get("confusion")
+        if confusion:
+            blocks.append(confusion_figure(confusion, model["name"]))
+    path = Path(out) / "report.html"
+    path.write_text(html_page("slmops evaluate", blocks))
     return path

@@ -115,12 +115,21 @@ class TrainingConfig(_Section):
     resume_from_checkpoint: str | None = Field(
         None, description="Checkpoint folder to resume from, or 'latest' (true) for the newest in OUTPUT/checkpoints."
     )
+    eval_metrics: list[str] | None = Field(
+        None, description="Generation metrics computed at each evaluation besides the loss, e.g. 'accuracy,f1' (classification by generation)."
+    )
+    metric_for_best_model: str = Field(
+        "loss", description="Eval metric that picks the best weights and drives early stopping: loss, perplexity, accuracy, macro_f1, bleu, rouge1..."
+    )
+    eval_max_new_tokens: int = Field(16, gt=0, description="Most tokens generated per eval example for --eval_metrics.")
     early_stopping_patience: int | None = Field(
         3, ge=1, description="Stop after N evaluations without improvement (needs --eval_split). 0/none turns it off."
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
     load_best_model_at_end: bool = Field(True, description="With --eval_split, the saved adapter is the best one seen.")
     group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
+
+    _metrics_csv = field_validator("eval_metrics", mode="before")(_split_csv)
 
     @field_validator("early_stopping_patience", mode="before")
     @classmethod

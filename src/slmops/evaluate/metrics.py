@@ -18,6 +18,7 @@ class Metric:
     needs: str  # "generation" | "loss" | "timing"
     summary: str
     compute: Callable[..., dict]
+    produces: tuple[str, ...] = ()  # scalar result keys, e.g. ("macro_f1", "micro_f1")
 
 
 METRICS: dict[str, Metric] = {}
@@ -149,9 +150,27 @@ def _latency(timings: list[dict], **_) -> dict:
     }
 
 
-register(Metric("accuracy", "generation", "generated label == gold label (normalized)", _accuracy))
-register(Metric("f1", "generation", "macro and micro F1, per-class precision/recall/F1, confusion matrix", _f1))
-register(Metric("perplexity", "loss", "exp(mean cross-entropy) over the completion tokens", _perplexity))
-register(Metric("bleu", "generation", "corpus BLEU (sacrebleu)", _bleu))
-register(Metric("rouge", "generation", "ROUGE-1/2/L F-measure (rouge-score)", _rouge))
-register(Metric("latency", "timing", "time to first token and decode tokens/s (p50/p95), peak memory", _latency))
+register(Metric("accuracy", "generation", "generated label == gold label (normalized)", _accuracy, ("accuracy", "unparseable")))
+register(Metric("f1", "generation", "macro and micro F1, per-class precision/recall/F1, confusion matrix", _f1, ("macro_f1", "micro_f1")))
+register(Metric("perplexity", "loss", "exp(mean cross-entropy) over the completion tokens", _perplexity, ("loss", "perplexity")))
+register(Metric("bleu", "generation", "corpus BLEU (sacrebleu)", _bleu, ("bleu",)))
+register(Metric("rouge", "generation", "ROUGE-1/2/L F-measure (rouge-score)", _rouge, ("rouge1", "rouge2", "rougeL")))
+register(Metric("latency", "timing", "time to first token and decode tokens/s (p50/p95), peak memory", _latency,
+                ("ttft_p50_s", "ttft_p95_s", "decode_tokens_per_s_p50", "peak_rss_mb")))
+
+# Metrics where a smaller value is better (for best-model selection and early stopping).
+LOWER_IS_BETTER = {"loss", "perplexity", "unparseable", "ttft_p50_s", "ttft_p95_s", "peak_rss_mb"}
+
+
+def check_labels(references: list[str | None]) -> None:
+    """Classification metrics compare one-line labels: refuse gold answers that a generated
+    first line can never equal (empty, or spread over several lines)."""
+    from slmops.errors import DataError
+
+    bad = [i for i, r in enumerate(references) if r is None or not normalize_label(r) or len(r.strip().splitlines()) > 1]
+    if bad:
+        example = references[bad[0]]
+        raise DataError(
+            f"accuracy/f1 need one-line, non-empty gold labels, and {len(bad)} eval example(s) have none "
+            f"(first: row {bad[0]}, {example!r}); use bleu/rouge for free text, or fix the label column"
+        )

@@ -108,8 +108,37 @@ def attach_adapter(model, adapter_path: str):
         missing = [t for t in targets if t not in leaves]
         if missing:
             raise ModelError(f"adapter {adapter_path!r} targets {', '.join(sorted(missing))}, which this model does not have: it was trained on another base")
+    _check_adapter_shapes(model, path)
     try:
         return PeftModel.from_pretrained(model, path).eval()
     except RuntimeError as exc:  # size mismatch: another hidden size
         first = str(exc).splitlines()[0:3]
         raise ModelError(f"adapter {adapter_path!r} does not fit this model (trained on another base?): {' '.join(first)[:300]}") from None
+
+
+def _check_adapter_shapes(model, path: Path) -> None:
+    """LoRA A/B weights must fit the layers they attach to (same hidden sizes)."""
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(weights, framework="pt") as handle:
+        for key in handle.keys():
+            for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+                if not key.endswith(part):
+                    continue
+                name = key.removeprefix("base_model.model.").removesuffix(part)
+                module = modules.get(name)
+                if module is None:
+                    raise ModelError(f"adapter {str(path)!r} has weights for {name!r}, a layer this model does not have: it was trained on another base")
+                expected = getattr(module, "in_features" if dim == 1 else "out_features", None)
+                if expected is None and hasattr(module, "weight"):  # GPT-2 Conv1D: weight is (in, out)
+                    expected = module.weight.shape[0 if dim == 1 else 1]
+                got = handle.get_slice(key).get_shape()[dim]
+                if expected is not None and got != expected:
+                    raise ModelError(
+                        f"adapter {str(path)!r} does not fit this model: {name} is {expected} wide here and {got} in the adapter "
+                        "(trained on another base, with another hidden size)"
+                    )

@@ -16,7 +16,7 @@ from slmops.data.load import load_split
 from slmops.data.prepare import format_rows
 from slmops.data.tokenize import tokenize_examples
 from slmops.errors import DataError
-from slmops.evaluate.metrics import get_metrics
+from slmops.evaluate.metrics import check_labels, get_metrics
 from slmops.evaluate.predict import TorchPredictor
 from slmops.outputs import versions
 
@@ -59,6 +59,8 @@ def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
         if needs_generation and any(r is None for r in references):
             raise DataError(f"generation metrics need a completion in each example, and the {formatter.name} format has none; "
                             "use a template whose last field is the answer, or chat/prompt+completion data")
+        if any(m.name in ("accuracy", "f1") for m in metrics):
+            check_labels(references)
         started = time.perf_counter()
         values: dict = {}
         predictions: list[str] = []
@@ -133,4 +135,7 @@ def _write(cfg: EvaluateConfig, report: dict, results: list[ModelResult], exampl
             for ex, ref, pred in zip(examples, references, result.predictions):
                 handle.write(json.dumps({"model": result.name, "prompt": ex.prompt, "reference": ref, "prediction": pred}) + "\n")
     (out / "report.md").write_text(f"# slmops evaluate\n\ndata: {report['data']['source']} ({report['data']['split']}, "
-                                   f"{report['data']['rows']} rows)\n\n```\n{format_table(report)}\n```\n")
+                                   f"{report['data']['rows']} rows)\n\n```\n{format_table(report)}\n```\n\nConfusion matrices: report.html\n")
+    from slmops.report import write_evaluation_report
+
+    write_evaluation_report(out, report, format_table(report))

@@ -30,7 +30,7 @@ class TrainResult:
     steps: int
     stopped_early: bool
     best_step: int | None
-    best_eval_loss: float | None
+    best_eval_loss: float | None  # the best value of --metric_for_best_model (loss by default)
     final_train_loss: float | None
     tokens_seen: int  # labelled tokens (the ones with loss)
     input_tokens_seen: int  # non-pad tokens through the model
@@ -78,6 +78,9 @@ class Trainer:
         save_adapter: bool,
         quiet: bool = False,
         fast_lora=None,
+        eval_examples=None,
+        tokenizer=None,
+        add_special_tokens: bool = True,
     ):
         self.model = model
         self.train_data = train_data
@@ -90,6 +93,14 @@ class Trainer:
         self.save_adapter = save_adapter
         self.quiet = quiet
         self.fast_lora = fast_lora  # FastLoraPath or None; its dropout RNG is checkpointed
+        self.eval_examples = eval_examples  # FormattedExample list, for --eval_metrics
+        self.tokenizer = tokenizer
+        self.add_special_tokens = add_special_tokens
+        from slmops.evaluate.metrics import LOWER_IS_BETTER, get_metrics
+
+        self.eval_metrics = get_metrics(cfg.eval_metrics or [])
+        self.best_key = cfg.metric_for_best_model
+        self.lower_is_better = self.best_key in LOWER_IS_BETTER
         self.steps = total_steps(cfg, len(train_data))
         self.eval_every = cfg.eval_steps or default_interval(self.steps)
         self.save_every = cfg.save_steps or self.eval_every
@@ -143,9 +154,27 @@ class Trainer:
                 loss_sum, n = self.loss_fn(self.model, batch)
             total += float(loss_sum)
             count += n
-        self.model.train()
         loss = total / max(count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        generation = [m for m in self.eval_metrics if m.needs == "generation"]
+        if generation and self.eval_examples:
+            from slmops.evaluate.predict import TorchPredictor
+
+            predictor = TorchPredictor(self.model, self.tokenizer, "training")
+            predictions = predictor.generate([ex.prompt for ex in self.eval_examples], self.add_special_tokens,
+                                             self.cfg.eval_max_new_tokens, self.cfg.per_device_eval_batch_size, progress=False)
+            references = [ex.completion for ex in self.eval_examples]
+            for metric in generation:
+                values = metric.compute(predictions=predictions, references=references)
+                result.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
+        self.model.train()
+        return result
+
+    def _improved(self, value: float) -> bool:
+        best, threshold = self.state.best_metric, self.cfg.early_stopping_threshold
+        if best is None:
+            return True
+        return value < best - threshold if self.lower_is_better else value > best + threshold
 
     def _save(self, name: str, weights_only: bool = False) -> None:
         # 'best' only needs weights; step checkpoints carry everything needed to resume.
@@ -236,15 +265,16 @@ class Trainer:
                 if self.eval_data is not None and (step % self.eval_every == 0 or step == self.steps):
                     result = self.evaluate()
                     metrics.log(step, "eval", **result)
-                    improved = self.state.best_metric is None or result["loss"] < self.state.best_metric - cfg.early_stopping_threshold
-                    if improved:
-                        self.state.best_metric, self.state.best_step = result["loss"], step
+                    watched = result[self.best_key]
+                    if self._improved(watched):
+                        self.state.best_metric, self.state.best_step = watched, step
                         self.state.evals_without_improvement = 0
                         self.state.elapsed_s = time.perf_counter() - run_start
                         self._save("best", weights_only=True)
                     else:
                         self.state.evals_without_improvement += 1
-                    bar.write(f"step {step}: eval loss {result['loss']:.4f} (best {self.state.best_metric:.4f} at step {self.state.best_step})")
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "perplexity")
+                    bar.write(f"step {step}: eval {shown} (best {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step})")
                     if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
                         bar.write(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
                         stopped_early = True
