@@ -37,7 +37,13 @@ ROWS = {
     "trl_bf16_nogc": ("trl", {"bf16": True, "gradient_checkpointing": False}),  # TRL's best flags here
     "slmops": ("slmops", {}),
     "slmops_fp32": ("slmops", {"bf16": False}),
+    # QLoRA (4-bit NF4 base via bitsandbytes) and full fine-tuning, each against its own peer
+    "trl_qlora": ("trl", {"bf16": True, "gradient_checkpointing": False, "method": "qlora"}),
+    "slmops_qlora": ("slmops", {"method": "qlora"}),
+    "trl_full": ("trl", {"bf16": True, "gradient_checkpointing": False, "method": "full"}),
+    "slmops_full": ("slmops", {"method": "full"}),
 }
+FULL_LR = 2e-5
 
 
 def peak_rss_mb() -> float:
@@ -61,12 +67,15 @@ def run_slmops(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
         data = Path(tmp) / "chat.jsonl"
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["phrase"]},
                                                          {"role": "assistant", "content": r["tone"]}]}) + "\n" for r in rows_as_chat()))
+        options = dict(options)
+        method = options.pop("method", "lora")
         cfg = from_dict({
             "model": {"model_name_or_path": model_dir},
             "data": {"data_name": str(data), "max_seq_len": MAX_LEN},
-            "method": {"method": "lora", "lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"],
-                       "lora_dropout": LORA["lora_dropout"], "target_modules": LORA["target_modules"]},
-            "training": {"max_steps": warmup + steps, "per_device_train_batch_size": BATCH, "learning_rate": LR,
+            "method": {"method": method, "lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"],
+                       "lora_dropout": LORA["lora_dropout"], "target_modules": LORA["target_modules"] if method != "full" else None},
+            "training": {"max_steps": warmup + steps, "per_device_train_batch_size": BATCH,
+                         "learning_rate": FULL_LR if method == "full" else LR,
                          "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": 42, **options},
             "output_path": str(Path(tmp) / "out"),
         })
@@ -77,7 +86,8 @@ def run_slmops(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
         "step_seconds": [r["step_seconds"] for r in timed],
         "tokens": [r["tokens_per_second"] * r["step_seconds"] for r in timed],
         "losses": [r["loss"] for r in records],
-        "precision": "bf16 base + fp32 LoRA" if options.get("bf16", True) else "fp32",
+        "precision": {"lora": "bf16 base + fp32 LoRA", "qlora": "nf4 base + bf16 compute", "full": "fp32 master + bf16 autocast"}[method]
+        if options.get("bf16", True) else "fp32",
         "fast_loss": result.train.fast_loss,
     }
 
@@ -101,14 +111,25 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["phrase"]}],
                                "completion": [{"role": "assistant", "content": r["tone"]}]} for r in rows_as_chat()])
+    options = dict(options)
+    method = options.pop("method", "lora")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if method == "qlora":  # the usual TRL QLoRA recipe: bitsandbytes NF4 base, PEFT LoRA
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, use_cpu=not torch.cuda.is_available(), max_steps=warmup + steps,
-                         per_device_train_batch_size=BATCH, learning_rate=LR, logging_steps=1, save_strategy="no",
-                         report_to="none", max_length=MAX_LEN, completion_only_loss=True, seed=42, **options)
+                         per_device_train_batch_size=BATCH, learning_rate=FULL_LR if method == "full" else LR, logging_steps=1,
+                         save_strategy="no", report_to="none", max_length=MAX_LEN, completion_only_loss=True, seed=42, **options)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Timer()])
+                             peft_config=None if method == "full" else LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Timer()])
         collator = trainer.data_collator
 
         def counting_collator(features):
@@ -120,7 +141,7 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"step_seconds": step_seconds[warmup:], "tokens": tokens[warmup : warmup + steps], "losses": losses,
-            "precision": "bf16 autocast" if options.get("bf16") else "fp32",
+            "precision": ("nf4 base + " if method == "qlora" else "") + ("bf16 autocast" if options.get("bf16") else "fp32"),
             "gradient_checkpointing": options.get("gradient_checkpointing", args.gradient_checkpointing)}
 
 
@@ -155,7 +176,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per row")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=1, help="times each row runs, alternating")
-    parser.add_argument("--rows", default="trl_fp32,trl_bf16,trl_bf16_nogc,slmops", help=f"comma-separated: {', '.join(ROWS)}")
+    parser.add_argument("--rows", default="trl_fp32,trl_bf16,trl_bf16_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full",
+                        help=f"comma-separated: {', '.join(ROWS)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -206,6 +228,11 @@ def main() -> None:
             if peer in by_name:
                 print(f"slmops / {peer}: throughput {ours['tokens_per_s'] / by_name[peer]['tokens_per_s']:.2f}x, "
                       f"peak RSS {ours['peak_rss_mb'] / by_name[peer]['peak_rss_mb']:.2f}x")
+        for ours_name, peer in (("slmops_qlora", "trl_qlora"), ("slmops_full", "trl_full")):
+            if ours_name in by_name and peer in by_name:
+                a, b = by_name[ours_name], by_name[peer]
+                print(f"{ours_name} / {peer}: throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+                      f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
         if "trl_fp32" in by_name:
             print(f"ratio_vs_trl_fp32: {ours['tokens_per_s'] / by_name['trl_fp32']['tokens_per_s']:.2f}")
         bf16_peers = [by_name[p] for p in ("trl_bf16", "trl_bf16_nogc") if p in by_name]

@@ -44,6 +44,7 @@ class FinetunePlan:
 
     def describe(self) -> dict:
         return {
+            "task_name": self.config.task_name,
             "model": source_description(self.source),
             "method": self.method.name,
             "target_modules": self.target_modules,
@@ -192,6 +193,8 @@ def finetune(config: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
 def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
     config, layout = plan.config, plan.layout
     data = plan.data
+    if config.task_name:
+        log.info("task: %s", config.task_name)
     log.info("model: %s (%s)", plan.source.given, plan.source.kind)
     log.info("data: %s", data.formatter.description)
     log.info("train: %s; eval: %s", data.train.summary(), data.eval.summary() if data.eval else "none")

@@ -109,7 +109,7 @@ def html_table(header: list[str], rows: list[list]) -> str:
 
 def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, result: dict) -> Path:
     records = read_metrics(Path(log_dir) / "metrics.jsonl")
-    title = f"{plan['method']} on {plan['model']['given']}"
+    title = (f"{plan['task_name']}: " if plan.get("task_name") else "") + f"{plan['method']} on {plan['model']['given']}"
     loss_png = loss_figure(records, title)
     if loss_png:
         (layout.root / "loss.png").write_bytes(loss_png)
