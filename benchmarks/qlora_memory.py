@@ -54,9 +54,23 @@ def worker(method: str, model_dir: str, steps: int, out: str) -> None:
                                       "save_steps": 10**9},
                          "output_path": str(Path(tmp) / "o")})
         finetune(cfg, quiet=True)
+        memory = _proc_memory_mb()
         records = [r for r in read_metrics(Path(tmp) / "o" / "logs" / "metrics.jsonl") if r["split"] == "train"]
     Path(out).write_text(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                     "anon_mb": memory["RssAnon"], "file_mb": memory["RssFile"],
                                      "step_seconds": [r["step_seconds"] for r in records[1:]]}))
+
+
+def _proc_memory_mb() -> dict[str, float]:
+    """Resident memory split into anonymous (the process's own tensors) and file-backed
+    (memory-mapped safetensors pages, which the kernel can drop) — peak RSS alone counts
+    a mapped checkpoint as if it were held."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values
 
 
 def main() -> None:
@@ -78,11 +92,14 @@ def main() -> None:
                                 "--steps", str(args.steps), "--out", out.name], check=True)
                 results[method] = json.loads(Path(out.name).read_text())
     print(f"\nLlama-3.2-1B-shaped model, {n_params / 1e9:.2f}B parameters, batch 4 of tone phrases")
-    print(f"{'method':8s} {'peak RSS MB':>11s} {'step median s':>13s}")
+    print(f"{'method':8s} {'peak RSS MB':>11s} {'anon MB at end':>14s} {'mapped file MB':>14s} {'step median s':>13s}")
     for method, r in results.items():
         steps = sorted(r["step_seconds"])
-        print(f"{method:8s} {r['peak_rss_mb']:11.0f} {steps[len(steps) // 2]:13.2f}")
+        print(f"{method:8s} {r['peak_rss_mb']:11.0f} {r['anon_mb']:14.0f} {r['file_mb']:14.0f} {steps[len(steps) // 2]:13.2f}")
     print(f"qlora_vs_lora_peak_rss: {results['qlora']['peak_rss_mb'] / results['lora']['peak_rss_mb']:.2f}")
+    resident = {m: r["anon_mb"] + r["file_mb"] for m, r in results.items()}
+    print(f"resident while training (anon + mapped): lora {resident['lora']:.0f} MB, qlora {resident['qlora']:.0f} MB")
+    print(f"qlora_vs_lora_resident: {resident['qlora'] / resident['lora']:.2f}")
 
 
 if __name__ == "__main__":

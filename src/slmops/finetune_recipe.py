@@ -160,11 +160,12 @@ def build_model(plan: FinetunePlan):
         model.requires_grad_(True)
         return model
 
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model
 
-    if plan.method.quantize_base_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    # No peft.prepare_model_for_kbit_training for 4-bit bases: it upcasts every
+    # non-quantized weight (embeddings included) to fp32, which on a 1B model costs more
+    # memory than 4-bit saves; get_peft_model freezes the base and non-reentrant
+    # gradient checkpointing needs no input gradients.
     if cfg.method.adapter_path:
         model = PeftModel.from_pretrained(model, cfg.method.adapter_path, is_trainable=True)
     else:
