@@ -50,9 +50,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+EVAL_ROWS = 64  # the last rows: a fixed held-out set, scored after training by every row
+
+
 def rows_as_chat() -> list[dict]:
     rows = [json.loads(line) for line in TONE.read_text().splitlines()]
     return [{"phrase": r["phrase"], "tone": r["tone"]} for r in rows]
+
+
+def messages(r: dict) -> dict:
+    return {"messages": [{"role": "user", "content": r["phrase"]}, {"role": "assistant", "content": r["tone"]}]}
 
 
 # -- workers (each in its own process) ------------------------------------------------------
@@ -65,27 +72,31 @@ def run_slmops(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "chat.jsonl"
-        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["phrase"]},
-                                                         {"role": "assistant", "content": r["tone"]}]}) + "\n" for r in rows_as_chat()))
+        data.write_text("".join(json.dumps(messages(r)) + "\n" for r in rows_as_chat()))
         options = dict(options)
         method = options.pop("method", "lora")
         cfg = from_dict({
             "model": {"model_name_or_path": model_dir},
-            "data": {"data_name": str(data), "max_seq_len": MAX_LEN},
+            "data": {"data_name": str(data), "max_seq_len": MAX_LEN, "train_split": f"train[:-{EVAL_ROWS}]",
+                     "eval_split": f"train[-{EVAL_ROWS}:]"},
             "method": {"method": method, "lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"],
                        "lora_dropout": LORA["lora_dropout"], "target_modules": LORA["target_modules"] if method != "full" else None},
             "training": {"max_steps": warmup + steps, "per_device_train_batch_size": BATCH,
                          "learning_rate": FULL_LR if method == "full" else LR,
-                         "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": 42, **options},
+                         "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": 42,
+                         "eval_steps": warmup + steps, "early_stopping_patience": 0, "per_device_eval_batch_size": BATCH, **options},
             "output_path": str(Path(tmp) / "out"),
         })
         result = finetune(cfg, quiet=True)
-        records = [r for r in read_metrics(Path(tmp) / "out" / "logs" / "metrics.jsonl") if r["split"] == "train"]
+        logged = read_metrics(Path(tmp) / "out" / "logs" / "metrics.jsonl")
+        records = [r for r in logged if r["split"] == "train"]
+        eval_loss = [r["loss"] for r in logged if r["split"] == "eval"][-1]
     timed = records[warmup:]
     return {
         "step_seconds": [r["step_seconds"] for r in timed],
         "tokens": [r["tokens_per_second"] * r["step_seconds"] for r in timed],
         "losses": [r["loss"] for r in records],
+        "eval_loss": eval_loss,
         "precision": {"lora": "bf16 base + fp32 LoRA", "qlora": "nf4 base + bf16 compute", "full": "fp32 master + bf16 autocast"}[method]
         if options.get("bf16", True) else "fp32",
         "fast_loss": result.train.fast_loss,
@@ -109,8 +120,9 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             step_seconds.append(time.perf_counter() - self.start)
 
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["phrase"]}],
-                               "completion": [{"role": "assistant", "content": r["tone"]}]} for r in rows_as_chat()])
+    pairs = [{"prompt": [{"role": "user", "content": r["phrase"]}], "completion": [{"role": "assistant", "content": r["tone"]}]}
+             for r in rows_as_chat()]
+    data, held_out = Dataset.from_list(pairs[:-EVAL_ROWS]), Dataset.from_list(pairs[-EVAL_ROWS:])
     options = dict(options)
     method = options.pop("method", "lora")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -128,7 +140,7 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
         args = SFTConfig(output_dir=tmp, use_cpu=not torch.cuda.is_available(), max_steps=warmup + steps,
                          per_device_train_batch_size=BATCH, learning_rate=FULL_LR if method == "full" else LR, logging_steps=1,
                          save_strategy="no", report_to="none", max_length=MAX_LEN, completion_only_loss=True, seed=42, **options)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=held_out, processing_class=tokenizer,
                              peft_config=None if method == "full" else LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Timer()])
         collator = trainer.data_collator
 
@@ -140,7 +152,9 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
         trainer.data_collator = counting_collator
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_seconds": step_seconds[warmup:], "tokens": tokens[warmup : warmup + steps], "losses": losses,
+        trainer.data_collator = collator  # not counted: evaluation is not training throughput
+        eval_loss = trainer.evaluate()["eval_loss"]
+    return {"step_seconds": step_seconds[warmup:], "tokens": tokens[warmup : warmup + steps], "losses": losses, "eval_loss": eval_loss,
             "precision": ("nf4 base + " if method == "qlora" else "") + ("bf16 autocast" if options.get("bf16") else "fp32"),
             "gradient_checkpointing": options.get("gradient_checkpointing", args.gradient_checkpointing)}
 
@@ -190,6 +204,10 @@ def main() -> None:
 
     model_dir = str(fetch_builtin("smollm2-135m-instruct"))
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    peak_at_start = bf16_matmul_peak_gflops()
     results: dict[str, list[dict]] = {n: [] for n in names}
     for round_index in range(args.rounds):
         for name in names:
@@ -199,7 +217,7 @@ def main() -> None:
                                 "--warmup", str(args.warmup), "--out", out.name], check=True,
                                env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
                 results[name].append(json.loads(Path(out.name).read_text()))
-    peak = bf16_matmul_peak_gflops()
+    peak = max(peak_at_start, bf16_matmul_peak_gflops())  # the better of two: the machine is shared
     # A LoRA step on a frozen base costs ~4 FLOPs per non-embedding parameter per token
     # (forward 2, input-gradient 2; no weight gradients for the base).
     non_embedding_params = 134.5e6 - 49152 * 576
@@ -213,14 +231,17 @@ def main() -> None:
             "row": name, "tokens_per_s": tps, "step_median_s": statistics.median(s for r in runs for s in r["step_seconds"]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "loss_last10": statistics.mean(statistics.mean(r["losses"][-10:]) for r in runs),
+            "eval_loss": statistics.mean(r["eval_loss"] for r in runs),
             "peak_fraction": tps * 4 * non_embedding_params / 1e9 / peak,
             "precision": runs[0].get("precision"),
         })
     print(f"\nbf16 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s")
-    print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'loss(last10)':>12s} {'% bf16 peak':>11s}  precision")
+    print(f"held-out loss: mean completion cross-entropy on the last {EVAL_ROWS} rows after training (same for every row)")
+    print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'held-out loss':>13s} {'train loss(last10)':>18s} "
+          f"{'% bf16 peak':>11s}  precision")
     for row in table:
         print(f"{row['row']:16s} {row['tokens_per_s']:9.0f} {row['step_median_s']:10.3f} {row['peak_rss_mb']:11.0f} "
-              f"{row['loss_last10']:12.4f} {100 * row['peak_fraction']:10.1f}%  {row['precision']}")
+              f"{row['eval_loss']:13.4f} {row['loss_last10']:18.4f} {100 * row['peak_fraction']:10.1f}%  {row['precision']}")
     by_name = {row["row"]: row for row in table}
     ours = by_name.get("slmops")
     if ours:
