@@ -127,7 +127,11 @@ class TrainingConfig(_Section):
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
     load_best_model_at_end: bool = Field(True, description="With --eval_split, the saved adapter is the best one seen.")
-    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
+    group_by_length: bool = Field(
+        False,
+        description="Batch examples of similar length: less padding, but batches whose lengths correlate with their "
+        "labels learn more slowly in short runs (measured: held-out loss 2.40 vs 2.32 after 23 LoRA steps on the tone data).",
+    )
 
     _metrics_csv = field_validator("eval_metrics", mode="before")(_split_csv)
 
