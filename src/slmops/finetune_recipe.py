@@ -75,8 +75,8 @@ def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
     resume_from = None
     if resuming:
         resume_from = ckpt.find_resume_checkpoint(tcfg.resume_from_checkpoint, layout.checkpoints)
-    if method.name != "full" and config.method.modules_to_save and not method.is_adapter:
-        raise ConfigError("--modules_to_save applies to adapter methods only")
+    if config.method.modules_to_save and not method.is_adapter:
+        raise ConfigError(f"--modules_to_save applies to adapter methods; --method {method.name} trains every weight already")
 
     _check_eval_metrics(config, None)
     splits = load_splits(config.data)  # data mistakes surface before any model is fetched

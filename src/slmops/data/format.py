@@ -266,14 +266,10 @@ _prompt_completion = _checked(
 )
 
 
-def _chat_or_pair(cfg: DataConfig, columns: list[str], tokenizer) -> Formatter:
-    return _chat(cfg, columns, tokenizer)
-
-
 _BUILDERS: dict[str, Callable[[DataConfig, list[str], object], Formatter]] = {
     "template": _template,
     "text": _text,
-    "chat": _chat_or_pair,
+    "chat": _chat,
     "alpaca": _alpaca,
     "input_output": _input_output,
     "prompt_completion": _prompt_completion,
