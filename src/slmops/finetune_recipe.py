@@ -284,9 +284,7 @@ def _write_run_yaml(plan: FinetunePlan, status: str, result: TrainResult | None 
         "versions": versions(),
     }
     if result is not None:
-        summary = asdict(result)
-        summary.pop("history", None)
-        doc["result"] = summary
+        doc["result"] = asdict(result)
     text = yaml.safe_dump(doc, sort_keys=False)
     tmp = plan.layout.run_yaml.with_suffix(".yaml.tmp")
     tmp.write_text(text)

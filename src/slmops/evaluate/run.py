@@ -134,8 +134,9 @@ def _write(cfg: EvaluateConfig, report: dict, results: list[ModelResult], exampl
         with open(out / f"predictions-{index}.jsonl", "w") as handle:
             for ex, ref, pred in zip(examples, references, result.predictions):
                 handle.write(json.dumps({"model": result.name, "prompt": ex.prompt, "reference": ref, "prediction": pred}) + "\n")
+    table = format_table(report)
     (out / "report.md").write_text(f"# slmops evaluate\n\ndata: {report['data']['source']} ({report['data']['split']}, "
-                                   f"{report['data']['rows']} rows)\n\n```\n{format_table(report)}\n```\n\nConfusion matrices: report.html\n")
+                                   f"{report['data']['rows']} rows)\n\n```\n{table}\n```\n\nConfusion matrices: report.html\n")
     from slmops.report import write_evaluation_report
 
-    write_evaluation_report(out, report, format_table(report))
+    write_evaluation_report(out, report, table)

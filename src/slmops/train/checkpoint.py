@@ -32,6 +32,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
+    paused_s: float = 0.0  # of elapsed_s, spent in eval and checkpoints (excluded from tokens/s)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

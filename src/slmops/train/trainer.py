@@ -9,7 +9,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,6 @@ class TrainResult:
     train_seconds: float
     tokens_per_second: float  # non-pad tokens per second
     fast_loss: bool
-    history: list[dict] = field(default_factory=list)
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
@@ -202,7 +201,7 @@ class Trainer:
         window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
         last_train_loss = None
         run_start = time.perf_counter() - self.state.elapsed_s
-        paused_total = 0.0  # seconds spent in eval and checkpoints, not training
+        paused_total = self.state.paused_s  # seconds spent in eval and checkpoints, not training
         stopped_early = False
         batches = epoch_batches(self.train_data.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
         micro_batches = self._micro_batches(batches, self.state.batch_in_epoch)
@@ -281,6 +280,7 @@ class Trainer:
 
                 if step % self.save_every == 0 or step == self.steps or stopped_early:
                     self.state.elapsed_s = time.perf_counter() - run_start
+                    self.state.paused_s = paused_total
                     self._save(f"step-{step:06d}")
                     ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
                 window_start += time.perf_counter() - paused
