@@ -46,10 +46,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _config(arch: str, vocab: int):
+def _config(arch: str, vocab: int, hidden_size: int = 32):
     from transformers import GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=2,
                   # A wide init gives the frozen output head a usable logit range, as a
                   # pretrained head has; with the default 0.02, adapters barely move the loss.
@@ -59,19 +59,19 @@ def _config(arch: str, vocab: int):
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "phi3":
-        return Phi3Config(**common)
+        return Phi3Config(**common, original_max_position_embeddings=256)
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=2, initializer_range=0.3)
     raise ValueError(arch)
 
 
-def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer), hidden_size))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -77,13 +77,16 @@ def test_seed_tone_command_learns_and_peft_reproduces_it(seed_tone_run):
 
 
 def test_demo_tuned_accuracy_beats_base(tmp_path, builtin_model):
-    """The README's demo (examples/demo.sh): held-out accuracy, base vs tuned."""
+    """The README's demo (examples/demo.sh): held-out accuracy, base vs tuned, then the int4
+    ONNX bundle with the adapter."""
     env = dict(os.environ, DEMO_OUT=str(tmp_path / "demo"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     proc = subprocess.run(["bash", str(ROOT / "examples" / "demo.sh")], env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("accuracy"))
     tuned, base = (float(x) for x in re.findall(r"\d+\.\d+", row)[:2])
     assert tuned >= 0.8 and tuned > base + 0.3, proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("accuracy")]
+    assert len(rows) == 2 and float(re.findall(r"\d+\.\d+", rows[1])[0]) >= 0.8, proc.stdout  # the int4 bundle + tone
 
 
 def test_seed_qlora_commands(tmp_path, builtin_model):
@@ -116,3 +119,69 @@ def test_seed_logging_command(tmp_path, builtin_model):
     assert [e.step for e in events.Scalars("eval/loss")] == [50, 100]
     assert [e.step for e in events.Scalars("train/loss")] == list(range(10, 101, 10))
     assert (tmp_path / "out" / "checkpoints" / "step-000100" / "optimizer.pt").is_file()
+
+
+HELD_OUT = ["I am furious about the late train, this is unacceptable.", "What a wonderful surprise the party was!",
+            "The report is scheduled for Monday at nine."]
+
+
+def test_seed_step3_auto_opt_fp32_and_int4(seed_tone_run):
+    """Seed step 3 as written, on the output of seed command 1; then the same with int4.
+    Each bundle, with the tone adapter switched on, labels held-out phrases."""
+    from slmops.deploy.runtime import OnnxBundle
+
+    cwd = seed_tone_run.parents[2]
+    slmops("auto-opt", "--model_name_or_path", "models/llama/ft/model", "--adapter_path", "models/llama/ft/adapter", "--device", "cpu",
+           "--provider", "CPUExecutionProvider", "--use_ort_genai", "--output_path", "models/llama/onnx", "--log_level", "1", cwd=cwd)
+    slmops("auto-opt", "--model_name_or_path", "models/llama/ft", "--precision", "int4", "--output_path", "models/llama/onnx-int4", cwd=cwd)
+    prompts = [LLAMA3_TONE.replace("\\n", "\n").split("{tone}")[0].format(phrase=p) for p in HELD_OUT]
+    for folder, exact in (("onnx", True), ("onnx-int4", False)):
+        bundle_dir = cwd / "models" / "llama" / folder
+        manifest = json.loads((bundle_dir / "slmops_bundle.json").read_text())
+        parity = manifest["parity"]
+        assert set(parity) == {"(no adapter)", "llama"}
+        if exact:  # fp32: PyTorch's greedy tokens exactly, with and without the adapter
+            assert all(r["exact"] == r["prompts"] and r["max_logit_diff"] < 1e-2 for r in parity.values()), parity
+        bundle = OnnxBundle(bundle_dir)
+        answers = [bundle.generate_text(p, "llama", 6).strip() for p in prompts]
+        if exact:
+            assert answers == ["angry", "joyful", "neutral"]
+        else:
+            assert sum(a == e for a, e in zip(answers, ["angry", "joyful", "neutral"])) >= 2, answers
+            assert manifest["size_mb"] < 0.25 * json.loads((cwd / "models/llama/onnx/slmops_bundle.json").read_text())["size_mb"]
+
+
+def test_two_adapters_one_base_switched_per_request(seed_tone_run, tmp_path):
+    """The seed's multi-adapter example: tone and library Q&A adapters trained separately,
+    one base exported once; each request picks its adapter and answers as PyTorch does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slmops.deploy.runtime import OnnxBundle
+
+    slmops("finetune", "--model_name_or_path", "smollm2-135m-instruct", "--data_name", str(ROOT / "examples/data/library_qa.json"),
+           "--use_chat_template", "--max_steps", "30", "--learning_rate", "1e-3", "--output_path", "qa", cwd=tmp_path)
+    out = slmops("generate-adapter", "--base_model_path", "smollm2-135m-instruct", "--adapter_paths",
+                 f"{seed_tone_run / 'adapter'},{tmp_path / 'qa' / 'adapter'}", "--adapter_names", "tone,qa",
+                 "--output_path", "multi", cwd=tmp_path)
+    assert "parity qa: 3/3 prompts identical" in out and "parity tone: 3/3 prompts identical" in out, out
+    bundle = OnnxBundle(tmp_path / "multi")
+    tok = bundle.tokenizer
+    tone_prompt = LLAMA3_TONE.replace("\\n", "\n").split("{tone}")[0].format(phrase=HELD_OUT[1])
+    qa_prompt = tok.apply_chat_template([{"role": "user", "content": "How many books can I borrow at once?"}], tokenize=False,
+                                        add_generation_prompt=True)
+    requests = [("tone", tone_prompt, True), ("qa", qa_prompt, False), (None, qa_prompt, False), ("tone", tone_prompt, True),
+                (None, tone_prompt, True)]
+    base = AutoModelForCausalLM.from_pretrained(seed_tone_run / "model").eval()
+    torch_models = {None: base}
+    for name, path in (("tone", seed_tone_run / "adapter"), ("qa", tmp_path / "qa" / "adapter")):
+        torch_models[name] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(seed_tone_run / "model"), path).eval()
+    for adapter, prompt, special in requests:  # interleaved on one loaded base
+        ids = tok(prompt, add_special_tokens=special)["input_ids"]
+        with torch.no_grad():
+            gen = torch_models[adapter].generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                                 eos_token_id=sorted(bundle.eos_ids), pad_token_id=0)
+        expected = [t for t in gen[0, len(ids):].tolist()]
+        expected = expected[: next((i for i, t in enumerate(expected) if t in bundle.eos_ids), len(expected))]
+        assert bundle.generate_ids(ids, adapter, 12) == expected, adapter
+    assert bundle.generate_text(tone_prompt, "tone", 6).strip() == "joyful"

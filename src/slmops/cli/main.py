@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import sys
 
-from slmops.cli import data, evaluate, finetune, models
+from slmops.cli import data, deploy, evaluate, finetune, generate, models
 from slmops.cli.common import Parser, fail
 from slmops.errors import SlmopsError
 
-COMMANDS = [finetune, evaluate, models, data]
+COMMANDS = [finetune, evaluate, deploy, generate, models, data]
 
 
 def build_parser() -> Parser:

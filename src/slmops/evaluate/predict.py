@@ -1,5 +1,6 @@
-"""Predictors: one interface (generate, loss) over a PyTorch model with or without a
-PEFT adapter. (The ONNX Runtime GenAI back end plugs in behind the same interface.)"""
+"""Predictors: one interface (generate, loss, timed_generate) over two back ends: a
+PyTorch model with or without a PEFT adapter, and an ONNX Runtime GenAI bundle with or
+without an `.onnx_adapter`."""
 
 from __future__ import annotations
 
@@ -92,6 +93,60 @@ class TorchPredictor:
         generated = out.shape[1] - enc["input_ids"].shape[1]
         decode = (generated - 1) / max(total - ttft, 1e-9) if generated > 1 else None
         return {"ttft_s": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak_rss_mb()}
+
+
+class OnnxPredictor:
+    """An ONNX Runtime GenAI bundle: greedy generation one prompt at a time (ORT GenAI's
+    batch-1 decode is the deployed path), loss from full-sequence logits."""
+
+    def __init__(self, bundle_path: str, adapter: str | None = None, threads: int | None = None):
+        from slmops.deploy.runtime import OnnxBundle
+
+        self.bundle = OnnxBundle(bundle_path, threads)
+        self.adapter = self.bundle.use_adapter(adapter)  # checked against the bundle's slots now
+        self.tokenizer = self.bundle.tokenizer
+        self.name = f"{bundle_path} (onnx)" + (f" + {adapter}" if self.adapter else "")
+
+    def generate(self, prompts: list[str], add_special_tokens: bool, max_new_tokens: int = 32, batch_size: int = 8,
+                 progress: bool = True) -> list[str]:
+        from tqdm.auto import tqdm
+
+        outputs = []
+        for prompt in tqdm(prompts, desc=f"generate ({self.name})", disable=not progress, unit="example"):
+            outputs.append(self.bundle.generate_text(prompt, self.adapter, max_new_tokens, add_special_tokens))
+        return outputs
+
+    def loss(self, data: TokenizedData, batch_size: int = 8) -> tuple[float, int]:
+        import numpy as np
+
+        total, count = 0.0, 0
+        for index in range(len(data)):
+            ids = [int(t) for t in data.input_ids[index]]
+            labels = np.asarray(data.labels[index][1:])
+            logits = self.bundle.logits(ids, self.adapter)[:-1].astype(np.float64)
+            keep = labels != -100
+            if not keep.any():
+                continue
+            rows = logits[keep]
+            log_z = np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1)) + rows.max(-1)
+            total += float((log_z - rows[np.arange(len(rows)), labels[keep]]).sum())
+            count += int(keep.sum())
+        return total, count
+
+    def timed_generate(self, prompt: str, add_special_tokens: bool, max_new_tokens: int = 32) -> dict:
+        ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        timing = self.bundle.timed(ids, self.adapter, max_new_tokens, min_new_tokens=max_new_tokens)  # as TorchPredictor
+        return {"ttft_s": timing["ttft_s"], "decode_tokens_per_s": timing["decode_tokens_per_s"], "peak_rss_mb": peak_rss_mb()}
+
+
+def load_predictor(model_name_or_path: str, adapter_path: str | None = None, trust_remote_code: bool = False,
+                   dtype: torch.dtype = torch.float32, quiet: bool = False, use_source_adapter: bool = True):
+    """An ONNX bundle (folder with genai_config.json) or anything PyTorch can load."""
+    from slmops.deploy.runtime import is_bundle
+
+    if is_bundle(model_name_or_path):
+        return OnnxPredictor(model_name_or_path, adapter_path if use_source_adapter else None)
+    return TorchPredictor.load(model_name_or_path, adapter_path, trust_remote_code, dtype, quiet=quiet, use_source_adapter=use_source_adapter)
 
 
 def attach_adapter(model, adapter_path: str):

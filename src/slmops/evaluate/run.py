@@ -17,7 +17,7 @@ from slmops.data.prepare import format_rows
 from slmops.data.tokenize import tokenize_examples
 from slmops.errors import DataError
 from slmops.evaluate.metrics import check_labels, get_metrics
-from slmops.evaluate.predict import TorchPredictor
+from slmops.evaluate.predict import load_predictor
 from slmops.outputs import versions
 
 log = logging.getLogger("slmops")
@@ -51,7 +51,7 @@ def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
     examples = None
     references: list[str] = []
     for model_name, adapter, own_adapter in candidates:
-        predictor = TorchPredictor.load(model_name, adapter, cfg.model.trust_remote_code, _dtype(cfg), quiet=quiet, use_source_adapter=own_adapter)
+        predictor = load_predictor(model_name, adapter, cfg.model.trust_remote_code, _dtype(cfg), quiet=quiet, use_source_adapter=own_adapter)
         formatter = build_formatter(cfg.data, list(dataset.column_names), predictor.tokenizer)
         examples = format_rows(dataset, formatter)
         references = [ex.completion for ex in examples]

@@ -1,0 +1,102 @@
+"""Does what is deployed behave like what was trained? Greedy tokens of PyTorch (+adapter)
+against the bundle (+the same adapter, switched on one loaded base), per adapter."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("slmops")
+
+GENERIC_PROMPTS = [
+    "The capital of France is",
+    "Write one sentence about the sea.",
+    "Question: What is 12 plus 7?\nAnswer:",
+]
+
+
+def prompts_for_adapter(adapter_path: Path | None, tokenizer, limit: int = 3) -> list[tuple[str, bool]]:
+    """(prompt, add_special_tokens) pairs: an slmops adapter's own eval/train rows in its
+    own format when its run.yaml is beside it, generic prompts otherwise."""
+    run_yaml = adapter_path.parent / "run.yaml" if adapter_path is not None else None
+    if run_yaml is not None and run_yaml.is_file():
+        try:
+            from slmops.config import from_dict, load_yaml
+            from slmops.data.format import build_formatter
+            from slmops.data.load import load_split
+            from slmops.data.prepare import format_rows
+
+            cfg = from_dict(load_yaml(run_yaml)["config"], source=str(run_yaml))
+            split = load_split(cfg.data.data_name, cfg.data.eval_split or cfg.data.train_split, cfg.data.data_files,
+                               cfg.data.eval_subset or cfg.data.train_subset)
+            dataset = split.dataset.select(range(min(limit, len(split.dataset))))
+            formatter = build_formatter(cfg.data, list(dataset.column_names), tokenizer)
+            return [(ex.prompt, formatter.add_special_tokens) for ex in format_rows(dataset, formatter)]
+        except Exception as exc:  # the data moved or changed: generic prompts still check the export
+            log.info("parity: using generic prompts (%s)", exc)
+    prompts = [(p, True) for p in GENERIC_PROMPTS[:limit]]
+    if getattr(tokenizer, "chat_template", None):
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": GENERIC_PROMPTS[1]}], tokenize=False, add_generation_prompt=True)
+        prompts[-1] = (chat, False)
+    return prompts
+
+
+def _torch_model(model_path: Path, adapter: Path | None):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from slmops.evaluate.predict import attach_adapter
+
+    hf_logging.disable_progress_bar()
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return attach_adapter(model, str(adapter)) if adapter is not None else model
+
+
+@torch.no_grad()
+def _torch_greedy(model, ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], np.ndarray]:
+    tensor = torch.tensor([ids])
+    logits = model(input_ids=tensor).logits[0].float().numpy()
+    out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=sorted(eos_ids) or None, pad_token_id=sorted(eos_ids)[0] if eos_ids else 0)
+    tokens = [int(t) for t in out[0, len(ids):]]
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            tokens = tokens[:index]
+            break
+    return tokens, logits
+
+
+def check_parity(bundle_dir: Path, plan, quiet: bool = False, max_new_tokens: int | None = None) -> dict:
+    """Per adapter (and the base): prompts whose greedy tokens agree exactly, the share of
+    tokens agreeing before the first difference, and the largest logit difference."""
+    from slmops.deploy.runtime import OnnxBundle
+
+    bundle = OnnxBundle(bundle_dir)
+    tokens_wanted = max_new_tokens or plan.parity_tokens
+    results = {}
+    for name, adapter_path in [(None, None), *plan.adapters]:
+        model = _torch_model(plan.model_path, adapter_path)
+        prompts = [(p, True) for p in plan.parity_prompts] or prompts_for_adapter(adapter_path, bundle.tokenizer)
+        exact, agreed, total, max_diff = 0, 0, 0, 0.0
+        for prompt, special in prompts:
+            ids = bundle.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+            expected, torch_logits = _torch_greedy(model, ids, tokens_wanted, bundle.eos_ids)
+            got = bundle.generate_ids(ids, name, tokens_wanted)
+            onnx_logits = bundle.logits(ids, name)
+            max_diff = max(max_diff, float(np.abs(onnx_logits - torch_logits).max()))
+            exact += expected == got
+            prefix = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+            agreed += prefix
+            total += max(len(expected), len(got))
+        label = name or "(no adapter)"
+        results[label] = {"prompts": len(prompts), "exact": exact, "token_agreement": round(agreed / total, 4) if total else 1.0,
+                          "max_logit_diff": round(max_diff, 5)}
+        if not quiet:
+            log.debug("parity %-16s %d/%d prompts identical, %.1f%% tokens agree, max |logit diff| %.2g",
+                     label, exact, len(prompts), 100 * agreed / max(total, 1), max_diff)
+        del model
+    return results

@@ -1,0 +1,131 @@
+"""Text generation behind `slmops generate` and `slmops chat`: one interface over a PyTorch
+model (PEFT adapters loaded once, switched with `set_adapter`) and an ONNX Runtime GenAI
+bundle (`.onnx_adapter` files switched per request). Both stream text as it is decoded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slmops.errors import ModelError
+
+
+class TorchBackend:
+    kind = "pytorch"
+
+    def __init__(self, model_name_or_path: str, adapters: list[str], trust_remote_code: bool = False, quiet: bool = False):
+        from slmops.evaluate.predict import attach_adapter
+        from slmops.models import load_model, load_tokenizer, resolve_model
+        from slmops.models.precision import pick_device
+
+        source = resolve_model(model_name_or_path, quiet=quiet)
+        self.tokenizer = load_tokenizer(source.path, trust_remote_code)
+        self.model = load_model(source.path, torch.float32, pick_device(), trust_remote_code).eval()
+        paths = [a for a in adapters if a not in ("base", "none")]
+        if not paths and source.adapter_path is not None:
+            paths = [str(source.adapter_path)]  # an slmops output: its own adapter
+        self.names: dict[str, str] = {}
+        for index, path in enumerate(paths):
+            name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
+            if index == 0:
+                self.model = attach_adapter(self.model, path)  # checks the base; adapter named "default"
+                self.names[path] = "default"
+            else:
+                self.model.load_adapter(path, adapter_name=f"a{index}")
+                self.names[path] = f"a{index}"
+            self.names.setdefault(name, self.names[path])
+        self.default = paths[0] if paths else None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.names)
+
+    def generate(self, prompt: str, adapter: str | None, max_new_tokens: int, add_special_tokens: bool = True,
+                 on_text: Callable[[str], None] | None = None) -> str:
+        from transformers.generation.streamers import BaseStreamer
+
+        tokenizer = self.tokenizer
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(self.model.device)
+
+        class _Stream(BaseStreamer):
+            def __init__(self):
+                self.tokens: list[int] = []
+                self.shown = ""
+                self.first = True
+
+            def put(self, value):
+                if self.first:  # the prompt
+                    self.first = False
+                    return
+                self.tokens += [int(t) for t in value.reshape(-1)]
+                text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+                if on_text is not None and not text.endswith("\ufffd"):
+                    on_text(text[len(self.shown):])
+                    self.shown = text
+
+            def end(self):
+                pass
+
+        streamer = _Stream()
+        with self._adapter(adapter):
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                      streamer=streamer)
+        text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        if on_text is not None and len(text) > len(streamer.shown):
+            on_text(text[len(streamer.shown):])
+        return text
+
+    def _adapter(self, adapter: str | None):
+        import contextlib
+
+        if not hasattr(self.model, "set_adapter"):
+            if adapter not in (None, "base", "none"):
+                raise ModelError(f"adapter {adapter!r} was not loaded; pass it with --adapter when starting")
+            return contextlib.nullcontext()
+        if adapter in ("base", "none"):
+            return self.model.disable_adapter()
+        key = adapter if adapter is not None else self.default
+        if key not in self.names:
+            raise ModelError(f"adapter {adapter!r} was not loaded; loaded: {', '.join(self.names)}")
+        self.model.set_adapter(self.names[key])
+        return contextlib.nullcontext()
+
+
+class BundleBackend:
+    kind = "onnx"
+
+    def __init__(self, path: str, adapters: list[str], threads: int | None = None):
+        from slmops.deploy.runtime import OnnxBundle
+
+        self.bundle = OnnxBundle(path, threads)
+        self.tokenizer = self.bundle.tokenizer
+        for adapter in adapters:  # load (and check) each once, up front
+            self.bundle.use_adapter(adapter)
+        self.default = next((a for a in adapters if a not in ("base", "none")), None)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.bundle.adapter_names
+
+    def generate(self, prompt: str, adapter: str | None, max_new_tokens: int, add_special_tokens: bool = True,
+                 on_text: Callable[[str], None] | None = None) -> str:
+        chosen = self.default if adapter is None else adapter
+        return self.bundle.generate_text(prompt, chosen, max_new_tokens, add_special_tokens, on_text)
+
+
+def open_backend(model: str, adapters: list[str], threads: int | None = None, trust_remote_code: bool = False, quiet: bool = False):
+    from slmops.deploy.runtime import is_bundle
+
+    if is_bundle(model):
+        return BundleBackend(model, adapters, threads)
+    return TorchBackend(model, adapters, trust_remote_code, quiet)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool]:
+    """The model's chat template applied, or a plain transcript where it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:", True
