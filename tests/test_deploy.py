@@ -243,6 +243,19 @@ def test_generate_and_chat_cli_stream_and_switch(llama_bundle, tmp_path):
     assert chat.stdout.startswith(first + "\n")
 
 
+def test_generate_cli_on_pytorch_switches_peft_adapters_like_the_bundle(onnx_models, llama_adapters, llama_bundle):
+    """`slmops generate` on the PyTorch model with two PEFT adapters loaded once gives what the
+    bundle gives with the same two adapters."""
+    bundle = OnnxBundle(llama_bundle)
+    prompt = "Phrase: the rain will not stop\nTone:"
+    result = subprocess.run([sys.executable, "-m", "slmops.cli.main", "generate", "-m", str(onnx_models["llama"]), "--adapter",
+                             f"{llama_adapters['a']},{llama_adapters['b']},base", "--prompt", prompt, "--max_new_tokens", "8"],
+                            capture_output=True, text=True, check=True)
+    prompt = prompt.replace("\\n", "\n")
+    for adapter, name in ((llama_adapters["a"], "a"), (llama_adapters["b"], "b"), ("base", None)):
+        assert f"[pytorch · {adapter}] {prompt}\n{bundle.generate_text(prompt, name, 8)}\n" in result.stdout
+
+
 def test_evaluate_on_bundle_matches_pytorch(onnx_models, llama_adapters, llama_bundle):
     """The ONNX back end of `slmops evaluate` gives the PyTorch back end's numbers."""
     from slmops.config.schema import EvaluateConfig

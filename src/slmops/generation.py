@@ -16,6 +16,7 @@ class TorchBackend:
     kind = "pytorch"
 
     def __init__(self, model_name_or_path: str, adapters: list[str], trust_remote_code: bool = False, quiet: bool = False):
+        from slmops.deploy.adapters import default_adapter_name
         from slmops.evaluate.predict import attach_adapter
         from slmops.models import load_model, load_tokenizer, resolve_model
         from slmops.models.precision import pick_device
@@ -26,21 +27,23 @@ class TorchBackend:
         paths = [a for a in adapters if a not in ("base", "none")]
         if not paths and source.adapter_path is not None:
             paths = [str(source.adapter_path)]  # an slmops output: its own adapter
+        # what the user may type (folder or short name) -> PEFT's adapter name
         self.names: dict[str, str] = {}
+        self.short_names: list[str] = []
         for index, path in enumerate(paths):
-            name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
+            peft_name = "default" if index == 0 else f"a{index}"
             if index == 0:
-                self.model = attach_adapter(self.model, path)  # checks the base; adapter named "default"
-                self.names[path] = "default"
+                self.model = attach_adapter(self.model, path)  # checks the base; PEFT names it "default"
             else:
-                self.model.load_adapter(path, adapter_name=f"a{index}")
-                self.names[path] = f"a{index}"
-            self.names.setdefault(name, self.names[path])
+                self.model.load_adapter(path, adapter_name=peft_name)
+            short = default_adapter_name(Path(path))
+            self.names[path] = self.names.setdefault(short, peft_name)
+            self.short_names.append(short)
         self.default = paths[0] if paths else None
 
     @property
     def adapter_names(self) -> list[str]:
-        return list(self.names)
+        return self.short_names
 
     def generate(self, prompt: str, adapter: str | None, max_new_tokens: int, add_special_tokens: bool = True,
                  on_text: Callable[[str], None] | None = None) -> str:

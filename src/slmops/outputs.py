@@ -84,11 +84,16 @@ def copy_model_folder(src: Path, dst: Path) -> None:
             shutil.copy2(item, target)
 
 
-def versions() -> dict[str, str]:
+TRAINING_PACKAGES = ("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
+DEPLOY_PACKAGES = ("slmops", "onnxruntime", "onnxruntime-genai", "onnx", "transformers", "peft", "torch")
+
+
+def versions(packages: tuple[str, ...] = TRAINING_PACKAGES) -> dict[str, str]:
+    """Installed versions of the libraries a result depends on, for reproducibility."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes"):
+    for name in packages:
         try:
             out[name] = version(name)
         except PackageNotFoundError:

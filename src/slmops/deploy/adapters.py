@@ -34,6 +34,17 @@ FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj":
 SUPPORTED_TARGETS = (*PLAIN_PROJECTIONS, *FUSED_PROJECTIONS)
 
 
+_GENERIC_FOLDERS = {"adapter", "adapters", "ft", "finetune", "output", "outputs", "lora", "peft"}
+
+
+def default_adapter_name(path: Path) -> str:
+    """A readable name: models/tone/ft/adapter -> 'tone' (generic folder names skipped)."""
+    for part in reversed(Path(path).resolve().parts):
+        if part.lower() not in _GENERIC_FOLDERS and part != "/":
+            return part
+    return Path(path).name
+
+
 def slot_inputs(slot: str) -> tuple[str, str]:
     """Graph input names (A, B) of a slot such as 'model.layers.0.attn.q_proj'."""
     return slot + _SLOT_SUFFIX_A, slot + _SLOT_SUFFIX_B
@@ -46,7 +57,7 @@ def slot_of_input(name: str) -> str | None:
     return None
 
 
-def _slots_for_module(module_key: str) -> tuple[str, list[str]]:
+def slots_for_module(module_key: str) -> tuple[str, list[str]]:
     """('model.layers.3.attn', ['q_proj']) for '...layers.3.self_attn.q_proj'."""
     match = _MODULE_RE.search(module_key)
     if not match or match.group(3) not in SUPPORTED_TARGETS:
@@ -147,7 +158,7 @@ def lora_slots(lora: PeftLora, slot_shapes: dict[str, list[int]] | None = None) 
     `slot_shapes` ({slot: [in, out]}, from a bundle) is needed to split fused layers."""
     slots: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for module, (a, b, scaling) in lora.modules.items():
-        prefix, projections = _slots_for_module(module)
+        prefix, projections = slots_for_module(module)
         b_scaled = (b * scaling).astype(np.float32)
         if len(projections) == 1:
             slots[f"{prefix}.{projections[0]}"] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b_scaled.T))

@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmops.deploy.adapters import (SUPPORTED_TARGETS, convert_adapter, lora_slots, read_peft_lora,
-                                    slot_of_input)
+from slmops.deploy.adapters import (SUPPORTED_TARGETS, convert_adapter, default_adapter_name, lora_slots,
+                                    read_peft_lora, slot_of_input, slots_for_module)
 from slmops.deploy.runtime import MANIFEST, default_threads
 from slmops.errors import ConfigError, ModelError, OutputError, suggest
+from slmops.outputs import DEPLOY_PACKAGES, versions
 
 log = logging.getLogger("slmops")
 
@@ -127,12 +128,11 @@ def plan_export(model_name_or_path: str, adapter_paths: list[str] | None, output
     structure = _linear_shapes(source.path, trust_remote_code)
     for index, adapter in enumerate(given_adapters):
         path = Path(adapter)
-        name = names[index] if names else _adapter_name(path)
+        name = names[index] if names else default_adapter_name(path)
         if name in {n for n, _ in adapters}:
             raise ConfigError(f"two adapters are named {name!r}; name them with --adapter_names a,b")
         lora = read_peft_lora(path)
         _check_adapter_base(lora, structure, str(path))
-        lora_slots_probe(lora, structure)
         adapters.append((name, path))
         targets.update(lora.targets)
     available = sorted({key.rsplit(".", 1)[-1] for key in structure} & set(SUPPORTED_TARGETS))
@@ -151,17 +151,6 @@ def _check_writable(output: Path) -> None:
         raise OutputError(f"cannot write under {str(parent)!r} (permission denied); choose another --output_path")
 
 
-_GENERIC_FOLDERS = {"adapter", "adapters", "ft", "finetune", "output", "outputs", "lora", "peft"}
-
-
-def _adapter_name(path: Path) -> str:
-    """A readable default name: models/tone/ft/adapter -> 'tone' (generic folder names skipped)."""
-    for part in reversed(path.resolve().parts):
-        if part.lower() not in _GENERIC_FOLDERS and part != "/":
-            return part
-    return path.name
-
-
 def _linear_shapes(model_path: Path, trust_remote_code: bool) -> dict[str, tuple[int, int]]:
     """{module name: (in, out)} of the model's linear layers, built on the meta device."""
     import torch
@@ -176,6 +165,7 @@ def _linear_shapes(model_path: Path, trust_remote_code: bool) -> dict[str, tuple
 
 
 def _check_adapter_base(lora, structure: dict[str, tuple[int, int]], source: str) -> None:
+    """Every adapted layer exists in this model with the adapter's shapes, and has a slot."""
     for module, (a, b, _) in lora.modules.items():
         if module not in structure:
             raise ModelError(f"adapter {source!r} has weights for {module!r}, a layer this model does not have: it was trained on another base")
@@ -183,14 +173,7 @@ def _check_adapter_base(lora, structure: dict[str, tuple[int, int]], source: str
         if a.shape[1] != fan_in or b.shape[0] != fan_out:
             raise ModelError(f"adapter {source!r} does not fit this model: {module} is [{fan_in} -> {fan_out}] here and "
                              f"[{a.shape[1]} -> {b.shape[0]}] in the adapter (trained on another base)")
-
-
-def lora_slots_probe(lora, structure) -> None:
-    """Fail early when an adapter targets layers no slot can express (e.g. lm_head)."""
-    from slmops.deploy.adapters import _slots_for_module
-
-    for module in lora.modules:
-        _slots_for_module(module)
+        slots_for_module(module)  # e.g. lm_head: no slot can carry it
 
 
 # ---- the export itself ---------------------------------------------------------------
@@ -223,7 +206,7 @@ def export_bundle(plan: ExportPlan, quiet: bool = False, run_parity: bool = True
             "lora_slots": slot_shapes,
             "adapters": adapters,
             "export_seconds": round(time.perf_counter() - started, 1),
-            "versions": _versions(),
+            "versions": versions(DEPLOY_PACKAGES),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if run_parity and plan.execution_provider == "cpu":
@@ -378,20 +361,12 @@ def graph_lora_slots(model_file: Path) -> dict[str, list[int]]:
 def _set_threads(genai_config: Path, threads: int) -> None:
     # ONNX Runtime GenAI's default thread count leaves decode speed on the table (about 2x here).
     config = json.loads(genai_config.read_text())
-    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["intra_op_num_threads"] = threads
+    # ONNX Runtime warns once per LoRA input at load ("initializer appears in graph inputs"):
+    # that is the design here, not a problem; errors are still reported.
+    options["log_severity_level"] = 3
     genai_config.write_text(json.dumps(config, indent=4))
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("slmops", "onnxruntime", "onnxruntime-genai", "onnx", "transformers", "peft", "torch"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # ---- generate-adapter on an existing bundle / convert-adapters ---------------------------
@@ -406,7 +381,7 @@ def add_adapters_to_bundle(base_bundle: Path, adapter_paths: list[str], output: 
     if not slot_shapes:
         raise ModelError(f"bundle {str(base_bundle)!r} has no LoRA slots (exported without adapters); export the base with "
                          "--adapter_path (or --lora_slots all) so adapters can plug in")
-    names = list(adapter_names or [_adapter_name(Path(p)) for p in adapter_paths])
+    names = list(adapter_names or [default_adapter_name(Path(p)) for p in adapter_paths])
     if len(names) != len(adapter_paths):
         raise ConfigError(f"--adapter_names has {len(names)} names for {len(adapter_paths)} adapters")
     existing = {a["name"] for a in manifest.get("adapters", [])}
