@@ -40,6 +40,14 @@ def test_unknown_flag_suggests(capsys, tiny_llama, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_misspelt_required_flag_is_named_as_misspelt(capsys, tmp_path):
+    code, text = run_cli(capsys, "auto-opt", "--model_name_or_pth", "m", "-o", str(tmp_path / "o"))
+    assert code == 2
+    assert "unknown flag --model_name_or_pth. Did you mean '--model_name_or_path'?" in text
+    code, text = run_cli(capsys, "auto-opt", "-o", str(tmp_path / "o"))
+    assert code == 2 and "required: --model_name_or_path" in text
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -4,6 +4,7 @@ names, help and defaults), unknown-flag suggestions, logging levels, error exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import typing
@@ -26,7 +27,12 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed, unknown = self.parse_known_args(args, namespace)
+        # Unknown flags first: a misspelt required flag (--model_name_or_pth) should be named
+        # as misspelt, not reported as the required flag missing.
+        with self._nothing_required():
+            parsed, unknown = self.parse_known_args(args, namespace)
+        if not unknown:
+            parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             parser = self._deepest_subparser(parsed)
             flags = [s for action in parser._actions for s in action.option_strings]
@@ -43,6 +49,23 @@ class Parser(argparse.ArgumentParser):
                     previous_was_flag = False
             parser.error("; ".join(problems))
         return parsed
+
+    @contextlib.contextmanager
+    def _nothing_required(self):
+        parsers, changed = [self], []
+        while parsers:
+            parser = parsers.pop()
+            for action in parser._actions:
+                if action.required:
+                    changed.append(action)
+                    action.required = False
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers.extend(action.choices.values())
+        try:
+            yield
+        finally:
+            for action in changed:
+                action.required = True
 
     def _deepest_subparser(self, parsed) -> argparse.ArgumentParser:
         """The parser of the (sub)command the user chose, for flag suggestions."""
