@@ -274,3 +274,25 @@ def test_evaluate_on_bundle_matches_pytorch(onnx_models, llama_adapters, llama_b
     assert onnx_metrics["perplexity"] == pytest.approx(torch_metrics["perplexity"], rel=1e-4)
     assert onnx_metrics["accuracy"] == torch_metrics["accuracy"]
     assert onnx_metrics["unparseable"] == torch_metrics["unparseable"]
+
+
+def test_quantized_export_reports_task_metric_change(onnx_models, tmp_path):
+    """An slmops finetune output exported to int8: the parity check also scores the
+    adapter's own task (its eval rows, in its format) on PyTorch and on the bundle."""
+    from helpers import tiny_config
+
+    from slmops.config.schema import EvaluateConfig
+    from slmops.evaluate.run import evaluate
+    from slmops.finetune_recipe import finetune
+
+    cfg = tiny_config(onnx_models["llama"], tmp_path / "ft", eval_split="train[64:80]", max_steps=4)
+    finetune(cfg, quiet=True)
+    plan = plan_export(str(tmp_path / "ft"), None, str(tmp_path / "int8"), precision="int8", adapter_names=["tone"])
+    manifest = export_bundle(plan, quiet=True)
+    task = manifest["parity"]["tone"]["task_metric"]
+    assert task["metric"] == "accuracy" and task["rows"] == 16  # five tone labels: a label task
+    direct = evaluate(EvaluateConfig.model_validate({
+        "model": {"model_name_or_path": str(tmp_path / "ft")}, "metrics": ["accuracy"], "max_new_tokens": 32,
+        "data": {**cfg.data.model_dump(), "eval_split": "train[64:80]"}}), quiet=True)
+    assert task["pytorch"] == pytest.approx(direct["models"][0]["metrics"]["accuracy"], abs=1e-4)
+    assert task["change"] == pytest.approx(task["onnx"] - task["pytorch"], abs=1e-4)

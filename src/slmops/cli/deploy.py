@@ -123,6 +123,10 @@ def _print_summary(output: Path, manifest: dict, quiet: bool) -> None:
     for name, result in (manifest.get("parity") or {}).items():
         print(f"  parity {name}: {result['exact']}/{result['prompts']} prompts identical to PyTorch, "
               f"{100 * result['token_agreement']:.1f}% tokens agree, max |logit diff| {result['max_logit_diff']:.3g}")
+        task = result.get("task_metric")
+        if task:
+            print(f"    {task['metric']} on {task['rows']} eval rows: PyTorch {task['pytorch']:.4f}, bundle {task['onnx']:.4f} "
+                  f"(change {task['change']:+.4f})")
 
 
 def _parity_status(manifest: dict) -> int:

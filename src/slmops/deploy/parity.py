@@ -44,6 +44,40 @@ def prompts_for_adapter(adapter_path: Path | None, tokenizer, limit: int = 3) ->
     return prompts
 
 
+def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows: int = 50) -> dict | None:
+    """For a quantized bundle: the adapter's own task metric on its eval rows, PyTorch +
+    adapter against the bundle + adapter (accuracy for label tasks, ROUGE-L otherwise).
+    None when the adapter has no run.yaml beside it (trained elsewhere)."""
+    run_yaml = adapter_path.parent / "run.yaml"
+    if not run_yaml.is_file():
+        return None
+    from slmops.config import from_dict, load_yaml
+    from slmops.config.schema import EvaluateConfig
+    from slmops.errors import SlmopsError
+    from slmops.evaluate.run import evaluate
+
+    try:
+        run = from_dict(load_yaml(run_yaml)["config"], source=str(run_yaml))
+        data = run.data.model_dump()
+        data.update(eval_split=run.data.eval_split or run.data.train_split, max_samples=rows)
+        probe = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(bundle_dir)}, "adapter_path": adapter_name,
+                                               "compare_to": [str(adapter_path.parent)], "data": data,
+                                               "metrics": ["accuracy", "f1", "rouge"], "max_new_tokens": 32})
+        try:
+            report = evaluate(probe, quiet=True)
+        except SlmopsError:  # multi-line answers: no labels, compare the text
+            report = evaluate(probe.model_copy(update={"metrics": ["rouge"]}), quiet=True)
+        classes = report["models"][0]["metrics"].get("per_class") or {}
+        # a label task has few distinct answers; free text (Q&A) is compared with ROUGE-L
+        metric = "accuracy" if classes and len(classes) <= max(2, report["data"]["rows"] // 2) else "rougeL"
+    except (SlmopsError, OSError) as exc:  # the data moved or changed since training
+        log.info("parity: no metric comparison for %s (%s)", adapter_name, exc)
+        return None
+    onnx_value, torch_value = (m["metrics"][metric] for m in report["models"])
+    return {"metric": metric, "rows": report["data"]["rows"], "pytorch": round(torch_value, 4), "onnx": round(onnx_value, 4),
+            "change": round(onnx_value - torch_value, 4)}
+
+
 def _torch_model(model_path: Path, adapter: Path | None):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -95,6 +129,10 @@ def check_parity(bundle_dir: Path, plan, quiet: bool = False, max_new_tokens: in
         label = name or "(no adapter)"
         results[label] = {"prompts": len(prompts), "exact": exact, "token_agreement": round(agreed / total, 4) if total else 1.0,
                           "max_logit_diff": round(max_diff, 5)}
+        if adapter_path is not None and plan.precision != "fp32":  # quantized: what does it cost on the task?
+            change = metric_change(bundle_dir, name, adapter_path)
+            if change is not None:
+                results[label]["task_metric"] = change
         if not quiet:
             log.debug("parity %-16s %d/%d prompts identical, %.1f%% tokens agree, max |logit diff| %.2g",
                      label, exact, len(prompts), 100 * agreed / max(total, 1), max_diff)
