@@ -233,10 +233,10 @@ def test_generate_and_chat_cli_stream_and_switch(llama_bundle, tmp_path):
     assert f"[onnx · a] {prompt}\n{expected['a']}\n" in result.stdout
     assert f"[onnx · b] {prompt}\n{expected['b']}\n" in result.stdout
     chat = subprocess.run([*cli, "chat", "-m", str(llama_bundle), "--adapter", "a", "--max_new_tokens", "6"],
-                          input="hello\n/adapter b\nhello\n/adapter nope\n", capture_output=True, text=True)
-    assert chat.returncode == 1
-    assert "(adapter: b)" in chat.stdout
+                          input="hello\n/adapter nope\n/adapter b\nhello\n", capture_output=True, text=True)
+    assert chat.returncode == 0, chat.stderr  # a mistyped adapter is reported, the chat goes on
     assert "adapter 'nope' is not in this bundle (a, b)" in chat.stderr
+    assert "(adapter: b)" in chat.stdout
     history = [{"role": "user", "content": "hello"}]
     first = bundle.generate_text(bundle.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True), "a", 6,
                                  add_special_tokens=False)

@@ -80,6 +80,12 @@ class TorchBackend:
             on_text(text[len(streamer.shown):])
         return text
 
+    def use_adapter(self, adapter: str) -> None:
+        """Check that an adapter named in a chat is loaded (PyTorch adapters load at start)."""
+        if adapter not in ("base", "none") and adapter not in self.names:
+            raise ModelError(f"adapter {adapter!r} was not loaded; loaded: {', '.join(self.short_names) or 'none'} "
+                             "(pass PEFT folders with --adapter when starting)")
+
     def _adapter(self, adapter: str | None):
         import contextlib
 
@@ -111,6 +117,9 @@ class BundleBackend:
     @property
     def adapter_names(self) -> list[str]:
         return self.bundle.adapter_names
+
+    def use_adapter(self, adapter: str) -> None:
+        self.bundle.use_adapter(adapter)  # loads and checks it now, not at the next answer
 
     def generate(self, prompt: str, adapter: str | None, max_new_tokens: int, add_special_tokens: bool = True,
                  on_text: Callable[[str], None] | None = None) -> str:

@@ -123,6 +123,8 @@ def setup_logging(level: int) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity(LOG_LEVELS[level] if level == 0 else logging.ERROR)
+    if level > 1:  # "Loading weights" bars are noise above info level
+        hf_logging.disable_progress_bar()
     if level > 0:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")

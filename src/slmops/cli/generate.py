@@ -7,7 +7,7 @@ import sys
 import time
 
 from slmops.cli.common import setup_logging
-from slmops.errors import ConfigError
+from slmops.errors import ConfigError, SlmopsError
 
 GENERATE_EXAMPLE = """examples:
   slmops generate -m models/multi --adapter tone,qa --prompt "Phrase: I lost my keys again\\nTone:"
@@ -114,8 +114,11 @@ def run_chat(args) -> int:
             continue
         if line.startswith("/adapter"):
             name = line.removeprefix("/adapter").strip() or "base"
-            if backend.kind == "onnx":
-                backend.bundle.use_adapter(name)  # loads and checks it now, not at the next answer
+            try:
+                backend.use_adapter(name)
+            except SlmopsError as exc:  # a typo must not end the conversation
+                print(f"slmops: error: {exc}", file=sys.stderr)
+                continue
             adapter = name
             print(f"(adapter: {adapter})")
             continue
