@@ -51,6 +51,30 @@ def test_bf16_fast_path_matches_fp32_loss(tiny_llama, tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
 
 
+def test_short_batch_attention_kernel_trains_like_flash_attention(tiny_llama, tmp_path, monkeypatch):
+    """Short CPU batches use SDPA's math kernel (faster there); the run must follow the same
+    loss curve as with the flash kernel, and a long batch must keep flash attention."""
+    from slmops.train import trainer
+
+    curves = {}
+    for limit in (trainer.SHORT_ATTENTION_MAX_LEN, 0):
+        monkeypatch.setattr(trainer, "SHORT_ATTENTION_MAX_LEN", limit)
+        out = tmp_path / f"limit{limit}"
+        finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0, bf16=True), quiet=True)
+        curves[limit] = [m["loss"] for m in read_metrics(out / "logs" / "metrics.jsonl") if m["split"] == "train"]
+    assert curves[0] == pytest.approx(curves[trainer.SHORT_ATTENTION_MAX_LEN], rel=3e-2)
+
+    monkeypatch.setattr(trainer, "SHORT_ATTENTION_MAX_LEN", 192)
+    chosen = []
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "probe"), quiet=True)
+    probe = trainer.Trainer.__new__(trainer.Trainer)
+    probe.precision = plan.precision
+    for length in (48, 500):
+        with probe._attention_kernel({"input_ids": torch.zeros(2, length, dtype=torch.long)}):
+            chosen.append(torch.backends.cuda.flash_sdp_enabled())
+    assert chosen == [False, True]  # math only for the short batch
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
     common = dict(max_steps=3, lora_dropout=0.0, group_by_length=False, learning_rate=1e-3)
     finetune(tiny_config(tiny_llama, tmp_path / "big", per_device_train_batch_size=8, **common), quiet=True)

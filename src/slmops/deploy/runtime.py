@@ -71,6 +71,7 @@ class OnnxBundle:
         eos = genai.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._session = None
+        self._ort_adapters: dict[Path, object] = {}
 
     # ---- adapters ---------------------------------------------------------------------
     @property
@@ -192,9 +193,11 @@ class OnnxBundle:
         run_options = ort.RunOptions()
         if adapter not in (None, "", "none", "base"):
             _, file = self.adapter_file(adapter)
-            check_adapter_file(file, self.slot_shapes)
-            lora = ort.LoraAdapter()
-            lora.Load(str(file))
-            run_options.add_active_adapter(lora)
+            if file not in self._ort_adapters:  # checked and memory-mapped once
+                check_adapter_file(file, self.slot_shapes)
+                lora = ort.LoraAdapter()
+                lora.Load(str(file))
+                self._ort_adapters[file] = lora
+            run_options.add_active_adapter(self._ort_adapters[file])
         (logits,) = session.run(["logits"], feeds, run_options)
         return logits[0].astype(np.float32)
