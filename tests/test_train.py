@@ -56,15 +56,21 @@ def test_short_batch_attention_kernel_trains_like_flash_attention(tiny_llama, tm
     loss curve as with the flash kernel, and a long batch must keep flash attention."""
     from slmops.train import trainer
 
+    assert trainer.SHORT_ATTENTION_MAX_LEN == 192
     curves = {}
-    for limit in (trainer.SHORT_ATTENTION_MAX_LEN, 0):
+    for limit in (192, 0):
         monkeypatch.setattr(trainer, "SHORT_ATTENTION_MAX_LEN", limit)
         out = tmp_path / f"limit{limit}"
         finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0, bf16=True), quiet=True)
         curves[limit] = [m["loss"] for m in read_metrics(out / "logs" / "metrics.jsonl") if m["split"] == "train"]
-    assert curves[0] == pytest.approx(curves[trainer.SHORT_ATTENTION_MAX_LEN], rel=3e-2)
-
+    assert curves[0] == pytest.approx(curves[192], rel=3e-2)
+    # gradient checkpointing recomputes attention in the backward pass: same kernel, same curve
     monkeypatch.setattr(trainer, "SHORT_ATTENTION_MAX_LEN", 192)
+    out = tmp_path / "checkpointed"
+    finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0, bf16=True, gradient_checkpointing=True), quiet=True)
+    checkpointed = [m["loss"] for m in read_metrics(out / "logs" / "metrics.jsonl") if m["split"] == "train"]
+    assert checkpointed == pytest.approx(curves[192], rel=3e-2)
+
     chosen = []
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "probe"), quiet=True)
     probe = trainer.Trainer.__new__(trainer.Trainer)

@@ -235,10 +235,13 @@ class Trainer:
                 step_loss = 0.0
                 for batch in collated:
                     batch = self._to_device(batch)
-                    with self._autocast(), self._attention_kernel(batch):
-                        loss_sum, _ = self.loss_fn(self.model, batch)
-                    loss = loss_sum / step_tokens
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    # backward inside the kernel choice too: gradient checkpointing recomputes
+                    # attention there and must pick the same kernel as the forward did
+                    with self._attention_kernel(batch):
+                        with self._autocast():
+                            loss_sum, _ = self.loss_fn(self.model, batch)
+                        loss = loss_sum / step_tokens
+                        (self.scaler.scale(loss) if self.scaler else loss).backward()
                     step_loss += float(loss_sum.detach())
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
