@@ -78,16 +78,24 @@ def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows:
             "change": round(onnx_value - torch_value, 4)}
 
 
-def _torch_model(model_path: Path, adapter: Path | None):
+def _torch_models(model_path: Path, adapters: list[tuple[str, Path]]):
+    """Yield (name, model) for the base and then each adapter: the base is loaded once and
+    each adapter attached to it in turn (PEFT's named adapters), as the bundle switches them."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from slmops.evaluate.predict import attach_adapter
-
     hf_logging.disable_progress_bar()
-
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    return attach_adapter(model, str(adapter)) if adapter is not None else model
+    yield None, model
+    peft_model = None
+    for name, path in adapters:  # bases were checked by plan_export
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
+        else:
+            peft_model.load_adapter(path, adapter_name=name)
+        peft_model.set_adapter(name)
+        yield name, peft_model
 
 
 @torch.no_grad()
@@ -112,8 +120,9 @@ def check_parity(bundle_dir: Path, plan, quiet: bool = False, max_new_tokens: in
     bundle = OnnxBundle(bundle_dir)
     tokens_wanted = max_new_tokens or plan.parity_tokens
     results = {}
-    for name, adapter_path in [(None, None), *plan.adapters]:
-        model = _torch_model(plan.model_path, adapter_path)
+    paths = dict(plan.adapters)
+    for name, model in _torch_models(plan.model_path, plan.adapters):
+        adapter_path = paths.get(name)
         prompts = [(p, True) for p in plan.parity_prompts] or prompts_for_adapter(adapter_path, bundle.tokenizer)
         exact, agreed, total, max_diff = 0, 0, 0, 0.0
         for prompt, special in prompts:
@@ -136,5 +145,4 @@ def check_parity(bundle_dir: Path, plan, quiet: bool = False, max_new_tokens: in
         if not quiet:
             log.debug("parity %-16s %d/%d prompts identical, %.1f%% tokens agree, max |logit diff| %.2g",
                      label, exact, len(prompts), 100 * agreed / max(total, 1), max_diff)
-        del model
     return results
