@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from slmops.cli.common import setup_logging
@@ -133,8 +134,6 @@ def _parity_status(manifest: dict) -> int:
     """fp32 must agree exactly with PyTorch; quantized bundles report their agreement."""
     parity = manifest.get("parity") or {}
     if manifest["precision"] == "fp32" and any(r["exact"] < r["prompts"] for r in parity.values()):
-        import sys
-
         print("slmops: error: the fp32 bundle's greedy output differs from PyTorch's on some prompts (see above); "
               "the bundle is kept for inspection", file=sys.stderr)
         return 1

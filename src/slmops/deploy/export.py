@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmops.deploy.adapters import (SUPPORTED_TARGETS, convert_adapter, default_adapter_name, lora_slots,
-                                    read_peft_lora, slot_of_input, slots_for_module)
+from slmops.deploy.adapters import (SUPPORTED_TARGETS, convert_adapter, default_adapter_name, fill_for_bundle,
+                                    lora_slots, read_peft_lora, slot_of_input, slots_for_module, write_onnx_adapter)
 from slmops.deploy.runtime import MANIFEST, default_threads
 from slmops.errors import ConfigError, ModelError, OutputError, suggest
 from slmops.outputs import DEPLOY_PACKAGES, versions
@@ -67,6 +67,7 @@ class ExportPlan:
     parity_prompts: list[str] = field(default_factory=list)
     parity_tokens: int = 16
     trust_remote_code: bool = False
+    linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # {module: (in, out)}, read once
 
 
 def plan_export(model_name_or_path: str, adapter_paths: list[str] | None, output_path: str, precision: str = "fp32",
@@ -125,7 +126,7 @@ def plan_export(model_name_or_path: str, adapter_paths: list[str] | None, output
         raise ConfigError(f"--adapter_names has {len(names)} names for {len(given_adapters)} adapters")
     adapters: list[tuple[str, Path]] = []
     targets: set[str] = set()
-    structure = _linear_shapes(source.path, trust_remote_code)
+    structure = _linear_shapes(config, trust_remote_code)
     for index, adapter in enumerate(given_adapters):
         path = Path(adapter)
         name = names[index] if names else default_adapter_name(path)
@@ -140,7 +141,7 @@ def plan_export(model_name_or_path: str, adapter_paths: list[str] | None, output
         targets = set(available)
     return ExportPlan(source.path, model_name_or_path, architecture, adapters, sorted(targets), precision, ep, output,
                       block_size, accuracy_level, quant_algo, threads or default_threads(), list(parity_prompts or []), 16,
-                      trust_remote_code)
+                      trust_remote_code, structure)
 
 
 def _check_writable(output: Path) -> None:
@@ -151,14 +152,11 @@ def _check_writable(output: Path) -> None:
         raise OutputError(f"cannot write under {str(parent)!r} (permission denied); choose another --output_path")
 
 
-def _linear_shapes(model_path: Path, trust_remote_code: bool) -> dict[str, tuple[int, int]]:
+def _linear_shapes(config, trust_remote_code: bool) -> dict[str, tuple[int, int]]:
     """{module name: (in, out)} of the model's linear layers, built on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slmops.models.load import load_config
-
-    config = load_config(model_path, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -245,9 +243,8 @@ def _write_template_adapter(plan: ExportPlan, folder: Path) -> Path:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    shapes = _linear_shapes(plan.model_path, plan.trust_remote_code)
     tensors = {}
-    for module, (fan_in, fan_out) in shapes.items():
+    for module, (fan_in, fan_out) in plan.linear_shapes.items():
         if module.rsplit(".", 1)[-1] in plan.lora_targets:
             tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(1, fan_in)
             tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(fan_out, 1)
@@ -257,15 +254,14 @@ def _write_template_adapter(plan: ExportPlan, folder: Path) -> Path:
     return folder
 
 
-def _lora_node_names(plan: ExportPlan, num_layers: int) -> list[str]:
-    from slmops.deploy.adapters import FUSED_PROJECTIONS
-
-    projections = [p for t in plan.lora_targets for p in FUSED_PROJECTIONS.get(t, (t,))]
+def _lora_node_names(plan: ExportPlan) -> list[str]:
+    """The builder's node names of every slot's LoRA MatMuls (kept out of int4/int8)."""
     names = []
-    for layer in range(num_layers):
-        for proj in projections:
-            block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "attn"
-            names += [f"/model/layers.{layer}/{block}/{proj}/lora_A/MatMul", f"/model/layers.{layer}/{block}/{proj}/lora_B/MatMul"]
+    for module in plan.linear_shapes:
+        if module.rsplit(".", 1)[-1] in plan.lora_targets:
+            prefix, projections = slots_for_module(module)  # "model.layers.3.attn", ["q_proj"]
+            _, _, layer, block = prefix.split(".")
+            names += [f"/model/layers.{layer}/{block}/{proj}/{ab}/MatMul" for proj in projections for ab in ("lora_A", "lora_B")]
     return names
 
 
@@ -274,16 +270,13 @@ def _run_builder(plan: ExportPlan, staging: Path, template: Path | None) -> None
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
     except ImportError as exc:
         raise ModelError(f"the ONNX export needs onnxruntime-genai and onnx-ir ({exc}); install slmops with its dependencies") from None
-    from slmops.models.load import load_config
-
     options = []
     if template is not None:
         options.append(f"adapter_path={template}")
     if plan.precision in ("int4", "int8"):
-        config = load_config(plan.model_path, plan.trust_remote_code)
         options += [f"block_size={plan.block_size}", f"accuracy_level={plan.accuracy_level}", f"algo_config={plan.quant_algo}"]
         if template is not None:  # LoRA weights become inputs: their MatMuls must stay float
-            options.append("nodes_to_exclude=" + ",".join(_lora_node_names(plan, config.num_hidden_layers)))
+            options.append("nodes_to_exclude=" + ",".join(_lora_node_names(plan)))
     if plan.trust_remote_code:
         options.append("hf_remote=true")
     cache = staging / "cache"
@@ -390,15 +383,11 @@ def add_adapters_to_bundle(base_bundle: Path, adapter_paths: list[str], output: 
         if name in existing or name in [c[0] for c in converted]:
             raise ConfigError(f"an adapter named {name!r} is already in the bundle; pick another with --adapter_names")
         lora = read_peft_lora(path)
-        from slmops.deploy.adapters import fill_for_bundle
-
         converted.append((name, path, fill_for_bundle(lora_slots(lora, slot_shapes), slot_shapes, str(path)), lora))
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _link_tree(base_bundle, staging)
-        from slmops.deploy.adapters import write_onnx_adapter
-
         for name, path, slots, lora in converted:
             write_onnx_adapter(slots, staging / "adapters" / f"{name}.onnx_adapter")
             manifest.setdefault("adapters", []).append({"name": name, "file": f"adapters/{name}.onnx_adapter", "source": str(path),

@@ -24,17 +24,14 @@ def is_bundle(path: str | Path) -> bool:
 
 def read_manifest(path: Path) -> dict:
     """The slmops manifest; bundles made elsewhere (e.g. by Olive) get one derived from the graph."""
-    manifest_file = Path(path) / MANIFEST
+    path = Path(path)
+    manifest_file = path / MANIFEST
     if manifest_file.is_file():
         return json.loads(manifest_file.read_text())
     from slmops.deploy.export import graph_lora_slots
 
-    return {"format": 1, "lora_slots": graph_lora_slots(Path(path) / _decoder_file(Path(path))), "adapters": []}
-
-
-def _decoder_file(path: Path) -> str:
-    config = json.loads((path / "genai_config.json").read_text())
-    return config["model"]["decoder"]["filename"]
+    decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    return {"format": 1, "lora_slots": graph_lora_slots(path / decoder), "adapters": []}
 
 
 def default_threads() -> int:
@@ -59,7 +56,8 @@ class OnnxBundle:
                                                                               "log_severity_level": 3}}}}))
         self.model = og.Model(config)
         self.adapters = og.Adapters(self.model)
-        self.loaded: dict[str, Path] = {}
+        self.loaded: dict[str, Path] = {}  # adapters loaded into ORT GenAI, by name
+        self._checked: set[Path] = set()  # adapter files checked against the slots
         from transformers import AutoTokenizer
 
         # The bundle's own tokenizer files, read by transformers: the same ids PyTorch sees.
@@ -68,6 +66,7 @@ class OnnxBundle:
         self.context_length = int(genai.get("context_length", 2048))
         self.kv_heads = int(genai["decoder"]["num_key_value_heads"])
         self.head_size = int(genai["decoder"]["head_size"])
+        self.decoder_file = self.path / genai["decoder"]["filename"]
         eos = genai.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._session = None
@@ -90,13 +89,20 @@ class OnnxBundle:
         raise ModelError(f"adapter {name_or_file!r} is not in this bundle ({', '.join(names) or 'it has none'}) and is no "
                          f".onnx_adapter file.{suggest(name_or_file, names)}")
 
+    def checked_adapter_file(self, name_or_file: str) -> tuple[str, Path]:
+        """adapter_file, with the file checked against the bundle's slots once."""
+        name, file = self.adapter_file(name_or_file)
+        if file not in self._checked:
+            check_adapter_file(file, self.slot_shapes)
+            self._checked.add(file)
+        return name, file
+
     def use_adapter(self, name_or_file: str | None) -> str | None:
         """Load an adapter once (checked against the bundle's slots); return its name."""
         if name_or_file in (None, "", "none", "base"):
             return None
-        name, file = self.adapter_file(name_or_file)
+        name, file = self.checked_adapter_file(name_or_file)
         if name not in self.loaded:
-            check_adapter_file(file, self.slot_shapes)
             self.adapters.load(str(file), name)
             self.loaded[name] = file
         return name
@@ -170,7 +176,7 @@ class OnnxBundle:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.log_severity_level = 3
-            self._session = ort.InferenceSession(str(self.path / _decoder_file(self.path)), options, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(self.decoder_file), options, providers=["CPUExecutionProvider"])
         return self._session
 
     def logits(self, input_ids: list[int], adapter: str | None = None) -> np.ndarray:
@@ -192,9 +198,8 @@ class OnnxBundle:
                 feeds[spec.name] = np.zeros((1, self.kv_heads, 0, self.head_size), dtype=dtype)
         run_options = ort.RunOptions()
         if adapter not in (None, "", "none", "base"):
-            _, file = self.adapter_file(adapter)
-            if file not in self._ort_adapters:  # checked and memory-mapped once
-                check_adapter_file(file, self.slot_shapes)
+            _, file = self.checked_adapter_file(adapter)
+            if file not in self._ort_adapters:  # memory-mapped once
                 lora = ort.LoraAdapter()
                 lora.Load(str(file))
                 self._ort_adapters[file] = lora
