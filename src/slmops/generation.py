@@ -17,24 +17,22 @@ class TorchBackend:
 
     def __init__(self, model_name_or_path: str, adapters: list[str], trust_remote_code: bool = False, quiet: bool = False):
         from slmops.deploy.adapters import default_adapter_name
-        from slmops.evaluate.predict import attach_adapter
-        from slmops.models import load_model, load_tokenizer, resolve_model
-        from slmops.models.precision import pick_device
+        from slmops.evaluate.predict import TorchPredictor
+        from slmops.models import resolve_model
 
-        source = resolve_model(model_name_or_path, quiet=quiet)
-        self.tokenizer = load_tokenizer(source.path, trust_remote_code)
-        self.model = load_model(source.path, torch.float32, pick_device(), trust_remote_code).eval()
         paths = [a for a in adapters if a not in ("base", "none")]
-        if not paths and source.adapter_path is not None:
-            paths = [str(source.adapter_path)]  # an slmops output: its own adapter
+        if not paths and (source_adapter := resolve_model(model_name_or_path, quiet=quiet).adapter_path) is not None:
+            paths = [str(source_adapter)]  # an slmops output: its own adapter
+        # The first adapter is attached (with its base checks) as evaluate does; PEFT names it "default".
+        predictor = TorchPredictor.load(model_name_or_path, paths[0] if paths else None, trust_remote_code, quiet=quiet,
+                                        use_source_adapter=False)
+        self.model, self.tokenizer = predictor.model, predictor.tokenizer
         # what the user may type (folder or short name) -> PEFT's adapter name
         self.names: dict[str, str] = {}
         self.short_names: list[str] = []
         for index, path in enumerate(paths):
             peft_name = "default" if index == 0 else f"a{index}"
-            if index == 0:
-                self.model = attach_adapter(self.model, path)  # checks the base; PEFT names it "default"
-            else:
+            if index > 0:
                 self.model.load_adapter(path, adapter_name=peft_name)
             short = default_adapter_name(Path(path))
             self.names[path] = self.names.setdefault(short, peft_name)
