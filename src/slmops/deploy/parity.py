@@ -18,18 +18,31 @@ GENERIC_PROMPTS = [
 ]
 
 
+def _run_config(adapter_path: Path | None):
+    """The finetune config of an slmops adapter (its run.yaml sits beside it), else None."""
+    run_yaml = adapter_path.parent / "run.yaml" if adapter_path is not None else None
+    if run_yaml is None or not run_yaml.is_file():
+        return None
+    from slmops.config import from_dict, load_yaml
+    from slmops.errors import SlmopsError
+
+    try:
+        return from_dict(load_yaml(run_yaml)["config"], source=str(run_yaml))
+    except (SlmopsError, KeyError) as exc:
+        log.info("parity: %s is not a readable slmops run (%s)", run_yaml, exc)
+        return None
+
+
 def prompts_for_adapter(adapter_path: Path | None, tokenizer, limit: int = 3) -> list[tuple[str, bool]]:
     """(prompt, add_special_tokens) pairs: an slmops adapter's own eval/train rows in its
     own format when its run.yaml is beside it, generic prompts otherwise."""
-    run_yaml = adapter_path.parent / "run.yaml" if adapter_path is not None else None
-    if run_yaml is not None and run_yaml.is_file():
+    cfg = _run_config(adapter_path)
+    if cfg is not None:
         try:
-            from slmops.config import from_dict, load_yaml
             from slmops.data.format import build_formatter
             from slmops.data.load import load_split
             from slmops.data.prepare import format_rows
 
-            cfg = from_dict(load_yaml(run_yaml)["config"], source=str(run_yaml))
             split = load_split(cfg.data.data_name, cfg.data.eval_split or cfg.data.train_split, cfg.data.data_files,
                                cfg.data.eval_subset or cfg.data.train_subset)
             dataset = split.dataset.select(range(min(limit, len(split.dataset))))
@@ -48,16 +61,14 @@ def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows:
     """For a quantized bundle: the adapter's own task metric on its eval rows, PyTorch +
     adapter against the bundle + adapter (accuracy for label tasks, ROUGE-L otherwise).
     None when the adapter has no run.yaml beside it (trained elsewhere)."""
-    run_yaml = adapter_path.parent / "run.yaml"
-    if not run_yaml.is_file():
+    run = _run_config(adapter_path)
+    if run is None:
         return None
-    from slmops.config import from_dict, load_yaml
     from slmops.config.schema import EvaluateConfig
     from slmops.errors import SlmopsError
     from slmops.evaluate.run import evaluate
 
     try:
-        run = from_dict(load_yaml(run_yaml)["config"], source=str(run_yaml))
         data = run.data.model_dump()
         data.update(eval_split=run.data.eval_split or run.data.train_split, max_samples=rows)
         probe = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(bundle_dir)}, "adapter_path": adapter_name,
