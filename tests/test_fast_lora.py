@@ -1,16 +1,25 @@
+"""The CPU fast LoRA path computes PEFT's function: same loss and gradients without
+dropout, the same dropout distribution and gradients with it, through gradient
+checkpointing, and it steps aside when it disagrees with PEFT."""
+
+import logging
+import math
+
 import pytest
 import torch
 
 from slmops.data.batching import collate
 from slmops.finetune_recipe import build_model, plan_finetune
-from slmops.train.fast_lora import FastLoraPath
+from slmops.train import fast_attention
+from slmops.train import fast_lora
+from slmops.train.fast_lora import FastLoraPath, LinearGroupFunction, _Spec, drop_positions
 from slmops.train.loss import selective_loss
 
 from helpers import tiny_config
 
 
-def _loss_and_grads(model, batch):
-    torch.manual_seed(0)  # the same masks for the model's own dropout (GPT-2 has some)
+def _loss_and_grads(model, batch, seed=0):
+    torch.manual_seed(seed)  # the same dropout draws for both runs
     model.zero_grad()
     loss, n = selective_loss(model, batch)
     (loss / n).backward()
@@ -26,43 +35,150 @@ def _trained_a_little(plan):
     return model
 
 
-def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path):
-    for arch in ("llama", "gpt2"):
-        plan = plan_finetune(tiny_config(tiny_models[arch], tmp_path / arch, lora_dropout=0.0), quiet=True)
-        model = _trained_a_little(plan).train()
-        batch = collate(plan.data.train, list(range(6)), plan.tokenizer.pad_token_id)
-        ref_loss, ref_grads = _loss_and_grads(model, batch)
-        path = FastLoraPath(model, seed=0)
-        assert len(path.layers) > 0
-        loss, grads = _loss_and_grads(model, batch)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        for key in ref_grads:
-            torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-6)
-        path.remove()
-        assert all(not hasattr(m, "_slmops_peft_forward") for m in model.modules())
+def _batch(plan, rows=6):
+    return collate(plan.data.train, list(range(rows)), plan.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, arch):
+    plan = plan_finetune(tiny_config(tiny_models[arch], tmp_path / arch, lora_dropout=0.0, target_modules="all-linear"), quiet=True)
+    model = _trained_a_little(plan).train()
+    batch = _batch(plan)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    path = FastLoraPath(model)
+    assert path.lora_layers > 0
+    if arch != "gpt2":  # GPT-2's fused Conv1D c_attn: the LoRA term goes through the path, the base runs as itself
+        assert any(len(g.members) == 3 and g.fuse_base for g in path.groups), "q/k/v not fused"
+        assert len(path.norms) > 0 and path.replaced_attention == "sdpa"
+    loss, grads = _loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for key in ref_grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-6)
+
+    path.remove()
+    assert all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    storages = [m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(storages) == len(set(storages)), "fused weights must be independent again (saving shared storage fails)"
+    assert _loss_and_grads(model, batch)[0] == pytest.approx(ref_loss, rel=1e-5)
 
 
 def test_bf16_fast_path_matches_plain_fp32_path(tiny_llama, tmp_path):
     """The default CPU fast path (bf16 base, bf16 adapter compute, fp32 master weights) gives
-    the plain fp32 PEFT loss within bf16 tolerance."""
-    losses = {}
+    the plain fp32 PEFT loss and gradients within bf16 tolerance."""
+    results = {}
     for bf16 in (False, True):
         plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(bf16), bf16=bf16, lora_dropout=0.0), quiet=True)
         torch.manual_seed(0)
         model = _trained_a_little(plan).train()
         if bf16:
-            FastLoraPath(model, seed=0)
-        losses[bf16], _ = _loss_and_grads(model, collate(plan.data.train, list(range(8)), plan.tokenizer.pad_token_id))
-    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+            FastLoraPath(model)
+        results[bf16] = _loss_and_grads(model, _batch(plan, 8))
+    (fast_loss, fast_grads), (ref_loss, ref_grads) = results[True], results[False]
+    assert fast_loss == pytest.approx(ref_loss, rel=2e-2)
+    for key in ref_grads:
+        cosine = torch.nn.functional.cosine_similarity(fast_grads[key].flatten(), ref_grads[key].flatten(), dim=0)
+        assert cosine > 0.98, key
 
 
-def test_dropout_masks_have_the_right_rate_and_replay(tiny_llama, tmp_path):
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m"), quiet=True)
-    path = FastLoraPath(build_model(plan), seed=3)
-    state = path.state_dict()
-    mask = path.keep_mask(torch.Size([1000, 1000]), 0.05)
-    assert mask.dtype == torch.bool
-    assert float(mask.float().mean()) == pytest.approx(0.95, abs=2e-3)
-    path.load_state_dict(state)
-    assert torch.equal(path.keep_mask(torch.Size([1000, 1000]), 0.05), mask)
-    assert not torch.equal(path.keep_mask(torch.Size([1000, 1000]), 0.05), mask)
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5])
+def test_drop_positions_are_iid_bernoulli(p):
+    n = 400_000
+    torch.manual_seed(1)
+    positions = drop_positions(n, p)
+    assert positions.dtype == torch.int64 and int(positions.max()) < n and int(positions.min()) >= 0
+    assert torch.all(positions[1:] > positions[:-1]), "sorted, no repeats"
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(len(positions) - n * p) < 5 * sigma
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[positions] = True
+    # independence of neighbours: P(both dropped) = p^2
+    pairs = float((mask[:-1] & mask[1:]).float().mean())
+    assert pairs == pytest.approx(p * p, rel=0.1)
+    torch.manual_seed(1)
+    assert torch.equal(drop_positions(n, p), positions), "same seed, same draws (checkpoints and resume replay them)"
+    assert len(drop_positions(n, 0.0)) == 0
+
+
+def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch):
+    """Three adapters over one input, dropout on: output and every gradient equal the
+    reference y_i = x W_i^T + s/(1-p) (x * m_i) A_i^T B_i^T with the same masks."""
+    torch.manual_seed(0)
+    n_in, sizes, rank, p, scale = 12, (12, 4, 4), 3, 0.3, 2.0
+    x = torch.randn(2, 5, n_in, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    weight = torch.randn(sum(sizes), n_in, dtype=torch.float64)
+    a = [torch.randn(rank, n_in, dtype=torch.float64, requires_grad=True) for _ in sizes]
+    b = [torch.randn(size, rank, dtype=torch.float64, requires_grad=True) for size in sizes]
+    drawn = []
+    original = fast_lora.drop_positions
+    monkeypatch.setattr(fast_lora, "drop_positions", lambda *args: drawn.append(original(*args)) or drawn[-1])
+    spec = _Spec(sizes, (0, 1, 2), (scale / (1 - p),) * 3, rank, p)
+    outs = LinearGroupFunction.apply(x, weight, None, spec, *a, *b)
+    grads_out = [torch.randn_like(o) for o in outs]
+    fast = torch.autograd.grad(outs, [x, *a, *b], grads_out)
+    assert torch.equal(x.detach(), before)
+
+    keep = torch.ones(len(sizes) * x.numel(), dtype=torch.float64)
+    keep[drawn[0]] = 0
+    keep = keep.view(len(sizes), *x.shape)
+    assert 0.5 < float(keep.mean()) < 0.9
+    start, ref_outs = 0, []
+    for j, size in enumerate(sizes):
+        w = weight[start : start + size]
+        start += size
+        ref_outs.append(x @ w.t() + scale / (1 - p) * ((x * keep[j]) @ a[j].t()) @ b[j].t())
+    for out, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(out, ref)
+    reference = torch.autograd.grad(ref_outs, [x, *a, *b], grads_out)
+    for got, want in zip(fast, reference):
+        torch.testing.assert_close(got, want)
+
+
+def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
+                                         gradient_checkpointing=checkpointing), quiet=True)
+        torch.manual_seed(0)
+        model = _trained_a_little(plan).train()
+        FastLoraPath(model)
+        results.append(_loss_and_grads(model, _batch(plan), seed=5))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert loss_ckpt == pytest.approx(loss, rel=1e-5)
+    for key in grads:
+        torch.testing.assert_close(grads_ckpt[key], grads[key], rtol=1e-4, atol=1e-6)
+
+
+def test_attention_function_matches_sdpa_with_padding_and_grouped_heads():
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 9, 8
+    q = torch.randn(batch, heads, length, dim, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(batch, 1, length, length, dtype=torch.bool).tril()
+    mask[0, :, :, 6:] = False  # a right-padded row
+    rep = heads // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+    ref = ref.transpose(1, 2)
+    bias = fast_attention._Bias().get(mask, length, rep, q.device)
+    out = fast_attention.AttentionFunction.apply(q, k, v, bias, dim**-0.5)
+    valid = mask[:, 0].any(-1)[:, :, None, None].expand_as(ref)  # query rows with something to attend to
+    torch.testing.assert_close(out[valid], ref[valid])
+    grad = torch.randn_like(ref) * valid
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_verify_removes_a_path_that_disagrees_with_peft(tiny_llama, tmp_path, monkeypatch, caplog):
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0), quiet=True)
+    model = _trained_a_little(plan).train()
+    path = FastLoraPath(model)
+    assert path.verify(model, selective_loss, _batch(plan)) and path.groups
+    original_run = fast_lora.LinearGroup.run
+    monkeypatch.setattr(fast_lora.LinearGroup, "run", lambda self, x: tuple(o * 1.5 for o in original_run(self, x)))
+    with caplog.at_level(logging.WARNING, logger="slmops"):
+        assert not path.verify(model, selective_loss, _batch(plan))
+    assert "disagrees with PEFT" in caplog.text
+    assert not path.groups and all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
+    assert model.training

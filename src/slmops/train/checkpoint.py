@@ -69,7 +69,7 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, save_adapter: bool, extra_rng: dict | None = None) -> Path:
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, save_adapter: bool) -> Path:
     folder = Path(folder)
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     if staging.exists():
@@ -80,7 +80,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save({**rng_states(), "extra": extra_rng}, staging / "rng.pt")
+    torch.save(rng_states(), staging / "rng.pt")
     if save_adapter:
         # A PEFT-format copy, so any checkpoint can be loaded or exported on its own.
         model.save_pretrained(staging / "adapter")
@@ -103,9 +103,9 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
-    """Restore a checkpoint in place; returns the train state and any extra RNG state
-    (e.g. the fast LoRA path's dropout generator)."""
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore a checkpoint in place (weights, optimizer, scheduler, RNG states); returns
+    the train state."""
     folder = Path(folder)
     for required in ("trainable.safetensors", "state.json", "rng.pt"):
         if not (folder / required).is_file():
@@ -117,7 +117,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[TrainSta
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     rng = torch.load(folder / "rng.pt", weights_only=False)
     set_rng_states(rng)
-    return TrainState(**json.loads((folder / "state.json").read_text())), rng.get("extra")
+    return TrainState(**json.loads((folder / "state.json").read_text()))
 
 
 def step_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -1,81 +1,377 @@
-"""A faster training path for plain LoRA layers on the CPU, around PEFT's own modules.
+"""A faster LoRA training path on the CPU, around PEFT's own modules.
 
-Profiling one bf16 LoRA step of SmolLM2-135M on a 2-core CPU showed most of the time
-outside the model's matrix products: PEFT draws each dropout mask with `bernoulli_` in
-fp32 (13-16 % of the step; q, k and v each draw their own), casts the bf16 activations to
-fp32 for the adapter and the result back, and scales a full-width tensor. This path keeps
-the same computation — y = W x + B A (dropout_p(x)) * alpha / r, with a fresh Bernoulli
-mask per layer and per step — and computes it more cheaply:
+Profiling a bf16 LoRA step of SmolLM2-135M on 2 cores with AMX (batch 8, ~48 tokens):
+each decoder layer spends ~6 ms in matrix products and ~20 ms in total. The rest is
+hundreds of small ops: PEFT's dropout masks (`bernoulli_`, a separate mask for q, k and
+v over the same input), the mask multiplies (bf16 x bool takes a slow path), dtype casts
+between the bf16 base and fp32 adapters, fp32 RMSNorm pieces, and one autograd node for
+each. This path computes the same function with far fewer ops:
 
-- masks come from NumPy's PCG64 generator as 16-bit integers compared with a threshold
-  (keep probability 1 - p to within 2^-16), about 5-9x faster than torch's `bernoulli_`;
-  the generator is seeded from the run's seed and its state goes into every checkpoint,
-  so a resumed run draws the same masks;
-- the 1 / (1 - p) dropout scale is folded into the adapter scale and applied to the
-  rank-r intermediate instead of the full-width input;
-- the adapter runs in the activations' dtype (bf16 on the fast path), its fp32 master
-  weights cast on the fly, so no full-width tensor changes dtype.
+- Linear layers that read the same input (q/k/v, gate/up) form a group: their frozen base
+  weights are stored as one concatenated matrix (the modules' own weights become views of
+  it, so no memory is added) and the group runs as one autograd function: one base matmul
+  forward and one backward, each member's LoRA term alongside.
+- LoRA dropout stays what it is — a fresh Bernoulli(p) mask per adapter, per element, per
+  step, scaled by 1 / (1 - p) — but it is drawn as the positions of the dropped elements
+  (geometric gaps between them, exact for any p), about p * n numbers instead of n, from
+  torch's generator (so gradient checkpointing replays it and a checkpoint resumes it).
+  Zeroing those positions replaces the full-size mask multiply, forward and backward.
+- The adapters compute in the activations' dtype (bf16 on the fast path) from their fp32
+  master weights; their gradients are returned in fp32.
+- RMSNorm modules on a frozen weight use one fused function (see fast_norm.py).
 
-PEFT's modules, state dicts and saved adapters are untouched; layers this path does not
-cover (DoRA, several active adapters, merged or disabled adapters, 4-bit bases) keep
-PEFT's forward."""
+PEFT's modules, state dicts and saved adapters are untouched; a member whose adapter state
+this path does not cover at call time (DoRA, several active adapters, merged or disabled
+adapters, LoRA bias) makes its group fall back to PEFT's forward. `verify` compares the
+path with PEFT's forward on a real batch before training relies on it."""
 
 from __future__ import annotations
 
+import logging
+import math
 import types
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmops.train import fast_attention, fast_norm
 
-class FastLoraPath:
-    def __init__(self, model: nn.Module, seed: int):
-        self.rng = np.random.default_rng(seed)
-        self.layers: list[nn.Module] = []
-        from peft.tuners.lora.layer import Linear as LoraLinear
+log = logging.getLogger("slmops")
 
-        for module in model.modules():
-            if type(module) is LoraLinear and not module.use_dora.get(module.active_adapters[0], False):
-                module._slmops_peft_forward = module.forward
-                module.forward = types.MethodType(_make_forward(self), module)
-                self.layers.append(module)
+# Children of one module that read the same input, in the order models call them.
+# (gate_proj + up_proj is not grouped: measured on AMX, one (n, 576) x (576, 3072) product
+# forward and backward is slower than two of half the width.)
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"),)
 
-    def keep_mask(self, shape: torch.Size, p: float) -> torch.Tensor:
-        """Bernoulli(1 - p) as a bool tensor of `shape`."""
-        threshold = int(round(p * 65536))
-        draws = self.rng.integers(0, 65536, size=tuple(shape), dtype=np.uint16)
-        return torch.from_numpy(draws >= threshold)
 
-    def state_dict(self) -> dict:
-        return {"bit_generator": self.rng.bit_generator.state}
+def drop_positions(numel: int, p: float, device: torch.device | None = None) -> torch.Tensor:
+    """Flat indices of the elements an i.i.d. Bernoulli(p) dropout zeroes, in increasing
+    order. For small p, drawn as geometric gaps between drops (about p * numel draws
+    instead of numel); the positions of successes in a Bernoulli sequence have exactly
+    these gaps, so the distribution is that of `torch.nn.Dropout`."""
+    if p <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if p > 0.25:  # few gaps to skip: plain per-element draws are cheaper
+        return (torch.rand(numel, device=device) < p).nonzero().squeeze(1)
+    log_keep = math.log1p(-p)
+    chunks, end = [], -1
+    while end < numel - 1:
+        expected = (numel - 1 - end) * p
+        count = int(expected + 8 * math.sqrt(expected) + 32)
+        # U in (0, 1]; floor(log U / log(1 - p)) ~ Geometric(p) on {0, 1, ...}: kept elements before the next drop
+        uniform = 1.0 - torch.rand(count, dtype=torch.float64, device=device)
+        gaps = uniform.log_().div_(log_keep).floor_().add_(1)
+        positions = gaps.cumsum_(0).add_(end).to(torch.int64)
+        chunks.append(positions)
+        end = int(positions[-1])
+    positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return positions[: int(torch.searchsorted(positions, numel))]
 
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
+
+@dataclass(frozen=True)
+class _Spec:
+    sizes: tuple[int, ...]  # output features per member
+    members: tuple[int, ...]  # for each adapter, the index of its member in the group
+    scales: tuple[float, ...]  # for each adapter, its LoRA scaling / (1 - p)
+    rank: int  # rank of every adapter (a group's adapters share it)
+    dropout: float  # p of every adapter this call (0 when not training)
+
+
+class LinearGroupFunction(torch.autograd.Function):
+    """y_i = x W_i^T + b_i + s_i * dropout_p(x) A_i^T B_i^T for each member i of a group,
+    with W the members' frozen weights concatenated (None: LoRA terms only, the base
+    computed outside) and A_i, B_i fp32 master weights. Only the adapters' gradients and the
+    input's are computed. The k adapters of a group are stacked: one draw of dropped
+    positions over a (k, n, in) copy of the input, one batched matmul for all A_i, one
+    block-diagonal matmul for all B_i added onto the base output in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: _Spec, *lora):
+        shape = x.shape
+        dtype = weight.dtype if weight is not None else x.dtype
+        x2 = x.reshape(-1, shape[-1]).to(dtype).contiguous()
+        n, total, k, r = x2.shape[0], sum(spec.sizes), len(spec.members), spec.rank
+        offsets = [0]
+        for size in spec.sizes:
+            offsets.append(offsets[-1] + size)
+        out = F.linear(x2, weight, bias) if weight is not None else x2.new_zeros(n, total)
+        ctx.spec, ctx.offsets, ctx.shape, ctx.x_dtype = spec, offsets, shape, x.dtype
+        if not k:
+            ctx.save_for_backward(weight)
+            outs = out.view(*shape[:-1], total)
+            return tuple(outs.split(spec.sizes, -1)) if len(spec.sizes) > 1 else outs
+        a = torch.stack(lora[:k]).to(dtype)  # (k, r, in)
+        if k == 1:
+            b_block = lora[k].to(dtype).t()
+        else:  # (k*r, total): adapter j's B^T in its rank rows and its member's columns
+            b_block = x2.new_zeros(k * r, total)
+            for j, member in enumerate(spec.members):
+                b_block[j * r : (j + 1) * r, offsets[member] : offsets[member + 1]] = lora[k + j].t()
+        scales = torch.tensor(spec.scales, dtype=dtype).repeat_interleave(r)  # (k*r,)
+        dropped = drop_positions(k * x2.numel(), spec.dropout, x2.device) if spec.dropout > 0 else None
+        if dropped is None:
+            h = F.linear(x2, a.view(k * r, -1))  # (n, k*r)
+        else:
+            h = torch.bmm(_dropped_copies(x2, k, dropped), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
+        h.mul_(scales)
+        out.addmm_(h, b_block)
+        ctx.dropped = dropped
+        ctx.save_for_backward(weight, x2, a, h, b_block, scales)
+        outs = out.view(*shape[:-1], total)
+        return tuple(outs.split(spec.sizes, -1)) if len(spec.sizes) > 1 else outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        spec, offsets = ctx.spec, ctx.offsets
+        k, r = len(spec.members), spec.rank
+        saved = ctx.saved_tensors  # unpack once: gradient checkpointing allows only one
+        weight = saved[0]
+        n = math.prod(ctx.shape[:-1])
+        dtype = weight.dtype if weight is not None else saved[4].dtype
+        like = next(g for g in grads if g is not None)
+        parts = [g if g is not None else like.new_zeros(*ctx.shape[:-1], size) for g, size in zip(grads, spec.sizes)]
+        g = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]).reshape(n, offsets[-1]).to(dtype)
+        need_x = ctx.needs_input_grad[0]
+        dx = g @ weight if need_x and weight is not None else None
+        if not k:
+            return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None, None, None, None)
+        _, x2, a, h, b_block, scales = saved
+        d_pre = (g @ b_block.t()).mul_(scales)  # (n, k*r): gradient of dropout(x) A^T, per adapter
+        db_block = h.t() @ g  # (k*r, total)
+        db = [db_block.t()] if k == 1 else [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
+        dropped = ctx.dropped
+        if dropped is None:
+            da = (d_pre.t() @ x2).view(k, r, -1)
+            d_in = d_pre @ a.view(k * r, -1) if need_x else None
+        else:
+            d_pre3 = d_pre.view(n, k, r).transpose(0, 1)  # (k, n, r)
+            da = torch.bmm(d_pre3.transpose(1, 2), _dropped_copies(x2, k, dropped))
+            d_in = None
+            if need_x:
+                d_in3 = torch.bmm(d_pre3, a)  # (k, n, in)
+                d_in3.view(-1).index_fill_(0, dropped, 0)
+                d_in = d_in3.sum(0)
+        if d_in is not None:
+            dx = d_in if dx is None else dx.add_(d_in)
+        if dx is not None:
+            dx = dx.view(ctx.shape).to(ctx.x_dtype)
+        return (dx, None, None, None, *[d.float() for d in da.unbind(0)], *[d.float() for d in db])
+
+
+def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Tensor:
+    """k copies of x2 stacked, (k, n, in), with the flat `dropped` positions zeroed."""
+    copies = x2.new_empty(k, *x2.shape).copy_(x2)  # always a copy: the input itself must stay intact
+    return copies.view(-1).index_fill_(0, dropped, 0).view(k, *x2.shape)
+
+
+def _lora_state(module: nn.Module):
+    """(adapter name) when PEFT's LoRA layer `module` runs one plain LoRA adapter now, else None."""
+    if module.disable_adapters or module.merged:
+        return None
+    active = module.active_adapters
+    if len(active) != 1 or active[0] not in module.lora_A:
+        return None
+    name = active[0]
+    if module.use_dora.get(name, False) or getattr(module, "lora_bias", {}).get(name, False):
+        return None
+    if module.lora_B[name].bias is not None or module.lora_A[name].bias is not None:
+        return None
+    return name
+
+
+class LinearGroup:
+    """Linear layers that read the same input, run as one LinearGroupFunction.
+
+    With `fuse_base`, the members' frozen base weights (bf16 or fp32 nn.Linear) become
+    views of one concatenated matrix. Otherwise (a single LoRA layer over a base this path
+    cannot fuse, e.g. GPT-2's Conv1D or a 4-bit layer) the base runs as itself and only the
+    LoRA term goes through the function."""
+
+    def __init__(self, members: list[nn.Module], lora_type: type, fuse_base: bool, path: FastLoraPath):
+        self.members = members
+        self.lora_type = lora_type
+        self.path = path
+        self.fuse_base = fuse_base
+        self.bases = [m.base_layer if isinstance(m, lora_type) else m for m in members]
+        self.sizes = tuple(base.out_features for base in self.bases) if fuse_base else (members[0].out_features,)
+        self.weight = self.bias = None
+        if fuse_base:
+            with torch.no_grad():
+                self.weight = torch.cat([base.weight for base in self.bases], 0)
+                start = 0
+                for base, size in zip(self.bases, self.sizes):
+                    base.weight.data = self.weight[start : start + size]
+                    start += size
+                if any(base.bias is not None for base in self.bases):
+                    self.bias = torch.cat([base.bias if base.bias is not None else self.weight.new_zeros(size)
+                                           for base, size in zip(self.bases, self.sizes)])
+                    start = 0
+                    for base, size in zip(self.bases, self.sizes):
+                        if base.bias is not None:
+                            base.bias.data = self.bias[start : start + size]
+                        start += size
+        self._pending: dict[int, torch.Tensor] = {}
+        self._pending_input: torch.Tensor | None = None
+        self.own_forwards = [m.forward for m in members]
+        for index, member in enumerate(members):
+            member._slmops_own_forward = member.forward
+            member.forward = types.MethodType(self._member_forward(index), member)
+
+    def _member_forward(self, index: int):
+        group = self
+
+        def forward(module, x, *args, **kwargs):
+            if args or kwargs or not group.path.enabled:
+                return group.own_forwards[index](x, *args, **kwargs)
+            if group._pending_input is x and index in group._pending:
+                return group._pending.pop(index)
+            outputs = group.run(x)
+            if outputs is None:
+                return group.own_forwards[index](x)
+            group._pending = {i: out for i, out in enumerate(outputs) if i != index}
+            group._pending_input = x if group._pending else None
+            return outputs[index]
+
+        return forward
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The members' outputs for `x`; None when an adapter's state is not covered (or
+        the group's adapters differ in rank or dropout), so PEFT's forwards run instead."""
+        members, scales, a_weights, b_weights, ranks, dropouts = [], [], [], [], set(), set()
+        for index, member in enumerate(self.members):
+            if not isinstance(member, self.lora_type):
+                continue
+            name = _lora_state(member)
+            if name is None:
+                return None
+            dropout = member.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            a, b = member.lora_A[name].weight, member.lora_B[name].weight
+            members.append(index)
+            scales.append(member.scaling[name] / (1.0 - p))
+            a_weights.append(a)
+            b_weights.append(b)
+            ranks.add(a.shape[0])
+            dropouts.add(p)
+        if len(ranks) > 1 or len(dropouts) > 1:
+            return None
+        spec = _Spec(self.sizes, tuple(members), tuple(scales), ranks.pop() if ranks else 0, dropouts.pop() if dropouts else 0.0)
+        if self.fuse_base:
+            out = LinearGroupFunction.apply(x, self.weight, self.bias, spec, *a_weights, *b_weights)
+            return out if isinstance(out, tuple) else (out,)
+        base = self.bases[0](x)
+        return (base + LinearGroupFunction.apply(x, None, None, spec, *a_weights, *b_weights).to(base.dtype),)
 
     def remove(self) -> None:
-        for module in self.layers:
-            module.forward = module._slmops_peft_forward
-            del module._slmops_peft_forward
-        self.layers = []
+        for member, own in zip(self.members, self.own_forwards):
+            member.forward = own
+            del member._slmops_own_forward
+        if self.fuse_base:  # independent weights again (saving shared storage would fail)
+            with torch.no_grad():
+                for base in self.bases:
+                    base.weight.data = base.weight.data.clone()
+                    if base.bias is not None:
+                        base.bias.data = base.bias.data.clone()
+        self._pending, self._pending_input = {}, None
 
 
-def _make_forward(path: FastLoraPath):
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        adapters = self.active_adapters
-        if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1 or adapters[0] not in self.lora_A:
-            return self._slmops_peft_forward(x, *args, **kwargs)
-        name = adapters[0]
-        result = self.base_layer(x)
-        dtype = result.dtype
-        scale = self.scaling[name]
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        if self.training and p > 0:
-            x = x * path.keep_mask(x.shape, p).to(x.device)
-            scale = scale / (1.0 - p)
-        hidden = F.linear(x.to(dtype), self.lora_A[name].weight.to(dtype))  # (..., r)
-        return result + F.linear(hidden * scale, self.lora_B[name].weight.to(dtype))
+def _base(module: nn.Module, lora_type: type) -> nn.Module:
+    return module.base_layer if isinstance(module, lora_type) else module
 
-    return forward
+
+def _fusable(module: nn.Module, lora_type: type) -> bool:
+    """A frozen plain nn.Linear, bare or as the base of a PEFT LoRA layer."""
+    base = _base(module, lora_type)
+    return type(base) is nn.Linear and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+
+
+class FastLoraPath:
+    """Installs the groups and fused norms on a PEFT LoRA model; `remove()` restores it."""
+
+    def __init__(self, model: nn.Module):
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        self._enabled = True
+        self.model = model
+        self.groups: list[LinearGroup] = []
+        self.norms: list[nn.Module] = []
+        grouped: set[int] = set()
+        for parent in model.modules():
+            for names in SHARED_INPUT_GROUPS:
+                members = [getattr(parent, name, None) for name in names]
+                if not all(isinstance(m, nn.Module) and _fusable(m, LoraLinear) for m in members):
+                    continue
+                bases = [_base(m, LoraLinear) for m in members]
+                if len({(b.in_features, b.weight.dtype, b.weight.device) for b in bases}) != 1:
+                    continue
+                self.groups.append(LinearGroup(members, LoraLinear, True, self))
+                grouped.update(id(m) for m in members)
+        for module in model.modules():
+            if type(module) is LoraLinear and id(module) not in grouped:
+                self.groups.append(LinearGroup([module], LoraLinear, _fusable(module, LoraLinear), self))
+        for module in model.modules():
+            if fast_norm.matches(module):
+                fast_norm.install(module, lambda: self.enabled)
+                self.norms.append(module)
+        self.replaced_attention = fast_attention.install(model)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        fast_attention.set_enabled(value)
+
+    @property
+    def lora_layers(self) -> int:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        return sum(isinstance(m, LoraLinear) for g in self.groups for m in g.members)
+
+    def describe(self) -> str:
+        fused = [g for g in self.groups if g.fuse_base and len(g.members) > 1]
+        attention = f", short-batch attention in {fast_attention.NAME}" if self.replaced_attention else ""
+        return (f"{self.lora_layers} LoRA layers, {len(fused)} shared-input groups with one fused matmul, "
+                f"{len(self.norms)} fused RMSNorms, sparse dropout draws{attention}")
+
+    def verify(self, model: nn.Module, loss_fn, batch: dict[str, torch.Tensor]) -> bool:
+        """Loss and adapter gradients of one batch (dropout off) with this path and with
+        PEFT's forward agree to bf16 precision; otherwise remove the path and say so."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        results = []
+        was_training = model.training
+        model.eval()
+        try:
+            for enabled in (True, False):
+                self.enabled = enabled
+                model.zero_grad(set_to_none=True)
+                loss, count = loss_fn(model, batch)
+                (loss / count).backward()
+                grads = torch.cat([p.grad.flatten().float() if p.grad is not None else torch.zeros(p.numel()) for p in trainable])
+                results.append((float(loss) / count, grads))
+        finally:
+            self.enabled = True
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        (fast_loss, fast_grads), (ref_loss, ref_grads) = results
+        loss_ok = abs(fast_loss - ref_loss) <= 2e-2 * max(1.0, abs(ref_loss))
+        cosine = float(F.cosine_similarity(fast_grads, ref_grads, dim=0)) if ref_grads.norm() > 0 else 1.0
+        if loss_ok and cosine > 0.99:
+            return True
+        log.warning("fast CPU LoRA path disagrees with PEFT on this model (loss %.5f vs %.5f, gradient cosine %.4f): "
+                    "training with PEFT's own forward", fast_loss, ref_loss, cosine)
+        self.remove()
+        return False
+
+    def remove(self) -> None:
+        for group in self.groups:
+            group.remove()
+        for module in self.norms:
+            fast_norm.uninstall(module)
+        if self.replaced_attention:
+            fast_attention.uninstall(self.model, self.replaced_attention)
+        self.groups, self.norms, self.replaced_attention = [], [], None

@@ -94,7 +94,7 @@ class Trainer:
         self.pad_id = pad_id
         self.save_adapter = save_adapter
         self.quiet = quiet
-        self.fast_lora = fast_lora  # FastLoraPath or None; its dropout RNG is checkpointed
+        self.fast_lora = fast_lora  # FastLoraPath or None (checked against PEFT before training)
         self.eval_examples = eval_examples  # FormattedExample list, for --eval_metrics
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
@@ -154,6 +154,12 @@ class Trainer:
         self.loss_fn = selective_loss if fast else plain_loss
         log.info("loss: %s", "output head on labelled positions only" if fast else "full logits (model's own forward)")
 
+    def _verify_fast_lora(self) -> None:
+        probe = self._to_device(collate(self.train_data, list(range(min(2, len(self.train_data)))), self.pad_id))
+        with self._attention_kernel(probe), self._autocast():
+            if not self.fast_lora.verify(self.model, self.loss_fn, probe):
+                self.fast_lora = None
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         assert self.eval_data is not None
@@ -192,8 +198,7 @@ class Trainer:
     def _save(self, name: str, weights_only: bool = False) -> None:
         # 'best' only needs weights; step checkpoints carry everything needed to resume.
         optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
-        extra = self.fast_lora.state_dict() if self.fast_lora is not None else None
-        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter, extra)
+        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -201,13 +206,13 @@ class Trainer:
         cfg = self.cfg
         resume_step = None
         if resume_from is not None:
-            self.state, extra_rng = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
-            if self.fast_lora is not None and extra_rng is not None:
-                self.fast_lora.load_state_dict(extra_rng)
+            self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
             resume_step = self.state.step
             log.info("resumed from %s at step %d", resume_from, resume_step)
         self.model.train()
         self._choose_loss()
+        if self.fast_lora is not None:
+            self._verify_fast_lora()
         metrics = MetricsLog(self.log_dir, cfg.report_to != "none", resume_step)
         from tqdm.auto import tqdm
 
