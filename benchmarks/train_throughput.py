@@ -65,7 +65,7 @@ def messages(r: dict) -> dict:
 # -- workers (each in its own process) ------------------------------------------------------
 
 
-def run_slmops(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
+def run_slmops(model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
     from slmops.config import from_dict
     from slmops.finetune_recipe import finetune
     from slmops.train.monitor import read_metrics
@@ -83,7 +83,7 @@ def run_slmops(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
                        "lora_dropout": LORA["lora_dropout"], "target_modules": LORA["target_modules"] if method != "full" else None},
             "training": {"max_steps": warmup + steps, "per_device_train_batch_size": BATCH,
                          "learning_rate": FULL_LR if method == "full" else LR,
-                         "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": 42,
+                         "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": seed,
                          "eval_steps": warmup + steps, "early_stopping_patience": 0, "per_device_eval_batch_size": BATCH, **options},
             "output_path": str(Path(tmp) / "out"),
         })
@@ -103,7 +103,7 @@ def run_slmops(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
     }
 
 
-def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
+def run_trl(model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -139,7 +139,7 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, use_cpu=not torch.cuda.is_available(), max_steps=warmup + steps,
                          per_device_train_batch_size=BATCH, learning_rate=FULL_LR if method == "full" else LR, logging_steps=1,
-                         save_strategy="no", report_to="none", max_length=MAX_LEN, completion_only_loss=True, seed=42, **options)
+                         save_strategy="no", report_to="none", max_length=MAX_LEN, completion_only_loss=True, seed=seed, **options)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=held_out, processing_class=tokenizer,
                              peft_config=None if method == "full" else LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Timer()])
         collator = trainer.data_collator
@@ -159,9 +159,9 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict) -> dict:
             "gradient_checkpointing": options.get("gradient_checkpointing", args.gradient_checkpointing)}
 
 
-def worker(name: str, model_dir: str, steps: int, warmup: int, out: str) -> None:
+def worker(name: str, model_dir: str, steps: int, warmup: int, out: str, seed: int) -> None:
     runner, options = ROWS[name]
-    result = (run_slmops if runner == "slmops" else run_trl)(model_dir, steps, warmup, options)
+    result = (run_slmops if runner == "slmops" else run_trl)(model_dir, steps, warmup, options, seed)
     result["peak_rss_mb"] = peak_rss_mb()
     Path(out).write_text(json.dumps(result))
 
@@ -195,9 +195,10 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=42, help="seed of round 1; round i uses seed + i - 1 for every row")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.model_dir, args.steps, args.warmup, args.out)
+        worker(args.worker, args.model_dir, args.steps, args.warmup, args.out, args.seed)
         return
 
     from slmops.models.builtin import fetch_builtin
@@ -214,7 +215,7 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 print(f"round {round_index + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
                 subprocess.run([sys.executable, __file__, "--worker", name, "--model_dir", model_dir, "--steps", str(args.steps),
-                                "--warmup", str(args.warmup), "--out", out.name], check=True,
+                                "--warmup", str(args.warmup), "--out", out.name, "--seed", str(args.seed + round_index)], check=True,
                                env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
                 results[name].append(json.loads(Path(out.name).read_text()))
     peak = max(peak_at_start, bf16_matmul_peak_gflops())  # the better of two: the machine is shared
@@ -232,16 +233,18 @@ def main() -> None:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "loss_last10": statistics.mean(statistics.mean(r["losses"][-10:]) for r in runs),
             "eval_loss": statistics.mean(r["eval_loss"] for r in runs),
+            "eval_range": (min(r["eval_loss"] for r in runs), max(r["eval_loss"] for r in runs)),
             "peak_fraction": tps * 4 * non_embedding_params / 1e9 / peak,
             "precision": runs[0].get("precision"),
         })
     print(f"\nbf16 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s")
-    print(f"held-out loss: mean completion cross-entropy on the last {EVAL_ROWS} rows after training (same for every row)")
-    print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'held-out loss':>13s} {'train loss(last10)':>18s} "
+    print(f"held-out loss: mean completion cross-entropy on the last {EVAL_ROWS} rows after training (same for every row), "
+          f"mean and [min-max] over the {args.rounds} round(s), each round its own seed")
+    print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'held-out loss':>22s} {'train loss(last10)':>18s} "
           f"{'% bf16 peak':>11s}  precision")
     for row in table:
         print(f"{row['row']:16s} {row['tokens_per_s']:9.0f} {row['step_median_s']:10.3f} {row['peak_rss_mb']:11.0f} "
-              f"{row['eval_loss']:13.4f} {row['loss_last10']:18.4f} {100 * row['peak_fraction']:10.1f}%  {row['precision']}")
+              f"{row['eval_loss']:7.4f} [{row['eval_range'][0]:.3f}-{row['eval_range'][1]:.3f}] {row['loss_last10']:18.4f} {100 * row['peak_fraction']:10.1f}%  {row['precision']}")
     by_name = {row["row"]: row for row in table}
     ours = by_name.get("slmops")
     if ours:

@@ -152,7 +152,7 @@ class LinearGroupFunction(torch.autograd.Function):
             if need_x:
                 d_in3 = torch.bmm(d_pre3, a)  # (k, n, in)
                 d_in3.view(-1).index_fill_(0, dropped, 0)
-                d_in = d_in3.sum(0)
+                d_in = d_in3.sum(0) if k > 1 else d_in3[0]
         if d_in is not None:
             dx = d_in if dx is None else dx.add_(d_in)
         if dx is not None:
