@@ -182,3 +182,16 @@ def test_verify_removes_a_path_that_disagrees_with_peft(tiny_llama, tmp_path, mo
     assert "disagrees with PEFT" in caplog.text
     assert not path.groups and all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
     assert model.training
+
+
+def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, capsys):
+    from conftest import TONE, TONE_TEMPLATE
+    from slmops.cli.main import main
+
+    args = ["finetune", "-m", str(tiny_llama), "-d", str(TONE), "--text_template", TONE_TEMPLATE, "--train_split", "train[:32]",
+            "--max_steps", "2", "--report_to", "none", "--bf16", "true", "-o", str(tmp_path / "o")]
+    assert main(args) in (0, None)
+    text = capsys.readouterr().err
+    assert "precision: bfloat16 on cpu" in text
+    # tiny Llama: 2 layers, LoRA on q/k/v/o (the default targets), 5 RMSNorms
+    assert "fast CPU LoRA path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms" in text, text

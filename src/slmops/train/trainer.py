@@ -19,6 +19,7 @@ from slmops.data.batching import collate, epoch_batches
 from slmops.data.tokenize import IGNORE, TokenizedData
 from slmops.models.precision import Precision
 from slmops.train import checkpoint as ckpt
+from slmops.train.fast_attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
 from slmops.train.loss import check_fast_path, plain_loss, selective_loss
 from slmops.train.monitor import MetricsLog
 
@@ -39,7 +40,6 @@ class TrainResult:
     fast_loss: bool
 
 
-SHORT_ATTENTION_MAX_LEN = 192  # tokens; see Trainer._attention_kernel
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
@@ -125,8 +125,9 @@ class Trainer:
     def _attention_kernel(self, batch: dict[str, torch.Tensor]):
         """On a CPU, short batches train faster with SDPA's plain (math) attention than with
         its flash kernel: 2.6 vs 6.6 ms per layer forward+backward at 48 tokens (batch 8,
-        9 heads; benchmarks/train_throughput.py gains ~17%). The math kernel keeps the whole
-        attention matrix, so long batches keep flash attention (it wins above ~200 tokens)."""
+        9 heads). The math kernel keeps the whole attention matrix, so long batches keep flash
+        attention (it wins above ~200 tokens). LoRA runs on the CPU fast path use their own
+        short-batch attention function instead (fast_attention.py); this is for the rest."""
         if self.precision.device.type != "cpu" or batch["input_ids"].shape[1] > SHORT_ATTENTION_MAX_LEN:
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
