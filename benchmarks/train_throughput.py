@@ -6,7 +6,7 @@ q/k/v/o, batch 8, max length 128, AdamW lr 2e-4. Each row runs in its own proces
 peak RSS), rows alternate over --rounds, and the first --warmup steps are not timed.
 
     .venv/bin/pip install -c constraints.txt -r benchmarks/requirements.txt
-    python benchmarks/train_throughput.py                 # ~10 minutes on 2 cores
+    python benchmarks/train_throughput.py                 # ~17 minutes a round on 2 cores (TRL rows are slow)
     python benchmarks/train_throughput.py --steps 20 --rounds 1 --rows slmops,trl_fp32
 
 Prints a table and ends with `ratio_vs_trl_fp32: X` and `ratio_vs_trl_bf16: Y`.

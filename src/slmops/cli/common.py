@@ -109,12 +109,21 @@ def add_schema_flags(parser: argparse.ArgumentParser, schema: type[BaseModel], t
     return names
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record, not the one it was created with
+    (a second run in the same process — a notebook, a test — may have replaced it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(level: int) -> None:
     level = max(0, min(level, 4))
     logger = logging.getLogger("slmops")
     logger.setLevel(LOG_LEVELS[level])
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("slmops: %(message)s"))
         logger.addHandler(handler)
     logger.propagate = False
