@@ -101,7 +101,9 @@ class TrainingConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides --warmup_ratio when > 0).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
-    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw", "sgd"] = Field("adamw_torch", description="Optimizer.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw", "sgd"] = Field(
+        "adamw_torch", description="Optimizer. The AdamW ones run PyTorch's fused kernel where the parameters allow it (same update)."
+    )
     bf16: bool | None = Field(None, description="Train in bfloat16. Default: on where the device computes bf16 fast, and said so.")
     fp16: bool = Field(False, description="Train in float16 (CUDA only).")
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")
