@@ -214,7 +214,6 @@ class LinearGroup:
                         start += size
         self._pending: dict[int, torch.Tensor] = {}
         self._pending_input: torch.Tensor | None = None
-        self.own_forwards = [m.forward for m in members]
         for index, member in enumerate(members):
             member._slmops_own_forward = member.forward
             member.forward = types.MethodType(self._member_forward(index), member)
@@ -224,12 +223,12 @@ class LinearGroup:
 
         def forward(module, x, *args, **kwargs):
             if args or kwargs or not group.path.enabled:
-                return group.own_forwards[index](x, *args, **kwargs)
+                return module._slmops_own_forward(x, *args, **kwargs)
             if group._pending_input is x and index in group._pending:
                 return group._pending.pop(index)
             outputs = group.run(x)
             if outputs is None:
-                return group.own_forwards[index](x)
+                return module._slmops_own_forward(x)
             group._pending = {i: out for i, out in enumerate(outputs) if i != index}
             group._pending_input = x if group._pending else None
             return outputs[index]
@@ -265,8 +264,8 @@ class LinearGroup:
         return (base + LinearGroupFunction.apply(x, None, None, spec, *a_weights, *b_weights).to(base.dtype),)
 
     def remove(self) -> None:
-        for member, own in zip(self.members, self.own_forwards):
-            member.forward = own
+        for member in self.members:
+            member.forward = member._slmops_own_forward
             del member._slmops_own_forward
         if self.fuse_base:  # independent weights again (saving shared storage would fail)
             with torch.no_grad():
