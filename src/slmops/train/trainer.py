@@ -40,8 +40,6 @@ class TrainResult:
     fast_loss: bool
 
 
-
-
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -154,15 +152,17 @@ class Trainer:
             return iter(DataLoader(rest, batch_size=None, shuffle=False, collate_fn=collate_fn, num_workers=self.cfg.dataloader_num_workers))
         return map(collate_fn, rest)
 
-    def _choose_loss(self) -> None:
-        probe = collate(self.train_data, list(range(min(2, len(self.train_data)))), self.pad_id)
+    def _probe_batch(self) -> dict[str, torch.Tensor]:
+        """The first two training examples: the batch the start-up checks run on."""
+        return self._to_device(collate(self.train_data, list(range(min(2, len(self.train_data)))), self.pad_id))
+
+    def _choose_loss(self, probe: dict[str, torch.Tensor]) -> None:
         with self._autocast():
-            fast = check_fast_path(self.model, self._to_device(probe))
+            fast = check_fast_path(self.model, probe)
         self.loss_fn = selective_loss if fast else plain_loss
         log.info("loss: %s", "output head on labelled positions only" if fast else "full logits (model's own forward)")
 
-    def _verify_fast_lora(self) -> None:
-        probe = self._to_device(collate(self.train_data, list(range(min(2, len(self.train_data)))), self.pad_id))
+    def _verify_fast_lora(self, probe: dict[str, torch.Tensor]) -> None:
         with self._attention_kernel(probe), self._autocast():
             if not self.fast_lora.verify(self.model, self.loss_fn, probe):
                 self.fast_lora = None
@@ -217,9 +217,10 @@ class Trainer:
             resume_step = self.state.step
             log.info("resumed from %s at step %d", resume_from, resume_step)
         self.model.train()
-        self._choose_loss()
+        probe = self._probe_batch()
+        self._choose_loss(probe)
         if self.fast_lora is not None:
-            self._verify_fast_lora()
+            self._verify_fast_lora(probe)
         metrics = MetricsLog(self.log_dir, cfg.report_to != "none", resume_step)
         from tqdm.auto import tqdm
 
