@@ -50,6 +50,7 @@ def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, 
     if arch != "gpt2":  # GPT-2's fused Conv1D c_attn: the LoRA term goes through the path, the base runs as itself
         assert any(len(g.members) == 3 and g.fuse_base for g in path.groups), "q/k/v not fused"
         assert len(path.norms) > 0 and path.replaced_attention == "sdpa"
+        assert len(path.mlps) > 0, "SwiGLU MLPs on the fused kernels"
     loss, grads = _loss_and_grads(model, batch)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for key in ref_grads:

@@ -18,7 +18,9 @@ each. This path computes the same function with far fewer ops:
   Zeroing those positions replaces the full-size mask multiply, forward and backward.
 - The adapters compute in the activations' dtype (bf16 on the fast path) from their fp32
   master weights; their gradients are returned in fp32.
-- RMSNorm modules on a frozen weight use one fused function (see fast_norm.py).
+- RMSNorm modules on a frozen weight use one fused function (see fast_norm.py), and
+  SwiGLU MLPs one fused activation (fast_mlp.py), both on C kernels (cpu_kernels.py)
+  where a C compiler is available.
 
 PEFT's modules, state dicts and saved adapters are untouched; a member whose adapter state
 this path does not cover at call time (DoRA, several active adapters, merged or disabled
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmops.train import fast_attention, fast_norm
+from slmops.train import cpu_kernels, fast_attention, fast_mlp, fast_norm
 
 log = logging.getLogger("slmops")
 
@@ -50,7 +52,9 @@ def drop_positions(numel: int, p: float, device: torch.device | None = None) -> 
     """Flat indices of the elements an i.i.d. Bernoulli(p) dropout zeroes, in increasing
     order. For small p, drawn as geometric gaps between drops (about p * numel draws
     instead of numel); the positions of successes in a Bernoulli sequence have exactly
-    these gaps, so the distribution is that of `torch.nn.Dropout`."""
+    these gaps, so the distribution is that of `torch.nn.Dropout`. The uniforms are float32
+    (as the dense draw's are), half the generator's work of float64: each gap's
+    probabilities move by at most the uniform's resolution, 2^-24."""
     if p <= 0:
         return torch.empty(0, dtype=torch.int64, device=device)
     if p > 0.25:  # few gaps to skip: plain per-element draws are cheaper
@@ -61,9 +65,9 @@ def drop_positions(numel: int, p: float, device: torch.device | None = None) -> 
         expected = (numel - 1 - end) * p
         count = int(expected + 8 * math.sqrt(expected) + 32)
         # U in (0, 1]; floor(log U / log(1 - p)) ~ Geometric(p) on {0, 1, ...}: kept elements before the next drop
-        uniform = 1.0 - torch.rand(count, dtype=torch.float64, device=device)
-        gaps = uniform.log_().div_(log_keep).floor_().add_(1)
-        positions = gaps.cumsum_(0).add_(end).to(torch.int64)
+        uniform = 1.0 - torch.rand(count, device=device)
+        gaps = uniform.log_().div_(log_keep).floor_().to(torch.int64).add_(1)
+        positions = gaps.cumsum_(0).add_(end)
         chunks.append(positions)
         end = int(positions[-1])
     positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
@@ -296,6 +300,8 @@ class FastLoraPath:
         self.model = model
         self.groups: list[LinearGroup] = []
         self.norms: list[nn.Module] = []
+        self.mlps: list[nn.Module] = []
+        self.kernels = cpu_kernels.get()
         grouped: set[int] = set()
         for parent in model.modules():
             for names in SHARED_INPUT_GROUPS:
@@ -312,8 +318,11 @@ class FastLoraPath:
                 self.groups.append(LinearGroup([module], LoraLinear, _fusable(module, LoraLinear), self))
         for module in model.modules():
             if fast_norm.matches(module):
-                fast_norm.install(module, lambda: self.enabled)
+                fast_norm.install(module, lambda: self.enabled, self.kernels)
                 self.norms.append(module)
+            elif self.kernels is not None and fast_mlp.matches(module):
+                fast_mlp.install(module, lambda: self.enabled, self.kernels)
+                self.mlps.append(module)
         self.replaced_attention = fast_attention.install(model)
 
     @property
@@ -334,8 +343,9 @@ class FastLoraPath:
     def describe(self) -> str:
         fused = [g for g in self.groups if g.fuse_base and len(g.members) > 1]
         attention = f", short-batch attention in {fast_attention.NAME}" if self.replaced_attention else ""
+        kernels = f", {len(self.mlps)} fused SwiGLUs (C kernels)" if self.kernels is not None else " (PyTorch ops: no C kernels)"
         return (f"{self.lora_layers} LoRA layers, {len(fused)} shared-input groups with one fused matmul, "
-                f"{len(self.norms)} fused RMSNorms, sparse dropout draws{attention}")
+                f"{len(self.norms)} fused RMSNorms{kernels}, sparse dropout draws{attention}")
 
     def verify(self, model: nn.Module, loss_fn, batch: dict[str, torch.Tensor]) -> bool:
         """Loss and adapter gradients of one batch (dropout off) with this path and with
@@ -371,6 +381,8 @@ class FastLoraPath:
             group.remove()
         for module in self.norms:
             fast_norm.uninstall(module)
+        for module in self.mlps:
+            fast_mlp.uninstall(module)
         if self.replaced_attention:
             fast_attention.uninstall(self.model, self.replaced_attention)
-        self.groups, self.norms, self.replaced_attention = [], [], None
+        self.groups, self.norms, self.mlps, self.replaced_attention = [], [], [], None

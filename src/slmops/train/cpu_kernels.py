@@ -1,0 +1,135 @@
+"""Fused CPU kernels (cpu_kernels.c), compiled on first use and called through ctypes.
+
+On a CPU, training a small model at short sequence lengths spends as much time in
+elementwise ops as in matrix products: RMSNorm is seven PyTorch ops forward and eight
+backward, SwiGLU five, each a full pass over memory plus dispatch and an autograd node.
+The C file does each in one pass. It is plain C with OpenMP (no PyTorch headers), so the
+system C compiler builds it in under a second; the library is cached under
+~/.cache/slmops/kernels (or $SLMOPS_CACHE/kernels) by a hash of the source and compiler.
+
+Without a C compiler, or with SLMOPS_CPU_KERNELS=0, `get()` returns None and callers use
+their PyTorch code path: same results, slower."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("slmops")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+VERSION = 1  # slmops_kernels_version() in the C file
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SLMOPS_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "slmops") / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _flags(compiler: str) -> list[str]:
+    # -march=native: the library is built on the machine that runs it (AVX-512 where present).
+    # No -ffast-math: in a shared library it would switch the whole process to flush denormals.
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(source + version.encode() + " ".join(_flags(compiler)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *_flags(compiler), str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:2000]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same source is harmless
+    return target
+
+
+class Kernels:
+    """The compiled library; each method takes contiguous CPU tensors of one dtype."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        for suffix in _SUFFIX.values():
+            getattr(lib, f"rmsnorm_fwd_{suffix}").argtypes = [p, p, p, p, i64, i64, f32]
+            getattr(lib, f"rmsnorm_bwd_{suffix}").argtypes = [p, p, p, p, p, i64, i64]
+            getattr(lib, f"swiglu_fwd_{suffix}").argtypes = [p, p, p, i64]
+            getattr(lib, f"swiglu_bwd_{suffix}").argtypes = [p, p, p, p, p, i64]
+            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd"):
+                getattr(lib, f"{name}_{suffix}").restype = None
+
+    @staticmethod
+    def supports(*tensors: torch.Tensor) -> bool:
+        first = tensors[0]
+        return (first.device.type == "cpu" and first.dtype in _SUFFIX
+                and all(t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in tensors))
+
+    def rmsnorm_forward(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = x.shape[-1]
+        rows = x.numel() // cols
+        y = torch.empty_like(x)
+        inv_rms = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+        getattr(self.lib, f"rmsnorm_fwd_{_SUFFIX[x.dtype]}")(x.data_ptr(), weight.data_ptr(), y.data_ptr(), inv_rms.data_ptr(), rows, cols, eps)
+        return y, inv_rms
+
+    def rmsnorm_backward(self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor) -> torch.Tensor:
+        cols = x.shape[-1]
+        dx = torch.empty_like(x)
+        getattr(self.lib, f"rmsnorm_bwd_{_SUFFIX[x.dtype]}")(grad.data_ptr(), x.data_ptr(), weight.data_ptr(), inv_rms.data_ptr(),
+                                                             dx.data_ptr(), x.numel() // cols, cols)
+        return dx
+
+    def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(gate)
+        getattr(self.lib, f"swiglu_fwd_{_SUFFIX[gate.dtype]}")(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+        return out
+
+    def swiglu_backward(self, grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        getattr(self.lib, f"swiglu_bwd_{_SUFFIX[gate.dtype]}")(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(),
+                                                              d_up.data_ptr(), gate.numel())
+        return d_gate, d_up
+
+
+@functools.lru_cache(maxsize=1)
+def get() -> Kernels | None:
+    """The kernels, built if needed; None (said once) where they cannot be built."""
+    if os.environ.get("SLMOPS_CPU_KERNELS", "1") == "0":
+        return None
+    if not sys.platform.startswith("linux"):  # built and tested with GCC on Linux only
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found: fused CPU kernels off (install gcc for faster CPU training)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        if lib.slmops_kernels_version() != VERSION:
+            raise RuntimeError("stale library")
+        return Kernels(lib)
+    except (OSError, RuntimeError, AttributeError) as error:
+        log.warning("fused CPU kernels unavailable (%s): using PyTorch ops instead", error)
+        return None

@@ -1,0 +1,88 @@
+"""SwiGLU (silu(gate) * up) as one fused CPU kernel, forward and backward.
+
+A Llama-family MLP is down_proj(silu(gate_proj(x)) * up_proj(x)). Between its matrix
+products, PyTorch runs silu and a multiply forward and silu's backward plus two multiplies
+and an add backward, each a pass over a (tokens, intermediate) tensor, 2.7x the hidden
+size. The fused kernels (cpu_kernels.c) do each direction in one pass: 1.5x faster forward
+and ~2.5x backward at 400 x 1536 bf16 on 2 cores; the results agree with PyTorch's to
+bf16 precision (PyTorch rounds silu's output before the multiply, the kernel does not).
+
+A module is taken over only when it has gate/up/down projections and its own forward gives
+exactly down(silu(gate(x)) * up(x)) on a random input (`matches`), so MLPs with another
+activation (GELU in Gemma) or extra terms keep their own forward. Used only where the
+kernels compiled: without them PyTorch's own ops are as fast as a Python re-implementation."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmops.train.cpu_kernels import Kernels
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.kernels = kernels
+        ctx.save_for_backward(gate, up)
+        return kernels.swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d_gate, d_up = ctx.kernels.swiglu_backward(grad.contiguous(), gate, up)
+        return d_gate, d_up, None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: Kernels | None) -> torch.Tensor:
+    if kernels is not None and kernels.supports(gate, up) and gate.shape == up.shape:
+        return SwiGLUFunction.apply(gate, up, kernels)
+    return F.silu(gate) * up
+
+
+@torch.no_grad()
+def matches(module: nn.Module) -> bool:
+    """True when `module` computes down(silu(gate(x)) * up(x))."""
+    parts = [getattr(module, name, None) for name in PROJECTIONS]
+    if not all(isinstance(p, nn.Module) for p in parts) or not hasattr(module, "act_fn"):
+        return False
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    hidden = getattr(parts[0], "in_features", None)
+    if weight is None or not isinstance(hidden, int):
+        return False
+    probe = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    gate_proj, up_proj, down_proj = parts
+    was_training = module.training
+    module.eval()  # no LoRA dropout in the probe: it would differ between the two and use the RNG
+    try:
+        expected = module(probe)
+        ours = down_proj(F.silu(gate_proj(probe)) * up_proj(probe))
+    except Exception:
+        return False
+    finally:
+        module.train(was_training)
+    return expected.shape == ours.shape and torch.equal(expected, ours)
+
+
+def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
+    """Route `module`'s forward through the fused SwiGLU while `is_enabled()`."""
+    own_forward = module.forward
+
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or not is_enabled():
+            return own_forward(x, *args, **kwargs)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), kernels))
+
+    module._slmops_own_forward = own_forward
+    module.forward = types.MethodType(forward, module)
+
+
+def uninstall(module: nn.Module) -> None:
+    module.forward = module._slmops_own_forward
+    del module._slmops_own_forward

@@ -1,0 +1,119 @@
+"""The fused C kernels compute what the PyTorch ops they replace compute (to the dtype's
+precision), their autograd functions give PyTorch's gradients, and without a compiler
+everything falls back to PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmops.finetune_recipe import build_model, plan_finetune
+from slmops.train import cpu_kernels, fast_mlp, fast_norm
+from slmops.train.fast_lora import FastLoraPath
+
+from helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built = cpu_kernels.get()
+    assert built is not None, "this machine has gcc: the kernels must build (see cpu_kernels.get's log line)"
+    return built
+
+
+def _ulps(dtype):  # tolerance in units of the dtype's precision
+    return {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float32: dict(rtol=1e-5, atol=1e-5)}[dtype]
+
+
+def _reference_rmsnorm(x, weight, eps):  # Llama's RMSNorm, in float64
+    x64 = x.double()
+    return weight.double() * x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rmsnorm_forward_and_backward(kernels, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 13, 96) * 3).to(dtype)
+    weight = (torch.rand(96) + 0.5).to(dtype)
+    grad = torch.randn(4, 13, 96).to(dtype)
+    y = fast_norm.RMSNormFunction.apply(x.requires_grad_(), weight, 1e-5, kernels)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    expected = _reference_rmsnorm(x64, weight, 1e-5)
+    expected.backward(grad.double())
+    torch.testing.assert_close(y.double(), expected.detach(), **_ulps(dtype))
+    torch.testing.assert_close(x.grad.double(), x64.grad, **_ulps(dtype))
+    # the eager fallback gives the same within the dtype's precision
+    x2 = x.detach().clone().requires_grad_()
+    fast_norm.RMSNormFunction.apply(x2, weight, 1e-5, None).backward(grad)
+    torch.testing.assert_close(x2.grad.double(), x64.grad, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_forward_and_backward(kernels, dtype):
+    torch.manual_seed(0)
+    gate = (torch.randn(3, 17, 200) * 4).to(dtype).requires_grad_()  # large |gate|: both tails of the sigmoid
+    up = torch.randn(3, 17, 200).to(dtype).requires_grad_()
+    grad = torch.randn(3, 17, 200).to(dtype)
+    out = fast_mlp.swiglu(gate, up, kernels)
+    assert out.grad_fn is not None and "SwiGLU" in type(out.grad_fn).__name__
+    out.backward(grad)
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    expected = F.silu(g64) * u64
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected.detach(), **_ulps(dtype))
+    torch.testing.assert_close(gate.grad.double(), g64.grad, **_ulps(dtype))
+    torch.testing.assert_close(up.grad.double(), u64.grad, **_ulps(dtype))
+
+
+def test_large_tensors_use_both_threads_and_agree(kernels):
+    """Above PARALLEL_MIN elements the loops run on OpenMP threads: same results."""
+    torch.manual_seed(1)
+    gate, up = torch.randn(64, 1536), torch.randn(64, 1536)
+    torch.testing.assert_close(kernels.swiglu_forward(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    x, weight = torch.randn(400, 576), torch.rand(576)
+    y, _ = kernels.rmsnorm_forward(x, weight, 1e-6)
+    torch.testing.assert_close(y.double(), _reference_rmsnorm(x, weight, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_inputs_take_pytorch_ops(kernels):
+    gate = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    out = fast_mlp.swiglu(gate, torch.randn(4, 8, dtype=torch.float64), kernels)
+    assert "SwiGLU" not in type(out.grad_fn).__name__  # float64: PyTorch's ops
+    strided = torch.randn(8, 4).t()
+    assert not kernels.supports(strided)
+
+
+def test_no_compiler_means_pytorch_ops(monkeypatch, tiny_llama, tmp_path):
+    model = build_model(plan_finetune(tiny_config(tiny_llama, tmp_path / "out"), quiet=True))
+    monkeypatch.setenv("SLMOPS_CPU_KERNELS", "0")
+    cpu_kernels.get.cache_clear()
+    try:
+        assert cpu_kernels.get() is None
+        path = FastLoraPath(model)
+        assert path.kernels is None and path.mlps == [] and len(path.norms) > 0
+        assert "no C kernels" in path.describe()
+        path.remove()
+    finally:
+        cpu_kernels.get.cache_clear()
+
+
+def test_mlp_with_another_activation_keeps_its_forward(kernels):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, hidden_act="silu")
+    assert fast_mlp.matches(LlamaMLP(config))
+    config.hidden_act = "gelu"
+    assert not fast_mlp.matches(LlamaMLP(config))
+
+
+def test_a_failing_compiler_is_reported_and_pytorch_ops_used(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "false")  # exits 1 on any input
+    monkeypatch.setenv("SLMOPS_CACHE", str(tmp_path))
+    cpu_kernels.get.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="slmops"):
+            assert cpu_kernels.get() is None
+        assert "fused CPU kernels unavailable" in caplog.text and "false failed" in caplog.text
+    finally:
+        cpu_kernels.get.cache_clear()
