@@ -10,7 +10,7 @@ import torch
 
 from slmops.data.batching import collate
 from slmops.finetune_recipe import build_model, plan_finetune
-from slmops.train import fast_attention
+from slmops.train import cpu_kernels, fast_attention
 from slmops.train import fast_lora
 from slmops.train.fast_lora import FastLoraPath, LinearGroupFunction, _Spec, drop_positions
 from slmops.train.loss import selective_loss
@@ -101,26 +101,30 @@ def test_drop_positions_are_iid_bernoulli(p):
     assert len(drop_positions(n, 0.0)) == 0
 
 
-def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch):
+@pytest.mark.parametrize("dtype,with_kernels", [(torch.float64, False), (torch.float32, True)])
+def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch, dtype, with_kernels):
     """Three adapters over one input, dropout on: output and every gradient equal the
-    reference y_i = x W_i^T + s/(1-p) (x * m_i) A_i^T B_i^T with the same masks."""
+    reference y_i = x W_i^T + s/(1-p) (x * m_i) A_i^T B_i^T with the same masks (in float64
+    with PyTorch ops; in float32 with the fused C kernels for the masked copies and sums)."""
+    kernels = cpu_kernels.get() if with_kernels else None
+    assert kernels is not None or not with_kernels
     torch.manual_seed(0)
     n_in, sizes, rank, p, scale = 12, (12, 4, 4), 3, 0.3, 2.0
-    x = torch.randn(2, 5, n_in, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, n_in, dtype=dtype, requires_grad=True)
     before = x.detach().clone()
-    weight = torch.randn(sum(sizes), n_in, dtype=torch.float64)
-    a = [torch.randn(rank, n_in, dtype=torch.float64, requires_grad=True) for _ in sizes]
-    b = [torch.randn(size, rank, dtype=torch.float64, requires_grad=True) for size in sizes]
+    weight = torch.randn(sum(sizes), n_in, dtype=dtype)
+    a = [torch.randn(rank, n_in, dtype=dtype, requires_grad=True) for _ in sizes]
+    b = [torch.randn(size, rank, dtype=dtype, requires_grad=True) for size in sizes]
     drawn = []
     original = fast_lora.drop_positions
     monkeypatch.setattr(fast_lora, "drop_positions", lambda *args: drawn.append(original(*args)) or drawn[-1])
-    spec = _Spec(sizes, (0, 1, 2), (scale / (1 - p),) * 3, rank, p)
+    spec = _Spec(sizes, (0, 1, 2), (scale / (1 - p),) * 3, rank, p, kernels)
     outs = LinearGroupFunction.apply(x, weight, None, spec, *a, *b)
     grads_out = [torch.randn_like(o) for o in outs]
     fast = torch.autograd.grad(outs, [x, *a, *b], grads_out)
     assert torch.equal(x.detach(), before)
 
-    keep = torch.ones(len(sizes) * x.numel(), dtype=torch.float64)
+    keep = torch.ones(len(sizes) * x.numel(), dtype=dtype)
     keep[drawn[0]] = 0
     keep = keep.view(len(sizes), *x.shape)
     assert 0.5 < float(keep.mean()) < 0.9

@@ -113,10 +113,34 @@ static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
             STORE_##S(d_up, i, d * g * s);                                                           \
             STORE_##S(d_gate, i, d * LOAD_##S(up, i) * s * (1.0f + g * (1.0f - s)));                 \
         }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    /* out[j] = x with the flat positions dropped[] of the (k, numel) output zeroed: the k dropout copies of  \
+       one input that a group of LoRA adapters reads (fast_lora.py). */                                       \
+    void dropped_copies_##S(const T *x, T *out, int64_t k, int64_t numel, const int64_t *dropped, int64_t n) {  \
+        for (int64_t j = 0; j < k; j++)                                                                         \
+            memcpy(out + j * numel, x, (size_t)numel * sizeof(T));                                              \
+        for (int64_t m = 0; m < n; m++)                                                                         \
+            out[dropped[m]] = 0;                                                                                \
+    }                                                                                                           \
+                                                                                                                \
+    /* dx (+)= sum over j of parts[j], with the flat positions dropped[] of parts (k, numel) zeroed first: the  \
+       input gradient of k dropout-masked LoRA adapters. */                                                   \
+    void masked_sum_##S(T *dx, T *parts, int64_t k, int64_t numel, const int64_t *dropped, int64_t n,           \
+                        int accumulate) {                                                                       \
+        for (int64_t m = 0; m < n; m++)                                                                         \
+            parts[dropped[m]] = 0;                                                                              \
+        _Pragma("omp parallel for simd schedule(static) if (numel >= PARALLEL_MIN)")                            \
+        for (int64_t i = 0; i < numel; i++) {                                                                   \
+            float v = accumulate ? LOAD_##S(dx, i) : 0.0f;                                                      \
+            for (int64_t j = 0; j < k; j++)                                                                     \
+                v += LOAD_##S(parts, j * numel + i);                                                            \
+            STORE_##S(dx, i, v);                                                                                \
+        }                                                                                                       \
     }
 
 KERNELS(bf16, uint16_t)
 KERNELS(f32, float)
 
 /* The version the Python side expects; bumped with any change of signature. */
-int slmops_kernels_version(void) { return 1; }
+int slmops_kernels_version(void) { return 2; }

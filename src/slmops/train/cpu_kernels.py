@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-VERSION = 1  # slmops_kernels_version() in the C file
+VERSION = 2  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -78,7 +78,9 @@ class Kernels:
             getattr(lib, f"rmsnorm_bwd_{suffix}").argtypes = [p, p, p, p, p, i64, i64]
             getattr(lib, f"swiglu_fwd_{suffix}").argtypes = [p, p, p, i64]
             getattr(lib, f"swiglu_bwd_{suffix}").argtypes = [p, p, p, p, p, i64]
-            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd"):
+            getattr(lib, f"dropped_copies_{suffix}").argtypes = [p, p, i64, i64, p, i64]
+            getattr(lib, f"masked_sum_{suffix}").argtypes = [p, p, i64, i64, p, i64, ctypes.c_int]
+            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "dropped_copies", "masked_sum"):
                 getattr(lib, f"{name}_{suffix}").restype = None
 
     @staticmethod
@@ -112,6 +114,23 @@ class Kernels:
         getattr(self.lib, f"swiglu_bwd_{_SUFFIX[gate.dtype]}")(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(),
                                                               d_up.data_ptr(), gate.numel())
         return d_gate, d_up
+
+
+    def dropped_copies(self, x: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Tensor:
+        """(k, *x.shape): k copies of x with the flat positions `dropped` (int64, of the
+        stacked copies) zeroed."""
+        out = x.new_empty(k, *x.shape)
+        getattr(self.lib, f"dropped_copies_{_SUFFIX[x.dtype]}")(x.data_ptr(), out.data_ptr(), k, x.numel(), dropped.data_ptr(), dropped.numel())
+        return out
+
+    def masked_sum(self, parts: torch.Tensor, dropped: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """parts (k, ...) summed over k after zeroing the flat positions `dropped` (parts is
+        overwritten there); added into `into` when given (same shape and dtype as parts[0])."""
+        k, numel = parts.shape[0], parts[0].numel()
+        out = into if into is not None else parts.new_empty(parts.shape[1:])
+        getattr(self.lib, f"masked_sum_{_SUFFIX[parts.dtype]}")(out.data_ptr(), parts.data_ptr(), k, numel, dropped.data_ptr(),
+                                                               dropped.numel(), int(into is not None))
+        return out
 
 
 @functools.lru_cache(maxsize=1)

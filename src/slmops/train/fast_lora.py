@@ -81,6 +81,7 @@ class _Spec:
     scales: tuple[float, ...]  # for each adapter, its LoRA scaling / (1 - p)
     rank: int  # rank of every adapter (a group's adapters share it)
     dropout: float  # p of every adapter this call (0 when not training)
+    kernels: cpu_kernels.Kernels | None = None  # fused dropout copies / masked sums, where built
 
 
 class LinearGroupFunction(torch.autograd.Function):
@@ -118,7 +119,7 @@ class LinearGroupFunction(torch.autograd.Function):
         if dropped is None:
             h = F.linear(x2, a.view(k * r, -1))  # (n, k*r)
         else:
-            h = torch.bmm(_dropped_copies(x2, k, dropped), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
+            h = torch.bmm(_dropped_copies(x2, k, dropped, spec.kernels), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
         h.mul_(scales)
         out.addmm_(h, b_block)
         ctx.dropped = dropped
@@ -151,12 +152,16 @@ class LinearGroupFunction(torch.autograd.Function):
             d_in = d_pre @ a.view(k * r, -1) if need_x else None
         else:
             d_pre3 = d_pre.view(n, k, r).transpose(0, 1)  # (k, n, r)
-            da = torch.bmm(d_pre3.transpose(1, 2), _dropped_copies(x2, k, dropped))
+            da = torch.bmm(d_pre3.transpose(1, 2), _dropped_copies(x2, k, dropped, spec.kernels))
             d_in = None
             if need_x:
                 d_in3 = torch.bmm(d_pre3, a)  # (k, n, in)
-                d_in3.view(-1).index_fill_(0, dropped, 0)
-                d_in = d_in3.sum(0) if k > 1 else d_in3[0]
+                kernels = spec.kernels
+                if kernels is not None and kernels.supports(d_in3) and (dx is None or kernels.supports(d_in3, dx)):
+                    dx = kernels.masked_sum(d_in3, dropped, into=dx)  # zero the dropped, sum over k, add to dx: one pass
+                else:
+                    d_in3.view(-1).index_fill_(0, dropped, 0)
+                    d_in = d_in3.sum(0) if k > 1 else d_in3[0]
         if d_in is not None:
             dx = d_in if dx is None else dx.add_(d_in)
         if dx is not None:
@@ -164,8 +169,10 @@ class LinearGroupFunction(torch.autograd.Function):
         return (dx, None, None, None, *[d.float() for d in da.unbind(0)], *[d.float() for d in db])
 
 
-def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Tensor:
+def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor, kernels: cpu_kernels.Kernels | None = None) -> torch.Tensor:
     """k copies of x2 stacked, (k, n, in), with the flat `dropped` positions zeroed."""
+    if kernels is not None and kernels.supports(x2):
+        return kernels.dropped_copies(x2, k, dropped)
     copies = x2.new_empty(k, *x2.shape).copy_(x2)  # always a copy: the input itself must stay intact
     return copies.view(-1).index_fill_(0, dropped, 0).view(k, *x2.shape)
 
@@ -260,7 +267,8 @@ class LinearGroup:
             dropouts.add(p)
         if len(ranks) > 1 or len(dropouts) > 1:
             return None
-        spec = _Spec(self.sizes, tuple(members), tuple(scales), ranks.pop() if ranks else 0, dropouts.pop() if dropouts else 0.0)
+        spec = _Spec(self.sizes, tuple(members), tuple(scales), ranks.pop() if ranks else 0, dropouts.pop() if dropouts else 0.0,
+                     self.path.kernels)
         if self.fuse_base:
             out = LinearGroupFunction.apply(x, self.weight, self.bias, spec, *a_weights, *b_weights)
             return out if isinstance(out, tuple) else (out,)
