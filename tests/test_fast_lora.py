@@ -51,10 +51,11 @@ def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, 
         assert any(len(g.members) == 3 and g.fuse_base for g in path.groups), "q/k/v not fused"
         assert len(path.norms) > 0 and path.replaced_attention == "sdpa"
         assert len(path.mlps) > 0, "SwiGLU MLPs on the fused kernels"
+        assert len(path.attention_modules) > 0, "Llama-style attention with the rotary embedding inside"
     loss, grads = _loss_and_grads(model, batch)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for key in ref_grads:
-        torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=5e-6)  # fp32 sums in another order
 
     path.remove()
     assert all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
@@ -169,6 +170,37 @@ def test_attention_function_matches_sdpa_with_padding_and_grouped_heads():
     bias = fast_attention._Bias().get(mask, length, rep, q.device)
     out = fast_attention.AttentionFunction.apply(q, k, v, bias, dim**-0.5)
     valid = mask[:, 0].any(-1)[:, :, None, None].expand_as(ref)  # query rows with something to attend to
+    torch.testing.assert_close(out[valid], ref[valid])
+    grad = torch.randn_like(ref) * valid
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_rotary_attention_matches_hf_rope_and_sdpa_with_padding_and_grouped_heads():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 9, 8
+    q = torch.randn(batch, length, heads * dim, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, length, kv_heads * dim, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, length, kv_heads * dim, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(batch, length, dim // 2, dtype=torch.float64) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    mask = torch.ones(batch, 1, length, length, dtype=torch.bool).tril()
+    mask[0, :, :, 6:] = False  # a right-padded row
+    rep, scale = heads // kv_heads, 0.3
+
+    def heads_first(x, n):
+        return x.view(batch, length, n, dim).transpose(1, 2)
+
+    q_rope, k_rope = apply_rotary_pos_emb(heads_first(q, heads), heads_first(k, kv_heads), cos, sin)
+    ref = torch.nn.functional.scaled_dot_product_attention(q_rope, k_rope.repeat_interleave(rep, 1), heads_first(v, kv_heads).repeat_interleave(rep, 1),
+                                                           attn_mask=mask, scale=scale)
+    ref = ref.transpose(1, 2).reshape(batch, length, heads * dim)
+    cos64, sin_swapped = fast_attention._Rope().get(cos, sin)
+    bias = fast_attention._Bias().get(mask, length, rep, q.device)
+    out = fast_attention.RotaryAttentionFunction.apply(q, k, v, cos64, sin_swapped, bias, scale, heads, kv_heads)
+    valid = mask[:, 0].any(-1)[:, :, None].expand_as(ref)  # query rows with something to attend to
     torch.testing.assert_close(out[valid], ref[valid])
     grad = torch.randn_like(ref) * valid
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):

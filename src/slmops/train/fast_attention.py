@@ -11,11 +11,22 @@ the backward is the closed form (one fused softmax backward).
 It holds the attention probabilities for the backward (like the math kernel), so it only
 takes batches up to SHORT_ATTENTION_MAX_LEN tokens; longer ones, inference, attention
 dropout and extras (soft-capping, position bias, sinks) go to transformers' SDPA path. It
-is registered through transformers' AttentionInterface under NAME."""
+is registered through transformers' AttentionInterface under NAME.
+
+Llama-style attention modules (q/k/v/o projections, rotary position embedding, nothing
+else: Llama, SmolLM2, Qwen2, Mistral) go one step further (`install_modules`): their
+forward runs RotaryAttentionFunction, which also applies the rotary embedding and the
+head reshapes inside the function — from the projections' (B, T, heads * D) outputs to
+o_proj's input — instead of a dozen recorded ops (rotate_half's slices, negation and
+concatenation, the transposes) and their backward nodes."""
 
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -103,6 +114,181 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     bias = _bias.get(attention_mask, length, query.shape[1] // key.shape[1], query.device)
     return AttentionFunction.apply(query, key, value, bias, scale), None
+
+
+def _swap_halves_add(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out += x with the two halves of its last dimension swapped (rotate_half's permutation)."""
+    half = x.shape[-1] // 2
+    out[..., :half].add_(x[..., half:])
+    out[..., half:].add_(x[..., :half])
+    return out
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_swapped: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, given sin_swapped = (sin, -sin) on the two halves:
+    rotate_half(x) * sin = swap(x * sin_swapped), swap exchanging the halves. The transpose
+    (for the backward) is _rope(g, cos, -sin_swapped): swap is its own inverse."""
+    return _swap_halves_add(x * cos, x * sin_swapped)
+
+
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, heads, D) x, possibly permuted in memory, as a contiguous (B, T, heads * D) in dtype: one copy."""
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x).view(*x.shape[:2], -1)
+
+
+class RotaryAttentionFunction(torch.autograd.Function):
+    """softmax(rope(q) rope(k)^T * scale + bias) v from q (B, T, H*D), k and v (B, T, Hkv*D),
+    returned as (B, T, H*D) in q's dtype, computed in fp32. cos and sin_swapped (B, T, D) fp32
+    are shared by all layers (see _Rope); the scale is folded into q's rotation."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin_swapped, bias, scale: float, heads: int, kv_heads: int):
+        batch, length = q.shape[:2]
+        dim = cos.shape[-1]
+        group = heads // kv_heads
+        cos4, sin4 = cos[:, :, None, :], sin_swapped[:, :, None, :]  # broadcast over heads
+        # rope(q) * scale, laid out (B, Hkv, group*T, D): the query heads of one key/value head stacked along T
+        compute = cos.dtype  # fp32 (fp64 in tests)
+        q_rot = _rope(q.view(batch, length, heads, dim).to(compute), cos4 * scale, sin4 * scale)
+        q_stack = q_rot.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * length, dim)
+        k_rot = _rope(k.view(batch, length, kv_heads, dim).to(compute), cos4, sin4).transpose(1, 2)  # (B, Hkv, T, D) view
+        v_heads = torch.empty(batch, kv_heads, length, dim, dtype=compute, device=v.device).copy_(v.view(batch, length, kv_heads, dim).transpose(1, 2))
+        scores = torch.matmul(q_stack, k_rot.transpose(-1, -2))
+        if bias is not None:
+            scores.add_(bias.to(compute))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v_heads)  # (B, Hkv, group*T, D)
+        ctx.save_for_backward(q_stack, k_rot, v_heads, probs, cos4, sin4)
+        ctx.scale, ctx.dims, ctx.dtype = scale, (batch, length, heads, kv_heads, dim), q.dtype
+        result = torch.empty(batch, length, kv_heads, group, dim, dtype=q.dtype, device=q.device)
+        result.copy_(out.view(batch, kv_heads, group, length, dim).permute(0, 3, 1, 2, 4))
+        return result.view(batch, length, heads * dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_stack, k_rot, v_heads, probs, cos4, sin4 = ctx.saved_tensors
+        batch, length, heads, kv_heads, dim = ctx.dims
+        group = heads // kv_heads
+        d_out = torch.empty(batch, kv_heads, group, length, dim, dtype=probs.dtype, device=grad.device)
+        d_out.copy_(grad.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4))
+        d_out = d_out.view(batch, kv_heads, group * length, dim)
+        d_v = torch.matmul(probs.transpose(-1, -2), d_out)  # (B, Hkv, T, D)
+        d_scores = torch._softmax_backward_data(torch.matmul(d_out, v_heads.transpose(-1, -2)), probs, -1, probs.dtype)
+        d_q_stack = torch.matmul(d_scores, k_rot)  # (B, Hkv, group*T, D)
+        d_k_rot = torch.matmul(d_scores.transpose(-1, -2), q_stack)  # (B, Hkv, T, D)
+        # back through the rotations (and q's scale), into (B, T, heads, D)
+        d_q = d_q_stack.view(batch, kv_heads, group, length, dim).permute(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+        d_q = _rope(d_q, cos4 * ctx.scale, -sin4 * ctx.scale)
+        d_k = _rope(d_k_rot.transpose(1, 2), cos4, -sin4)
+        d_v = d_v.transpose(1, 2)
+        dtype = ctx.dtype
+        return _dense(d_q, dtype), _dense(d_k, dtype), _dense(d_v, dtype), None, None, None, None, None, None
+
+
+class _Rope:
+    """cos and sin_swapped (see _rope) in fp32 for one forward's position embeddings, shared by
+    all layers (they receive the same tensors)."""
+
+    def __init__(self):
+        self.key: torch.Tensor | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cos is not self.key:
+            compute = torch.float64 if cos.dtype == torch.float64 else torch.float32
+            sin_swapped = sin.to(compute, copy=True)
+            sin_swapped[..., sin.shape[-1] // 2 :].neg_()
+            self.key, self.value = cos, (cos.to(compute), sin_swapped)
+        return self.value
+
+
+_rope_cache = _Rope()
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def _module_forward(module, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+    """A Llama-style attention module's forward on RotaryAttentionFunction, where it applies."""
+    length = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
+    plain = (
+        args
+        or not _enabled[0]
+        or not torch.is_grad_enabled()
+        or position_embeddings is None
+        or any(kwargs.get(name) is not None for name in _CACHE_ARGS)
+        or (module.training and module.attention_dropout > 0)
+        or not 0 < length <= SHORT_ATTENTION_MAX_LEN
+        or (attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
+    )
+    if plain:
+        return module._slmops_own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
+    cos, sin_swapped = _rope_cache.get(*position_embeddings)
+    heads, kv_heads = q.shape[-1] // module.head_dim, k.shape[-1] // module.head_dim
+    bias = _bias.get(attention_mask, length, heads // kv_heads, hidden_states.device)
+    out = RotaryAttentionFunction.apply(q, k, v, cos, sin_swapped, bias, module.scaling, heads, kv_heads)
+    return module.o_proj(out), None
+
+
+def _looks_llama_style(module: nn.Module) -> bool:
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return (all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+            and all(isinstance(getattr(module, a, None), (int, float)) for a in ("head_dim", "scaling", "attention_dropout"))
+            and getattr(module, "is_causal", False) is True
+            and not any(hasattr(module, a) for a in ("q_norm", "k_norm", "sinks", "rotary_fn"))
+            and getattr(getattr(module, "config", None), "attn_logit_softcapping", None) is None)
+
+
+@torch.no_grad()
+def matches(module: nn.Module) -> bool:
+    """True when `module` is a Llama-style attention whose own forward agrees with
+    RotaryAttentionFunction on a random input (to bf16 precision)."""
+    if not _looks_llama_style(module):
+        return False
+    weight = module.q_proj.weight if isinstance(getattr(module.q_proj, "weight", None), torch.Tensor) else None
+    hidden = getattr(module.q_proj, "in_features", None)
+    if weight is None or not isinstance(hidden, int) or not weight.is_floating_point():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    batch, length, dim = 2, 6, module.head_dim
+    x = torch.randn(batch, length, hidden, generator=generator).to(weight.device, weight.dtype)
+    angles = torch.randn(batch, length, dim // 2, generator=generator) * 3
+    cos = torch.cat([angles.cos()] * 2, -1).to(weight.device, weight.dtype)
+    sin = torch.cat([angles.sin()] * 2, -1).to(weight.device, weight.dtype)
+    mask = torch.ones(length, length, dtype=torch.bool, device=weight.device).tril_().expand(batch, 1, length, length)
+    was_training = module.training
+    module.eval()
+    try:
+        expected = module._slmops_own_forward(x, (cos, sin), mask)[0] if hasattr(module, "_slmops_own_forward") else module(x, (cos, sin), mask)[0]
+        q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)
+        heads, kv_heads = q.shape[-1] // dim, k.shape[-1] // dim
+        cos32, sin_swapped = _Rope().get(cos, sin)
+        bias = _Bias().get(mask, length, heads // kv_heads, weight.device)
+        ours = module.o_proj(RotaryAttentionFunction.apply(q, k, v, cos32, sin_swapped, bias, module.scaling, heads, kv_heads))
+    except Exception:
+        return False
+    finally:
+        module.train(was_training)
+    error = float((expected.float() - ours.float()).abs().max())
+    return expected.shape == ours.shape and error <= 3e-2 * max(float(expected.float().abs().max()), 1e-3)
+
+
+def install_modules(model) -> list[nn.Module]:
+    """Route the model's Llama-style attention modules through RotaryAttentionFunction (while
+    enabled); returns them. Call after install(): their fallback is the model's SDPA path."""
+    installed = []
+    for module in model.modules():
+        if _looks_llama_style(module) and matches(module):
+            module._slmops_own_forward = module.forward
+            module.forward = types.MethodType(_module_forward, module)
+            installed.append(module)
+    return installed
+
+
+def uninstall_modules(modules: list[nn.Module]) -> None:
+    for module in modules:
+        module.forward = module._slmops_own_forward
+        del module._slmops_own_forward
+    _rope_cache.__init__()
 
 
 def install(model) -> str | None:

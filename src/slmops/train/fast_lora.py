@@ -332,6 +332,7 @@ class FastLoraPath:
                 fast_mlp.install(module, lambda: self.enabled, self.kernels)
                 self.mlps.append(module)
         self.replaced_attention = fast_attention.install(model)
+        self.attention_modules = fast_attention.install_modules(model) if self.replaced_attention else []
 
     @property
     def enabled(self) -> bool:
@@ -351,6 +352,8 @@ class FastLoraPath:
     def describe(self) -> str:
         fused = [g for g in self.groups if g.fuse_base and len(g.members) > 1]
         attention = f", short-batch attention in {fast_attention.NAME}" if self.replaced_attention else ""
+        if self.attention_modules:
+            attention += f" ({len(self.attention_modules)} with the rotary embedding inside)"
         kernels = f", {len(self.mlps)} fused SwiGLUs (C kernels)" if self.kernels is not None else " (PyTorch ops: no C kernels)"
         return (f"{self.lora_layers} LoRA layers, {len(fused)} shared-input groups with one fused matmul, "
                 f"{len(self.norms)} fused RMSNorms{kernels}, sparse dropout draws{attention}")
@@ -391,6 +394,7 @@ class FastLoraPath:
             fast_norm.uninstall(module)
         for module in self.mlps:
             fast_mlp.uninstall(module)
+        fast_attention.uninstall_modules(self.attention_modules)
         if self.replaced_attention:
             fast_attention.uninstall(self.model, self.replaced_attention)
-        self.groups, self.norms, self.mlps, self.replaced_attention = [], [], [], None
+        self.groups, self.norms, self.mlps, self.attention_modules, self.replaced_attention = [], [], [], [], None
