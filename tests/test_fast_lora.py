@@ -232,3 +232,20 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
     assert "precision: bfloat16 on cpu" in text
     # tiny Llama: 2 layers, LoRA on q/k/v/o (the default targets), 5 RMSNorms
     assert "fast CPU LoRA path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms" in text, text
+
+
+def test_only_attention_modules_that_compute_the_same_function_are_taken_over():
+    from transformers import LlamaConfig, Qwen3Config
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    config._attn_implementation = "sdpa"
+    llama = LlamaAttention(config, layer_idx=0)
+    assert fast_attention.matches(llama)
+    own = llama.forward
+    llama.forward = lambda *args, **kwargs: (own(*args, **kwargs)[0] * 1.1, None)  # a different function
+    assert not fast_attention.matches(llama)
+    qwen3 = Qwen3Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8)
+    qwen3._attn_implementation = "sdpa"
+    assert not fast_attention.matches(Qwen3Attention(qwen3, layer_idx=0))  # q/k norms: keeps its own forward

@@ -241,7 +241,7 @@ def _looks_llama_style(module: nn.Module) -> bool:
 @torch.no_grad()
 def matches(module: nn.Module) -> bool:
     """True when `module` is a Llama-style attention whose own forward agrees with
-    RotaryAttentionFunction on a random input (to bf16 precision)."""
+    RotaryAttentionFunction on a random input (to the module dtype's precision)."""
     if not _looks_llama_style(module):
         return False
     weight = module.q_proj.weight if isinstance(getattr(module.q_proj, "weight", None), torch.Tensor) else None
@@ -268,8 +268,13 @@ def matches(module: nn.Module) -> bool:
         return False
     finally:
         module.train(was_training)
-    error = float((expected.float() - ours.float()).abs().max())
-    return expected.shape == ours.shape and error <= 3e-2 * max(float(expected.float().abs().max()), 1e-3)
+    if expected.shape != ours.shape:
+        return False
+    # Mean, not max: a bf16 module's own path rounds q, k and the rotation to bf16 (measured on
+    # SmolLM2: max differences up to 4% of the largest output, mean 0.4-1%); a different
+    # function (extra norms, soft-capping, another rotation) is off by the output's own size.
+    error = float((expected.float() - ours.float()).abs().mean())
+    return error <= 2e-2 * max(float(expected.float().abs().mean()), 1e-6)
 
 
 def install_modules(model) -> list[nn.Module]:
