@@ -13,7 +13,7 @@ from slmops.finetune_recipe import build_model, plan_finetune
 from slmops.train import cpu_kernels, fast_attention
 from slmops.train import fast_lora
 from slmops.train.fast_lora import FastLoraPath, LinearGroupFunction, _Spec, drop_positions
-from slmops.train.loss import selective_loss
+from slmops.train.loss import check_packing, packed_loss, selective_loss
 
 from helpers import tiny_config
 
@@ -249,3 +249,32 @@ def test_only_attention_modules_that_compute_the_same_function_are_taken_over():
     qwen3 = Qwen3Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8)
     qwen3._attn_implementation = "sdpa"
     assert not fast_attention.matches(Qwen3Attention(qwen3, layer_idx=0))  # q/k norms: keeps its own forward
+
+
+def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp_path):
+    """packed_loss runs a batch's real tokens as one sequence (rows rounded up to a multiple
+    of 16), the fused attention keeping examples apart: same loss and gradients as the
+    padded batch; batches it should not pack take the padded path."""
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, target_modules="all-linear"), quiet=True)
+    model = _trained_a_little(plan).train()
+    path = FastLoraPath(model)
+    assert path.packs_sequences and "padding-free batches" in path.describe()
+    lengths = plan.data.train.lengths
+    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batch = collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)  # much padding
+    packing = fast_attention.Packing.of(batch["attention_mask"])
+    assert packing is not None and packing.rows % 16 == 0 and packing.tokens == int(batch["attention_mask"].sum())
+    padded_loss, padded_grads = _loss_and_grads(model, batch)
+    model.zero_grad()
+    loss, n = packed_loss(model, batch)
+    (loss / n).backward()
+    assert float(loss) / n == pytest.approx(padded_loss, rel=1e-5)
+    for key, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, padded_grads[key], rtol=1e-4, atol=5e-6)
+    assert check_packing(model, batch)
+
+    left = batch["attention_mask"].flip(1)  # left padding: positions would differ
+    assert fast_attention.Packing.of(left) is None
+    full = torch.ones(4, 10, dtype=torch.long)  # nothing to remove
+    assert fast_attention.Packing.of(full) is None

@@ -333,6 +333,11 @@ class FastLoraPath:
                 self.mlps.append(module)
         self.replaced_attention = fast_attention.install(model)
         self.attention_modules = fast_attention.install_modules(model) if self.replaced_attention else []
+        # Padding-free batches (loss.packed_loss) need every decoder layer's attention on the fused function.
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        self.packs_sequences = bool(self.attention_modules) and isinstance(layers, nn.ModuleList) and \
+            len(self.attention_modules) == len(layers)
 
     @property
     def enabled(self) -> bool:
@@ -354,6 +359,8 @@ class FastLoraPath:
         attention = f", short-batch attention in {fast_attention.NAME}" if self.replaced_attention else ""
         if self.attention_modules:
             attention += f" ({len(self.attention_modules)} with the rotary embedding inside)"
+        if self.packs_sequences:
+            attention += ", padding-free batches where padding is over 10%"
         kernels = f", {len(self.mlps)} fused SwiGLUs (C kernels)" if self.kernels is not None else " (PyTorch ops: no C kernels)"
         return (f"{self.lora_layers} LoRA layers, {len(fused)} shared-input groups with one fused matmul, "
                 f"{len(self.norms)} fused RMSNorms{kernels}, sparse dropout draws{attention}")
@@ -398,3 +405,4 @@ class FastLoraPath:
         if self.replaced_attention:
             fast_attention.uninstall(self.model, self.replaced_attention)
         self.groups, self.norms, self.mlps, self.attention_modules, self.replaced_attention = [], [], [], [], None
+        self.packs_sequences = False

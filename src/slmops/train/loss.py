@@ -38,6 +38,28 @@ def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
 
 
+def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Same value as selective_loss, without computing on padding: the batch's real tokens
+    run as one packed sequence (1, N) with per-example position ids, and the fused
+    attention (fast_attention.Packing) keeps each example to itself. Batches it cannot pack
+    (left padding, too long for the fused attention, no gradients) take selective_loss."""
+    from slmops.train.fast_attention import Packing
+
+    packing = Packing.of(batch["attention_mask"]) if torch.is_grad_enabled() else None
+    if packing is None:
+        return selective_loss(model, batch)
+    inner = _inner(model)
+    input_ids = packing.pack(batch["input_ids"])
+    hidden = inner.get_decoder()(input_ids=input_ids, position_ids=packing.position_ids(), slmops_packing=packing).last_hidden_state
+    # each token's target is the next token of its own example (IGNORE after its last)
+    labels = batch["labels"]
+    targets = packing.pack(torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], 1))[0]
+    targets[packing.tokens :] = IGNORE  # the rows that round the count up carry no loss
+    mask = targets != IGNORE
+    logits = inner.get_output_embeddings()(hidden[0][mask]).float()
+    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+
+
 @torch.no_grad()
 def check_fast_path(model, batch: dict[str, torch.Tensor]) -> bool:
     """True when selective_loss reproduces the model's own logits on this batch."""
@@ -54,3 +76,20 @@ def check_fast_path(model, batch: dict[str, torch.Tensor]) -> bool:
     finally:
         model.train(was_training)
     return bool(torch.isfinite(fast)) and abs(float(plain) - float(fast)) <= 1e-3 * max(1.0, abs(float(plain)))
+
+
+def check_packing(model, batch: dict[str, torch.Tensor]) -> bool:
+    """True when packed_loss reproduces selective_loss on this batch (dropout off)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():  # packing applies to training forwards only
+            packed, n_packed = packed_loss(model, batch)
+        with torch.no_grad():
+            padded, n_padded = selective_loss(model, batch)
+    except Exception:
+        return False
+    finally:
+        model.train(was_training)
+    packed, padded = float(packed.detach()), float(padded)
+    return n_packed == n_padded and abs(packed - padded) <= 1e-2 * max(1.0, abs(padded))

@@ -20,7 +20,7 @@ from slmops.data.tokenize import IGNORE, TokenizedData
 from slmops.models.precision import Precision
 from slmops.train import checkpoint as ckpt
 from slmops.train.fast_attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
-from slmops.train.loss import check_fast_path, plain_loss, selective_loss
+from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss
 from slmops.train.monitor import MetricsLog
 
 log = logging.getLogger("slmops")
@@ -160,12 +160,18 @@ class Trainer:
         with self._autocast():
             fast = check_fast_path(self.model, probe)
         self.loss_fn = selective_loss if fast else plain_loss
-        log.info("loss: %s", "output head on labelled positions only" if fast else "full logits (model's own forward)")
+        packed = fast and self.fast_lora is not None and self.fast_lora.packs_sequences and check_packing(self.model, probe)
+        if packed:
+            self.loss_fn = packed_loss
+        log.info("loss: %s%s", "output head on labelled positions only" if fast else "full logits (model's own forward)",
+                 "; padding-free batches (real tokens only) where padding is over 10%" if packed else "")
 
     def _verify_fast_lora(self, probe: dict[str, torch.Tensor]) -> None:
         with self._attention_kernel(probe), self._autocast():
             if not self.fast_lora.verify(self.model, self.loss_fn, probe):
                 self.fast_lora = None
+                if self.loss_fn is packed_loss:  # packing relies on the fast path's attention
+                    self.loss_fn = selective_loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -331,7 +337,7 @@ class Trainer:
             input_tokens_seen=self.state.input_tokens_seen,
             train_seconds=seconds,
             tokens_per_second=self.state.input_tokens_seen / max(seconds - paused_total, 1e-9),
-            fast_loss=self.loss_fn is selective_loss,
+            fast_loss=self.loss_fn is not plain_loss,
         )
 
     def restore_best(self) -> None:
