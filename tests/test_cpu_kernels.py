@@ -117,3 +117,32 @@ def test_a_failing_compiler_is_reported_and_pytorch_ops_used(monkeypatch, tmp_pa
         assert "fused CPU kernels unavailable" in caplog.text and "false failed" in caplog.text
     finally:
         cpu_kernels.get.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,shared_positions", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, False)])
+def test_rotary_attention_on_kernels_matches_pytorch_ops(kernels, dtype, shared_positions):
+    """The kernels' rotate + transpose (forward and backward) give the PyTorch version's
+    attention, with q/k/v as column slices of one projection output (as the fused q/k/v
+    group returns them) and position embeddings per example or shared by the batch."""
+    from slmops.train import fast_attention
+
+    torch.manual_seed(0)
+    batch, length, heads, kv_heads, dim = 3, 7, 6, 2, 8
+    qkv = torch.randn(batch, length, (heads + 2 * kv_heads) * dim).to(dtype).requires_grad_()
+    angles = torch.randn(1 if shared_positions else batch, length, dim // 2) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    cos32, sin_swapped = fast_attention._Rope().get(cos, sin)
+    mask = torch.ones(batch, 1, length, length, dtype=torch.bool).tril()
+    mask[1, :, :, 5:] = False
+    bias = fast_attention._Bias().get(mask, length, heads // kv_heads, qkv.device)
+    grad = torch.randn(batch, length, heads * dim).to(dtype)
+    results = []
+    for use in (kernels, None):
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        out = fast_attention.RotaryAttentionFunction.apply(q, k, v, cos32, sin_swapped, bias, 0.35, heads, kv_heads, use)
+        (d_qkv,) = torch.autograd.grad(out, qkv, grad)
+        results.append((out.float(), d_qkv.float()))
+    (out_k, grad_k), (out_ref, grad_ref) = results
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_k, out_ref, **tolerance)
+    torch.testing.assert_close(grad_k, grad_ref, **tolerance)

@@ -142,5 +142,68 @@ static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 KERNELS(bf16, uint16_t)
 KERNELS(f32, float)
 
+/* Rotary position embedding with the head transpose, for the fused attention (fast_attention.py).
+   y = x * cos + swap(x * sin_swapped), swap exchanging the two halves of the head dimension
+   (Llama's rotate_half), then times `scale`; with cos == NULL, only the transpose.
+
+   rope_heads_first: x (B, T, heads, D) with `row_stride` elements between tokens (q, k, v are
+   column slices of one projection output) -> y (B, heads, T, D) fp32, contiguous.
+   rope_tokens_first: the backward: g (B, heads, T, D) fp32 -> y (B, T, heads, D) contiguous, with
+   the transposed rotation g * cos + swap(g * -sin_swapped). cos and sin_swapped: (B, T, D) fp32, or
+   (1, T, D) shared by the batch (rope_batch_stride 0 instead of T * D). */
+#define ROPE_KERNELS(S, T)                                                                                      \
+    void rope_heads_first_##S(const T *x, int64_t row_stride, const float *cos, const float *sin_swapped,       \
+                              int64_t rope_batch_stride, float *y, int64_t batch, int64_t tokens, int64_t heads,  \
+                              int64_t dim, float scale) {                                                        \
+        int64_t half = dim / 2;                                                                                 \
+        _Pragma("omp parallel for schedule(static) if (batch * tokens * heads * dim >= PARALLEL_MIN)")         \
+        for (int64_t bt = 0; bt < batch * tokens; bt++) {                                                       \
+            int64_t b = bt / tokens, t = bt % tokens;                                                           \
+            int64_t at = b * rope_batch_stride + t * dim;                                                       \
+            const float *c = cos ? cos + at : 0, *s = sin_swapped ? sin_swapped + at : 0;                       \
+            for (int64_t h = 0; h < heads; h++) {                                                               \
+                const T *xr = x + bt * row_stride + h * dim;                                                    \
+                float *yr = y + ((b * heads + h) * tokens + t) * dim;                                           \
+                if (!c) {                                                                                       \
+                    for (int64_t i = 0; i < dim; i++) yr[i] = LOAD_##S(xr, i) * scale;                          \
+                    continue;                                                                                   \
+                }                                                                                               \
+                for (int64_t i = 0; i < half; i++) {                                                            \
+                    float lo = LOAD_##S(xr, i), hi = LOAD_##S(xr, i + half);                                    \
+                    yr[i] = (lo * c[i] + hi * s[i + half]) * scale;                                             \
+                    yr[i + half] = (hi * c[i + half] + lo * s[i]) * scale;                                      \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    void rope_tokens_first_##S(const float *g, const float *cos, const float *sin_swapped,                     \
+                               int64_t rope_batch_stride, T *y, int64_t batch, int64_t tokens, int64_t heads,   \
+                               int64_t dim, float scale) {                                                      \
+        int64_t half = dim / 2;                                                                                 \
+        _Pragma("omp parallel for schedule(static) if (batch * tokens * heads * dim >= PARALLEL_MIN)")         \
+        for (int64_t bt = 0; bt < batch * tokens; bt++) {                                                       \
+            int64_t b = bt / tokens, t = bt % tokens;                                                           \
+            int64_t at = b * rope_batch_stride + t * dim;                                                       \
+            const float *c = cos ? cos + at : 0, *s = sin_swapped ? sin_swapped + at : 0;                       \
+            for (int64_t h = 0; h < heads; h++) {                                                               \
+                const float *gr = g + ((b * heads + h) * tokens + t) * dim;                                     \
+                T *yr = y + (bt * heads + h) * dim;                                                             \
+                if (!c) {                                                                                       \
+                    for (int64_t i = 0; i < dim; i++) STORE_##S(yr, i, gr[i] * scale);                          \
+                    continue;                                                                                   \
+                }                                                                                               \
+                for (int64_t i = 0; i < half; i++) {                                                            \
+                    float lo = gr[i], hi = gr[i + half];                                                        \
+                    STORE_##S(yr, i, (lo * c[i] - hi * s[i + half]) * scale);                                   \
+                    STORE_##S(yr, i + half, (hi * c[i + half] - lo * s[i]) * scale);                            \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+
+ROPE_KERNELS(bf16, uint16_t)
+ROPE_KERNELS(f32, float)
+
 /* The version the Python side expects; bumped with any change of signature. */
-int slmops_kernels_version(void) { return 2; }
+int slmops_kernels_version(void) { return 3; }

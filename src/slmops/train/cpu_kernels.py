@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-VERSION = 2  # slmops_kernels_version() in the C file
+VERSION = 3  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -80,7 +80,10 @@ class Kernels:
             getattr(lib, f"swiglu_bwd_{suffix}").argtypes = [p, p, p, p, p, i64]
             getattr(lib, f"dropped_copies_{suffix}").argtypes = [p, p, i64, i64, p, i64]
             getattr(lib, f"masked_sum_{suffix}").argtypes = [p, p, i64, i64, p, i64, ctypes.c_int]
-            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "dropped_copies", "masked_sum"):
+            getattr(lib, f"rope_heads_first_{suffix}").argtypes = [p, i64, p, p, i64, p, i64, i64, i64, i64, f32]
+            getattr(lib, f"rope_tokens_first_{suffix}").argtypes = [p, p, p, i64, p, i64, i64, i64, i64, f32]
+            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "dropped_copies", "masked_sum",
+                         "rope_heads_first", "rope_tokens_first"):
                 getattr(lib, f"{name}_{suffix}").restype = None
 
     @staticmethod
@@ -131,6 +134,41 @@ class Kernels:
         getattr(self.lib, f"masked_sum_{_SUFFIX[parts.dtype]}")(out.data_ptr(), parts.data_ptr(), k, numel, dropped.data_ptr(),
                                                                dropped.numel(), int(into is not None))
         return out
+
+
+    @staticmethod
+    def rows_strided(x: torch.Tensor) -> bool:
+        """(B, T, F) with unit stride along F and one stride between all B * T rows (a column
+        slice of a contiguous matrix qualifies), in a supported dtype."""
+        return (x.dim() == 3 and x.device.type == "cpu" and x.dtype in _SUFFIX and x.stride(2) == 1
+                and x.stride(0) == x.shape[1] * x.stride(1))
+
+    def rope_heads_first(self, x: torch.Tensor, cos: torch.Tensor | None, sin_swapped: torch.Tensor | None, heads: int,
+                         scale: float = 1.0) -> torch.Tensor:
+        """x (B, T, heads * D) -> (B, heads, T, D) fp32, rotated by the position embedding
+        (cos, sin_swapped: (B or 1, T, D) fp32 contiguous; None: no rotation) and scaled."""
+        batch, tokens, features = x.shape
+        dim = features // heads
+        y = torch.empty(batch, heads, tokens, dim, dtype=torch.float32)
+        getattr(self.lib, f"rope_heads_first_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), x.stride(1), *_rope_args(cos, sin_swapped), y.data_ptr(), batch, tokens, heads, dim, scale)
+        return y
+
+    def rope_tokens_first(self, g: torch.Tensor, cos: torch.Tensor | None, sin_swapped: torch.Tensor | None, dtype: torch.dtype,
+                          scale: float = 1.0) -> torch.Tensor:
+        """The transpose: g (B, heads, T, D) fp32 contiguous -> (B, T, heads * D) in dtype,
+        with the inverse rotation (the rotation's transpose) and the scale."""
+        batch, heads, tokens, dim = g.shape
+        y = torch.empty(batch, tokens, heads * dim, dtype=dtype)
+        getattr(self.lib, f"rope_tokens_first_{_SUFFIX[dtype]}")(
+            g.data_ptr(), *_rope_args(cos, sin_swapped), y.data_ptr(), batch, tokens, heads, dim, scale)
+        return y
+
+
+def _rope_args(cos: torch.Tensor | None, sin_swapped: torch.Tensor | None) -> tuple:
+    if cos is None:
+        return None, None, 0
+    return cos.data_ptr(), sin_swapped.data_ptr(), 0 if cos.shape[0] == 1 else cos.shape[1] * cos.shape[2]
 
 
 @functools.lru_cache(maxsize=1)

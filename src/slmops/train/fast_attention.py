@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+
+from slmops.train.cpu_kernels import Kernels
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -142,47 +144,68 @@ class RotaryAttentionFunction(torch.autograd.Function):
     are shared by all layers (see _Rope); the scale is folded into q's rotation."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cos, sin_swapped, bias, scale: float, heads: int, kv_heads: int):
+    def forward(ctx, q, k, v, cos, sin_swapped, bias, scale: float, heads: int, kv_heads: int, kernels: Kernels | None = None):
         batch, length = q.shape[:2]
         dim = cos.shape[-1]
         group = heads // kv_heads
-        cos4, sin4 = cos[:, :, None, :], sin_swapped[:, :, None, :]  # broadcast over heads
-        # rope(q) * scale, laid out (B, Hkv, group*T, D): the query heads of one key/value head stacked along T
         compute = cos.dtype  # fp32 (fp64 in tests)
-        q_rot = _rope(q.view(batch, length, heads, dim).to(compute), cos4 * scale, sin4 * scale)
-        q_stack = q_rot.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * length, dim)
-        k_rot = _rope(k.view(batch, length, kv_heads, dim).to(compute), cos4, sin4).transpose(1, 2)  # (B, Hkv, T, D) view
-        v_heads = torch.empty(batch, kv_heads, length, dim, dtype=compute, device=v.device).copy_(v.view(batch, length, kv_heads, dim).transpose(1, 2))
+        # the C kernels rotate, transpose and convert in one pass each (cpu_kernels.c)
+        kernels = kernels if (kernels is not None and compute == torch.float32 and cos.is_contiguous() and sin_swapped.is_contiguous()
+                              and all(Kernels.rows_strided(t) and t.dtype == q.dtype for t in (q, k, v))) else None
+        # rope(q) * scale as (B, Hkv, group*T, D): the query heads of one key/value head stacked along T
+        if kernels is not None:
+            q_stack = kernels.rope_heads_first(q, cos, sin_swapped, heads, scale).view(batch, kv_heads, group * length, dim)
+            k_rot = kernels.rope_heads_first(k, cos, sin_swapped, kv_heads)  # (B, Hkv, T, D)
+            v_heads = kernels.rope_heads_first(v, None, None, kv_heads)
+        else:
+            cos4, sin4 = cos[:, :, None, :], sin_swapped[:, :, None, :]  # broadcast over heads
+            q_rot = _rope(q.view(batch, length, heads, dim).to(compute), cos4 * scale, sin4 * scale)
+            q_stack = q_rot.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * length, dim)
+            k_rot = _rope(k.view(batch, length, kv_heads, dim).to(compute), cos4, sin4).transpose(1, 2)  # (B, Hkv, T, D) view
+            v_heads = torch.empty(batch, kv_heads, length, dim, dtype=compute, device=v.device).copy_(v.view(batch, length, kv_heads, dim).transpose(1, 2))
         scores = torch.matmul(q_stack, k_rot.transpose(-1, -2))
         if bias is not None:
             scores.add_(bias.to(compute))
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, v_heads)  # (B, Hkv, group*T, D)
-        ctx.save_for_backward(q_stack, k_rot, v_heads, probs, cos4, sin4)
-        ctx.scale, ctx.dims, ctx.dtype = scale, (batch, length, heads, kv_heads, dim), q.dtype
+        ctx.save_for_backward(q_stack, k_rot, v_heads, probs, cos, sin_swapped)
+        ctx.scale, ctx.dims, ctx.dtype, ctx.kernels = scale, (batch, length, heads, kv_heads, dim), q.dtype, kernels
+        if kernels is not None:
+            return kernels.rope_tokens_first(out.view(batch, heads, length, dim), None, None, q.dtype)
         result = torch.empty(batch, length, kv_heads, group, dim, dtype=q.dtype, device=q.device)
         result.copy_(out.view(batch, kv_heads, group, length, dim).permute(0, 3, 1, 2, 4))
         return result.view(batch, length, heads * dim)
 
     @staticmethod
     def backward(ctx, grad):
-        q_stack, k_rot, v_heads, probs, cos4, sin4 = ctx.saved_tensors
+        q_stack, k_rot, v_heads, probs, cos, sin_swapped = ctx.saved_tensors
         batch, length, heads, kv_heads, dim = ctx.dims
         group = heads // kv_heads
-        d_out = torch.empty(batch, kv_heads, group, length, dim, dtype=probs.dtype, device=grad.device)
-        d_out.copy_(grad.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4))
-        d_out = d_out.view(batch, kv_heads, group * length, dim)
+        kernels, dtype = ctx.kernels, ctx.dtype
+        if kernels is not None and not (Kernels.rows_strided(grad) and grad.dtype == dtype):
+            grad = grad.contiguous().to(dtype)
+        if kernels is not None:
+            d_out = kernels.rope_heads_first(grad, None, None, heads).view(batch, kv_heads, group * length, dim)
+        else:
+            d_out = torch.empty(batch, kv_heads, group, length, dim, dtype=probs.dtype, device=grad.device)
+            d_out.copy_(grad.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4))
+            d_out = d_out.view(batch, kv_heads, group * length, dim)
         d_v = torch.matmul(probs.transpose(-1, -2), d_out)  # (B, Hkv, T, D)
         d_scores = torch._softmax_backward_data(torch.matmul(d_out, v_heads.transpose(-1, -2)), probs, -1, probs.dtype)
         d_q_stack = torch.matmul(d_scores, k_rot)  # (B, Hkv, group*T, D)
         d_k_rot = torch.matmul(d_scores.transpose(-1, -2), q_stack)  # (B, Hkv, T, D)
-        # back through the rotations (and q's scale), into (B, T, heads, D)
+        # back through the rotations (and q's scale), into (B, T, heads * D)
+        if kernels is not None:
+            d_q = kernels.rope_tokens_first(d_q_stack.view(batch, heads, length, dim), cos, sin_swapped, dtype, ctx.scale)
+            d_k = kernels.rope_tokens_first(d_k_rot, cos, sin_swapped, dtype)
+            d_v = kernels.rope_tokens_first(d_v, None, None, dtype)
+            return d_q, d_k, d_v, None, None, None, None, None, None, None
+        cos4, sin4 = cos[:, :, None, :], sin_swapped[:, :, None, :]
         d_q = d_q_stack.view(batch, kv_heads, group, length, dim).permute(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
         d_q = _rope(d_q, cos4 * ctx.scale, -sin4 * ctx.scale)
         d_k = _rope(d_k_rot.transpose(1, 2), cos4, -sin4)
         d_v = d_v.transpose(1, 2)
-        dtype = ctx.dtype
-        return _dense(d_q, dtype), _dense(d_k, dtype), _dense(d_v, dtype), None, None, None, None, None, None
+        return _dense(d_q, dtype), _dense(d_k, dtype), _dense(d_v, dtype), None, None, None, None, None, None, None
 
 
 class _Rope:
@@ -297,7 +320,7 @@ def _module_forward(module, hidden_states, position_embeddings=None, attention_m
     cos, sin_swapped = _rope_cache.get(*position_embeddings)
     heads, kv_heads = q.shape[-1] // module.head_dim, k.shape[-1] // module.head_dim
     bias = _bias.get(mask, length, heads // kv_heads, hidden_states.device)
-    out = RotaryAttentionFunction.apply(q, k, v, cos, sin_swapped, bias, module.scaling, heads, kv_heads)
+    out = RotaryAttentionFunction.apply(q, k, v, cos, sin_swapped, bias, module.scaling, heads, kv_heads, module._slmops_kernels)
     if packing is not None:
         out = packing.pack(out)
     return module.o_proj(out), None
@@ -351,12 +374,14 @@ def matches(module: nn.Module) -> bool:
     return error <= 2e-2 * max(float(expected.float().abs().mean()), 1e-6)
 
 
-def install_modules(model) -> list[nn.Module]:
+def install_modules(model, kernels: Kernels | None = None) -> list[nn.Module]:
     """Route the model's Llama-style attention modules through RotaryAttentionFunction (while
-    enabled); returns them. Call after install(): their fallback is the model's SDPA path."""
+    enabled; on the C kernels where given); returns them. Call after install(): their
+    fallback is the model's SDPA path."""
     installed = []
     for module in model.modules():
         if _looks_llama_style(module) and matches(module):
+            module._slmops_kernels = kernels
             module._slmops_own_forward = module.forward
             module.forward = types.MethodType(_module_forward, module)
             installed.append(module)
@@ -366,7 +391,7 @@ def install_modules(model) -> list[nn.Module]:
 def uninstall_modules(modules: list[nn.Module]) -> None:
     for module in modules:
         module.forward = module._slmops_own_forward
-        del module._slmops_own_forward
+        del module._slmops_own_forward, module._slmops_kernels
     _rope_cache.__init__()
 
 

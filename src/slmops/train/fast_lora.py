@@ -332,7 +332,7 @@ class FastLoraPath:
                 fast_mlp.install(module, lambda: self.enabled, self.kernels)
                 self.mlps.append(module)
         self.replaced_attention = fast_attention.install(model)
-        self.attention_modules = fast_attention.install_modules(model) if self.replaced_attention else []
+        self.attention_modules = fast_attention.install_modules(model, self.kernels) if self.replaced_attention else []
         # Padding-free batches (loss.packed_loss) need every decoder layer's attention on the fused function.
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         layers = getattr(decoder, "layers", None)
