@@ -216,7 +216,7 @@ def test_verify_removes_a_path_that_disagrees_with_peft(tiny_llama, tmp_path, mo
     monkeypatch.setattr(fast_lora.LinearGroup, "run", lambda self, x: tuple(o * 1.5 for o in original_run(self, x)))
     with caplog.at_level(logging.WARNING, logger="slmops"):
         assert not path.verify(model, selective_loss, _batch(plan))
-    assert "disagrees with PEFT" in caplog.text
+    assert "disagrees with the model's own forward" in caplog.text
     assert not path.groups and all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
     assert model.training
 
@@ -231,7 +231,34 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
     text = capsys.readouterr().err
     assert "precision: bfloat16 on cpu" in text
     # tiny Llama: 2 layers, LoRA on q/k/v/o (the default targets), 5 RMSNorms
-    assert "fast CPU LoRA path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms" in text, text
+    assert ("fast CPU path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms, 2 fused SwiGLUs, "
+            "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
+            "padding-free batches where padding is over 10%, C kernels") in text, text
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_full_fine_tuning_path_matches_the_model_own_forward(tiny_llama, tmp_path, bf16):
+    """Full fine-tuning (fp32 master weights, bf16 autocast when asked) takes the weight-free
+    parts of the path — fused SwiGLU, attention with the rotary embedding inside — with the
+    model's own loss and gradients (to the autocast dtype's precision)."""
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "full", method="full", bf16=bf16), quiet=True)
+    model = build_model(plan).train()
+    batch = _batch(plan)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        ref_loss, ref_grads = _loss_and_grads(model, batch)
+    path = FastLoraPath(model)
+    assert path.lora_layers == 0 and not path.norms and len(path.mlps) == 2 and len(path.attention_modules) == 2
+    with autocast:
+        loss, grads = _loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=2e-2 if bf16 else 1e-5)
+    for key in ref_grads:
+        if bf16:
+            cosine = torch.nn.functional.cosine_similarity(grads[key].flatten(), ref_grads[key].flatten(), dim=0)
+            assert cosine > 0.99, (key, float(cosine))
+        else:
+            torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=5e-6)
+    assert "LoRA" not in path.describe() and "2 fused SwiGLUs" in path.describe()
 
 
 def test_only_attention_modules_that_compute_the_same_function_are_taken_over():

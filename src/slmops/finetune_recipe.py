@@ -210,11 +210,11 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
     log.info("method: %s; trainable parameters %s of %s (%.2f%%)", plan.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
     fast_lora = None
-    if plan.precision.device.type == "cpu" and plan.method.name in ("lora", "qlora"):
+    if plan.precision.device.type == "cpu" and plan.method.name in ("lora", "qlora", "full"):
         from slmops.train.fast_lora import FastLoraPath
 
         fast_lora = FastLoraPath(model)
-        log.info("fast CPU LoRA path: %s", fast_lora.describe())
+        log.info("fast CPU path: %s", fast_lora.describe())
     _write_run_yaml(plan, status="running")
     tcfg = config.training
     trainer = Trainer(

@@ -145,6 +145,11 @@ class RotaryAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cos, sin_swapped, bias, scale: float, heads: int, kv_heads: int, kernels: Kernels | None = None):
+        with torch.autocast(q.device.type, enabled=False):  # full fine-tuning runs under bf16 autocast: keep fp32 here
+            return RotaryAttentionFunction._forward(ctx, q, k, v, cos, sin_swapped, bias, scale, heads, kv_heads, kernels)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, cos, sin_swapped, bias, scale, heads, kv_heads, kernels):
         batch, length = q.shape[:2]
         dim = cos.shape[-1]
         group = heads // kv_heads
@@ -178,6 +183,11 @@ class RotaryAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return RotaryAttentionFunction._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         q_stack, k_rot, v_heads, probs, cos, sin_swapped = ctx.saved_tensors
         batch, length, heads, kv_heads, dim = ctx.dims
         group = heads // kv_heads

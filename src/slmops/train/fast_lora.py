@@ -48,6 +48,9 @@ log = logging.getLogger("slmops")
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"),)
 
 
+VERIFY_GRADIENT_ELEMENTS = 20_000_000  # at most this many gradient elements kept per side by `verify`
+
+
 def drop_positions(numel: int, p: float, device: torch.device | None = None) -> torch.Tensor:
     """Flat indices of the elements an i.i.d. Bernoulli(p) dropout zeroes, in increasing
     order. For small p, drawn as geometric gaps between drops (about p * numel draws
@@ -299,7 +302,9 @@ def _fusable(module: nn.Module, lora_type: type) -> bool:
 
 
 class FastLoraPath:
-    """Installs the groups and fused norms on a PEFT LoRA model; `remove()` restores it."""
+    """Installs the groups, fused norms, MLPs and attention on a model (PEFT LoRA/QLoRA; for
+    full fine-tuning only the weight-free parts apply: SwiGLU, attention, packing);
+    `remove()` restores it."""
 
     def __init__(self, model: nn.Module):
         from peft.tuners.lora.layer import Linear as LoraLinear
@@ -355,20 +360,32 @@ class FastLoraPath:
         return sum(isinstance(m, LoraLinear) for g in self.groups for m in g.members)
 
     def describe(self) -> str:
-        fused = [g for g in self.groups if g.fuse_base and len(g.members) > 1]
-        attention = f", short-batch attention in {fast_attention.NAME}" if self.replaced_attention else ""
-        if self.attention_modules:
-            attention += f" ({len(self.attention_modules)} with the rotary embedding inside)"
+        parts = []
+        if self.lora_layers:
+            fused = [g for g in self.groups if g.fuse_base and len(g.members) > 1]
+            parts += [f"{self.lora_layers} LoRA layers", f"{len(fused)} shared-input groups with one fused matmul"]
+        if self.norms:
+            parts.append(f"{len(self.norms)} fused RMSNorms")
+        if self.mlps:
+            parts.append(f"{len(self.mlps)} fused SwiGLUs")
+        if self.lora_layers:
+            parts.append("sparse dropout draws")
+        if self.replaced_attention:
+            rotary = f" ({len(self.attention_modules)} with the rotary embedding inside)" if self.attention_modules else ""
+            parts.append(f"short-batch attention in {fast_attention.NAME}{rotary}")
         if self.packs_sequences:
-            attention += ", padding-free batches where padding is over 10%"
-        kernels = f", {len(self.mlps)} fused SwiGLUs (C kernels)" if self.kernels is not None else " (PyTorch ops: no C kernels)"
-        return (f"{self.lora_layers} LoRA layers, {len(fused)} shared-input groups with one fused matmul, "
-                f"{len(self.norms)} fused RMSNorms{kernels}, sparse dropout draws{attention}")
+            parts.append("padding-free batches where padding is over 10%")
+        parts.append("C kernels" if self.kernels is not None else "PyTorch ops only (C kernels unavailable)")
+        return ", ".join(parts)
 
     def verify(self, model: nn.Module, loss_fn, batch: dict[str, torch.Tensor]) -> bool:
         """Loss and adapter gradients of one batch (dropout off) with this path and with
         PEFT's forward agree to bf16 precision; otherwise remove the path and say so."""
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable, budget = [], VERIFY_GRADIENT_ELEMENTS
+        for p in model.parameters():  # full fine-tuning: compare a bounded subset (a 1B model's gradients twice is 8 GB)
+            if p.requires_grad and p.numel() <= budget:
+                trainable.append(p)
+                budget -= p.numel()
         results = []
         was_training = model.training
         model.eval()
@@ -389,8 +406,8 @@ class FastLoraPath:
         cosine = float(F.cosine_similarity(fast_grads, ref_grads, dim=0)) if ref_grads.norm() > 0 else 1.0
         if loss_ok and cosine > 0.99:
             return True
-        log.warning("fast CPU LoRA path disagrees with PEFT on this model (loss %.5f vs %.5f, gradient cosine %.4f): "
-                    "training with PEFT's own forward", fast_loss, ref_loss, cosine)
+        log.warning("fast CPU path disagrees with the model's own forward (PEFT's) on this model (loss %.5f vs %.5f, "
+                    "gradient cosine %.4f): training with the model's own forward", fast_loss, ref_loss, cosine)
         self.remove()
         return False
 
