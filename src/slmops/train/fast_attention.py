@@ -25,13 +25,12 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-
-from slmops.train.cpu_kernels import Kernels
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from slmops.train.cpu_kernels import Kernels
 
 NAME = "slmops_cpu_training"
 SHORT_ATTENTION_MAX_LEN = 192  # tokens: probabilities kept for the backward are B*H*T*T floats
