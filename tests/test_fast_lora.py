@@ -305,3 +305,27 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     assert fast_attention.Packing.of(left) is None
     full = torch.ones(4, 10, dtype=torch.long)  # nothing to remove
     assert fast_attention.Packing.of(full) is None
+
+
+def test_padding_free_batches_replay_under_gradient_checkpointing(tiny_llama, tmp_path):
+    """With dropout on, a packed batch under gradient checkpointing (the layers recomputed in
+    the backward, packing passed down again) gives the gradients of the same batch without it."""
+    results = []
+    for checkpointing in (False, True):
+        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
+                                         gradient_checkpointing=checkpointing), quiet=True)
+        torch.manual_seed(0)
+        model = _trained_a_little(plan).train()
+        FastLoraPath(model)
+        lengths = plan.data.train.lengths
+        by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batch = collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)
+        assert fast_attention.Packing.of(batch["attention_mask"]) is not None
+        torch.manual_seed(5)
+        loss, n = packed_loss(model, batch)
+        (loss / n).backward()
+        results.append((float(loss) / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert loss_ckpt == pytest.approx(loss, rel=1e-5)
+    for key in grads:
+        torch.testing.assert_close(grads_ckpt[key], grads[key], rtol=1e-4, atol=5e-6)
