@@ -18,10 +18,10 @@ from slmops.train.loss import check_packing, packed_loss, selective_loss
 from helpers import tiny_config
 
 
-def _loss_and_grads(model, batch, seed=0):
+def _loss_and_grads(model, batch, seed=0, loss_fn=selective_loss):
     torch.manual_seed(seed)  # the same dropout draws for both runs
     model.zero_grad()
-    loss, n = selective_loss(model, batch)
+    loss, n = loss_fn(model, batch)
     (loss / n).backward()
     return float(loss) / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
@@ -37,6 +37,13 @@ def _trained_a_little(plan):
 
 def _batch(plan, rows=6):
     return collate(plan.data.train, list(range(rows)), plan.tokenizer.pad_token_id)
+
+
+def _much_padding(plan):
+    """The 3 shortest and 3 longest training examples: a batch worth packing."""
+    lengths = plan.data.train.lengths
+    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -141,7 +148,10 @@ def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch, d
         torch.testing.assert_close(got, want)
 
 
-def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path):
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, packed):
+    """Recomputed layers draw the same dropout masks; a packed (padding-free) batch too, its
+    packing handed down to the recomputed layers again."""
     results = []
     for checkpointing in (False, True):
         plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
@@ -149,7 +159,9 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path):
         torch.manual_seed(0)
         model = _trained_a_little(plan).train()
         FastLoraPath(model)
-        results.append(_loss_and_grads(model, _batch(plan), seed=5))
+        batch, loss_fn = (_much_padding(plan), packed_loss) if packed else (_batch(plan), selective_loss)
+        assert (fast_attention.Packing.of(batch["attention_mask"]) is not None) == packed
+        results.append(_loss_and_grads(model, batch, seed=5, loss_fn=loss_fn))
     (loss, grads), (loss_ckpt, grads_ckpt) = results
     assert loss_ckpt == pytest.approx(loss, rel=1e-5)
     for key in grads:
@@ -286,19 +298,14 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     model = _trained_a_little(plan).train()
     path = FastLoraPath(model)
     assert path.packs_sequences and "padding-free batches" in path.describe()
-    lengths = plan.data.train.lengths
-    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batch = collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)  # much padding
+    batch = _much_padding(plan)
     packing = fast_attention.Packing.of(batch["attention_mask"])
     assert packing is not None and packing.rows % 16 == 0 and packing.tokens == int(batch["attention_mask"].sum())
     padded_loss, padded_grads = _loss_and_grads(model, batch)
-    model.zero_grad()
-    loss, n = packed_loss(model, batch)
-    (loss / n).backward()
-    assert float(loss) / n == pytest.approx(padded_loss, rel=1e-5)
-    for key, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, padded_grads[key], rtol=1e-4, atol=5e-6)
+    loss, grads = _loss_and_grads(model, batch, loss_fn=packed_loss)
+    assert loss == pytest.approx(padded_loss, rel=1e-5)
+    for key in padded_grads:
+        torch.testing.assert_close(grads[key], padded_grads[key], rtol=1e-4, atol=5e-6)
     assert check_packing(model, batch)
 
     left = batch["attention_mask"].flip(1)  # left padding: positions would differ
@@ -306,26 +313,3 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     full = torch.ones(4, 10, dtype=torch.long)  # nothing to remove
     assert fast_attention.Packing.of(full) is None
 
-
-def test_padding_free_batches_replay_under_gradient_checkpointing(tiny_llama, tmp_path):
-    """With dropout on, a packed batch under gradient checkpointing (the layers recomputed in
-    the backward, packing passed down again) gives the gradients of the same batch without it."""
-    results = []
-    for checkpointing in (False, True):
-        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
-                                         gradient_checkpointing=checkpointing), quiet=True)
-        torch.manual_seed(0)
-        model = _trained_a_little(plan).train()
-        FastLoraPath(model)
-        lengths = plan.data.train.lengths
-        by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        batch = collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)
-        assert fast_attention.Packing.of(batch["attention_mask"]) is not None
-        torch.manual_seed(5)
-        loss, n = packed_loss(model, batch)
-        (loss / n).backward()
-        results.append((float(loss) / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
-    (loss, grads), (loss_ckpt, grads_ckpt) = results
-    assert loss_ckpt == pytest.approx(loss, rel=1e-5)
-    for key in grads:
-        torch.testing.assert_close(grads_ckpt[key], grads[key], rtol=1e-4, atol=5e-6)
