@@ -21,6 +21,12 @@ each. This path computes the same function with far fewer ops:
 - RMSNorm modules on a frozen weight use one fused function (see fast_norm.py), and
   SwiGLU MLPs one fused activation (fast_mlp.py), both on C kernels (cpu_kernels.py)
   where a C compiler is available.
+- Llama-style attention runs from the q/k/v outputs to o_proj's input as one function, the
+  rotary embedding inside, and batches with much padding run padding-free
+  (fast_attention.py, loss.packed_loss).
+
+Full fine-tuning installs the same object: it has no LoRA layers and no frozen norms, so
+only the weight-free parts (SwiGLU, attention, packing) apply.
 
 PEFT's modules, state dicts and saved adapters are untouched; a member whose adapter state
 this path does not cover at call time (DoRA, several active adapters, merged or disabled
