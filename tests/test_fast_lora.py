@@ -307,6 +307,11 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     for key in padded_grads:
         torch.testing.assert_close(grads[key], padded_grads[key], rtol=1e-4, atol=5e-6)
     assert check_packing(model, batch)
+    probe = _batch(plan, 2)  # the trainer's start-up check packs its probe even with little padding
+    assert fast_attention.Packing.of(probe["attention_mask"], only_if_it_pays=False) is not None
+    assert check_packing(model, probe)
+    left_padded = {k: v.flip(1) for k, v in batch.items()}
+    assert not check_packing(model, left_padded), "a batch that cannot be packed cannot vouch for packing"
 
     left = batch["attention_mask"].flip(1)  # left padding: positions would differ
     assert fast_attention.Packing.of(left) is None

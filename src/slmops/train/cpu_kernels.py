@@ -44,23 +44,22 @@ def _compiler() -> str | None:
     return None
 
 
-def _flags(compiler: str) -> list[str]:
-    # -march=native: the library is built on the machine that runs it (AVX-512 where present).
-    # No -ffast-math: in a shared library it would switch the whole process to flush denormals.
-    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+# -march=native: the library is built on the machine that runs it (AVX-512 where present).
+# No -ffast-math: in a shared library it would switch the whole process to flush denormals.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
 
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(source + version.encode() + " ".join(_flags(compiler)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_flags(compiler), str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:2000]}")
         os.replace(built, target)  # atomic: a concurrent build of the same source is harmless

@@ -245,6 +245,10 @@ ROW_MULTIPLE = 16  # packed rows are rounded up to this: oneDNN's AMX matmuls ru
 PACK_BELOW = 0.9  # pack when the packed rows are fewer than this fraction of B * T
 
 
+def _rounded_rows(tokens: int) -> int:
+    return -(-tokens // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
 class Packing:
     """A right-padded (B, T) batch packed to its N real tokens, (1, rows), for padding-free
     training: every token-wise op (projections, MLP, norms) runs on `rows` rows instead of
@@ -260,7 +264,7 @@ class Packing:
         self.batch, self.length = valid.shape
         self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in the (B * T) padded layout
         self.tokens = len(self.index)
-        self.rows = -(-self.tokens // ROW_MULTIPLE) * ROW_MULTIPLE
+        self.rows = _rounded_rows(self.tokens)
         self.rows_index = torch.cat([self.index, self.index[:1].expand(self.rows - self.tokens)])
         causal = torch.ones(self.length, self.length, dtype=torch.bool, device=valid.device).tril_()
         self.mask = causal[None, None] & valid[:, None, None, :]  # (B, 1, T, T): causal over real keys
@@ -268,8 +272,9 @@ class Packing:
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
-    def of(attention_mask: torch.Tensor) -> Packing | None:
-        """The packing of a right-padded batch short enough for the fused attention, else None."""
+    def of(attention_mask: torch.Tensor, only_if_it_pays: bool = True) -> Packing | None:
+        """The packing of a right-padded batch short enough for the fused attention (and,
+        with only_if_it_pays, with enough padding to remove: PACK_BELOW), else None."""
         if attention_mask.dim() != 2 or attention_mask.shape[1] > SHORT_ATTENTION_MAX_LEN:
             return None
         valid = attention_mask.bool()
@@ -277,8 +282,7 @@ class Packing:
         positions = torch.arange(valid.shape[1], device=valid.device)[None]
         if not torch.equal(valid, positions < lengths) or int(lengths.min()) == 0:
             return None  # left padding or holes: positions would differ from the padded forward's
-        tokens = int(lengths.sum())
-        if -(-tokens // ROW_MULTIPLE) * ROW_MULTIPLE >= PACK_BELOW * valid.numel():
+        if only_if_it_pays and _rounded_rows(int(lengths.sum())) >= PACK_BELOW * valid.numel():
             return None  # little padding to remove
         return Packing(attention_mask)
 
@@ -322,17 +326,21 @@ def _module_forward(module, hidden_states, position_embeddings=None, attention_m
     )
     if plain:  # a packed batch is right here too: transformers' mask keeps its sequences apart
         return module._slmops_own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    return _fused(module, hidden_states, position_embeddings, mask, length, module._slmops_kernels, packing), None
+
+
+def _fused(module, hidden_states, position_embeddings, mask, length: int, kernels: Kernels | None, packing: Packing | None = None,
+           rope: _Rope = _rope_cache, biases: _Bias = _bias) -> torch.Tensor:
+    """o_proj(attention) of a Llama-style module on RotaryAttentionFunction."""
     q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
     if packing is not None:
         q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)
         position_embeddings = packing.padded_rope(*position_embeddings)
-    cos, sin_swapped = _rope_cache.get(*position_embeddings)
+    cos, sin_swapped = rope.get(*position_embeddings)
     heads, kv_heads = q.shape[-1] // module.head_dim, k.shape[-1] // module.head_dim
-    bias = _bias.get(mask, length, heads // kv_heads, hidden_states.device)
-    out = RotaryAttentionFunction.apply(q, k, v, cos, sin_swapped, bias, module.scaling, heads, kv_heads, module._slmops_kernels)
-    if packing is not None:
-        out = packing.pack(out)
-    return module.o_proj(out), None
+    bias = biases.get(mask, length, heads // kv_heads, hidden_states.device)
+    out = RotaryAttentionFunction.apply(q, k, v, cos, sin_swapped, bias, module.scaling, heads, kv_heads, kernels)
+    return module.o_proj(packing.pack(out) if packing is not None else out)
 
 
 def _looks_llama_style(module: nn.Module) -> bool:
@@ -364,12 +372,8 @@ def matches(module: nn.Module) -> bool:
     was_training = module.training
     module.eval()
     try:
-        expected = module._slmops_own_forward(x, (cos, sin), mask)[0] if hasattr(module, "_slmops_own_forward") else module(x, (cos, sin), mask)[0]
-        q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)
-        heads, kv_heads = q.shape[-1] // dim, k.shape[-1] // dim
-        cos32, sin_swapped = _Rope().get(cos, sin)
-        bias = _Bias().get(mask, length, heads // kv_heads, weight.device)
-        ours = module.o_proj(RotaryAttentionFunction.apply(q, k, v, cos32, sin_swapped, bias, module.scaling, heads, kv_heads))
+        expected = module(x, (cos, sin), mask)[0]  # called before install_modules: the module's own forward
+        ours = _fused(module, x, (cos, sin), mask, length, None, rope=_Rope(), biases=_Bias())
     except Exception:
         return False
     finally:

@@ -28,26 +28,36 @@ def plain_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     return F.cross_entropy(selected, targets[mask], reduction="sum"), int(mask.sum())
 
 
+def _head_loss(inner, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, count): the output head and cross-entropy on the positions of
+    `hidden` whose target is not IGNORE only."""
+    mask = targets != IGNORE
+    logits = inner.get_output_embeddings()(hidden[mask]).float()  # (N, V)
+    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+
+
 def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Same value as plain_loss; the head only sees labelled positions."""
     inner = _inner(model)
     hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE
-    logits = inner.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+    return _head_loss(inner, hidden[:, :-1], batch["labels"][:, 1:])
 
 
 def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Same value as selective_loss, without computing on padding: the batch's real tokens
     run as one packed sequence (1, N) with per-example position ids, and the fused
-    attention (fast_attention.Packing) keeps each example to itself. Batches it cannot pack
-    (left padding, too long for the fused attention, no gradients) take selective_loss."""
+    attention (fast_attention.Packing) keeps each example to itself. Batches it cannot or
+    need not pack (left padding, too long for the fused attention, little padding, no
+    gradients) take selective_loss."""
     from slmops.train.fast_attention import Packing
 
     packing = Packing.of(batch["attention_mask"]) if torch.is_grad_enabled() else None
     if packing is None:
         return selective_loss(model, batch)
+    return _packed(model, batch, packing)
+
+
+def _packed(model, batch: dict[str, torch.Tensor], packing) -> tuple[torch.Tensor, int]:
     inner = _inner(model)
     input_ids = packing.pack(batch["input_ids"])
     hidden = inner.get_decoder()(input_ids=input_ids, position_ids=packing.position_ids(), slmops_packing=packing).last_hidden_state
@@ -55,9 +65,7 @@ def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     labels = batch["labels"]
     targets = packing.pack(torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], 1))[0]
     targets[packing.tokens :] = IGNORE  # the rows that round the count up carry no loss
-    mask = targets != IGNORE
-    logits = inner.get_output_embeddings()(hidden[0][mask]).float()
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+    return _head_loss(inner, hidden[0], targets)
 
 
 @torch.no_grad()
@@ -79,12 +87,19 @@ def check_fast_path(model, batch: dict[str, torch.Tensor]) -> bool:
 
 
 def check_packing(model, batch: dict[str, torch.Tensor]) -> bool:
-    """True when packed_loss reproduces selective_loss on this batch (dropout off)."""
+    """True when the packed forward reproduces selective_loss on this batch (dropout off).
+    The batch is packed even where packed_loss would not bother (little padding), so the
+    check always exercises packing; a batch that cannot be packed at all fails it."""
+    from slmops.train.fast_attention import Packing
+
+    packing = Packing.of(batch["attention_mask"], only_if_it_pays=False)
+    if packing is None:
+        return False
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # packing applies to training forwards only
-            packed, n_packed = packed_loss(model, batch)
+        with torch.enable_grad():  # the fused attention runs in training forwards only
+            packed, n_packed = _packed(model, batch, packing)
         with torch.no_grad():
             padded, n_padded = selective_loss(model, batch)
     except Exception:
