@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from slmops.finetune_recipe import build_model, plan_finetune
 from slmops.train import cpu_kernels, fast_mlp, fast_norm
-from slmops.train.fast_lora import FastLoraPath
+from slmops.train.fast_lora import FastLoraPath, drop_positions
 
 from helpers import tiny_config
 
@@ -63,6 +63,52 @@ def test_swiglu_forward_and_backward(kernels, dtype):
     torch.testing.assert_close(out.double(), expected.detach(), **_ulps(dtype))
     torch.testing.assert_close(gate.grad.double(), g64.grad, **_ulps(dtype))
     torch.testing.assert_close(up.grad.double(), u64.grad, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype,rank", [(torch.bfloat16, 16), (torch.bfloat16, 5), (torch.float32, 16)])
+def test_sparse_lora_dropout_kernels_equal_products_on_masked_copies(kernels, dtype, rank):
+    """h = (x * keep_j) A_j^T, dA_j = d_j^T (x * keep_j) and dx = sum_j keep_j * (d_j A_j), from
+    products on x itself minus the dropped terms, against float64 products on masked copies
+    (rank 16 in bf16 runs the AVX-512 code where the CPU has it, other ranks the generic loops)."""
+    torch.manual_seed(0)
+    k, n, features, p = 3, 37, 40, 0.1
+    x = torch.randn(n, features).to(dtype)
+    a = torch.randn(k * rank, features).to(dtype)  # A_j in rows j * rank ..
+    d_pre = torch.randn(n, k * rank).to(dtype)
+    dropped = drop_positions(k * n * features, p, kernels=kernels)
+    keep = torch.ones(k * n * features, dtype=torch.float64)
+    keep[dropped] = 0
+    keep = keep.view(k, n, features)
+    a_t = a.t().contiguous()
+    x64, a64, d64 = x.double(), a.double().view(k, rank, features), d_pre.double().view(n, k, rank)
+
+    h = x @ a_t
+    kernels.lora_drop_h(h, x, a_t, dropped, k)
+    want_h = torch.cat([(x64 * keep[j]) @ a64[j].t() for j in range(k)], 1)
+    torch.testing.assert_close(h.double(), want_h, **_ulps(dtype))
+
+    da = (x.t() @ d_pre).float()
+    kernels.lora_drop_da(da, x, d_pre, dropped, k)
+    want_da = torch.cat([(x64 * keep[j]).t() @ d64[:, j] for j in range(k)], 1)
+    torch.testing.assert_close(da.double(), want_da, **_ulps(dtype))
+
+    dx = d_pre @ a_t.t()
+    kernels.lora_drop_dx(dx, d_pre, a_t, dropped, k)
+    want_dx = sum(keep[j] * (d64[:, j] @ a64[j]) for j in range(k))
+    torch.testing.assert_close(dx.double(), want_dx, **_ulps(dtype))
+
+
+def test_dropout_positions_kernel_draws_the_same_distribution(kernels):
+    """The C loop turning uniforms into positions agrees with the PyTorch ops on the same
+    uniforms except where a gap lands within rounding of an integer."""
+    n, p = 300_000, 0.05
+    torch.manual_seed(3)
+    fast = drop_positions(n, p, kernels=kernels)
+    torch.manual_seed(3)
+    plain = drop_positions(n, p)
+    assert torch.all(fast[1:] > fast[:-1]) and int(fast.max()) < n
+    same = min(len(fast), len(plain))
+    assert abs(len(fast) - len(plain)) <= 2 and torch.equal(fast[: same // 2], plain[: same // 2])
 
 
 def test_large_tensors_use_both_threads_and_agree(kernels):

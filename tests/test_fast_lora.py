@@ -90,11 +90,13 @@ def test_bf16_fast_path_matches_plain_fp32_path(tiny_llama, tmp_path):
         assert cosine > 0.98, key
 
 
-@pytest.mark.parametrize("p", [0.05, 0.2, 0.5])
-def test_drop_positions_are_iid_bernoulli(p):
+@pytest.mark.parametrize("p,with_kernels", [(0.05, False), (0.05, True), (0.2, False), (0.2, True), (0.5, False)])
+def test_drop_positions_are_iid_bernoulli(p, with_kernels):
     n = 400_000
+    kernels = cpu_kernels.get() if with_kernels else None
+    assert kernels is not None or not with_kernels
     torch.manual_seed(1)
-    positions = drop_positions(n, p)
+    positions = drop_positions(n, p, kernels=kernels)
     assert positions.dtype == torch.int64 and int(positions.max()) < n and int(positions.min()) >= 0
     assert torch.all(positions[1:] > positions[:-1]), "sorted, no repeats"
     sigma = math.sqrt(n * p * (1 - p))
@@ -105,7 +107,7 @@ def test_drop_positions_are_iid_bernoulli(p):
     pairs = float((mask[:-1] & mask[1:]).float().mean())
     assert pairs == pytest.approx(p * p, rel=0.1)
     torch.manual_seed(1)
-    assert torch.equal(drop_positions(n, p), positions), "same seed, same draws (checkpoints and resume replay them)"
+    assert torch.equal(drop_positions(n, p, kernels=kernels), positions), "same seed, same draws (checkpoints and resume replay them)"
     assert len(drop_positions(n, 0.0)) == 0
 
 

@@ -58,6 +58,83 @@ static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 #define LOAD_f32(p, i) ((p)[i])
 #define STORE_f32(p, i, v) ((p)[i] = (v))
 
+/* Sparse LoRA dropout: k adapters read one input x (n, in); adapter j drops the flat positions of the
+   sorted dropped[] that fall in [j * n * in, (j + 1) * n * in). The products run on x itself and these
+   three kernels take the dropped elements' terms back out (dropout p is small: a few percent of x).
+   a_t (in, k * r) holds the adapters' A matrices transposed, adapter j in columns j * r .. j * r + r - 1.
+   lora_drop_h:  h (n, k * r) holds x a_t; minus, per dropped (j, m, c), x[m, c] * a_t[c, j's columns];
+   lora_drop_da: da (in, k * r) fp32 holds x^T d_pre; minus x[m, c] * d_pre[m, j's columns] in row c;
+   lora_drop_dx: dx (n, in) holds d_pre a_t^T; minus dot(d_pre[m, j's columns], a_t[c, j's columns]) at (m, c).
+   Positions sorted by (j, m, c) let the forward sum each row's terms in fp32 and round once. */
+
+/* Steps (j, m) to the row of flat position p; `row_start` is the flat index of (j, m, 0). */
+#define ADVANCE(p) while ((p) - row_start >= in) { row_start += in; if (++m == n) { m = 0; j++; } }
+
+/* At the usual rank 16 in bf16, with AVX-512: one vector per adapter row. Other ranks and dtypes take the
+   generic loops in KERNELS below. */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define RANK16_bf16 1
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline void store16_bf16(uint16_t *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+
+static void lora_drop_h_rank16_bf16(uint16_t *h, const uint16_t *x, const uint16_t *a_t, const int64_t *dropped,
+                                    int64_t count, int64_t k, int64_t n, int64_t in) {
+    int64_t kr = k * 16, j = 0, m = 0, row_start = 0;
+    for (int64_t i = 0; i < count;) {
+        ADVANCE(dropped[i]);
+        int64_t end = row_start + in;
+        __m512 acc = _mm512_setzero_ps();
+        for (; i < count && dropped[i] < end; i++) {
+            int64_t c = dropped[i] - row_start;
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(x[m * in + c])), load16_bf16(a_t + c * kr + j * 16), acc);
+        }
+        uint16_t *hr = h + m * kr + j * 16;
+        store16_bf16(hr, _mm512_sub_ps(load16_bf16(hr), acc));
+    }
+}
+
+static void lora_drop_da_rank16_bf16(float *da, const uint16_t *x, const uint16_t *d_pre, const int64_t *dropped,
+                                     int64_t count, int64_t k, int64_t n, int64_t in) {
+    int64_t kr = k * 16, j = 0, m = 0, row_start = 0;
+    for (int64_t i = 0; i < count;) {
+        ADVANCE(dropped[i]);
+        int64_t end = row_start + in;
+        __m512 d = load16_bf16(d_pre + m * kr + j * 16);
+        for (; i < count && dropped[i] < end; i++) {
+            int64_t c = dropped[i] - row_start;
+            float *dr = da + c * kr + j * 16;
+            _mm512_storeu_ps(dr, _mm512_fnmadd_ps(_mm512_set1_ps(bf16_to_f32(x[m * in + c])), d, _mm512_loadu_ps(dr)));
+        }
+    }
+}
+
+static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const uint16_t *a_t, const int64_t *dropped,
+                                     int64_t count, int64_t k, int64_t n, int64_t in) {
+    int64_t kr = k * 16, j = 0, m = 0, row_start = 0;
+    for (int64_t i = 0; i < count;) {
+        ADVANCE(dropped[i]);
+        int64_t end = row_start + in;
+        __m512 d = load16_bf16(d_pre + m * kr + j * 16);
+        uint16_t *row = dx + m * in;
+        for (; i < count && dropped[i] < end; i++) {
+            int64_t c = dropped[i] - row_start;
+            float dot = _mm512_reduce_add_ps(_mm512_mul_ps(d, load16_bf16(a_t + c * kr + j * 16)));
+            row[c] = f32_to_bf16(bf16_to_f32(row[c]) - dot);
+        }
+    }
+}
+#else
+#define RANK16_bf16 0
+#define lora_drop_h_rank16_bf16(...) ((void)0)
+#define lora_drop_da_rank16_bf16(...) ((void)0)
+#define lora_drop_dx_rank16_bf16(...) ((void)0)
+#endif
+#define RANK16_f32 0
+
 #define KERNELS(S, T)                                                                                           \
     /* y = w * x * inv_rms: Llama's RMSNorm; inv_rms (fp32, one per row) is kept for the backward. */               \
     void rmsnorm_fwd_##S(const T *x, const T *w, T *y, float *inv_rms, int64_t rows, int64_t cols, float eps) { \
@@ -115,28 +192,61 @@ static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
-    /* out[j] = x with the flat positions dropped[] of the (k, numel) output zeroed: the k dropout copies of  \
-       one input that a group of LoRA adapters reads (fast_lora.py). */                                       \
-    void dropped_copies_##S(const T *x, T *out, int64_t k, int64_t numel, const int64_t *dropped, int64_t n) {  \
-        for (int64_t j = 0; j < k; j++)                                                                         \
-            memcpy(out + j * numel, x, (size_t)numel * sizeof(T));                                              \
-        for (int64_t m = 0; m < n; m++)                                                                         \
-            out[dropped[m]] = 0;                                                                                \
-    }                                                                                                           \
-                                                                                                                \
-    /* dx (+)= sum over j of parts[j], with the flat positions dropped[] of parts (k, numel) zeroed first: the  \
-       input gradient of k dropout-masked LoRA adapters. */                                                   \
-    void masked_sum_##S(T *dx, T *parts, int64_t k, int64_t numel, const int64_t *dropped, int64_t n,           \
-                        int accumulate) {                                                                       \
-        for (int64_t m = 0; m < n; m++)                                                                         \
-            parts[dropped[m]] = 0;                                                                              \
-        _Pragma("omp parallel for simd schedule(static) if (numel >= PARALLEL_MIN)")                            \
-        for (int64_t i = 0; i < numel; i++) {                                                                   \
-            float v = accumulate ? LOAD_##S(dx, i) : 0.0f;                                                      \
-            for (int64_t j = 0; j < k; j++)                                                                     \
-                v += LOAD_##S(parts, j * numel + i);                                                            \
-            STORE_##S(dx, i, v);                                                                                \
-        }                                                                                                       \
+    void lora_drop_h_##S(T *h, const T *x, const T *a_t, const int64_t *dropped, int64_t count, int64_t k,                       \
+                         int64_t n, int64_t in, int64_t r) {                                                                     \
+        if (r == 16 && RANK16_##S) {                                                                                             \
+            lora_drop_h_rank16_bf16((uint16_t *)h, (const uint16_t *)x, (const uint16_t *)a_t, dropped, count, k, n, in);        \
+            return;                                                                                                              \
+        }                                                                                                                        \
+        int64_t kr = k * r, j = 0, m = 0, row_start = 0;                                                                         \
+        float acc[r];                                                                                                            \
+        for (int64_t i = 0; i < count;) {                                                                                        \
+            ADVANCE(dropped[i]);                                                                                                 \
+            int64_t end = row_start + in;                                                                                        \
+            for (int64_t t = 0; t < r; t++) acc[t] = 0.0f;                                                                       \
+            for (; i < count && dropped[i] < end; i++) {                                                                         \
+                int64_t c = dropped[i] - row_start;                                                                              \
+                float xv = LOAD_##S(x, m * in + c);                                                                              \
+                const T *ar = a_t + c * kr + j * r;                                                                              \
+                for (int64_t t = 0; t < r; t++) acc[t] += xv * LOAD_##S(ar, t);                                                  \
+            }                                                                                                                    \
+            T *hr = h + m * kr + j * r;                                                                                          \
+            for (int64_t t = 0; t < r; t++) STORE_##S(hr, t, LOAD_##S(hr, t) - acc[t]);                                          \
+        }                                                                                                                        \
+    }                                                                                                                            \
+                                                                                                                                 \
+    void lora_drop_da_##S(float *da, const T *x, const T *d_pre, const int64_t *dropped, int64_t count, int64_t k,               \
+                          int64_t n, int64_t in, int64_t r) {                                                                    \
+        if (r == 16 && RANK16_##S) {                                                                                             \
+            lora_drop_da_rank16_bf16(da, (const uint16_t *)x, (const uint16_t *)d_pre, dropped, count, k, n, in);                \
+            return;                                                                                                              \
+        }                                                                                                                        \
+        int64_t kr = k * r, j = 0, m = 0, row_start = 0;                                                                         \
+        for (int64_t i = 0; i < count; i++) {                                                                                    \
+            ADVANCE(dropped[i]);                                                                                                 \
+            int64_t c = dropped[i] - row_start;                                                                                  \
+            float xv = LOAD_##S(x, m * in + c);                                                                                  \
+            const T *dp = d_pre + m * kr + j * r;                                                                                \
+            float *dr = da + c * kr + j * r;                                                                                     \
+            for (int64_t t = 0; t < r; t++) dr[t] -= xv * LOAD_##S(dp, t);                                                       \
+        }                                                                                                                        \
+    }                                                                                                                            \
+                                                                                                                                 \
+    void lora_drop_dx_##S(T *dx, const T *d_pre, const T *a_t, const int64_t *dropped, int64_t count, int64_t k,                 \
+                          int64_t n, int64_t in, int64_t r) {                                                                    \
+        if (r == 16 && RANK16_##S) {                                                                                             \
+            lora_drop_dx_rank16_bf16((uint16_t *)dx, (const uint16_t *)d_pre, (const uint16_t *)a_t, dropped, count, k, n, in);  \
+            return;                                                                                                              \
+        }                                                                                                                        \
+        int64_t kr = k * r, j = 0, m = 0, row_start = 0;                                                                         \
+        for (int64_t i = 0; i < count; i++) {                                                                                    \
+            ADVANCE(dropped[i]);                                                                                                 \
+            int64_t c = dropped[i] - row_start;                                                                                  \
+            const T *dp = d_pre + m * kr + j * r, *ar = a_t + c * kr + j * r;                                                    \
+            float dot = 0.0f;                                                                                                    \
+            for (int64_t t = 0; t < r; t++) dot += LOAD_##S(dp, t) * LOAD_##S(ar, t);                                            \
+            STORE_##S(dx, m * in + c, LOAD_##S(dx, m * in + c) - dot);                                                           \
+        }                                                                                                                        \
     }
 
 KERNELS(bf16, uint16_t)
@@ -176,7 +286,6 @@ KERNELS(f32, float)
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-                                                                                                                \
     void rope_tokens_first_##S(const float *g, const float *cos, const float *sin_swapped,                     \
                                int64_t rope_batch_stride, T *y, int64_t batch, int64_t tokens, int64_t heads,   \
                                int64_t dim, float scale) {                                                      \
@@ -205,5 +314,43 @@ KERNELS(f32, float)
 ROPE_KERNELS(bf16, uint16_t)
 ROPE_KERNELS(f32, float)
 
+/* ln(x) for normal x > 0, ~3 ulp: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(f),
+   f = (m - 1) / (m + 1), |f| < 0.172, by its odd series to f^11. Branch-free, so loops vectorize. */
+static inline float log_f32(float x) {
+    union { float f; uint32_t u; } v = {x};
+    int32_t e = (int32_t)((v.u >> 23) & 0xff) - 127;
+    v.u = (v.u & 0x007fffffu) | 0x3f800000u; /* mantissa in [1, 2) */
+    float m = v.f;
+    int32_t big = m > 1.41421356f;
+    m = big ? m * 0.5f : m;
+    e += big;
+    float f = (m - 1.0f) / (m + 1.0f), f2 = f * f;
+    float s = 1.0f / 11.0f;
+    s = s * f2 + 1.0f / 9.0f;
+    s = s * f2 + 1.0f / 7.0f;
+    s = s * f2 + 1.0f / 5.0f;
+    s = s * f2 + 1.0f / 3.0f;
+    s = s * f2 + 1.0f;
+    return (float)e * 0.693147180559945f + 2.0f * f * s;
+}
+
+/* Dropout positions from geometric gaps (fast_lora.drop_positions): u (count) uniforms in [0, 1);
+   gap_i = floor(ln(1 - u_i) / log_keep) + 1 elements to the next drop, position_i = end + gap_1 + ... + gap_i.
+   Writes the positions below numel to out and returns how many (count: all of them, draw more).
+   The gaps go through `out` first: one vectorized pass, then the running sum. */
+int64_t drop_positions_from_uniforms(const float *u, int64_t count, double log_keep, int64_t end, int64_t numel,
+                                     int64_t *out) {
+    float inv = (float)(1.0 / log_keep);
+    #pragma omp simd
+    for (int64_t i = 0; i < count; i++)
+        out[i] = (int64_t)(log_f32(1.0f - u[i]) * inv); /* >= 0, so the conversion's truncation is floor */
+    for (int64_t i = 0; i < count; i++) {
+        end += out[i] + 1;
+        if (end >= numel) return i;
+        out[i] = end;
+    }
+    return count;
+}
+
 /* The version the Python side expects; bumped with any change of signature. */
-int slmops_kernels_version(void) { return 3; }
+int slmops_kernels_version(void) { return 4; }

@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-VERSION = 3  # slmops_kernels_version() in the C file
+VERSION = 4  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -77,13 +77,15 @@ class Kernels:
             getattr(lib, f"rmsnorm_bwd_{suffix}").argtypes = [p, p, p, p, p, i64, i64]
             getattr(lib, f"swiglu_fwd_{suffix}").argtypes = [p, p, p, i64]
             getattr(lib, f"swiglu_bwd_{suffix}").argtypes = [p, p, p, p, p, i64]
-            getattr(lib, f"dropped_copies_{suffix}").argtypes = [p, p, i64, i64, p, i64]
-            getattr(lib, f"masked_sum_{suffix}").argtypes = [p, p, i64, i64, p, i64, ctypes.c_int]
             getattr(lib, f"rope_heads_first_{suffix}").argtypes = [p, i64, p, p, i64, p, i64, i64, i64, i64, f32]
             getattr(lib, f"rope_tokens_first_{suffix}").argtypes = [p, p, p, i64, p, i64, i64, i64, i64, f32]
-            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "dropped_copies", "masked_sum",
-                         "rope_heads_first", "rope_tokens_first"):
+            for name in ("lora_drop_h", "lora_drop_da", "lora_drop_dx"):
+                getattr(lib, f"{name}_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
+            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_heads_first", "rope_tokens_first",
+                         "lora_drop_h", "lora_drop_da", "lora_drop_dx"):
                 getattr(lib, f"{name}_{suffix}").restype = None
+        lib.drop_positions_from_uniforms.argtypes = [p, i64, ctypes.c_double, i64, i64, p]
+        lib.drop_positions_from_uniforms.restype = i64
 
     @staticmethod
     def supports(*tensors: torch.Tensor) -> bool:
@@ -118,22 +120,29 @@ class Kernels:
         return d_gate, d_up
 
 
-    def dropped_copies(self, x: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Tensor:
-        """(k, *x.shape): k copies of x with the flat positions `dropped` (int64, of the
-        stacked copies) zeroed."""
-        out = x.new_empty(k, *x.shape)
-        getattr(self.lib, f"dropped_copies_{_SUFFIX[x.dtype]}")(x.data_ptr(), out.data_ptr(), k, x.numel(), dropped.data_ptr(), dropped.numel())
-        return out
+    # Sparse LoRA dropout (see the C file): k adapters over one input x (n, in), adapter j
+    # dropping the flat positions `dropped` (sorted, int64) in [j * x.numel(), (j + 1) * x.numel()).
+    # a_t: (in, k * r), the adapters' A matrices transposed side by side; d_pre: (n, k * r).
+    # All tensors contiguous, one dtype (bf16 or fp32) but `da`, which is fp32.
 
-    def masked_sum(self, parts: torch.Tensor, dropped: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """parts (k, ...) summed over k after zeroing the flat positions `dropped` (parts is
-        overwritten there); added into `into` when given (same shape and dtype as parts[0])."""
-        k, numel = parts.shape[0], parts[0].numel()
-        out = into if into is not None else parts.new_empty(parts.shape[1:])
-        getattr(self.lib, f"masked_sum_{_SUFFIX[parts.dtype]}")(out.data_ptr(), parts.data_ptr(), k, numel, dropped.data_ptr(),
-                                                               dropped.numel(), int(into is not None))
-        return out
+    def lora_drop_h(self, h: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, dropped: torch.Tensor, k: int) -> None:
+        """h (n, k * r) holding x @ a_t: subtract the dropped elements' terms, in place."""
+        getattr(self.lib, f"lora_drop_h_{_SUFFIX[x.dtype]}")(h.data_ptr(), x.data_ptr(), a_t.data_ptr(), *_drops(x, a_t, dropped, k))
 
+    def lora_drop_da(self, da: torch.Tensor, x: torch.Tensor, d_pre: torch.Tensor, dropped: torch.Tensor, k: int) -> None:
+        """da (in, k * r) fp32 holding x.T @ d_pre: subtract the dropped elements' terms, in place."""
+        getattr(self.lib, f"lora_drop_da_{_SUFFIX[x.dtype]}")(da.data_ptr(), x.data_ptr(), d_pre.data_ptr(), *_drops(x, d_pre, dropped, k))
+
+    def lora_drop_dx(self, dx: torch.Tensor, d_pre: torch.Tensor, a_t: torch.Tensor, dropped: torch.Tensor, k: int) -> None:
+        """dx (n, in) holding d_pre @ a_t.T (plus other terms): subtract the dropped elements' terms, in place."""
+        getattr(self.lib, f"lora_drop_dx_{_SUFFIX[dx.dtype]}")(dx.data_ptr(), d_pre.data_ptr(), a_t.data_ptr(), *_drops(dx, a_t, dropped, k))
+
+    def drop_positions(self, uniforms: torch.Tensor, log_keep: float, end: int, numel: int) -> tuple[torch.Tensor, bool]:
+        """Positions from float32 uniforms as geometric gaps after `end` (see
+        fast_lora.drop_positions); (those below numel, whether all uniforms were used)."""
+        out = torch.empty(uniforms.numel(), dtype=torch.int64)
+        written = self.lib.drop_positions_from_uniforms(uniforms.data_ptr(), uniforms.numel(), log_keep, end, numel, out.data_ptr())
+        return out[:written], written == uniforms.numel()
 
     @staticmethod
     def rows_strided(x: torch.Tensor) -> bool:
@@ -162,6 +171,12 @@ class Kernels:
         getattr(self.lib, f"rope_tokens_first_{_SUFFIX[dtype]}")(
             g.data_ptr(), *_rope_args(cos, sin_swapped), y.data_ptr(), batch, tokens, heads, dim, scale)
         return y
+
+
+def _drops(x: torch.Tensor, adapters: torch.Tensor, dropped: torch.Tensor, k: int) -> tuple:
+    """The trailing arguments of the lora_drop kernels: dropped, count, k, n, in, r."""
+    n, features = x.shape
+    return dropped.data_ptr(), dropped.numel(), k, n, features, adapters.shape[1] // k
 
 
 def _rope_args(cos: torch.Tensor | None, sin_swapped: torch.Tensor | None) -> tuple:

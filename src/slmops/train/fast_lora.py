@@ -57,7 +57,8 @@ SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"),)
 VERIFY_GRADIENT_ELEMENTS = 20_000_000  # at most this many gradient elements kept per side by `verify`
 
 
-def drop_positions(numel: int, p: float, device: torch.device | None = None) -> torch.Tensor:
+def drop_positions(numel: int, p: float, device: torch.device | None = None,
+                   kernels: cpu_kernels.Kernels | None = None) -> torch.Tensor:
     """Flat indices of the elements an i.i.d. Bernoulli(p) dropout zeroes, in increasing
     order. For small p, drawn as geometric gaps between drops (about p * numel draws
     instead of numel); the positions of successes in a Bernoulli sequence have exactly
@@ -74,8 +75,15 @@ def drop_positions(numel: int, p: float, device: torch.device | None = None) -> 
         expected = (numel - 1 - end) * p
         count = int(expected + 8 * math.sqrt(expected) + 32)
         # U in (0, 1]; floor(log U / log(1 - p)) ~ Geometric(p) on {0, 1, ...}: kept elements before the next drop
-        uniform = 1.0 - torch.rand(count, device=device)
-        gaps = uniform.log_().div_(log_keep).floor_().to(torch.int64).add_(1)
+        uniform = torch.rand(count, device=device)
+        if kernels is not None and uniform.device.type == "cpu":  # the same arithmetic in one pass
+            positions, more = kernels.drop_positions(uniform, log_keep, end, numel)
+            chunks.append(positions)
+            if not more:
+                break
+            end = int(positions[-1])
+            continue
+        gaps = (1.0 - uniform).log_().div_(log_keep).floor_().to(torch.int64).add_(1)
         positions = gaps.cumsum_(0).add_(end)
         chunks.append(positions)
         end = int(positions[-1])
@@ -98,8 +106,10 @@ class LinearGroupFunction(torch.autograd.Function):
     with W the members' frozen weights concatenated (None: LoRA terms only, the base
     computed outside) and A_i, B_i fp32 master weights. Only the adapters' gradients and the
     input's are computed. The k adapters of a group are stacked: one draw of dropped
-    positions over a (k, n, in) copy of the input, one batched matmul for all A_i, one
-    block-diagonal matmul for all B_i added onto the base output in place."""
+    positions over (k, n, in), one matmul for all A_i on the input itself with the dropped
+    elements' terms taken back out by a C kernel (without the kernels: a batched matmul on
+    k masked copies), one block-diagonal matmul for all B_i added onto the base output in
+    place."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec: _Spec, *lora):
@@ -124,11 +134,13 @@ class LinearGroupFunction(torch.autograd.Function):
             for j, member in enumerate(spec.members):
                 b_block[j * r : (j + 1) * r, offsets[member] : offsets[member + 1]] = lora[k + j].t()
         scales = torch.tensor(spec.scales, dtype=dtype).repeat_interleave(r)  # (k*r,)
-        dropped = drop_positions(k * x2.numel(), spec.dropout, x2.device) if spec.dropout > 0 else None
-        if dropped is None:
+        dropped = drop_positions(k * x2.numel(), spec.dropout, x2.device, spec.kernels) if spec.dropout > 0 else None
+        if dropped is None or _sparse(spec, x2):
             h = F.linear(x2, a.view(k * r, -1))  # (n, k*r)
+            if dropped is not None:  # take the dropped elements' terms back out
+                spec.kernels.lora_drop_h(h, x2, a.view(k * r, -1).t().contiguous(), dropped, k)
         else:
-            h = torch.bmm(_dropped_copies(x2, k, dropped, spec.kernels), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
+            h = torch.bmm(_dropped_copies(x2, k, dropped), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
         h.mul_(scales)
         out.addmm_(h, b_block)
         ctx.dropped = dropped
@@ -155,22 +167,25 @@ class LinearGroupFunction(torch.autograd.Function):
         d_pre = (g @ b_block.t()).mul_(scales)  # (n, k*r): gradient of dropout(x) A^T, per adapter
         db_block = h.t() @ g  # (k*r, total)
         db = [db_block.t()] if k == 1 else [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
-        dropped = ctx.dropped
+        dropped, d_in = ctx.dropped, None
         if dropped is None:
             da = (d_pre.t() @ x2).view(k, r, -1)
             d_in = d_pre @ a.view(k * r, -1) if need_x else None
+        elif _sparse(spec, x2):  # products on x itself, minus the dropped elements' terms (C kernels)
+            a_t = a.view(k * r, -1).t().contiguous()  # (in, k*r)
+            da_t = (x2.t() @ d_pre).float()  # (in, k*r)
+            spec.kernels.lora_drop_da(da_t, x2, d_pre, dropped, k)
+            da = da_t.t().reshape(k, r, -1)
+            if need_x:
+                dx = d_pre @ a_t.t() if dx is None else dx.addmm_(d_pre, a_t.t())
+                spec.kernels.lora_drop_dx(dx, d_pre, a_t, dropped, k)
         else:
             d_pre3 = d_pre.view(n, k, r).transpose(0, 1)  # (k, n, r)
-            da = torch.bmm(d_pre3.transpose(1, 2), _dropped_copies(x2, k, dropped, spec.kernels))
-            d_in = None
+            da = torch.bmm(d_pre3.transpose(1, 2), _dropped_copies(x2, k, dropped))
             if need_x:
                 d_in3 = torch.bmm(d_pre3, a)  # (k, n, in)
-                kernels = spec.kernels
-                if kernels is not None and kernels.supports(d_in3) and (dx is None or kernels.supports(d_in3, dx)):
-                    dx = kernels.masked_sum(d_in3, dropped, into=dx)  # zero the dropped, sum over k, add to dx: one pass
-                else:
-                    d_in3.view(-1).index_fill_(0, dropped, 0)
-                    d_in = d_in3.sum(0) if k > 1 else d_in3[0]
+                d_in3.view(-1).index_fill_(0, dropped, 0)
+                d_in = d_in3.sum(0) if k > 1 else d_in3[0]
         if d_in is not None:
             dx = d_in if dx is None else dx.add_(d_in)
         if dx is not None:
@@ -178,10 +193,14 @@ class LinearGroupFunction(torch.autograd.Function):
         return (dx, None, None, None, *[d.float() for d in da.unbind(0)], *[d.float() for d in db])
 
 
-def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor, kernels: cpu_kernels.Kernels | None = None) -> torch.Tensor:
+def _sparse(spec: _Spec, x2: torch.Tensor) -> bool:
+    """Whether the C kernels take the dropped elements out of products on the whole input
+    (no masked copies of it; the PyTorch fallback below makes them)."""
+    return spec.kernels is not None and spec.kernels.supports(x2)
+
+
+def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Tensor:
     """k copies of x2 stacked, (k, n, in), with the flat `dropped` positions zeroed."""
-    if kernels is not None and kernels.supports(x2):
-        return kernels.dropped_copies(x2, k, dropped)
     copies = x2.new_empty(k, *x2.shape).copy_(x2)  # always a copy: the input itself must stay intact
     return copies.view(-1).index_fill_(0, dropped, 0).view(k, *x2.shape)
 
