@@ -111,11 +111,13 @@ def test_drop_positions_are_iid_bernoulli(p, with_kernels):
     assert len(drop_positions(n, 0.0)) == 0
 
 
-@pytest.mark.parametrize("dtype,with_kernels", [(torch.float64, False), (torch.float32, True)])
-def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch, dtype, with_kernels):
+@pytest.mark.parametrize("dtype,with_kernels,with_base", [(torch.float64, False, True), (torch.float32, True, True),
+                                                            (torch.float32, True, False)])
+def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch, dtype, with_kernels, with_base):
     """Three adapters over one input, dropout on: output and every gradient equal the
     reference y_i = x W_i^T + s/(1-p) (x * m_i) A_i^T B_i^T with the same masks (in float64
-    with PyTorch ops; in float32 with the fused C kernels for the masked copies and sums)."""
+    with PyTorch ops on masked copies; in float32 with the C kernels that take the dropped
+    terms out of products on x itself; and with the base computed outside, W = None)."""
     kernels = cpu_kernels.get() if with_kernels else None
     assert kernels is not None or not with_kernels
     torch.manual_seed(0)
@@ -129,7 +131,7 @@ def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch, d
     original = fast_lora.drop_positions
     monkeypatch.setattr(fast_lora, "drop_positions", lambda *args: drawn.append(original(*args)) or drawn[-1])
     spec = _Spec(sizes, (0, 1, 2), (scale / (1 - p),) * 3, rank, p, kernels)
-    outs = LinearGroupFunction.apply(x, weight, None, spec, *a, *b)
+    outs = LinearGroupFunction.apply(x, weight if with_base else None, None, spec, *a, *b)  # None: LoRA terms only
     grads_out = [torch.randn_like(o) for o in outs]
     fast = torch.autograd.grad(outs, [x, *a, *b], grads_out)
     assert torch.equal(x.detach(), before)
@@ -142,7 +144,7 @@ def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch, d
     for j, size in enumerate(sizes):
         w = weight[start : start + size]
         start += size
-        ref_outs.append(x @ w.t() + scale / (1 - p) * ((x * keep[j]) @ a[j].t()) @ b[j].t())
+        ref_outs.append((x @ w.t() if with_base else 0) + scale / (1 - p) * ((x * keep[j]) @ a[j].t()) @ b[j].t())
     for out, ref in zip(outs, ref_outs):
         torch.testing.assert_close(out, ref)
     reference = torch.autograd.grad(ref_outs, [x, *a, *b], grads_out)

@@ -176,8 +176,9 @@ class LinearGroupFunction(torch.autograd.Function):
             da_t = (x2.t() @ d_pre).float()  # (in, k*r)
             spec.kernels.lora_drop_da(da_t, x2, d_pre, dropped, k)
             da = da_t.t().reshape(k, r, -1)
-            if need_x:
-                dx = d_pre @ a_t.t() if dx is None else dx.addmm_(d_pre, a_t.t())
+            if need_x:  # a itself, not a_t.t(): oneDNN is several times slower on the transposed (k*r, in) operand
+                a2 = a.view(k * r, -1)
+                dx = d_pre @ a2 if dx is None else dx.addmm_(d_pre, a2)
                 spec.kernels.lora_drop_dx(dx, d_pre, a_t, dropped, k)
         else:
             d_pre3 = d_pre.view(n, k, r).transpose(0, 1)  # (k, n, r)
