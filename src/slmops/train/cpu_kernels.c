@@ -72,9 +72,9 @@ static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
 /* At the usual rank 16 in bf16, with AVX-512: one vector per adapter row. Other ranks and dtypes take the
    generic loops in KERNELS below. */
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-#define RANK16_bf16 1
+#define AVX512_BF16_bf16 1
 static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
@@ -127,13 +127,63 @@ static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const 
         }
     }
 }
+/* SwiGLU in bf16 with AVX-512: the generic loops below vectorize too, but divide for the sigmoid and
+   round to bf16 with integer arithmetic; here one reciprocal estimate with a Newton step and the
+   CPU's own rounding conversion (round to nearest even, as f32_to_bf16), about 2x faster. */
+static inline __m512 exp16(__m512 x) { /* exp_f32, 16 lanes */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+static inline __m512 sigmoid16(__m512 g) {
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f))); /* r (2 - d r): ~2^-28 */
+}
+static inline __m512 loadn_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline void storen_bf16(uint16_t *p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+static void swiglu_fwd_avx512_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n) {
+    #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 g = loadn_bf16(gate + i, m);
+        storen_bf16(out + i, m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), loadn_bf16(up + i, m)));
+    }
+}
+static void swiglu_bwd_avx512_bf16(const uint16_t *grad, const uint16_t *gate, const uint16_t *up, uint16_t *d_gate,
+                                   uint16_t *d_up, int64_t n) {
+    #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 g = loadn_bf16(gate + i, m), d = loadn_bf16(grad + i, m), s = sigmoid16(g);
+        storen_bf16(d_up + i, m, _mm512_mul_ps(_mm512_mul_ps(d, g), s));
+        __m512 slope = _mm512_fmadd_ps(g, _mm512_sub_ps(_mm512_set1_ps(1.0f), s), _mm512_set1_ps(1.0f)); /* 1 + g (1 - s) */
+        storen_bf16(d_gate + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, loadn_bf16(up + i, m)), s), slope));
+    }
+}
 #else
-#define RANK16_bf16 0
+#define AVX512_BF16_bf16 0
+#define swiglu_fwd_avx512_bf16(...) ((void)0)
+#define swiglu_bwd_avx512_bf16(...) ((void)0)
 #define lora_drop_h_rank16_bf16(...) ((void)0)
 #define lora_drop_da_rank16_bf16(...) ((void)0)
 #define lora_drop_dx_rank16_bf16(...) ((void)0)
 #endif
-#define RANK16_f32 0
+#define AVX512_BF16_f32 0
 
 #define KERNELS(S, T)                                                                                           \
     /* y = w * x * inv_rms: Llama's RMSNorm; inv_rms (fp32, one per row) is kept for the backward. */               \
@@ -174,6 +224,10 @@ static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const 
                                                                                                                 \
     /* out = silu(gate) * up: act_fn(gate_proj(x)) * up_proj(x) of a SwiGLU MLP. */          \
     void swiglu_fwd_##S(const T *gate, const T *up, T *out, int64_t n) {                                        \
+        if (AVX512_BF16_##S) {                                                                                  \
+            swiglu_fwd_avx512_bf16((const uint16_t *)gate, (const uint16_t *)up, (uint16_t *)out, n);           \
+            return;                                                                                             \
+        }                                                                                                       \
         _Pragma("omp parallel for simd schedule(static) if (n >= PARALLEL_MIN)")                                \
         for (int64_t i = 0; i < n; i++) {                                                                       \
             float g = LOAD_##S(gate, i);                                                                        \
@@ -183,6 +237,11 @@ static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const 
                                                                                                                 \
     /* d_up = grad * silu(gate); d_gate = grad * up * silu'(gate). */                             \
     void swiglu_bwd_##S(const T *grad, const T *gate, const T *up, T *d_gate, T *d_up, int64_t n) {            \
+        if (AVX512_BF16_##S) {                                                                                  \
+            swiglu_bwd_avx512_bf16((const uint16_t *)grad, (const uint16_t *)gate, (const uint16_t *)up,         \
+                                   (uint16_t *)d_gate, (uint16_t *)d_up, n);                                    \
+            return;                                                                                             \
+        }                                                                                                       \
         _Pragma("omp parallel for simd schedule(static) if (n >= PARALLEL_MIN)")                                \
         for (int64_t i = 0; i < n; i++) {                                                                       \
             float g = LOAD_##S(gate, i), d = LOAD_##S(grad, i);                                                 \
@@ -194,7 +253,7 @@ static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const 
                                                                                                                 \
     void lora_drop_h_##S(T *h, const T *x, const T *a_t, const int64_t *dropped, int64_t count, int64_t k,                       \
                          int64_t n, int64_t in, int64_t r) {                                                                     \
-        if (r == 16 && RANK16_##S) {                                                                                             \
+        if (r == 16 && AVX512_BF16_##S) {                                                                                             \
             lora_drop_h_rank16_bf16((uint16_t *)h, (const uint16_t *)x, (const uint16_t *)a_t, dropped, count, k, n, in);        \
             return;                                                                                                              \
         }                                                                                                                        \
@@ -217,7 +276,7 @@ static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const 
                                                                                                                                  \
     void lora_drop_da_##S(float *da, const T *x, const T *d_pre, const int64_t *dropped, int64_t count, int64_t k,               \
                           int64_t n, int64_t in, int64_t r) {                                                                    \
-        if (r == 16 && RANK16_##S) {                                                                                             \
+        if (r == 16 && AVX512_BF16_##S) {                                                                                             \
             lora_drop_da_rank16_bf16(da, (const uint16_t *)x, (const uint16_t *)d_pre, dropped, count, k, n, in);                \
             return;                                                                                                              \
         }                                                                                                                        \
@@ -234,7 +293,7 @@ static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const 
                                                                                                                                  \
     void lora_drop_dx_##S(T *dx, const T *d_pre, const T *a_t, const int64_t *dropped, int64_t count, int64_t k,                 \
                           int64_t n, int64_t in, int64_t r) {                                                                    \
-        if (r == 16 && RANK16_##S) {                                                                                             \
+        if (r == 16 && AVX512_BF16_##S) {                                                                                             \
             lora_drop_dx_rank16_bf16((uint16_t *)dx, (const uint16_t *)d_pre, (const uint16_t *)a_t, dropped, count, k, n, in);  \
             return;                                                                                                              \
         }                                                                                                                        \
@@ -353,4 +412,4 @@ int64_t drop_positions_from_uniforms(const float *u, int64_t count, double log_k
 }
 
 /* The version the Python side expects; bumped with any change of signature. */
-int slmops_kernels_version(void) { return 4; }
+int slmops_kernels_version(void) { return 5; }

@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-VERSION = 4  # slmops_kernels_version() in the C file
+VERSION = 5  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 

@@ -79,8 +79,8 @@ def drop_positions(numel: int, p: float, device: torch.device | None = None,
         if kernels is not None and uniform.device.type == "cpu":  # the same arithmetic in one pass
             positions, more = kernels.drop_positions(uniform, log_keep, end, numel)
             chunks.append(positions)
-            if not more:
-                break
+            if not more:  # all below numel already
+                return torch.cat(chunks) if len(chunks) > 1 else positions
             end = int(positions[-1])
             continue
         gaps = (1.0 - uniform).log_().div_(log_keep).floor_().to(torch.int64).add_(1)
@@ -133,18 +133,21 @@ class LinearGroupFunction(torch.autograd.Function):
             b_block = x2.new_zeros(k * r, total)
             for j, member in enumerate(spec.members):
                 b_block[j * r : (j + 1) * r, offsets[member] : offsets[member + 1]] = lora[k + j].t()
-        scales = torch.tensor(spec.scales, dtype=dtype).repeat_interleave(r)  # (k*r,)
+        # one number when the adapters share their scale (the usual case): no per-call tensor
+        scales = spec.scales[0] if len(set(spec.scales)) == 1 else torch.tensor(spec.scales, dtype=dtype).repeat_interleave(r)
         dropped = drop_positions(k * x2.numel(), spec.dropout, x2.device, spec.kernels) if spec.dropout > 0 else None
+        a_t = None
         if dropped is None or _sparse(spec, x2):
             h = F.linear(x2, a.view(k * r, -1))  # (n, k*r)
             if dropped is not None:  # take the dropped elements' terms back out
-                spec.kernels.lora_drop_h(h, x2, a.view(k * r, -1).t().contiguous(), dropped, k)
+                a_t = a.view(k * r, -1).t().contiguous()  # (in, k*r)
+                spec.kernels.lora_drop_h(h, x2, a_t, dropped, k)
         else:
             h = torch.bmm(_dropped_copies(x2, k, dropped), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
         h.mul_(scales)
         out.addmm_(h, b_block)
-        ctx.dropped = dropped
-        ctx.save_for_backward(weight, x2, a, h, b_block, scales)
+        ctx.dropped, ctx.scales = dropped, scales
+        ctx.save_for_backward(weight, x2, a, h, b_block, a_t)
         outs = out.view(*shape[:-1], total)
         return tuple(outs.split(spec.sizes, -1)) if len(spec.sizes) > 1 else outs
 
@@ -163,8 +166,8 @@ class LinearGroupFunction(torch.autograd.Function):
         dx = g @ weight if need_x and weight is not None else None
         if not k:
             return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None, None, None, None)
-        _, x2, a, h, b_block, scales = saved
-        d_pre = (g @ b_block.t()).mul_(scales)  # (n, k*r): gradient of dropout(x) A^T, per adapter
+        _, x2, a, h, b_block, a_t = saved
+        d_pre = (g @ b_block.t()).mul_(ctx.scales)  # (n, k*r): gradient of dropout(x) A^T, per adapter
         db_block = h.t() @ g  # (k*r, total)
         db = [db_block.t()] if k == 1 else [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
         dropped, d_in = ctx.dropped, None
@@ -172,7 +175,6 @@ class LinearGroupFunction(torch.autograd.Function):
             da = (d_pre.t() @ x2).view(k, r, -1)
             d_in = d_pre @ a.view(k * r, -1) if need_x else None
         elif _sparse(spec, x2):  # products on x itself, minus the dropped elements' terms (C kernels)
-            a_t = a.view(k * r, -1).t().contiguous()  # (in, k*r)
             da_t = (x2.t() @ d_pre).float()  # (in, k*r)
             spec.kernels.lora_drop_da(da_t, x2, d_pre, dropped, k)
             da = da_t.t().reshape(k, r, -1)
