@@ -2,6 +2,8 @@
 precision), their autograd functions give PyTorch's gradients, and without a compiler
 everything falls back to PyTorch."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +15,17 @@ from slmops.train.fast_lora import FastLoraPath, drop_positions
 from helpers import tiny_config
 
 
-@pytest.fixture(scope="module")
-def kernels():
+# "generic": the library built without AVX-512, as CPUs without it (or without AVX512-BF16) run it;
+# on x86 only, where the flag exists.
+BUILDS = ["native", "generic"] if platform.machine() in ("x86_64", "AMD64") else ["native"]
+
+
+@pytest.fixture(scope="module", params=BUILDS)
+def kernels(request):
     built = cpu_kernels.get()
     assert built is not None, "this machine has gcc: the kernels must build (see cpu_kernels.get's log line)"
+    if request.param == "generic":
+        built = cpu_kernels.load(cpu_kernels._compiler(), cpu_kernels.FLAGS + ["-mno-avx512f"])
     return built
 
 

@@ -49,17 +49,17 @@ def _compiler() -> str | None:
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str] = FLAGS) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:2000]}")
         os.replace(built, target)  # atomic: a concurrent build of the same source is harmless
@@ -197,10 +197,17 @@ def get() -> Kernels | None:
         log.info("no C compiler found: fused CPU kernels off (install gcc for faster CPU training)")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-        if lib.slmops_kernels_version() != VERSION:
-            raise RuntimeError("stale library")
-        return Kernels(lib)
+        return load(compiler)
     except (OSError, RuntimeError, AttributeError) as error:
         log.warning("fused CPU kernels unavailable (%s): using PyTorch ops instead", error)
         return None
+
+
+def load(compiler: str, flags: list[str] = FLAGS) -> Kernels:
+    """Build (or find in the cache) and load the library with these compiler flags. Tests
+    also build it without AVX-512 (`FLAGS + ["-mno-avx512f"]`): the generic loops other
+    CPUs run."""
+    lib = ctypes.CDLL(str(_build(compiler, flags)))
+    if lib.slmops_kernels_version() != VERSION:
+        raise RuntimeError("stale library")
+    return Kernels(lib)
