@@ -118,6 +118,13 @@ def test_dropout_positions_kernel_draws_the_same_distribution(kernels):
     assert torch.all(fast[1:] > fast[:-1]) and int(fast.max()) < n
     same = min(len(fast), len(plain))
     assert abs(len(fast) - len(plain)) <= 2 and torch.equal(fast[: same // 2], plain[: same // 2])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # a user's setting must not reach the kernel's float input
+    try:
+        torch.manual_seed(3)
+        assert torch.equal(drop_positions(n, p, kernels=kernels), fast)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def test_large_tensors_use_both_threads_and_agree(kernels):

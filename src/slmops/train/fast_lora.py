@@ -75,7 +75,7 @@ def drop_positions(numel: int, p: float, device: torch.device | None = None,
         expected = (numel - 1 - end) * p
         count = int(expected + 8 * math.sqrt(expected) + 32)
         # U in (0, 1]; floor(log U / log(1 - p)) ~ Geometric(p) on {0, 1, ...}: kept elements before the next drop
-        uniform = torch.rand(count, device=device)
+        uniform = torch.rand(count, device=device, dtype=torch.float32)  # the kernel reads floats, whatever the default dtype
         if kernels is not None and uniform.device.type == "cpu":  # the same arithmetic in one pass
             positions, more = kernels.drop_positions(uniform, log_keep, end, numel)
             chunks.append(positions)
