@@ -9,7 +9,7 @@
 
    Plain C with OpenMP (the same libgomp PyTorch loads, resolved by soname), no PyTorch
    headers: it compiles in well under a second. Called through ctypes on contiguous
-   tensors' data pointers. Every function exists for bf16 (suffix _bf16) and fp32 (_f32). */
+   tensors' data pointers. Every tensor function exists for bf16 (suffix _bf16) and fp32 (_f32). */
 
 #include <math.h>
 #include <stdint.h>
@@ -129,7 +129,8 @@ static void lora_drop_dx_rank16_bf16(uint16_t *dx, const uint16_t *d_pre, const 
 }
 /* SwiGLU in bf16 with AVX-512: the generic loops below vectorize too, but divide for the sigmoid and
    round to bf16 with integer arithmetic; here one reciprocal estimate with a Newton step and the
-   CPU's own rounding conversion (round to nearest even, as f32_to_bf16), about 2x faster. */
+   CPU's own rounding conversion (round to nearest even, as f32_to_bf16): 1.2x forward, 1.37x
+   backward (interleaved A/B of the two builds, 384 x 1536). */
 static inline __m512 exp16(__m512 x) { /* exp_f32, 16 lanes */
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
     __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
@@ -373,7 +374,7 @@ KERNELS(f32, float)
 ROPE_KERNELS(bf16, uint16_t)
 ROPE_KERNELS(f32, float)
 
-/* ln(x) for normal x > 0, ~3 ulp: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(f),
+/* ln(x) for normal x > 0 (measured: within 2.5 ulp of log() on [2^-24, 1], the range used here): x = 2^e * m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(f),
    f = (m - 1) / (m + 1), |f| < 0.172, by its odd series to f^11. Branch-free, so loops vectorize. */
 static inline float log_f32(float x) {
     union { float f; uint32_t u; } v = {x};

@@ -136,11 +136,15 @@ class LinearGroupFunction(torch.autograd.Function):
         # one number when the adapters share their scale (the usual case): no per-call tensor
         scales = spec.scales[0] if len(set(spec.scales)) == 1 else torch.tensor(spec.scales, dtype=dtype).repeat_interleave(r)
         dropped = drop_positions(k * x2.numel(), spec.dropout, x2.device, spec.kernels) if spec.dropout > 0 else None
+        # With the C kernels, the adapters' products run on x itself and the kernels take the dropped
+        # elements' terms out (a_t, (in, k*r), set then: the backward takes the same branch);
+        # without them, products on k masked copies of x.
         a_t = None
-        if dropped is None or _sparse(spec, x2):
-            h = F.linear(x2, a.view(k * r, -1))  # (n, k*r)
+        if dropped is None or (spec.kernels is not None and spec.kernels.supports(x2)):
+            a2 = a.view(k * r, -1)
+            h = F.linear(x2, a2)  # (n, k*r)
             if dropped is not None:  # take the dropped elements' terms back out
-                a_t = a.view(k * r, -1).t().contiguous()  # (in, k*r)
+                a_t = a2.t().contiguous()
                 spec.kernels.lora_drop_h(h, x2, a_t, dropped, k)
         else:
             h = torch.bmm(_dropped_copies(x2, k, dropped), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
@@ -174,7 +178,7 @@ class LinearGroupFunction(torch.autograd.Function):
         if dropped is None:
             da = (d_pre.t() @ x2).view(k, r, -1)
             d_in = d_pre @ a.view(k * r, -1) if need_x else None
-        elif _sparse(spec, x2):  # products on x itself, minus the dropped elements' terms (C kernels)
+        elif a_t is not None:  # as in forward: products on x itself, minus the dropped elements' terms (C kernels)
             da_t = (x2.t() @ d_pre).float()  # (in, k*r)
             spec.kernels.lora_drop_da(da_t, x2, d_pre, dropped, k)
             da = da_t.t().reshape(k, r, -1)
@@ -194,12 +198,6 @@ class LinearGroupFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.shape).to(ctx.x_dtype)
         return (dx, None, None, None, *[d.float() for d in da.unbind(0)], *[d.float() for d in db])
-
-
-def _sparse(spec: _Spec, x2: torch.Tensor) -> bool:
-    """Whether the C kernels take the dropped elements out of products on the whole input
-    (no masked copies of it; the PyTorch fallback below makes them)."""
-    return spec.kernels is not None and spec.kernels.supports(x2)
 
 
 def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Tensor:
