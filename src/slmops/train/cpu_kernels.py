@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-VERSION = 5  # slmops_kernels_version() in the C file
+VERSION = 6  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -84,8 +84,8 @@ class Kernels:
             for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_heads_first", "rope_tokens_first",
                          "lora_drop_h", "lora_drop_da", "lora_drop_dx"):
                 getattr(lib, f"{name}_{suffix}").restype = None
-        lib.drop_positions_from_uniforms.argtypes = [p, i64, ctypes.c_double, i64, i64, p]
-        lib.drop_positions_from_uniforms.restype = i64
+        lib.drop_positions_seeded.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_double, i64, i64, p]
+        lib.drop_positions_seeded.restype = i64
 
     @staticmethod
     def supports(*tensors: torch.Tensor) -> bool:
@@ -137,12 +137,13 @@ class Kernels:
         """dx (n, in) holding d_pre @ a_t.T (plus other terms): subtract the dropped elements' terms, in place."""
         getattr(self.lib, f"lora_drop_dx_{_SUFFIX[dx.dtype]}")(dx.data_ptr(), d_pre.data_ptr(), a_t.data_ptr(), *_drops(dx, a_t, dropped, k))
 
-    def drop_positions(self, uniforms: torch.Tensor, log_keep: float, end: int, numel: int) -> tuple[torch.Tensor, bool]:
-        """Positions from float32 uniforms as geometric gaps after `end` (see
-        fast_lora.drop_positions); (those below numel, whether all uniforms were used)."""
-        out = torch.empty(uniforms.numel(), dtype=torch.int64)
-        written = self.lib.drop_positions_from_uniforms(uniforms.data_ptr(), uniforms.numel(), log_keep, end, numel, out.data_ptr())
-        return out[:written], written == uniforms.numel()
+    def drop_positions(self, seed: int, first: int, count: int, log_keep: float, end: int, numel: int) -> tuple[torch.Tensor, bool]:
+        """Positions after `end` from `count` geometric gaps, their uniforms drawn from `seed`
+        (uniforms first .. first + count - 1 of its stream; see the C file and
+        fast_lora.drop_positions); (those below numel, whether all `count` were used)."""
+        out = torch.empty(count, dtype=torch.int64)
+        written = self.lib.drop_positions_seeded(seed, first, count, log_keep, end, numel, out.data_ptr())
+        return out[:written], written == count
 
     @staticmethod
     def rows_strided(x: torch.Tensor) -> bool:

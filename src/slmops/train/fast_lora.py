@@ -63,26 +63,31 @@ def drop_positions(numel: int, p: float, device: torch.device | None = None,
     order. For small p, drawn as geometric gaps between drops (about p * numel draws
     instead of numel); the positions of successes in a Bernoulli sequence have exactly
     these gaps, so the distribution is that of `torch.nn.Dropout`. The uniforms are float32
-    (as the dense draw's are), half the generator's work of float64: each gap's
-    probabilities move by at most the uniform's resolution, 2^-24."""
+    (as the dense draw's are): each gap's probabilities move by at most their resolution,
+    2^-24. Every draw comes from torch's generator, so gradient checkpointing's replay and a
+    resumed run see the same masks: with the C kernels, one 62-bit seed from it, from which
+    the kernel computes the uniforms (splitmix64), the gaps and their running sum in one
+    pass; without, torch.rand's uniforms."""
     if p <= 0:
         return torch.empty(0, dtype=torch.int64, device=device)
     if p > 0.25:  # few gaps to skip: plain per-element draws are cheaper
         return (torch.rand(numel, device=device) < p).nonzero().squeeze(1)
     log_keep = math.log1p(-p)
-    chunks, end = [], -1
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    seed = int(torch.randint(0, 2**62, ())) if kernels is not None and on_cpu else None
+    chunks, end, first = [], -1, 0
     while end < numel - 1:
         expected = (numel - 1 - end) * p
         count = int(expected + 8 * math.sqrt(expected) + 32)
-        # U in (0, 1]; floor(log U / log(1 - p)) ~ Geometric(p) on {0, 1, ...}: kept elements before the next drop
-        uniform = torch.rand(count, device=device, dtype=torch.float32)  # the kernel reads floats, whatever the default dtype
-        if kernels is not None and uniform.device.type == "cpu":  # the same arithmetic in one pass
-            positions, more = kernels.drop_positions(uniform, log_keep, end, numel)
+        if seed is not None:
+            positions, more = kernels.drop_positions(seed, first, count, log_keep, end, numel)
             chunks.append(positions)
             if not more:  # all below numel already
                 return torch.cat(chunks) if len(chunks) > 1 else positions
-            end = int(positions[-1])
+            end, first = int(positions[-1]), first + count
             continue
+        # U in (0, 1]; floor(log U / log(1 - p)) ~ Geometric(p) on {0, 1, ...}: kept elements before the next drop
+        uniform = torch.rand(count, device=device, dtype=torch.float32)
         gaps = (1.0 - uniform).log_().div_(log_keep).floor_().to(torch.int64).add_(1)
         positions = gaps.cumsum_(0).add_(end)
         chunks.append(positions)
