@@ -46,9 +46,11 @@ def _much_padding(plan):
     return collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, arch):
-    plan = plan_finetune(tiny_config(tiny_models[arch], tmp_path / arch, lora_dropout=0.0, target_modules="all-linear"), quiet=True)
+@pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("qwen2", "all-linear"), ("gpt2", "all-linear"),
+                                          ("llama", "k_proj"), ("llama", "q_proj,v_proj")])
+def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, arch, targets):
+    """(LoRA on some of q/k/v: the group still fuses the three base weights, with adapters on some members.)"""
+    plan = plan_finetune(tiny_config(tiny_models[arch], tmp_path / arch, lora_dropout=0.0, target_modules=targets), quiet=True)
     model = _trained_a_little(plan).train()
     batch = _batch(plan)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
@@ -149,6 +151,31 @@ def test_group_with_dropout_matches_reference_and_keeps_its_input(monkeypatch, d
         torch.testing.assert_close(out, ref)
     reference = torch.autograd.grad(ref_outs, [x, *a, *b], grads_out)
     for got, want in zip(fast, reference):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("members", [(0, 1, 2), (0, 2), (1,)])
+def test_group_with_adapters_on_some_members(members):
+    """A group whose adapters sit on some of its members (LoRA on q and v only, say): each
+    member's output is its base product plus its own adapter's term, and only those
+    adapters get gradients (the block of B's laid out by member, not by adapter order)."""
+    torch.manual_seed(1)
+    n_in, sizes, rank, scale = 10, (10, 4, 6), 3, 1.5
+    x = torch.randn(3, 4, n_in, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(sum(sizes), n_in, dtype=torch.float64)
+    a = [torch.randn(rank, n_in, dtype=torch.float64, requires_grad=True) for _ in members]
+    b = [torch.randn(sizes[m], rank, dtype=torch.float64, requires_grad=True) for m in members]
+    spec = _Spec(sizes, members, (scale,) * len(members), rank, 0.0, None)
+    outs = LinearGroupFunction.apply(x, weight, None, spec, *a, *b)
+    grads_out = [torch.randn_like(o) for o in outs]
+    fast = torch.autograd.grad(outs, [x, *a, *b], grads_out)
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    ref_outs = [x @ weight[starts[i] : starts[i] + size].t() for i, size in enumerate(sizes)]
+    for j, m in enumerate(members):
+        ref_outs[m] = ref_outs[m] + scale * (x @ a[j].t()) @ b[j].t()
+    for out, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(out, ref)
+    for got, want in zip(fast, torch.autograd.grad(ref_outs, [x, *a, *b], grads_out)):
         torch.testing.assert_close(got, want)
 
 

@@ -132,8 +132,10 @@ class LinearGroupFunction(torch.autograd.Function):
             outs = out.view(*shape[:-1], total)
             return tuple(outs.split(spec.sizes, -1)) if len(spec.sizes) > 1 else outs
         a = torch.stack(lora[:k]).to(dtype)  # (k, r, in)
-        if k == 1:
+        if k == 1 and len(spec.sizes) == 1:
             b_block = lora[k].to(dtype).t()
+        elif spec.members == tuple(range(len(spec.sizes))):  # one adapter per member, in order (q, k, v): one op
+            b_block = torch.block_diag(*[b.t() for b in lora[k:]]).to(dtype)
         else:  # (k*r, total): adapter j's B^T in its rank rows and its member's columns
             b_block = x2.new_zeros(k * r, total)
             for j, member in enumerate(spec.members):
@@ -178,7 +180,7 @@ class LinearGroupFunction(torch.autograd.Function):
         _, x2, a, h, b_block, a_t = saved
         d_pre = (g @ b_block.t()).mul_(ctx.scales)  # (n, k*r): gradient of dropout(x) A^T, per adapter
         db_block = h.t() @ g  # (k*r, total)
-        db = [db_block.t()] if k == 1 else [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
+        db = [db_block.t()] if k == 1 and len(spec.sizes) == 1 else [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
         dropped, d_in = ctx.dropped, None
         if dropped is None:
             da = (d_pre.t() @ x2).view(k, r, -1)
@@ -186,7 +188,7 @@ class LinearGroupFunction(torch.autograd.Function):
         elif a_t is not None:  # as in forward: products on x itself, minus the dropped elements' terms (C kernels)
             da_t = (x2.t() @ d_pre).float()  # (in, k*r)
             spec.kernels.lora_drop_da(da_t, x2, d_pre, dropped, k)
-            da = da_t.t().reshape(k, r, -1)
+            da = da_t.t().contiguous().view(k, r, -1)  # (see below)
             if need_x:  # a itself, not a_t.t(): oneDNN is several times slower on the transposed (k*r, in) operand
                 a2 = a.view(k * r, -1)
                 dx = d_pre @ a2 if dx is None else dx.addmm_(d_pre, a2)
@@ -202,7 +204,10 @@ class LinearGroupFunction(torch.autograd.Function):
             dx = d_in if dx is None else dx.add_(d_in)
         if dx is not None:
             dx = dx.view(ctx.shape).to(ctx.x_dtype)
-        return (dx, None, None, None, *[d.float() for d in da.unbind(0)], *[d.float() for d in db])
+        # Contiguous fp32 gradients: autograd keeps them as the parameters' .grad as they are, where a
+        # transposed one it would copy again (one op and one allocation per adapter matrix).
+        as_grad = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
+        return (dx, None, None, None, *[d.to(**as_grad) for d in da.unbind(0)], *[d.to(**as_grad) for d in db])
 
 
 def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Tensor:
