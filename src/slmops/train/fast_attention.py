@@ -36,6 +36,12 @@ NAME = "slmops_cpu_training"
 SHORT_ATTENTION_MAX_LEN = 192  # tokens: probabilities kept for the backward are B*H*T*T floats
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for (B, H, ., .) tensors as one bmm over B * H: torch.matmul on 4-D operands adds
+    expand and reshape ops (and their dispatch) to each of the six products per layer."""
+    return torch.bmm(a.flatten(0, 1), b.flatten(0, 1)).view(*a.shape[:2], a.shape[2], b.shape[3])
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float):
@@ -46,11 +52,11 @@ class AttentionFunction(torch.autograd.Function):
         compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
         qf = q.to(compute).reshape(batch, kv_heads, group * length, dim)
         kf, vf = k.to(compute), v.to(compute)
-        scores = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
+        scores = _bmm(qf, kf.transpose(-1, -2)).mul_(scale)
         if bias is not None:
             scores.add_(bias.to(compute))
         probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, vf).view(batch, heads, length, -1)
+        out = _bmm(probs, vf).view(batch, heads, length, -1)
         ctx.scale, ctx.shape, ctx.dtype = scale, q.shape, q.dtype
         ctx.save_for_backward(qf, kf, vf, probs)
         # (B, T, H, D) as transformers' attention functions return it
@@ -62,11 +68,11 @@ class AttentionFunction(torch.autograd.Function):
         batch, heads, length, dim = ctx.shape
         kv_heads = kf.shape[1]
         d_out = grad_out.transpose(1, 2).to(vf.dtype).reshape(batch, kv_heads, -1, vf.shape[-1])
-        d_v = torch.matmul(probs.transpose(-1, -2), d_out)
-        d_probs = torch.matmul(d_out, vf.transpose(-1, -2))
+        d_v = _bmm(probs.transpose(-1, -2), d_out)
+        d_probs = _bmm(d_out, vf.transpose(-1, -2))
         d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).mul_(ctx.scale)
-        d_q = torch.matmul(d_scores, kf).view(batch, heads, length, dim)
-        d_k = torch.matmul(d_scores.transpose(-1, -2), qf)
+        d_q = _bmm(d_scores, kf).view(batch, heads, length, dim)
+        d_k = _bmm(d_scores.transpose(-1, -2), qf)
         return d_q.to(ctx.dtype), d_k.to(ctx.dtype), d_v.to(ctx.dtype), None, None
 
 
@@ -167,11 +173,11 @@ class RotaryAttentionFunction(torch.autograd.Function):
             q_stack = q_rot.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * length, dim)
             k_rot = _rope(k.view(batch, length, kv_heads, dim).to(compute), cos4, sin4).transpose(1, 2)  # (B, Hkv, T, D) view
             v_heads = torch.empty(batch, kv_heads, length, dim, dtype=compute, device=v.device).copy_(v.view(batch, length, kv_heads, dim).transpose(1, 2))
-        scores = torch.matmul(q_stack, k_rot.transpose(-1, -2))
+        scores = _bmm(q_stack, k_rot.transpose(-1, -2))
         if bias is not None:
             scores.add_(bias.to(compute))
         probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v_heads)  # (B, Hkv, group*T, D)
+        out = _bmm(probs, v_heads)  # (B, Hkv, group*T, D)
         ctx.save_for_backward(q_stack, k_rot, v_heads, probs, cos, sin_swapped)
         ctx.scale, ctx.dims, ctx.dtype, ctx.kernels = scale, (batch, length, heads, kv_heads, dim), q.dtype, kernels
         if kernels is not None:
@@ -199,10 +205,10 @@ class RotaryAttentionFunction(torch.autograd.Function):
             d_out = torch.empty(batch, kv_heads, group, length, dim, dtype=probs.dtype, device=grad.device)
             d_out.copy_(grad.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4))
             d_out = d_out.view(batch, kv_heads, group * length, dim)
-        d_v = torch.matmul(probs.transpose(-1, -2), d_out)  # (B, Hkv, T, D)
-        d_scores = torch._softmax_backward_data(torch.matmul(d_out, v_heads.transpose(-1, -2)), probs, -1, probs.dtype)
-        d_q_stack = torch.matmul(d_scores, k_rot)  # (B, Hkv, group*T, D)
-        d_k_rot = torch.matmul(d_scores.transpose(-1, -2), q_stack)  # (B, Hkv, T, D)
+        d_v = _bmm(probs.transpose(-1, -2), d_out)  # (B, Hkv, T, D)
+        d_scores = torch._softmax_backward_data(_bmm(d_out, v_heads.transpose(-1, -2)), probs, -1, probs.dtype)
+        d_q_stack = _bmm(d_scores, k_rot)  # (B, Hkv, group*T, D)
+        d_k_rot = _bmm(d_scores.transpose(-1, -2), q_stack)  # (B, Hkv, T, D)
         # back through the rotations (and q's scale), into (B, T, heads * D)
         if kernels is not None:
             d_q = kernels.rope_tokens_first(d_q_stack.view(batch, heads, length, dim), cos, sin_swapped, dtype, ctx.scale)

@@ -77,7 +77,9 @@ def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
     def forward(self, x, *args, **kwargs):
         if args or kwargs or not is_enabled():
             return own_forward(x, *args, **kwargs)
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), kernels))
+        rows = x.reshape(-1, x.shape[-1])  # 2-D: the three linears run as plain products (no reshapes around each)
+        out = self.down_proj(swiglu(self.gate_proj(rows), self.up_proj(rows), kernels))
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     module._slmops_own_forward = own_forward
     module.forward = types.MethodType(forward, module)
