@@ -75,6 +75,24 @@ def test_swiglu_forward_and_backward(kernels, dtype):
     torch.testing.assert_close(up.grad.double(), u64.grad, **_ulps(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_frozen_mlp_function_gives_the_input_gradient_of_the_mlp(kernels, dtype):
+    """The whole SwiGLU MLP on frozen weights as one node: output and input gradient as the
+    float64 down(silu(x gate^T) * x up^T) (to the dtype's precision), and no weight gradients."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 9, 32).to(dtype).requires_grad_()
+    w_gate, w_up, w_down = (torch.randn(*shape).div(5).to(dtype) for shape in ((80, 32), (80, 32), (32, 80)))
+    grad = torch.randn(2, 9, 32).to(dtype)
+    out = fast_mlp.FrozenMLPFunction.apply(x, w_gate, w_up, w_down, kernels)
+    out.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    want = F.linear(F.silu(F.linear(x64, w_gate.double())) * F.linear(x64, w_up.double()), w_down.double())
+    want.backward(grad.double())
+    torch.testing.assert_close(out.double(), want.detach(), **_ulps(dtype))
+    torch.testing.assert_close(x.grad.double(), x64.grad, **_ulps(dtype))
+    assert all(w.grad is None for w in (w_gate, w_up, w_down))
+
+
 # (k, n, features, p): few positions (one thread); over DROP_PARALLEL_MIN positions, shared between
 # threads at row starts: many rows, and few rows holding hundreds of positions each
 SHAPES = [(3, 37, 40, 0.1), (3, 64, 576, 0.05), (1, 8, 1024, 0.6)]

@@ -7,6 +7,10 @@ size. The fused kernels (cpu_kernels.c) do each direction in one pass: 1.5x fast
 and ~2.5x backward at 400 x 1536 bf16 on 2 cores; the results agree with PyTorch's to
 bf16 precision (PyTorch rounds silu's output before the multiply, the kernel does not).
 
+When the three projections are plain frozen linears (LoRA without adapters on the MLP),
+the whole MLP runs as one autograd node (FrozenMLPFunction): input gradient only, the
+gate and up paths' gradients summed in place.
+
 A module is taken over only when it has gate/up/down projections and its own forward gives
 exactly down(silu(gate(x)) * up(x)) on a random input (`matches`), so MLPs with another
 activation (GELU in Gemma) or extra terms keep their own forward. Used only where the
@@ -38,6 +42,40 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         d_gate, d_up = ctx.kernels.swiglu_backward(grad.contiguous(), gate, up)
         return d_gate, d_up, None
+
+
+class FrozenMLPFunction(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) with frozen, bias-free linear weights, as one autograd node:
+    only the input's gradient is computed, the two input-gradient products summed in place
+    (autograd's separate nodes ran each product after a transpose op and added the gate and
+    up paths' gradients in another pass). Saves gate(x) and up(x), as the SwiGLU node did."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, kernels: Kernels):
+        rows = x.reshape(-1, x.shape[-1]).to(w_gate.dtype)
+        gate, up = F.linear(rows, w_gate), F.linear(rows, w_up)
+        out = F.linear(kernels.swiglu_forward(gate, up), w_down)
+        ctx.kernels, ctx.shape, ctx.x_dtype = kernels, x.shape, x.dtype
+        ctx.save_for_backward(gate, up, w_gate, w_up, w_down)
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1]).to(w_down.dtype).contiguous()
+        d_gate, d_up = ctx.kernels.swiglu_backward(rows @ w_down, gate, up)
+        dx = (d_gate @ w_gate).addmm_(d_up, w_up)
+        return dx.view(ctx.shape).to(ctx.x_dtype), None, None, None, None
+
+
+def _frozen_weights(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """(gate, up, down) weights when the three projections are plain bias-free nn.Linear with
+    frozen weights of one dtype (LoRA and QLoRA with no adapter on the MLP); else None."""
+    parts = [getattr(module, name) for name in PROJECTIONS]
+    if not all(type(p) is nn.Linear and p.bias is None and not p.weight.requires_grad for p in parts):
+        return None
+    weights = tuple(p.weight for p in parts)
+    return weights if len({w.dtype for w in weights}) == 1 else None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: Kernels | None) -> torch.Tensor:
@@ -77,6 +115,9 @@ def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
     def forward(self, x, *args, **kwargs):
         if args or kwargs or not is_enabled():
             return own_forward(x, *args, **kwargs)
+        weights = _frozen_weights(self)
+        if weights is not None and kernels.supports(*weights):
+            return FrozenMLPFunction.apply(x, *weights, kernels)
         rows = x.reshape(-1, x.shape[-1])  # 2-D: the three linears run as plain products (no reshapes around each)
         out = self.down_proj(swiglu(self.gate_proj(rows), self.up_proj(rows), kernels))
         return out.view(*x.shape[:-1], out.shape[-1])
