@@ -70,7 +70,8 @@ class FrozenMLPFunction(torch.autograd.Function):
 
 def _frozen_weights(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """(gate, up, down) weights when the three projections are plain bias-free nn.Linear with
-    frozen weights of one dtype (LoRA and QLoRA with no adapter on the MLP); else None."""
+    frozen weights of one dtype (LoRA with no adapter on the MLP); else None. (Under autocast the
+    modules run: their products' dtype is autocast's choice.)"""
     parts = [getattr(module, name) for name in PROJECTIONS]
     if not all(type(p) is nn.Linear and p.bias is None and not p.weight.requires_grad for p in parts):
         return None
@@ -116,7 +117,7 @@ def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
         if args or kwargs or not is_enabled():
             return own_forward(x, *args, **kwargs)
         weights = _frozen_weights(self)
-        if weights is not None and kernels.supports(*weights):
+        if weights is not None and kernels.supports(*weights) and not torch.is_autocast_enabled(x.device.type):
             return FrozenMLPFunction.apply(x, *weights, kernels)
         rows = x.reshape(-1, x.shape[-1])  # 2-D: the three linears run as plain products (no reshapes around each)
         out = self.down_proj(swiglu(self.gate_proj(rows), self.up_proj(rows), kernels))
