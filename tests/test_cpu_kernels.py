@@ -93,6 +93,37 @@ def test_frozen_mlp_function_gives_the_input_gradient_of_the_mlp(kernels, dtype)
     assert all(w.grad is None for w in (w_gate, w_up, w_down))
 
 
+def test_mlp_under_autocast_runs_its_modules(kernels):
+    """Under autocast (full fine-tuning's matmuls) the one-node MLP steps aside: the installed
+    MLP gives what the module's own forward gives, gradients included."""
+    torch.manual_seed(3)
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(32, 80, bias=False), torch.nn.Linear(32, 80, bias=False)
+            self.down_proj, self.act_fn = torch.nn.Linear(80, 32, bias=False), torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    mlp = MLP().requires_grad_(False)
+    x, grad = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    results = []
+    for install in (False, True):
+        if install:
+            assert fast_mlp.matches(mlp)
+            fast_mlp.install(mlp, lambda: True, kernels)
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mlp(x_in)
+        out.float().backward(grad)
+        results.append((out.float(), x_in.grad))
+    fast_mlp.uninstall(mlp)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-2)
+
+
 # (k, n, features, p): few positions (one thread); over DROP_PARALLEL_MIN positions, shared between
 # threads at row starts: many rows, and few rows holding hundreds of positions each
 SHAPES = [(3, 37, 40, 0.1), (3, 64, 576, 0.05), (1, 8, 1024, 0.6)]
