@@ -132,10 +132,8 @@ class LinearGroupFunction(torch.autograd.Function):
             outs = out.view(*shape[:-1], total)
             return tuple(outs.split(spec.sizes, -1)) if len(spec.sizes) > 1 else outs
         a = torch.stack(lora[:k]).to(dtype)  # (k, r, in)
-        if k == 1 and len(spec.sizes) == 1:
-            b_block = lora[k].to(dtype).t()
-        elif spec.members == tuple(range(len(spec.sizes))):  # one adapter per member, in order (q, k, v): one op
-            b_block = torch.block_diag(*[b.t() for b in lora[k:]]).to(dtype)
+        if spec.members == tuple(range(len(spec.sizes))):  # one adapter per member, in order (q, k, v): B^T blocks on the diagonal
+            b_block = lora[k].to(dtype).t() if k == 1 else torch.block_diag(*[b.t() for b in lora[k:]]).to(dtype)
         else:  # (k*r, total): adapter j's B^T in its rank rows and its member's columns
             b_block = x2.new_zeros(k * r, total)
             for j, member in enumerate(spec.members):
@@ -180,7 +178,7 @@ class LinearGroupFunction(torch.autograd.Function):
         _, x2, a, h, b_block, a_t = saved
         d_pre = (g @ b_block.t()).mul_(ctx.scales)  # (n, k*r): gradient of dropout(x) A^T, per adapter
         db_block = h.t() @ g  # (k*r, total)
-        db = [db_block.t()] if k == 1 and len(spec.sizes) == 1 else [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
+        db = [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
         dropped, d_in = ctx.dropped, None
         if dropped is None:
             da = (d_pre.t() @ x2).view(k, r, -1)
