@@ -124,8 +124,8 @@ def test_mlp_under_autocast_runs_its_modules(kernels):
     torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-2)
 
 
-# (k, n, features, p): few positions (one thread); over DROP_PARALLEL_MIN positions, shared between
-# threads at row starts: many rows, and few rows holding hundreds of positions each
+# (k, n, features, p): few positions (one thread); over DROP_PARALLEL_MIN positions, h and dx split
+# by rows between the threads: many rows, and few rows holding hundreds of positions each
 SHAPES = [(3, 37, 40, 0.1), (3, 64, 576, 0.05), (1, 8, 1024, 0.6)]
 
 
@@ -168,8 +168,8 @@ def test_sparse_lora_dropout_kernels_equal_products_on_masked_copies(kernels, dt
 
 
 def test_sparse_lora_dropout_kernels_give_the_same_on_one_thread_and_two(kernels):
-    """Over DROP_PARALLEL_MIN positions the threads split the rows: h and dx bitwise as on one
-    thread (each element's terms in the same order), da to fp32 rounding (per-thread partial sums)."""
+    """Over DROP_PARALLEL_MIN positions h and dx split the rows between the threads: bitwise as
+    on one thread (each element's terms in the same order); da runs on one thread either way."""
     k, n, features, rank = 3, 96, 576, 16
     results = {}
     previous = torch.get_num_threads()
@@ -190,8 +190,7 @@ def test_sparse_lora_dropout_kernels_give_the_same_on_one_thread_and_two(kernels
             assert all(torch.equal(got, was) for got, was in zip((h, da, dx), results[threads]))
         results[threads] = (h, da, dx)
     (h1, da1, dx1), (h2, da2, dx2) = results[1], results[2]
-    assert torch.equal(h1, h2) and torch.equal(dx1, dx2)
-    torch.testing.assert_close(da1, da2, rtol=1e-5, atol=1e-4)
+    assert torch.equal(h1, h2) and torch.equal(dx1, dx2) and torch.equal(da1, da2)
 
 
 def _assert_close_after_cancellation(got, want, start, partial=0.0):

@@ -89,16 +89,15 @@ static int64_t lower_bound(const int64_t *sorted, int64_t count, int64_t value) 
     }
     return lo;
 }
-#define FOR_SHARE_OF(t_, nt_, call)                                                                  \
-    for (int64_t j_ = 0, m_lo = n * (t_) / (nt_), m_hi = n * ((t_) + 1) / (nt_); j_ < k && m_lo < m_hi; j_++) { \
-        int64_t begin = lower_bound(dropped, count, (j_ * n + m_lo) * in);                           \
-        int64_t stop = lower_bound(dropped, count, (j_ * n + m_hi) * in);                            \
-        if (begin < stop) call;                                                                      \
-    }
 #define FOR_EACH_SHARE(call)                                                                         \
     _Pragma("omp parallel if (count >= DROP_PARALLEL_MIN)") {                                        \
         int nt_ = omp_get_num_threads(), t_ = omp_get_thread_num();                                  \
-        FOR_SHARE_OF(t_, nt_, call)                                                                  \
+        int64_t m_lo = n * t_ / nt_, m_hi = n * (t_ + 1) / nt_;                                      \
+        for (int64_t j_ = 0; j_ < k && m_lo < m_hi; j_++) {                                          \
+            int64_t begin = lower_bound(dropped, count, (j_ * n + m_lo) * in);                       \
+            int64_t stop = lower_bound(dropped, count, (j_ * n + m_hi) * in);                        \
+            if (begin < stop) call;                                                                  \
+        }                                                                                            \
     }
 
 
