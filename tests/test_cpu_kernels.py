@@ -331,3 +331,57 @@ def test_rotary_attention_on_kernels_matches_pytorch_ops(kernels, dtype, shared_
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out_k, out_ref, **tolerance)
     torch.testing.assert_close(grad_k, grad_ref, **tolerance)
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return " amx_bf16" in cpuinfo.read()
+    except OSError:
+        return False
+
+
+# (m, k, n): the LoRA shapes (rank 16 and three stacked: 48), and tails of every kind: rows under a
+# tile (16), columns under a panel pair (32), an inner size that is not a multiple of 32.
+AMX_SHAPES = [(384, 576, 48), (400, 48, 960), (48, 390, 576), (37, 16, 100), (5, 34, 7), (16, 2, 3)]
+
+
+@pytest.mark.parametrize("m,k,n", AMX_SHAPES)
+def test_amx_matmul_matches_float64(kernels, m, k, n):
+    """C = alpha A B (+ C) on AMX tiles, for B given row-major, column-major and as a column
+    slice of a wider matrix; bf16 out rounded once, fp32 out, and fp32 stored transposed."""
+    native = kernels is cpu_kernels.get()  # the generic build (no AVX-512) has no AMX path
+    assert kernels.amx == (_cpu_has_amx() and native), "AMX exactly where the CPU has it and the library is built for it"
+    if not kernels.amx:
+        return
+    torch.manual_seed(0)
+    a = torch.randn(m, k, dtype=torch.bfloat16)
+    wide = torch.randn(k, n + 9, dtype=torch.bfloat16)
+    for b in (torch.randn(k, n, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16).t(), wide[:, 3 : 3 + n]):
+        exact = a.double() @ b.double()
+        scale = float(exact.abs().max())
+        bf16 = dict(rtol=0, atol=scale * 2**-8)  # one bf16 rounding of the result, relative to its largest element
+        torch.testing.assert_close(kernels.amx_matmul(a, b).double(), exact, **bf16)
+        start = torch.randn(m, n, dtype=torch.bfloat16)
+        out = start.clone()
+        assert kernels.amx_matmul(a, b, out=out, alpha=0.5, accumulate=True) is out
+        torch.testing.assert_close(out.double(), start.double() + 0.5 * exact, rtol=2**-8, atol=scale * 2**-8)
+        fp32 = dict(rtol=1e-5, atol=scale * 1e-6)  # products of bf16 are exact in fp32: only the fp32 sums round
+        torch.testing.assert_close(kernels.amx_matmul(a, b, fp32=True).double(), exact, **fp32)
+        transposed = kernels.amx_matmul(a, b, transposed=True)
+        assert transposed.shape == (n, m) and transposed.dtype == torch.float32
+        torch.testing.assert_close(transposed.double(), exact.t(), **fp32)
+
+
+def test_amx_matmul_rejects_what_it_cannot_compute(kernels):
+    bf = dict(dtype=torch.bfloat16)
+    if not kernels.amx:  # (test_amx_matmul_matches_float64 checks that this is right)
+        with pytest.raises(RuntimeError, match="no AMX"):
+            kernels.amx_matmul(torch.zeros(4, 4, **bf), torch.zeros(4, 4, **bf))
+        return
+    with pytest.raises(ValueError, match="even inner size"):
+        kernels.amx_matmul(torch.zeros(4, 3, **bf), torch.zeros(3, 4, **bf))
+    with pytest.raises(TypeError, match="bf16"):
+        kernels.amx_matmul(torch.zeros(4, 4), torch.zeros(4, 4, **bf))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.amx_matmul(torch.zeros(4, 4, **bf), torch.zeros(4, 4, **bf), out=torch.zeros(4, 4, **bf).t(), accumulate=True)

@@ -349,3 +349,38 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     full = torch.ones(4, 10, dtype=torch.long)  # nothing to remove
     assert fast_attention.Packing.of(full) is None
 
+
+
+@pytest.mark.parametrize("rows", [14, 15])  # 15: the weight gradients' inner size is odd (oneDNN takes those)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_group_products_on_amx_match_onednn(monkeypatch, rows, p):
+    """A bf16 q/k/v group (three adapters, dropout on and off) gives the same outputs and
+    gradients with its small products on AMX tiles as with torch's matmul, to bf16 precision."""
+    kernels = cpu_kernels.get()
+    assert kernels is not None
+    calls, has_amx = [], kernels.amx
+    if has_amx:
+        original = kernels.amx_matmul
+        monkeypatch.setattr(kernels, "amx_matmul", lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    torch.manual_seed(0)
+    n_in, sizes, rank, scale = 64, (64, 32, 32), 8, 2.0
+    x = torch.randn(rows, n_in, dtype=torch.bfloat16)
+    weight = (torch.randn(sum(sizes), n_in) / 4).to(torch.bfloat16)  # base and adapter terms of one size
+    a = [(torch.randn(rank, n_in) / 4).requires_grad_() for _ in sizes]
+    b = [(torch.randn(size, rank) / 4).requires_grad_() for size in sizes]
+    grads_out = [torch.randn(rows, size, dtype=torch.bfloat16) for size in sizes]
+
+    def run(amx):
+        monkeypatch.setattr(kernels, "amx", amx)
+        spec = _Spec(sizes, (0, 1, 2), (scale / (1 - p),) * 3, rank, p, kernels)
+        torch.manual_seed(1)  # the same dropout draws on both sides
+        xs = x.clone().requires_grad_()
+        outs = LinearGroupFunction.apply(xs, weight, None, spec, *a, *b)
+        return [o.float() for o in outs] + [g.float() for g in torch.autograd.grad(outs, [xs, *a, *b], grads_out)]
+
+    on_amx, on_onednn = run(has_amx), run(False)
+    assert bool(calls) == has_amx, "the products ran on AMX exactly where the kernels have it"
+    if has_amx:  # the weight gradients stay on oneDNN where their inner size (rows) is odd
+        assert len(calls) == (6 if rows % 2 == 0 else 4)
+    for got, want in zip(on_amx, on_onednn):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))

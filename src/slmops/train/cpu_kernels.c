@@ -477,4 +477,190 @@ int64_t drop_positions_seeded(uint64_t seed, int64_t first, int64_t count, doubl
 }
 
 /* The version the Python side expects; bumped with any change of signature. */
-int slmops_kernels_version(void) { return 6; }
+/* ---- The LoRA products on AMX tiles -------------------------------------------------------------
+ * oneDNN's bf16 matmul takes 60-250 us a call on the shapes of a LoRA step (384 x 576 x 48,
+ * 384 x 48 x 960, the weight gradients 48 x 384 x 960...), where the tile arithmetic is a few
+ * microseconds: per-call setup and blocking made for large products. A step makes six such
+ * products per adapter group. These kernels compute C (m, n) = alpha * A (m, k) @ B (k, n)
+ * (+ C) with A row-major bf16 (any row stride) and B packed by amx_pack_b into the tiles'
+ * pair-interleaved layout (B is packed per call: it is the adapter matrix, or, for the weight
+ * gradients, an activation packed in one vectorized pass). C is bf16 (rounded once from the fp32
+ * tile) or fp32, optionally stored transposed. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && AVX512_BF16_bf16
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* Linux grants the AMX register state per process on request (oneDNN asks too; asking again is harmless). */
+int amx_available(void) {
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+/* B (k, n), element (i, j) at src[i * sk + j * sn], into panels of 16 columns: panel p holds
+ * round_up(k, 32) / 2 rows, row r the 16 pairs (B[2r][16p + j], B[2r + 1][16p + j]); zero beyond k, n. */
+void amx_pack_b(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int64_t n, uint16_t *out) {
+    int64_t kp = (k + 31) / 32 * 16, panels = (n + 15) / 16;
+    int big = k * n >= PARALLEL_MIN;
+#pragma omp parallel for schedule(static) if (big)
+    for (int64_t p = 0; p < panels; p++) {
+        int64_t col = p * 16, cols = n - col < 16 ? n - col : 16;
+        __mmask16 mask = (__mmask16)((1u << cols) - 1);
+        uint32_t *panel = (uint32_t *)out + p * kp * 16;
+        for (int64_t r = 0; r < kp; r++) {
+            int64_t i = 2 * r;
+            __m512i pairs = _mm512_setzero_si512();
+            if (i + 1 < k && sn == 1) { /* rows of B contiguous: interleave two rows */
+                __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + i * sk + col));
+                __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + (i + 1) * sk + col));
+                pairs = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+            } else if (i + 1 < k && sk == 1) { /* columns of B contiguous: one 32-bit pair from each */
+                __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                   _mm512_set1_epi32((int)(sn * 2)));
+                pairs = _mm512_mask_i32gather_epi32(pairs, mask, index, src + col * sn + i, 1);
+            } else if (i < k) { /* the general case, and an odd k's last row */
+                uint32_t tmp[16] = {0};
+                for (int64_t j = 0; j < cols; j++)
+                    tmp[j] = src[i * sk + (col + j) * sn] | (i + 1 < k ? (uint32_t)src[(i + 1) * sk + (col + j) * sn] << 16 : 0u);
+                pairs = _mm512_loadu_si512(tmp);
+            }
+            _mm512_storeu_si512(panel + r * 16, pairs);
+        }
+    }
+}
+
+/* Tiles: 0, 1 accumulators (16 rows x 16 fp32: two column panels); 2 A (16 rows x 32 k);
+ * 3 A's last k % 32; 4, 5 B (16 k-pairs of the two panels); 6, 7 B's last (k % 32) / 2 pairs. */
+static void amx_configure(int64_t k_rest) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    if (k_rest) {
+        c.colsb[3] = (uint16_t)(2 * k_rest);
+        c.rows[6] = c.rows[7] = (uint8_t)(k_rest / 2);
+        c.colsb[6] = c.colsb[7] = 64;
+    } else {
+        c.rows[3] = 0;
+        c.colsb[3] = 0;
+    }
+    _tile_loadconfig(&c);
+}
+
+enum { AMX_OUT_BF16 = 0, AMX_OUT_F32 = 1, AMX_OUT_F32_TRANSPOSED = 2 };
+
+/* acc (16 x 16 fp32) scaled into C's rows [row, row + rows), columns [col, col + cols). */
+static inline void amx_store(const float *acc, void *c, int64_t ldc, int64_t row, int64_t rows, int64_t col,
+                             int64_t cols, float alpha, int accumulate, int mode) {
+    __mmask16 mask = (__mmask16)((1u << cols) - 1);
+    __m512 scale = _mm512_set1_ps(alpha);
+    if (mode == AMX_OUT_F32_TRANSPOSED) { /* C^T: element (i, j) at c[j * ldc + i] */
+        float *ct = (float *)c;
+        for (int64_t j = 0; j < cols; j++)
+            for (int64_t r = 0; r < rows; r++) {
+                float v = alpha * acc[r * 16 + j];
+                float *dst = ct + (col + j) * ldc + row + r;
+                *dst = accumulate ? *dst + v : v;
+            }
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 v = _mm512_mul_ps(_mm512_load_ps(acc + r * 16), scale);
+        if (mode == AMX_OUT_F32) {
+            float *dst = (float *)c + (row + r) * ldc + col;
+            if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, dst));
+            _mm512_mask_storeu_ps(dst, mask, v);
+        } else {
+            uint16_t *dst = (uint16_t *)c + (row + r) * ldc + col;
+            if (accumulate) {
+                __m256i old = _mm256_maskz_loadu_epi16(mask, dst);
+                v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16)));
+            }
+            _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
+/* C = alpha * A @ B (+ C); A (m, k; row stride lda) bf16, B packed by amx_pack_b, C per `mode`
+ * (row stride ldc; transposed: C^T's). Returns 0, computing nothing, where k is odd. */
+int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *bp, void *c, int64_t ldc, int64_t m, int64_t n,
+               int64_t k, float alpha, int accumulate, int mode) {
+    if (k % 2 || k <= 0 || m <= 0 || n <= 0) return 0;
+    int64_t kp = (k + 31) / 32 * 16, panels = (n + 15) / 16, pairs = (panels + 1) / 2;
+    int64_t items = (m + 15) / 16 * pairs, k_full = k / 32 * 32, k_rest = k % 32;
+    int threads = m * n * k < (1 << 20) ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+    {
+        float acc[16 * 16] __attribute__((aligned(64)));
+        uint16_t *tail = NULL; /* a last block of under 16 rows, copied: tiles read 16 */
+        int configured = 0;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            int64_t row = item / pairs * 16, p0 = item % pairs * 2, rows = m - row < 16 ? m - row : 16;
+            int two = p0 + 1 < panels;
+            const uint16_t *ar = a + row * lda, *b0 = bp + p0 * kp * 32, *b1 = b0 + kp * 32;
+            int64_t stride = lda * 2;
+            if (rows < 16) {
+                if (!tail) tail = (uint16_t *)calloc((size_t)(16 * k), sizeof(uint16_t));
+                for (int64_t r = 0; r < rows; r++) memcpy(tail + r * k, ar + r * lda, (size_t)k * 2);
+                ar = tail;
+                stride = k * 2;
+            }
+            if (!configured) {
+                amx_configure(k_rest);
+                configured = 1;
+            }
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t kk = 0; kk < k_full; kk += 32) {
+                _tile_loadd(2, ar + kk, stride);
+                _tile_loadd(4, b0 + kk * 16, 64);
+                _tile_dpbf16ps(0, 2, 4);
+                if (two) {
+                    _tile_loadd(5, b1 + kk * 16, 64);
+                    _tile_dpbf16ps(1, 2, 5);
+                }
+            }
+            if (k_rest) {
+                _tile_loadd(3, ar + k_full, stride);
+                _tile_loadd(6, b0 + k_full * 16, 64);
+                _tile_dpbf16ps(0, 3, 6);
+                if (two) {
+                    _tile_loadd(7, b1 + k_full * 16, 64);
+                    _tile_dpbf16ps(1, 3, 7);
+                }
+            }
+            int64_t col = p0 * 16;
+            _tile_stored(0, acc, 64);
+            amx_store(acc, c, ldc, row, rows, col, n - col < 16 ? n - col : 16, alpha, accumulate, mode);
+            if (two) {
+                _tile_stored(1, acc, 64);
+                col += 16;
+                amx_store(acc, c, ldc, row, rows, col, n - col < 16 ? n - col : 16, alpha, accumulate, mode);
+            }
+        }
+        if (configured) _tile_release();
+        free(tail);
+    }
+    return 1;
+}
+#else
+int amx_available(void) { return 0; }
+void amx_pack_b(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int64_t n, uint16_t *out) {
+    (void)src, (void)sk, (void)sn, (void)k, (void)n, (void)out;
+}
+int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *bp, void *c, int64_t ldc, int64_t m, int64_t n,
+               int64_t k, float alpha, int accumulate, int mode) {
+    (void)a, (void)lda, (void)bp, (void)c, (void)ldc, (void)m, (void)n, (void)k, (void)alpha, (void)accumulate, (void)mode;
+    return 0;
+}
+#endif
+
+int slmops_kernels_version(void) { return 7; }

@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-VERSION = 6  # slmops_kernels_version() in the C file
+VERSION = 7  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -86,6 +86,12 @@ class Kernels:
                 getattr(lib, f"{name}_{suffix}").restype = None
         lib.drop_positions_seeded.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_double, i64, i64, p]
         lib.drop_positions_seeded.restype = i64
+        lib.amx_pack_b.argtypes = [p, i64, i64, i64, i64, p]
+        lib.amx_pack_b.restype = None
+        lib.amx_matmul.argtypes = [p, i64, p, p, i64, i64, i64, i64, f32, ctypes.c_int, ctypes.c_int]
+        lib.amx_matmul.restype = ctypes.c_int
+        # AMX tiles: built with them (-march=native on a CPU that has them) and granted by the kernel
+        self.amx = bool(lib.amx_available())
 
     @staticmethod
     def supports(*tensors: torch.Tensor) -> bool:
@@ -144,6 +150,34 @@ class Kernels:
         out = torch.empty(count, dtype=torch.int64)
         written = self.lib.drop_positions_seeded(seed, first, count, log_keep, end, numel, out.data_ptr())
         return out[:written], written == count
+
+    def amx_matmul(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, *, alpha: float = 1.0,
+                   accumulate: bool = False, fp32: bool = False, transposed: bool = False) -> torch.Tensor:
+        """alpha * a @ b (+ out when accumulate) on AMX tiles (`self.amx` only): a (m, k) bf16 with unit
+        column stride, b (k, n) bf16 with a unit stride either way, k even. The result is bf16, or fp32
+        with `fp32`; with `transposed` it is fp32 and stored as its transpose (n, m). `out`, if given,
+        must be contiguous and of that dtype and shape."""
+        if not self.amx:
+            raise RuntimeError("amx_matmul: this library or CPU has no AMX tiles (check `Kernels.amx` first)")
+        if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+            raise TypeError(f"amx_matmul multiplies bf16 matrices, got {a.dtype} and {b.dtype}")
+        if a.stride(1) != 1:
+            a = a.contiguous()
+        if b.stride(0) != 1 and b.stride(1) != 1:
+            b = b.contiguous()
+        if out is not None and not out.is_contiguous():
+            raise ValueError("amx_matmul writes `out` in place: it must be contiguous")
+        m, k = a.shape
+        n = b.shape[1]
+        packed = torch.empty((n + 15) // 16 * ((k + 31) // 32 * 16) * 32, dtype=torch.bfloat16)
+        self.lib.amx_pack_b(b.data_ptr(), b.stride(0), b.stride(1), k, n, packed.data_ptr())
+        if out is None:
+            out = torch.empty((n, m) if transposed else (m, n), dtype=torch.float32 if fp32 or transposed else torch.bfloat16)
+        mode = 2 if transposed else int(fp32)
+        if not self.lib.amx_matmul(a.data_ptr(), a.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0), m, n, k,
+                                   alpha, int(accumulate), mode):
+            raise ValueError(f"amx_matmul needs an even inner size, got {k}")
+        return out
 
     @staticmethod
     def rows_strided(x: torch.Tensor) -> bool:
