@@ -479,13 +479,17 @@ int64_t drop_positions_seeded(uint64_t seed, int64_t first, int64_t count, doubl
 /* The version the Python side expects; bumped with any change of signature. */
 /* ---- The LoRA products on AMX tiles -------------------------------------------------------------
  * oneDNN's bf16 matmul takes 60-250 us a call on the shapes of a LoRA step (384 x 576 x 48,
- * 384 x 48 x 960, the weight gradients 48 x 384 x 960...), where the tile arithmetic is a few
- * microseconds: per-call setup and blocking made for large products. A step makes six such
- * products per adapter group. These kernels compute C (m, n) = alpha * A (m, k) @ B (k, n)
- * (+ C) with A row-major bf16 (any row stride) and B packed by amx_pack_b into the tiles'
- * pair-interleaved layout (B is packed per call: it is the adapter matrix, or, for the weight
- * gradients, an activation packed in one vectorized pass). C is bf16 (rounded once from the fp32
- * tile) or fp32, optionally stored transposed. */
+ * 384 x 48 x 960, the weight gradients 48 x 384 x 960...), where the tile arithmetic takes a few
+ * microseconds: per-call setup, and blocking made for large products. A step makes six such
+ * products per adapter group. amx_matmul computes C (m, n) = alpha * A (m, k) @ B (k, n) (+ C)
+ * with A row-major bf16 (any row stride) and B bf16 with any strides, packed on the fly into the
+ * tiles' pair-interleaved layout; C is bf16 (rounded once from the fp32 tiles) or fp32, optionally
+ * stored transposed.
+ * Work split: where B is large (an activation: the weight gradients, whose inner size is the
+ * batch's rows), each thread takes a range of C's 32-column panel pairs, packs just those columns
+ * of B and computes them for all rows of A (a thread reading columns another thread packed
+ * measured 2x slower, 126 vs 65 us for 48 x 384 x 960). A small B (an adapter matrix) each thread
+ * packs whole into its own scratch, and takes a range of A's 16-row blocks, C's rows in order. */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && AVX512_BF16_bf16
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -501,26 +505,24 @@ int amx_available(void) {
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
 
-/* B (k, n), element (i, j) at src[i * sk + j * sn], into panels of 16 columns: panel p holds
+/* Panels [first, last) of B (k, n), element (i, j) at src[i * sk + j * sn]: panel p holds
  * round_up(k, 32) / 2 rows, row r the 16 pairs (B[2r][16p + j], B[2r + 1][16p + j]); zero beyond k, n. */
-void amx_pack_b(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int64_t n, uint16_t *out) {
-    int64_t kp = (k + 31) / 32 * 16, panels = (n + 15) / 16;
-    int big = k * n >= PARALLEL_MIN;
-#pragma omp parallel for schedule(static) if (big)
-    for (int64_t p = 0; p < panels; p++) {
-        int64_t col = p * 16, cols = n - col < 16 ? n - col : 16;
-        __mmask16 mask = (__mmask16)((1u << cols) - 1);
-        uint32_t *panel = (uint32_t *)out + p * kp * 16;
-        for (int64_t r = 0; r < kp; r++) {
-            int64_t i = 2 * r;
+static void amx_pack(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int64_t n, int64_t first, int64_t last,
+                     uint16_t *out) {
+    int64_t kp = (k + 31) / 32 * 16;
+    __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                       _mm512_set1_epi32((int)(sn * 2)));
+    for (int64_t r = 0; r < kp; r++) { /* pair rows outer: a row-major B is read in order */
+        int64_t i = 2 * r;
+        for (int64_t p = first; p < last; p++) {
+            int64_t col = p * 16, cols = n - col < 16 ? n - col : 16;
+            __mmask16 mask = (__mmask16)((1u << cols) - 1);
             __m512i pairs = _mm512_setzero_si512();
             if (i + 1 < k && sn == 1) { /* rows of B contiguous: interleave two rows */
                 __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + i * sk + col));
                 __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + (i + 1) * sk + col));
                 pairs = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
             } else if (i + 1 < k && sk == 1) { /* columns of B contiguous: one 32-bit pair from each */
-                __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                   _mm512_set1_epi32((int)(sn * 2)));
                 pairs = _mm512_mask_i32gather_epi32(pairs, mask, index, src + col * sn + i, 1);
             } else if (i < k) { /* the general case, and an odd k's last row */
                 uint32_t tmp[16] = {0};
@@ -528,7 +530,7 @@ void amx_pack_b(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int64_t 
                     tmp[j] = src[i * sk + (col + j) * sn] | (i + 1 < k ? (uint32_t)src[(i + 1) * sk + (col + j) * sn] << 16 : 0u);
                 pairs = _mm512_loadu_si512(tmp);
             }
-            _mm512_storeu_si512(panel + r * 16, pairs);
+            _mm512_storeu_si512((uint32_t *)out + (p * kp + r) * 16, pairs);
         }
     }
 }
@@ -588,77 +590,109 @@ static inline void amx_store(const float *acc, void *c, int64_t ldc, int64_t row
     }
 }
 
-/* C = alpha * A @ B (+ C); A (m, k; row stride lda) bf16, B packed by amx_pack_b, C per `mode`
- * (row stride ldc; transposed: C^T's). Returns 0, computing nothing, where k is odd. */
-int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *bp, void *c, int64_t ldc, int64_t m, int64_t n,
-               int64_t k, float alpha, int accumulate, int mode) {
+/* The 16-row block of A at `row` (rows of it valid) times panels p0 and, if two, p0 + 1 of the
+ * packed B (kp pair rows each), into C. */
+static void amx_block(const uint16_t *a, int64_t lda, const uint16_t *packed, int64_t kp, int64_t k, int64_t p0,
+                      int two, int64_t row, int64_t rows, void *c, int64_t ldc, int64_t n, float alpha,
+                      int accumulate, int mode, uint16_t *tail, float *acc) {
+    int64_t k_full = k / 32 * 32, k_rest = k % 32, stride = lda * 2;
+    const uint16_t *ar = a + row * lda, *b0 = packed + p0 * kp * 32, *b1 = b0 + kp * 32;
+    if (rows < 16) { /* tiles read 16 rows: the last block's, copied into zero-padded rows */
+        for (int64_t r = 0; r < rows; r++) memcpy(tail + r * k, ar + r * lda, (size_t)k * 2);
+        ar = tail;
+        stride = k * 2;
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kk = 0; kk < k_full; kk += 32) {
+        _tile_loadd(2, ar + kk, stride);
+        _tile_loadd(4, b0 + kk * 16, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        if (two) {
+            _tile_loadd(5, b1 + kk * 16, 64);
+            _tile_dpbf16ps(1, 2, 5);
+        }
+    }
+    if (k_rest) {
+        _tile_loadd(3, ar + k_full, stride);
+        _tile_loadd(6, b0 + k_full * 16, 64);
+        _tile_dpbf16ps(0, 3, 6);
+        if (two) {
+            _tile_loadd(7, b1 + k_full * 16, 64);
+            _tile_dpbf16ps(1, 3, 7);
+        }
+    }
+    for (int half = 0; half < 1 + two; half++) {
+        int64_t col = (p0 + half) * 16;
+        if (half) _tile_stored(1, acc, 64); else _tile_stored(0, acc, 64);
+        amx_store(acc, c, ldc, row, rows, col, n - col < 16 ? n - col : 16, alpha, accumulate, mode);
+    }
+}
+
+static int amx_threads(int64_t m, int64_t n, int64_t k) { return m * n * k < (1 << 20) ? 1 : omp_get_max_threads(); }
+/* Split by columns where B is large (an activation: k is the rows of a batch) and has panel pairs
+ * enough for every thread; a small B (an adapter matrix) each thread packs whole. */
+#define AMX_SHARED_B_MIN 131072 /* elements of B */
+static int amx_split_columns(int64_t n, int64_t k, int threads) {
+    return n * k >= AMX_SHARED_B_MIN && (n + 31) / 32 >= 4 * threads;
+}
+
+/* Elements of the bf16 scratch amx_matmul needs for these sizes. */
+int64_t amx_scratch_elements(int64_t m, int64_t n, int64_t k) {
+    int threads = amx_threads(m, n, k);
+    int64_t packed = (n + 15) / 16 * ((k + 31) / 32 * 16) * 32;
+    return amx_split_columns(n, k, threads) ? packed : packed * threads;
+}
+
+/* C = alpha * A @ B (+ C); A (m, k; row stride lda) bf16, B (k, n) bf16 with element (i, j) at
+ * b[i * sk + j * sn], C per `mode` (row stride ldc; transposed: C^T's); scratch of
+ * amx_scratch_elements(m, n, k). Returns 0, computing nothing, where k is odd. */
+int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t sk, int64_t sn, uint16_t *scratch, void *c,
+               int64_t ldc, int64_t m, int64_t n, int64_t k, float alpha, int accumulate, int mode) {
     if (k % 2 || k <= 0 || m <= 0 || n <= 0) return 0;
-    int64_t kp = (k + 31) / 32 * 16, panels = (n + 15) / 16, pairs = (panels + 1) / 2;
-    int64_t items = (m + 15) / 16 * pairs, k_full = k / 32 * 32, k_rest = k % 32;
-    int threads = m * n * k < (1 << 20) ? 1 : omp_get_max_threads();
+    int64_t kp = (k + 31) / 32 * 16, panels = (n + 15) / 16, pairs = (panels + 1) / 2, blocks = (m + 15) / 16;
+    int threads = amx_threads(m, n, k), by_columns = amx_split_columns(n, k, threads);
 #pragma omp parallel num_threads(threads)
     {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float acc[16 * 16] __attribute__((aligned(64)));
-        uint16_t *tail = NULL; /* a last block of under 16 rows, copied: tiles read 16 */
-        int configured = 0;
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < items; item++) {
-            int64_t row = item / pairs * 16, p0 = item % pairs * 2, rows = m - row < 16 ? m - row : 16;
-            int two = p0 + 1 < panels;
-            const uint16_t *ar = a + row * lda, *b0 = bp + p0 * kp * 32, *b1 = b0 + kp * 32;
-            int64_t stride = lda * 2;
-            if (rows < 16) {
-                if (!tail) tail = (uint16_t *)calloc((size_t)(16 * k), sizeof(uint16_t));
-                for (int64_t r = 0; r < rows; r++) memcpy(tail + r * k, ar + r * lda, (size_t)k * 2);
-                ar = tail;
-                stride = k * 2;
-            }
-            if (!configured) {
-                amx_configure(k_rest);
-                configured = 1;
-            }
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int64_t kk = 0; kk < k_full; kk += 32) {
-                _tile_loadd(2, ar + kk, stride);
-                _tile_loadd(4, b0 + kk * 16, 64);
-                _tile_dpbf16ps(0, 2, 4);
-                if (two) {
-                    _tile_loadd(5, b1 + kk * 16, 64);
-                    _tile_dpbf16ps(1, 2, 5);
+        uint16_t *tail = (m % 16) ? (uint16_t *)calloc((size_t)(16 * k), sizeof(uint16_t)) : NULL;
+        amx_configure(k % 32);
+        if (by_columns) { /* my panel pairs, packed by me, for every row block */
+            int64_t first = pairs * t / nt, last = pairs * (t + 1) / nt;
+            int64_t p_end = 2 * last < panels ? 2 * last : panels;
+            amx_pack(b, sk, sn, k, n, 2 * first, p_end, scratch);
+            for (int64_t pair = first; pair < last; pair++)
+                for (int64_t block = 0; block < blocks; block++) {
+                    int64_t row = block * 16, rows = m - row < 16 ? m - row : 16;
+                    amx_block(a, lda, scratch, kp, k, 2 * pair, 2 * pair + 1 < panels, row, rows, c, ldc, n, alpha,
+                              accumulate, mode, tail, acc);
                 }
-            }
-            if (k_rest) {
-                _tile_loadd(3, ar + k_full, stride);
-                _tile_loadd(6, b0 + k_full * 16, 64);
-                _tile_dpbf16ps(0, 3, 6);
-                if (two) {
-                    _tile_loadd(7, b1 + k_full * 16, 64);
-                    _tile_dpbf16ps(1, 3, 7);
-                }
-            }
-            int64_t col = p0 * 16;
-            _tile_stored(0, acc, 64);
-            amx_store(acc, c, ldc, row, rows, col, n - col < 16 ? n - col : 16, alpha, accumulate, mode);
-            if (two) {
-                _tile_stored(1, acc, 64);
-                col += 16;
-                amx_store(acc, c, ldc, row, rows, col, n - col < 16 ? n - col : 16, alpha, accumulate, mode);
+        } else { /* all of B, packed into my own scratch, for my row blocks */
+            uint16_t *mine = scratch + (int64_t)t * panels * kp * 32;
+            amx_pack(b, sk, sn, k, n, 0, panels, mine);
+            for (int64_t block = blocks * t / nt; block < blocks * (t + 1) / nt; block++) {
+                int64_t row = block * 16, rows = m - row < 16 ? m - row : 16;
+                for (int64_t pair = 0; pair < pairs; pair++)
+                    amx_block(a, lda, mine, kp, k, 2 * pair, 2 * pair + 1 < panels, row, rows, c, ldc, n, alpha,
+                              accumulate, mode, tail, acc);
             }
         }
-        if (configured) _tile_release();
+        _tile_release();
         free(tail);
     }
     return 1;
 }
 #else
 int amx_available(void) { return 0; }
-void amx_pack_b(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int64_t n, uint16_t *out) {
-    (void)src, (void)sk, (void)sn, (void)k, (void)n, (void)out;
+int64_t amx_scratch_elements(int64_t m, int64_t n, int64_t k) {
+    (void)m, (void)n, (void)k;
+    return 0;
 }
-int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *bp, void *c, int64_t ldc, int64_t m, int64_t n,
-               int64_t k, float alpha, int accumulate, int mode) {
-    (void)a, (void)lda, (void)bp, (void)c, (void)ldc, (void)m, (void)n, (void)k, (void)alpha, (void)accumulate, (void)mode;
+int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t sk, int64_t sn, uint16_t *scratch, void *c,
+               int64_t ldc, int64_t m, int64_t n, int64_t k, float alpha, int accumulate, int mode) {
+    (void)a, (void)lda, (void)b, (void)sk, (void)sn, (void)scratch, (void)c, (void)ldc, (void)m, (void)n, (void)k,
+        (void)alpha, (void)accumulate, (void)mode;
     return 0;
 }
 #endif

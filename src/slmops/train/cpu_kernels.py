@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -86,12 +87,13 @@ class Kernels:
                 getattr(lib, f"{name}_{suffix}").restype = None
         lib.drop_positions_seeded.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_double, i64, i64, p]
         lib.drop_positions_seeded.restype = i64
-        lib.amx_pack_b.argtypes = [p, i64, i64, i64, i64, p]
-        lib.amx_pack_b.restype = None
-        lib.amx_matmul.argtypes = [p, i64, p, p, i64, i64, i64, i64, f32, ctypes.c_int, ctypes.c_int]
+        lib.amx_scratch_elements.argtypes = [i64, i64, i64]
+        lib.amx_scratch_elements.restype = i64
+        lib.amx_matmul.argtypes = [p, i64, p, i64, i64, p, p, i64, i64, i64, i64, f32, ctypes.c_int, ctypes.c_int]
         lib.amx_matmul.restype = ctypes.c_int
         # AMX tiles: built with them (-march=native on a CPU that has them) and granted by the kernel
         self.amx = bool(lib.amx_available())
+        self._scratch = threading.local()
 
     @staticmethod
     def supports(*tensors: torch.Tensor) -> bool:
@@ -169,15 +171,21 @@ class Kernels:
             raise ValueError("amx_matmul writes `out` in place: it must be contiguous")
         m, k = a.shape
         n = b.shape[1]
-        packed = torch.empty((n + 15) // 16 * ((k + 31) // 32 * 16) * 32, dtype=torch.bfloat16)
-        self.lib.amx_pack_b(b.data_ptr(), b.stride(0), b.stride(1), k, n, packed.data_ptr())
+        scratch = self._packing_buffer(self.lib.amx_scratch_elements(m, n, k))
         if out is None:
             out = torch.empty((n, m) if transposed else (m, n), dtype=torch.float32 if fp32 or transposed else torch.bfloat16)
         mode = 2 if transposed else int(fp32)
-        if not self.lib.amx_matmul(a.data_ptr(), a.stride(0), packed.data_ptr(), out.data_ptr(), out.stride(0), m, n, k,
-                                   alpha, int(accumulate), mode):
+        if not self.lib.amx_matmul(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(1), scratch.data_ptr(),
+                                   out.data_ptr(), out.stride(0), m, n, k, alpha, int(accumulate), mode):
             raise ValueError(f"amx_matmul needs an even inner size, got {k}")
         return out
+
+    def _packing_buffer(self, elements: int) -> torch.Tensor:
+        """A bf16 scratch buffer of at least `elements` (B packed for the tiles), kept per thread."""
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.numel() < elements:
+            buffer = self._scratch.buffer = torch.empty(elements, dtype=torch.bfloat16)
+        return buffer
 
     @staticmethod
     def rows_strided(x: torch.Tensor) -> bool:
