@@ -349,7 +349,8 @@ AMX_SHAPES = [(384, 576, 48), (400, 48, 960), (48, 390, 576), (37, 16, 100), (5,
 @pytest.mark.parametrize("m,k,n", AMX_SHAPES)
 def test_amx_matmul_matches_float64(kernels, m, k, n):
     """C = alpha A B (+ C) on AMX tiles, for B given row-major, column-major and as a column
-    slice of a wider matrix; bf16 out rounded once, fp32 out, and fp32 stored transposed."""
+    slice of a wider matrix, and A given as a transpose; bf16 out rounded once, fp32 out, and
+    fp32 stored transposed."""
     native = kernels is cpu_kernels.get()  # the generic build (no AVX-512) has no AMX path
     assert kernels.amx == (_cpu_has_amx() and native), "AMX exactly where the CPU has it and the library is built for it"
     if not kernels.amx:
@@ -357,7 +358,8 @@ def test_amx_matmul_matches_float64(kernels, m, k, n):
     torch.manual_seed(0)
     a = torch.randn(m, k, dtype=torch.bfloat16)
     wide = torch.randn(k, n + 9, dtype=torch.bfloat16)
-    for b in (torch.randn(k, n, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16).t(), wide[:, 3 : 3 + n]):
+    b_layouts = (torch.randn(k, n, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16).t(), wide[:, 3 : 3 + n])
+    for a, b in [(a, b) for b in b_layouts] + [(a.t().contiguous().t(), b_layouts[0])]:  # last: A given transposed
         exact = a.double() @ b.double()
         scale = float(exact.abs().max())
         bf16 = dict(rtol=0, atol=scale * 2**-8)  # one bf16 rounding of the result, relative to its largest element
@@ -385,3 +387,30 @@ def test_amx_matmul_rejects_what_it_cannot_compute(kernels):
         kernels.amx_matmul(torch.zeros(4, 4), torch.zeros(4, 4, **bf))
     with pytest.raises(ValueError, match="contiguous"):
         kernels.amx_matmul(torch.zeros(4, 4, **bf), torch.zeros(4, 4, **bf), out=torch.zeros(4, 4, **bf).t(), accumulate=True)
+
+
+@pytest.mark.parametrize("members", [(0, 1, 2), (0, 2), (1,)])
+def test_lora_operands_are_the_stacked_transposed_and_block_matrices(kernels, members):
+    """One pass gives what stack/cast, transpose and block_diag give: A stacked in bf16, its
+    transpose, and each B_j^T times its scale in its adapter's rows and its member's columns
+    (zero elsewhere)."""
+    torch.manual_seed(0)
+    sizes, rank, features = (24, 8, 8), 5, 20
+    columns = [sum(sizes[:m]) for m in members]
+    a = [torch.randn(rank, features) for _ in members]
+    b = [torch.randn(sizes[m], rank) for m in members]
+    scales = [1.5, 2.25, 0.5][: len(members)]
+    a2, a_t, b_block = kernels.lora_operands(a, b, scales, columns, sum(sizes))
+    stacked = torch.cat(a).to(torch.bfloat16)
+    assert torch.equal(a2, stacked) and torch.equal(a_t, stacked.t())
+    expected = torch.zeros(len(members) * rank, sum(sizes), dtype=torch.bfloat16)
+    for j, (m, b_j) in enumerate(zip(members, b)):
+        expected[j * rank : (j + 1) * rank, columns[j] : columns[j] + sizes[m]] = (scales[j] * b_j.t()).to(torch.bfloat16)
+    assert torch.equal(b_block, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(384, 48), (5, 70), (33, 1)])
+def test_transpose(kernels, dtype, shape):
+    x = torch.randn(*shape).to(dtype)
+    assert torch.equal(kernels.transpose(x), x.t())

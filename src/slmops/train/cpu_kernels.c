@@ -477,6 +477,45 @@ int64_t drop_positions_seeded(uint64_t seed, int64_t first, int64_t count, doubl
 }
 
 /* The version the Python side expects; bumped with any change of signature. */
+/* ---- Operands of an adapter group, and small transposes ---------------------------------------
+ * Each call of a LoRA group needs its adapters' fp32 master weights as bf16 matrices in three
+ * layouts: A stacked (k r, in) for the products, its transpose (in, k r) for the dropout kernels, and
+ * the B's transposed, each times its adapter's scale, into one (k r, total) block matrix (scaling B
+ * rather than the (n, k r) products saves a pass over them forward and one backward). In PyTorch that is seven ops (stack, cast,
+ * transpose copy, block_diag, cast...), ~180 us a call; here one pass. */
+void lora_operands_bf16(const float *const *a, const float *const *b, const float *b_scales, const int64_t *cols,
+                        const int64_t *sizes, int64_t k, int64_t r, int64_t in, int64_t total, uint16_t *a2, uint16_t *a_t,
+                        uint16_t *b_block) {
+    int64_t kr = k * r;
+    memset(b_block, 0, (size_t)(kr * total) * sizeof(uint16_t));
+    for (int64_t j = 0; j < k; j++) {
+        for (int64_t i = 0; i < r; i++) {
+            const float *row = a[j] + i * in;
+            uint16_t *dst = a2 + (j * r + i) * in;
+            for (int64_t c = 0; c < in; c++) {
+                uint16_t v = f32_to_bf16(row[c]);
+                dst[c] = v;
+                a_t[c * kr + j * r + i] = v;
+            }
+        }
+        for (int64_t o = 0; o < sizes[j]; o++) /* B_j (size_j, r): its transpose into rows j r.., columns cols[j].. */
+            for (int64_t i = 0; i < r; i++)
+                b_block[(j * r + i) * total + cols[j] + o] = f32_to_bf16(b_scales[j] * b[j][o * r + i]);
+    }
+}
+
+/* dst (cols, rows) = src (rows, cols)^T, both contiguous, in 32 x 32 blocks (both sides stay in cache). */
+#define TRANSPOSE(S, T)                                                                                  \
+    void transpose_##S(const T *src, int64_t rows, int64_t cols, T *dst) {                              \
+        for (int64_t r0 = 0; r0 < rows; r0 += 32)                                                        \
+            for (int64_t c0 = 0; c0 < cols; c0 += 32)                                                    \
+                for (int64_t r = r0; r < (r0 + 32 < rows ? r0 + 32 : rows); r++)                         \
+                    for (int64_t c = c0; c < (c0 + 32 < cols ? c0 + 32 : cols); c++)                     \
+                        dst[c * rows + r] = src[r * cols + c];                                           \
+    }
+TRANSPOSE(bf16, uint16_t)
+TRANSPOSE(f32, float)
+
 /* ---- The LoRA products on AMX tiles -------------------------------------------------------------
  * oneDNN's bf16 matmul takes 60-250 us a call on the shapes of a LoRA step (384 x 576 x 48,
  * 384 x 48 x 960, the weight gradients 48 x 384 x 960...), where the tile arithmetic takes a few
@@ -637,24 +676,39 @@ static int amx_split_columns(int64_t n, int64_t k, int threads) {
     return n * k >= AMX_SHARED_B_MIN && (n + 31) / 32 >= 4 * threads;
 }
 
-/* Elements of the bf16 scratch amx_matmul needs for these sizes. */
-int64_t amx_scratch_elements(int64_t m, int64_t n, int64_t k) {
+static int64_t amx_packed_elements(int64_t m, int64_t n, int64_t k) {
     int threads = amx_threads(m, n, k);
     int64_t packed = (n + 15) / 16 * ((k + 31) / 32 * 16) * 32;
     return amx_split_columns(n, k, threads) ? packed : packed * threads;
 }
 
-/* C = alpha * A @ B (+ C); A (m, k; row stride lda) bf16, B (k, n) bf16 with element (i, j) at
- * b[i * sk + j * sn], C per `mode` (row stride ldc; transposed: C^T's); scratch of
- * amx_scratch_elements(m, n, k). Returns 0, computing nothing, where k is odd. */
-int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t sk, int64_t sn, uint16_t *scratch, void *c,
-               int64_t ldc, int64_t m, int64_t n, int64_t k, float alpha, int accumulate, int mode) {
+/* Elements of the bf16 scratch amx_matmul needs for these sizes (with A strided along k: a
+ * row-major copy of A per thread too). */
+int64_t amx_scratch_elements(int64_t m, int64_t n, int64_t k, int a_strided) {
+    return amx_packed_elements(m, n, k) + (a_strided ? amx_threads(m, n, k) * m * k : 0);
+}
+
+/* C = alpha * A @ B (+ C); A (m, k) bf16 with element (i, l) at a[i * sam + l * sak], B (k, n) bf16
+ * with element (l, j) at b[l * sk + j * sn], C per `mode` (row stride ldc; transposed: C^T's);
+ * scratch of amx_scratch_elements(m, n, k, sak != 1). Returns 0, computing nothing, where k is odd. */
+int amx_matmul(const uint16_t *a, int64_t sam, int64_t sak, const uint16_t *b, int64_t sk, int64_t sn,
+               uint16_t *scratch, void *c, int64_t ldc, int64_t m, int64_t n, int64_t k, float alpha, int accumulate,
+               int mode) {
     if (k % 2 || k <= 0 || m <= 0 || n <= 0) return 0;
     int64_t kp = (k + 31) / 32 * 16, panels = (n + 15) / 16, pairs = (panels + 1) / 2, blocks = (m + 15) / 16;
     int threads = amx_threads(m, n, k), by_columns = amx_split_columns(n, k, threads);
-#pragma omp parallel num_threads(threads)
+    int64_t lda = sam;
+#pragma omp parallel num_threads(threads) firstprivate(a, lda)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (sak != 1) { /* A strided along k (a transpose, the small side of a weight gradient): a row-major copy */
+            uint16_t *copy = scratch + amx_packed_elements(m, n, k) + (int64_t)t * m * k;
+            for (int64_t l0 = 0; l0 < k; l0 += 32)
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t l = l0; l < (l0 + 32 < k ? l0 + 32 : k); l++) copy[i * k + l] = a[i * sam + l * sak];
+            a = copy;
+            lda = k;
+        }
         float acc[16 * 16] __attribute__((aligned(64)));
         uint16_t *tail = (m % 16) ? (uint16_t *)calloc((size_t)(16 * k), sizeof(uint16_t)) : NULL;
         amx_configure(k % 32);
@@ -685,13 +739,14 @@ int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t sk, in
 }
 #else
 int amx_available(void) { return 0; }
-int64_t amx_scratch_elements(int64_t m, int64_t n, int64_t k) {
-    (void)m, (void)n, (void)k;
+int64_t amx_scratch_elements(int64_t m, int64_t n, int64_t k, int a_strided) {
+    (void)m, (void)n, (void)k, (void)a_strided;
     return 0;
 }
-int amx_matmul(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t sk, int64_t sn, uint16_t *scratch, void *c,
-               int64_t ldc, int64_t m, int64_t n, int64_t k, float alpha, int accumulate, int mode) {
-    (void)a, (void)lda, (void)b, (void)sk, (void)sn, (void)scratch, (void)c, (void)ldc, (void)m, (void)n, (void)k,
+int amx_matmul(const uint16_t *a, int64_t sam, int64_t sak, const uint16_t *b, int64_t sk, int64_t sn,
+               uint16_t *scratch, void *c, int64_t ldc, int64_t m, int64_t n, int64_t k, float alpha, int accumulate,
+               int mode) {
+    (void)a, (void)sam, (void)sak, (void)b, (void)sk, (void)sn, (void)scratch, (void)c, (void)ldc, (void)m, (void)n, (void)k,
         (void)alpha, (void)accumulate, (void)mode;
     return 0;
 }

@@ -87,9 +87,14 @@ class Kernels:
                 getattr(lib, f"{name}_{suffix}").restype = None
         lib.drop_positions_seeded.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_double, i64, i64, p]
         lib.drop_positions_seeded.restype = i64
-        lib.amx_scratch_elements.argtypes = [i64, i64, i64]
+        lib.amx_scratch_elements.argtypes = [i64, i64, i64, ctypes.c_int]
         lib.amx_scratch_elements.restype = i64
-        lib.amx_matmul.argtypes = [p, i64, p, i64, i64, p, p, i64, i64, i64, i64, f32, ctypes.c_int, ctypes.c_int]
+        lib.amx_matmul.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, i64, i64, f32, ctypes.c_int, ctypes.c_int]
+        lib.lora_operands_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, p, p]
+        lib.lora_operands_bf16.restype = None
+        for suffix in _SUFFIX.values():
+            getattr(lib, f"transpose_{suffix}").argtypes = [p, i64, i64, p]
+            getattr(lib, f"transpose_{suffix}").restype = None
         lib.amx_matmul.restype = ctypes.c_int
         # AMX tiles: built with them (-march=native on a CPU that has them) and granted by the kernel
         self.amx = bool(lib.amx_available())
@@ -155,15 +160,15 @@ class Kernels:
 
     def amx_matmul(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, *, alpha: float = 1.0,
                    accumulate: bool = False, fp32: bool = False, transposed: bool = False) -> torch.Tensor:
-        """alpha * a @ b (+ out when accumulate) on AMX tiles (`self.amx` only): a (m, k) bf16 with unit
-        column stride, b (k, n) bf16 with a unit stride either way, k even. The result is bf16, or fp32
-        with `fp32`; with `transposed` it is fp32 and stored as its transpose (n, m). `out`, if given,
-        must be contiguous and of that dtype and shape."""
+        """alpha * a @ b (+ out when accumulate) on AMX tiles (`self.amx` only): a (m, k) and b (k, n)
+        bf16 matrices (views with a unit stride either way take no copy), k even. The result is bf16,
+        or fp32 with `fp32`; with `transposed` it is fp32 and stored as its transpose (n, m). `out`,
+        if given, must be contiguous and of that dtype and shape."""
         if not self.amx:
             raise RuntimeError("amx_matmul: this library or CPU has no AMX tiles (check `Kernels.amx` first)")
         if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
             raise TypeError(f"amx_matmul multiplies bf16 matrices, got {a.dtype} and {b.dtype}")
-        if a.stride(1) != 1:
+        if a.stride(0) != 1 and a.stride(1) != 1:
             a = a.contiguous()
         if b.stride(0) != 1 and b.stride(1) != 1:
             b = b.contiguous()
@@ -171,13 +176,38 @@ class Kernels:
             raise ValueError("amx_matmul writes `out` in place: it must be contiguous")
         m, k = a.shape
         n = b.shape[1]
-        scratch = self._packing_buffer(self.lib.amx_scratch_elements(m, n, k))
+        a_rows, a_cols = (a.stride(0), 1) if a.stride(1) == 1 else (1, a.stride(1))  # row-major, or a transpose
+        scratch = self._packing_buffer(self.lib.amx_scratch_elements(m, n, k, int(a_cols != 1)))
         if out is None:
             out = torch.empty((n, m) if transposed else (m, n), dtype=torch.float32 if fp32 or transposed else torch.bfloat16)
         mode = 2 if transposed else int(fp32)
-        if not self.lib.amx_matmul(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(1), scratch.data_ptr(),
+        if not self.lib.amx_matmul(a.data_ptr(), a_rows, a_cols, b.data_ptr(), b.stride(0), b.stride(1), scratch.data_ptr(),
                                    out.data_ptr(), out.stride(0), m, n, k, alpha, int(accumulate), mode):
             raise ValueError(f"amx_matmul needs an even inner size, got {k}")
+        return out
+
+    def lora_operands(self, a: list[torch.Tensor], b: list[torch.Tensor], scales: list[float], columns: list[int],
+                      total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bf16 operands of k adapters from their contiguous fp32 A_j (r, in) and B_j (size_j, r):
+        A stacked (k r, in), its transpose (in, k r), and the block matrix (k r, total) holding
+        scales[j] B_j^T in rows j r .. j r + r - 1 and columns columns[j] .. columns[j] + size_j - 1,
+        zero elsewhere."""
+        k, (r, features) = len(a), a[0].shape
+        a2 = torch.empty(k * r, features, dtype=torch.bfloat16)
+        a_t = torch.empty(features, k * r, dtype=torch.bfloat16)
+        b_block = torch.empty(k * r, total, dtype=torch.bfloat16)
+        pointers = ctypes.c_void_p * k
+        sizes = (ctypes.c_int64 * k)(*[m.shape[0] for m in b])
+        self.lib.lora_operands_bf16(pointers(*[m.data_ptr() for m in a]), pointers(*[m.data_ptr() for m in b]),
+                                    (ctypes.c_float * k)(*scales), (ctypes.c_int64 * k)(*columns), sizes, k, r, features, total, a2.data_ptr(),
+                                    a_t.data_ptr(), b_block.data_ptr())
+        return a2, a_t, b_block
+
+    def transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, cols) contiguous -> its transpose, contiguous."""
+        rows, cols = x.shape
+        out = torch.empty(cols, rows, dtype=x.dtype)
+        getattr(self.lib, f"transpose_{_SUFFIX[x.dtype]}")(x.data_ptr(), rows, cols, out.data_ptr())
         return out
 
     def _packing_buffer(self, elements: int) -> torch.Tensor:

@@ -131,32 +131,44 @@ class LinearGroupFunction(torch.autograd.Function):
             ctx.save_for_backward(weight)
             outs = out.view(*shape[:-1], total)
             return tuple(outs.split(spec.sizes, -1)) if len(spec.sizes) > 1 else outs
-        a = torch.stack(lora[:k]).to(dtype)  # (k, r, in)
-        if spec.members == tuple(range(len(spec.sizes))):  # one adapter per member, in order (q, k, v): B^T blocks on the diagonal
-            b_block = lora[k].to(dtype).t() if k == 1 else torch.block_diag(*[b.t() for b in lora[k:]]).to(dtype)
-        else:  # (k*r, total): adapter j's B^T in its rank rows and its member's columns
-            b_block = x2.new_zeros(k * r, total)
-            for j, member in enumerate(spec.members):
-                b_block[j * r : (j + 1) * r, offsets[member] : offsets[member + 1]] = lora[k + j].t()
+        a_t = None  # A stacked and transposed, (in, k*r), for the dropout kernels
+        if spec.kernels is not None and dtype == torch.bfloat16 and all(
+                t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in lora):
+            # the scales go into B: out += h (s B^T), and backward d_pre = g (s B^T)^T with no pass of their own
+            a2, a_t, b_block = spec.kernels.lora_operands(lora[:k], lora[k:], list(spec.scales), [offsets[m] for m in spec.members],
+                                                          total)
+            a = a2.view(k, r, -1)  # (k, r, in)
+            b_scaled = True
+        else:
+            b_scaled = False
+            a = torch.stack(lora[:k]).to(dtype)
+            if spec.members == tuple(range(len(spec.sizes))):  # one adapter per member, in order (q, k, v): B^T blocks on the diagonal
+                b_block = lora[k].to(dtype).t() if k == 1 else torch.block_diag(*[b.t() for b in lora[k:]]).to(dtype)
+            else:  # (k*r, total): adapter j's B^T in its rank rows and its member's columns
+                b_block = x2.new_zeros(k * r, total)
+                for j, member in enumerate(spec.members):
+                    b_block[j * r : (j + 1) * r, offsets[member] : offsets[member + 1]] = lora[k + j].t()
         # one number when the adapters share their scale (the usual case): no per-call tensor
         scales = spec.scales[0] if len(set(spec.scales)) == 1 else torch.tensor(spec.scales, dtype=dtype).repeat_interleave(r)
         dropped = drop_positions(k * x2.numel(), spec.dropout, x2.device, spec.kernels) if spec.dropout > 0 else None
         # With the C kernels, the adapters' products run on x itself and the kernels take the dropped
-        # elements' terms out (a_t, (in, k*r), set then: the backward takes the same branch);
-        # without them, products on k masked copies of x.
-        a_t = None
+        # elements' terms out (a_t saved then: the backward takes the same branch); without them,
+        # products on k masked copies of x.
         products = _Products(spec.kernels, dtype, x2.shape, k * r)
         if dropped is None or (spec.kernels is not None and spec.kernels.supports(x2)):
             a2 = a.view(k * r, -1)
             h = products.mm(x2, a2.t())  # (n, k*r)
-            if dropped is not None:  # take the dropped elements' terms back out
-                a_t = a2.t().contiguous()
+            if dropped is None:
+                a_t = None
+            else:  # take the dropped elements' terms back out
+                a_t = a2.t().contiguous() if a_t is None else a_t
                 spec.kernels.lora_drop_h(h, x2, a_t, dropped, k)
         else:
             h = torch.bmm(_dropped_copies(x2, k, dropped), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
-        h.mul_(scales)
+        if not b_scaled:
+            h.mul_(scales)
         products.add_mm(out, h, b_block)
-        ctx.dropped, ctx.scales = dropped, scales
+        ctx.dropped, ctx.scales, ctx.b_scaled = dropped, scales, b_scaled
         ctx.save_for_backward(weight, x2, a, h, b_block, a_t)
         outs = out.view(*shape[:-1], total)
         return tuple(outs.split(spec.sizes, -1)) if len(spec.sizes) > 1 else outs
@@ -178,8 +190,13 @@ class LinearGroupFunction(torch.autograd.Function):
             return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None, None, None, None)
         _, x2, a, h, b_block, a_t = saved
         products = _Products(spec.kernels, dtype, x2.shape, k * r)
-        d_pre = products.mm(g, b_block.t()).mul_(ctx.scales)  # (n, k*r): gradient of dropout(x) A^T, per adapter
-        db_block = products.small_t_mm(h, g)  # (k*r, total)
+        d_pre = products.mm(g, b_block.t())  # (n, k*r): gradient of dropout(x) A^T, per adapter
+        if ctx.b_scaled:  # h was left unscaled: the scales go into B's gradient
+            db_block = products.small_t_mm(h, g, ctx.scales) if isinstance(ctx.scales, float) else \
+                products.small_t_mm(h, g).mul_(ctx.scales[:, None])
+        else:
+            d_pre.mul_(ctx.scales)
+            db_block = products.small_t_mm(h, g)  # (k*r, total)
         db = [db_block[j * r : (j + 1) * r, offsets[m] : offsets[m + 1]].t() for j, m in enumerate(spec.members)]
         dropped, d_in = ctx.dropped, None
         if dropped is None or a_t is not None:  # without dropout, or (as in forward) the C kernels' branch
@@ -188,7 +205,7 @@ class LinearGroupFunction(torch.autograd.Function):
             else:  # products on x itself, minus the dropped elements' terms
                 da_t = products.big_t_mm(x2, d_pre)  # (in, k*r) fp32
                 spec.kernels.lora_drop_da(da_t, x2, d_pre, dropped, k)
-                da = da_t.t().contiguous().view(k, r, -1)  # (see below)
+                da = spec.kernels.transpose(da_t).view(k, r, -1)  # (see below)
             if need_x:  # a itself, not a_t.t(): oneDNN is several times slower on the transposed (k*r, in) operand
                 dx = products.add_mm(dx, d_pre, a.view(k * r, -1))
                 if dropped is not None:
@@ -238,16 +255,17 @@ class _Products:
             return self.kernels.amx_matmul(a, b, out=out, accumulate=True)
         return out.addmm_(a, b)
 
-    def small_t_mm(self, small: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
-        """small^T @ big over their n rows, (k*r, features): fp32 on AMX, else the inputs' dtype."""
+    def small_t_mm(self, small: torch.Tensor, big: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """alpha small^T @ big over their n rows, (k*r, features): fp32 on AMX, else the inputs' dtype."""
         if self.kernels is not None and self.rows_even:
-            return self.kernels.amx_matmul(small.t().contiguous(), big, fp32=True)
-        return small.t() @ big
+            return self.kernels.amx_matmul(small.t(), big, alpha=alpha, fp32=True)
+        product = small.t() @ big
+        return product.mul_(alpha) if alpha != 1.0 else product
 
     def big_t_mm(self, big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
         """big^T @ small over their n rows, (features, k*r), fp32."""
         if self.kernels is not None and self.rows_even:  # computed as small^T @ big, stored transposed
-            return self.kernels.amx_matmul(small.t().contiguous(), big, transposed=True)
+            return self.kernels.amx_matmul(small.t(), big, transposed=True)
         return (big.t() @ small).float()
 
 
