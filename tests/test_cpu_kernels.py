@@ -75,15 +75,18 @@ def test_swiglu_forward_and_backward(kernels, dtype):
     torch.testing.assert_close(up.grad.double(), u64.grad, **_ulps(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_frozen_mlp_function_gives_the_input_gradient_of_the_mlp(kernels, dtype):
-    """The whole SwiGLU MLP on frozen weights as one node: output and input gradient as the
-    float64 down(silu(x gate^T) * x up^T) (to the dtype's precision), and no weight gradients."""
+@pytest.mark.parametrize("dtype,packed", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)])
+def test_frozen_mlp_function_gives_the_input_gradient_of_the_mlp(kernels, dtype, packed):
+    """The whole SwiGLU MLP on frozen weights as one node (its forward products on AMX-packed
+    weights where asked and available): output and input gradient as the float64
+    down(silu(x gate^T) * x up^T) (to the dtype's precision), and no weight gradients."""
     torch.manual_seed(2)
     x = torch.randn(2, 9, 32).to(dtype).requires_grad_()
     w_gate, w_up, w_down = (torch.randn(*shape).div(5).to(dtype) for shape in ((80, 32), (80, 32), (32, 80)))
     grad = torch.randn(2, 9, 32).to(dtype)
-    out = fast_mlp.FrozenMLPFunction.apply(x, w_gate, w_up, w_down, kernels)
+    packs = tuple(kernels.pack_weight(w) for w in (w_gate, w_up, w_down)) if packed and kernels.amx else None
+    assert (packs is not None) == (packed and _cpu_has_amx() and kernels is cpu_kernels.get())
+    out = fast_mlp.FrozenMLPFunction.apply(x, w_gate, w_up, w_down, kernels, packs)
     out.backward(grad)
     x64 = x.detach().double().requires_grad_()
     want = F.linear(F.silu(F.linear(x64, w_gate.double())) * F.linear(x64, w_up.double()), w_down.double())

@@ -273,10 +273,15 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
     assert main(args) in (0, None)
     text = capsys.readouterr().err
     assert "precision: bfloat16 on cpu" in text
-    # tiny Llama: 2 layers, LoRA on q/k/v/o (the default targets), 5 RMSNorms
+    # tiny Llama: 2 layers, LoRA on q/k/v/o (the default targets), 5 RMSNorms; its linear weights
+    # (2 x (q/k/v 64x32 + o 32x32 + MLP 3 x 64x32) bf16) packed for AMX where the CPU has it
+    amx = cpu_kernels.get() is not None and cpu_kernels.get().amx
+    packed = 2 * (64 * 32 + 32 * 32 + 3 * 64 * 32) * 2
     assert ("fast CPU path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms, 2 fused SwiGLUs, "
             "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
-            "padding-free batches where padding is over 10%, C kernels") in text, text
+            "padding-free batches where padding is over 10%, "
+            + (f"AMX forward products on packed base weights ({packed / 2**20:.2f} MB), LoRA products on AMX, " if amx else "")
+            + "C kernels") in text, text
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -356,8 +361,9 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
 @pytest.mark.parametrize("amx", [True, False])
 def test_bf16_group_with_kernels_matches_float64_reference(monkeypatch, rows, p, amx):
     """A bf16 q/k/v group on the C kernels (fp32 adapters with their own scales, dropout on and
-    off; products on AMX tiles where the kernels have them, else oneDNN) gives the float64
-    reference's outputs and gradients, with the same dropout masks, to bf16 precision."""
+    off; the base product on a packed weight and the adapters' products on AMX tiles where the
+    kernels have them, else oneDNN) gives the float64 reference's outputs and gradients, with
+    the same dropout masks, to bf16 precision."""
     kernels = cpu_kernels.get()
     assert kernels is not None
     calls, use_amx = [], amx and kernels.amx
@@ -375,7 +381,8 @@ def test_bf16_group_with_kernels_matches_float64_reference(monkeypatch, rows, p,
     a = [(torch.randn(rank, n_in) / 4).requires_grad_() for _ in sizes]
     b = [(torch.randn(size, rank) / 4).requires_grad_() for size in sizes]
     grads_out = [torch.randn(rows, size, dtype=torch.bfloat16) for size in sizes]
-    spec = _Spec(sizes, (0, 1, 2), tuple(s / (1 - p) for s in scales), rank, p, kernels)
+    packed = kernels.pack_weight(weight) if use_amx else None  # the base product on AMX too
+    spec = _Spec(sizes, (0, 1, 2), tuple(s / (1 - p) for s in scales), rank, p, kernels, packed)
     outs = LinearGroupFunction.apply(x, weight, None, spec, *a, *b)
     got = [o.double() for o in outs] + [g.double() for g in torch.autograd.grad(outs, [x, *a, *b], grads_out)]
 

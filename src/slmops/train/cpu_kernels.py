@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -67,6 +68,14 @@ def _build(compiler: str, flags: list[str] = FLAGS) -> Path:
     return target
 
 
+class PackedWeight(NamedTuple):
+    """A linear weight (out, in) in AMX's tile layout (Kernels.pack_weight)."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
+
+
 class Kernels:
     """The compiled library; each method takes contiguous CPU tensors of one dtype."""
 
@@ -90,6 +99,12 @@ class Kernels:
         lib.amx_scratch_elements.argtypes = [i64, i64, i64, ctypes.c_int]
         lib.amx_scratch_elements.restype = i64
         lib.amx_matmul.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, i64, i64, f32, ctypes.c_int, ctypes.c_int]
+        lib.amx_packed_weight_elements.argtypes = [i64, i64]
+        lib.amx_packed_weight_elements.restype = i64
+        lib.amx_pack_weight.argtypes = [p, i64, i64, p]
+        lib.amx_pack_weight.restype = None
+        lib.amx_linear.argtypes = [p, i64, p, p, i64, i64, i64, i64, ctypes.c_int]
+        lib.amx_linear.restype = ctypes.c_int
         lib.lora_operands_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, p, p]
         lib.lora_operands_bf16.restype = None
         for suffix in _SUFFIX.values():
@@ -184,6 +199,29 @@ class Kernels:
         if not self.lib.amx_matmul(a.data_ptr(), a_rows, a_cols, b.data_ptr(), b.stride(0), b.stride(1), scratch.data_ptr(),
                                    out.data_ptr(), out.stride(0), m, n, k, alpha, int(accumulate), mode):
             raise ValueError(f"amx_matmul needs an even inner size, got {k}")
+        return out
+
+    def pack_weight(self, weight: torch.Tensor) -> PackedWeight:
+        """A frozen bf16 linear weight (out, in), contiguous, packed once for `amx_linear` (`self.amx` only)."""
+        if not self.amx or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] % 2:
+            raise ValueError("pack_weight takes a contiguous bf16 (out, in) weight with even `in`, on a CPU with AMX")
+        out_features, in_features = weight.shape
+        packed = torch.empty(self.lib.amx_packed_weight_elements(out_features, in_features), dtype=torch.bfloat16)
+        self.lib.amx_pack_weight(weight.data_ptr(), out_features, in_features, packed.data_ptr())
+        return PackedWeight(packed, out_features, in_features)
+
+    def amx_linear(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = None,
+                   accumulate: bool = False) -> torch.Tensor:
+        """x (m, in) @ W^T (+ out when accumulate), bf16, W packed by `pack_weight`; x with unit column stride."""
+        if x.dtype != torch.bfloat16 or x.stride(1) != 1:
+            x = x.to(torch.bfloat16).contiguous()
+        if out is None:
+            out = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
+        elif not out.is_contiguous():
+            raise ValueError("amx_linear writes `out` in place: it must be contiguous")
+        if not self.lib.amx_linear(x.data_ptr(), x.stride(0), weight.data.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
+                                   weight.out_features, weight.in_features, int(accumulate)):
+            raise ValueError(f"amx_linear needs an even inner size, got {weight.in_features}")
         return out
 
     def lora_operands(self, a: list[torch.Tensor], b: list[torch.Tensor], scales: list[float], columns: list[int],

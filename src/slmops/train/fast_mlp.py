@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmops.train.cpu_kernels import Kernels
+from slmops.train.cpu_kernels import Kernels, PackedWeight
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -51,10 +51,15 @@ class FrozenMLPFunction(torch.autograd.Function):
     up paths' gradients in another pass). Saves gate(x) and up(x), as the SwiGLU node did."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, kernels: Kernels):
+    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, kernels: Kernels,
+                packed: tuple[PackedWeight, PackedWeight, PackedWeight] | None = None):
         rows = x.reshape(-1, x.shape[-1]).to(w_gate.dtype)
-        gate, up = F.linear(rows, w_gate), F.linear(rows, w_up)
-        out = F.linear(kernels.swiglu_forward(gate, up), w_down)
+        if packed is not None:  # the weights packed for AMX (FastLoraPath): the forward's products on them
+            gate, up = kernels.amx_linear(rows, packed[0]), kernels.amx_linear(rows, packed[1])
+            out = kernels.amx_linear(kernels.swiglu_forward(gate, up), packed[2])
+        else:
+            gate, up = F.linear(rows, w_gate), F.linear(rows, w_up)
+            out = F.linear(kernels.swiglu_forward(gate, up), w_down)
         ctx.kernels, ctx.shape, ctx.x_dtype = kernels, x.shape, x.dtype
         ctx.save_for_backward(gate, up, w_gate, w_up, w_down)
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
@@ -65,7 +70,7 @@ class FrozenMLPFunction(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1]).to(w_down.dtype).contiguous()
         d_gate, d_up = ctx.kernels.swiglu_backward(rows @ w_down, gate, up)
         dx = (d_gate @ w_gate).addmm_(d_up, w_up)
-        return dx.view(ctx.shape).to(ctx.x_dtype), None, None, None, None
+        return dx.view(ctx.shape).to(ctx.x_dtype), None, None, None, None, None
 
 
 def _frozen_weights(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -118,7 +123,7 @@ def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
             return own_forward(x, *args, **kwargs)
         weights = _frozen_weights(self)
         if weights is not None and kernels.supports(*weights) and not torch.is_autocast_enabled(x.device.type):
-            return FrozenMLPFunction.apply(x, *weights, kernels)
+            return FrozenMLPFunction.apply(x, *weights, kernels, getattr(self, "_slmops_packed", None))
         rows = x.reshape(-1, x.shape[-1])  # 2-D: the three linears run as plain products (no reshapes around each)
         out = self.down_proj(swiglu(self.gate_proj(rows), self.up_proj(rows), kernels))
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -130,3 +135,5 @@ def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
 def uninstall(module: nn.Module) -> None:
     module.forward = module._slmops_own_forward
     del module._slmops_own_forward
+    if hasattr(module, "_slmops_packed"):
+        del module._slmops_packed

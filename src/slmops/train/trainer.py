@@ -111,6 +111,9 @@ class Trainer:
         self.eval_every = cfg.eval_steps or default_interval(self.steps)
         self.save_every = cfg.save_steps or self.eval_every
         self.optimizer = build_optimizer(model, cfg, learning_rate)
+        # what the optimizer updates, listed once: walking a PEFT model's parameters for it
+        # took 4 ms a step (SmolLM2-135M)
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         from transformers import get_scheduler
 
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.steps)
@@ -265,7 +268,7 @@ class Trainer:
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                 if self.scaler:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
