@@ -390,6 +390,12 @@ def test_amx_matmul_rejects_what_it_cannot_compute(kernels):
         kernels.amx_matmul(torch.zeros(4, 4), torch.zeros(4, 4, **bf))
     with pytest.raises(ValueError, match="contiguous"):
         kernels.amx_matmul(torch.zeros(4, 4, **bf), torch.zeros(4, 4, **bf), out=torch.zeros(4, 4, **bf).t(), accumulate=True)
+    with pytest.raises(ValueError, match="shape"):  # an `out` it would write past
+        kernels.amx_matmul(torch.zeros(4, 4, **bf), torch.zeros(4, 6, **bf), out=torch.zeros(4, 4, **bf), accumulate=True)
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.amx_matmul(torch.zeros(4, 4, **bf), torch.zeros(6, 4, **bf))
+    with pytest.raises(ValueError, match="input features"):
+        kernels.amx_linear(torch.zeros(4, 6, **bf), kernels.pack_weight(torch.zeros(8, 4, **bf)))
 
 
 @pytest.mark.parametrize("members", [(0, 1, 2), (0, 2), (1,)])

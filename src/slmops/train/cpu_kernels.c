@@ -479,10 +479,10 @@ int64_t drop_positions_seeded(uint64_t seed, int64_t first, int64_t count, doubl
 /* The version the Python side expects; bumped with any change of signature. */
 /* ---- Operands of an adapter group, and small transposes ---------------------------------------
  * Each call of a LoRA group needs its adapters' fp32 master weights as bf16 matrices in three
- * layouts: A stacked (k r, in) for the products, its transpose (in, k r) for the dropout kernels, and
- * the B's transposed, each times its adapter's scale, into one (k r, total) block matrix (scaling B
- * rather than the (n, k r) products saves a pass over them forward and one backward). In PyTorch that is seven ops (stack, cast,
- * transpose copy, block_diag, cast...), ~180 us a call; here one pass. */
+ * layouts: A stacked (k r, in) for the products, its transpose (in, k r) for the dropout kernels,
+ * and the B's transposed, each times its adapter's scale, into one (k r, total) block matrix
+ * (scaling B rather than the (n, k r) products saves a pass over them forward and one backward).
+ * In PyTorch that is seven ops (stack, cast, transpose copy, block_diag, cast...); here one pass. */
 void lora_operands_bf16(const float *const *a, const float *const *b, const float *b_scales, const int64_t *cols,
                         const int64_t *sizes, int64_t k, int64_t r, int64_t in, int64_t total, uint16_t *a2, uint16_t *a_t,
                         uint16_t *b_block) {

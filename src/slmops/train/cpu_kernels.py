@@ -99,6 +99,7 @@ class Kernels:
         lib.amx_scratch_elements.argtypes = [i64, i64, i64, ctypes.c_int]
         lib.amx_scratch_elements.restype = i64
         lib.amx_matmul.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, i64, i64, f32, ctypes.c_int, ctypes.c_int]
+        lib.amx_matmul.restype = ctypes.c_int
         lib.amx_packed_weight_elements.argtypes = [i64, i64]
         lib.amx_packed_weight_elements.restype = i64
         lib.amx_pack_weight.argtypes = [p, i64, i64, p]
@@ -110,7 +111,6 @@ class Kernels:
         for suffix in _SUFFIX.values():
             getattr(lib, f"transpose_{suffix}").argtypes = [p, i64, i64, p]
             getattr(lib, f"transpose_{suffix}").restype = None
-        lib.amx_matmul.restype = ctypes.c_int
         # AMX tiles: built with them (-march=native on a CPU that has them) and granted by the kernel
         self.amx = bool(lib.amx_available())
         self._scratch = threading.local()
@@ -187,10 +187,11 @@ class Kernels:
             a = a.contiguous()
         if b.stride(0) != 1 and b.stride(1) != 1:
             b = b.contiguous()
-        if out is not None and not out.is_contiguous():
-            raise ValueError("amx_matmul writes `out` in place: it must be contiguous")
         m, k = a.shape
         n = b.shape[1]
+        if b.shape[0] != k:
+            raise ValueError(f"amx_matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+        _check_out(out, (n, m) if transposed else (m, n), torch.float32 if fp32 or transposed else torch.bfloat16)
         a_rows, a_cols = (a.stride(0), 1) if a.stride(1) == 1 else (1, a.stride(1))  # row-major, or a transpose
         scratch = self._packing_buffer(self.lib.amx_scratch_elements(m, n, k, int(a_cols != 1)))
         if out is None:
@@ -213,12 +214,13 @@ class Kernels:
     def amx_linear(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = None,
                    accumulate: bool = False) -> torch.Tensor:
         """x (m, in) @ W^T (+ out when accumulate), bf16, W packed by `pack_weight`; x with unit column stride."""
+        if x.dim() != 2 or x.shape[1] != weight.in_features:
+            raise ValueError(f"amx_linear: input {tuple(x.shape)} for a weight of {weight.in_features} input features")
         if x.dtype != torch.bfloat16 or x.stride(1) != 1:
             x = x.to(torch.bfloat16).contiguous()
+        _check_out(out, (x.shape[0], weight.out_features), torch.bfloat16)
         if out is None:
             out = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
-        elif not out.is_contiguous():
-            raise ValueError("amx_linear writes `out` in place: it must be contiguous")
         if not self.lib.amx_linear(x.data_ptr(), x.stride(0), weight.data.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
                                    weight.out_features, weight.in_features, int(accumulate)):
             raise ValueError(f"amx_linear needs an even inner size, got {weight.in_features}")
@@ -231,18 +233,24 @@ class Kernels:
         scales[j] B_j^T in rows j r .. j r + r - 1 and columns columns[j] .. columns[j] + size_j - 1,
         zero elsewhere."""
         k, (r, features) = len(a), a[0].shape
+        if not (len(b) == len(scales) == len(columns) == k and all(m.shape == (r, features) for m in a)
+                and all(m.shape[1] == r and 0 <= c and c + m.shape[0] <= total for m, c in zip(b, columns))
+                and all(m.dtype == torch.float32 and m.is_contiguous() for m in (*a, *b))):
+            raise ValueError("lora_operands: k contiguous fp32 A (r, in) and B (size, r) with columns inside `total`")
         a2 = torch.empty(k * r, features, dtype=torch.bfloat16)
         a_t = torch.empty(features, k * r, dtype=torch.bfloat16)
         b_block = torch.empty(k * r, total, dtype=torch.bfloat16)
         pointers = ctypes.c_void_p * k
         sizes = (ctypes.c_int64 * k)(*[m.shape[0] for m in b])
         self.lib.lora_operands_bf16(pointers(*[m.data_ptr() for m in a]), pointers(*[m.data_ptr() for m in b]),
-                                    (ctypes.c_float * k)(*scales), (ctypes.c_int64 * k)(*columns), sizes, k, r, features, total, a2.data_ptr(),
-                                    a_t.data_ptr(), b_block.data_ptr())
+                                    (ctypes.c_float * k)(*scales), (ctypes.c_int64 * k)(*columns), sizes, k, r, features,
+                                    total, a2.data_ptr(), a_t.data_ptr(), b_block.data_ptr())
         return a2, a_t, b_block
 
     def transpose(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, cols) contiguous -> its transpose, contiguous."""
+        if x.dim() != 2 or not x.is_contiguous() or x.dtype not in _SUFFIX:
+            raise ValueError("transpose takes a contiguous bf16 or fp32 matrix")
         rows, cols = x.shape
         out = torch.empty(cols, rows, dtype=x.dtype)
         getattr(self.lib, f"transpose_{_SUFFIX[x.dtype]}")(x.data_ptr(), rows, cols, out.data_ptr())
@@ -282,6 +290,12 @@ class Kernels:
         getattr(self.lib, f"rope_tokens_first_{_SUFFIX[dtype]}")(
             g.data_ptr(), *_rope_args(cos, sin_swapped), y.data_ptr(), batch, tokens, heads, dim, scale)
         return y
+
+
+def _check_out(out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """An `out` the AMX kernels write in place must be exactly what they write."""
+    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"`out` must be a contiguous {dtype} tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
 
 
 def _drops(x: torch.Tensor, adapters: torch.Tensor, dropped: torch.Tensor, k: int) -> tuple:
