@@ -545,7 +545,7 @@ class FastLoraPath:
                 loss, count = loss_fn(model, batch)
                 (loss / count).backward()
                 grads = torch.cat([p.grad.flatten().float() if p.grad is not None else torch.zeros(p.numel()) for p in trainable])
-                results.append((float(loss) / count, grads))
+                results.append((float(loss.detach()) / count, grads))
         finally:
             self.enabled = True
             model.zero_grad(set_to_none=True)
