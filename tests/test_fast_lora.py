@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from slmops.data.batching import collate
 from slmops.finetune_recipe import build_model, plan_finetune
@@ -72,6 +73,35 @@ def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, 
     storages = [m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(storages) == len(set(storages)), "fused weights must be independent again (saving shared storage fails)"
     assert _loss_and_grads(model, batch)[0] == pytest.approx(ref_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_gradients(tiny_llama, tmp_path, monkeypatch, bf16):
+    """QLoRA: the adapters on bitsandbytes' 4-bit layers run through the path (the base as the 4-bit
+    layer, the LoRA term in the compute dtype, on AMX where bf16 and the CPU has it) and give
+    PEFT's loss and gradients (PEFT computes the LoRA term in fp32: bf16 tolerance)."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16), quiet=True)
+    model = _trained_a_little(plan).train()
+    batch = _batch(plan)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    path = FastLoraPath(model)
+    quantized = [m for g in path.groups for m in g.members if isinstance(m, Linear4bit)]
+    assert quantized and path.lora_layers == len(quantized), "every 4-bit LoRA layer in a group"
+    calls, kernels = [], path.kernels
+    if kernels is not None and kernels.amx:
+        original = kernels.amx_matmul
+        monkeypatch.setattr(kernels, "amx_matmul", lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    loss, grads = _loss_and_grads(model, batch)
+    assert bool(calls) == (bf16 and kernels is not None and kernels.amx)
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    for key in ref_grads:  # relative error of each gradient as a whole (bf16's is ~2^-8 per element)
+        error = float((grads[key].float() - ref_grads[key].float()).norm() / ref_grads[key].float().norm())
+        assert error < (6e-2 if bf16 else 1e-4), (key, error)
+    path.remove()
+    assert all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
+    assert _loss_and_grads(model, batch)[0] == pytest.approx(ref_loss, rel=1e-6)
 
 
 def test_bf16_fast_path_matches_plain_fp32_path(tiny_llama, tmp_path):

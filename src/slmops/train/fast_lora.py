@@ -130,8 +130,10 @@ class LinearGroupFunction(torch.autograd.Function):
             out = spec.kernels.amx_linear(x2, spec.packed_weight)
             if bias is not None:
                 out.add_(bias)
-        else:
-            out = F.linear(x2, weight, bias) if weight is not None else x2.new_zeros(n, total)
+        elif weight is not None:
+            out = F.linear(x2, weight, bias)
+        else:  # the LoRA terms only (the base computed outside)
+            out = x2.new_zeros(n, total) if not k else None
         ctx.spec, ctx.offsets, ctx.shape, ctx.x_dtype = spec, offsets, shape, x.dtype
         if not k:
             ctx.save_for_backward(weight)
@@ -173,7 +175,7 @@ class LinearGroupFunction(torch.autograd.Function):
             h = torch.bmm(_dropped_copies(x2, k, dropped), a.transpose(1, 2)).transpose(0, 1).reshape(n, k * r)
         if not b_scaled:
             h.mul_(scales)
-        products.add_mm(out, h, b_block)
+        out = products.add_mm(out, h, b_block)
         ctx.dropped, ctx.scales, ctx.b_scaled = dropped, scales, b_scaled
         ctx.save_for_backward(weight, x2, a, h, b_block, a_t)
         outs = out.view(*shape[:-1], total)
@@ -395,6 +397,15 @@ class LinearGroup:
         self._pending, self._pending_input, self.packed = {}, None, None
 
 
+def _quantized_lora_types() -> tuple[type, ...]:
+    """PEFT's LoRA layers over bitsandbytes' 4-bit linears, where bitsandbytes is installed."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return ()
+    return (Linear4bit,)
+
+
 def _packable(weight: torch.Tensor) -> bool:
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous() and not weight.requires_grad
             and weight.shape[1] % 2 == 0)
@@ -450,6 +461,8 @@ class FastLoraPath:
         for module in model.modules():
             if type(module) is LoraLinear and id(module) not in grouped:
                 self.groups.append(LinearGroup([module], LoraLinear, _fusable(module, LoraLinear), self))
+            elif type(module) in _quantized_lora_types():  # QLoRA: the base runs as bitsandbytes' layer, the LoRA term here
+                self.groups.append(LinearGroup([module], type(module), False, self))
         for module in model.modules():
             if fast_norm.matches(module):
                 fast_norm.install(module, lambda: self.enabled, self.kernels)
@@ -500,9 +513,7 @@ class FastLoraPath:
 
     @property
     def lora_layers(self) -> int:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        return sum(isinstance(m, LoraLinear) for g in self.groups for m in g.members)
+        return sum(isinstance(m, g.lora_type) for g in self.groups for m in g.members)
 
     def describe(self) -> str:
         parts = []
