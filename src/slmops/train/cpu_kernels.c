@@ -641,26 +641,23 @@ static void amx_block(const uint16_t *a, int64_t lda, const uint16_t *packed, in
         ar = tail;
         stride = k * 2;
     }
+/* One k-step at k0: A's tile times B's tiles of the two panels into accumulators 0 and 1 (tile
+ * numbers are immediates in the AMX instructions, so the full and the last step are one macro). */
+#define AMX_K_STEP(A_TILE, B0_TILE, B1_TILE, k0)          \
+    do {                                                  \
+        _tile_loadd(A_TILE, ar + (k0), stride);           \
+        _tile_loadd(B0_TILE, b0 + (k0) * 16, 64);         \
+        _tile_dpbf16ps(0, A_TILE, B0_TILE);               \
+        if (two) {                                        \
+            _tile_loadd(B1_TILE, b1 + (k0) * 16, 64);     \
+            _tile_dpbf16ps(1, A_TILE, B1_TILE);           \
+        }                                                 \
+    } while (0)
     _tile_zero(0);
     _tile_zero(1);
-    for (int64_t kk = 0; kk < k_full; kk += 32) {
-        _tile_loadd(2, ar + kk, stride);
-        _tile_loadd(4, b0 + kk * 16, 64);
-        _tile_dpbf16ps(0, 2, 4);
-        if (two) {
-            _tile_loadd(5, b1 + kk * 16, 64);
-            _tile_dpbf16ps(1, 2, 5);
-        }
-    }
-    if (k_rest) {
-        _tile_loadd(3, ar + k_full, stride);
-        _tile_loadd(6, b0 + k_full * 16, 64);
-        _tile_dpbf16ps(0, 3, 6);
-        if (two) {
-            _tile_loadd(7, b1 + k_full * 16, 64);
-            _tile_dpbf16ps(1, 3, 7);
-        }
-    }
+    for (int64_t kk = 0; kk < k_full; kk += 32) AMX_K_STEP(2, 4, 5, kk);
+    if (k_rest) AMX_K_STEP(3, 6, 7, k_full);
+#undef AMX_K_STEP
     for (int half = 0; half < 1 + two; half++) {
         int64_t col = (p0 + half) * 16;
         if (half) _tile_stored(1, acc, 64); else _tile_stored(0, acc, 64);
