@@ -488,8 +488,8 @@ class FastLoraPath:
         if kernels is None or not kernels.amx:
             return 0
         groups = [g for g in self.groups if g.weight is not None and _packable(g.weight)]
-        mlps = [m for m in self.mlps if (w := fast_mlp._frozen_weights(m)) is not None and all(_packable(t) for t in w)]
-        needed = sum(g.weight.numel() * 2 for g in groups) + sum(w.numel() * 2 for m in mlps for w in fast_mlp._frozen_weights(m))
+        mlps = {m: w for m in self.mlps if (w := fast_mlp._frozen_weights(m)) is not None and all(_packable(t) for t in w)}
+        needed = sum(g.weight.numel() * 2 for g in groups) + sum(t.numel() * 2 for w in mlps.values() for t in w)
         available = _available_memory()
         if not needed or available is None or needed > available // 4:
             if needed:
@@ -498,8 +498,8 @@ class FastLoraPath:
             return 0
         for group in groups:
             group.packed = kernels.pack_weight(group.weight)
-        for module in mlps:
-            module._slmops_packed = tuple(kernels.pack_weight(w) for w in fast_mlp._frozen_weights(module))
+        for module, weights in mlps.items():
+            module._slmops_packed = tuple(kernels.pack_weight(w) for w in weights)
         return needed
 
     @property
@@ -534,7 +534,7 @@ class FastLoraPath:
         if self.packed_bytes:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
-            parts.append("LoRA products on AMX")
+            parts.append("LoRA products on AMX in bf16")
         parts.append("C kernels" if self.kernels is not None else "PyTorch ops only (C kernels unavailable)")
         return ", ".join(parts)
 
