@@ -2,7 +2,11 @@
 precision), their autograd functions give PyTorch's gradients, and without a compiler
 everything falls back to PyTorch."""
 
+import json
+import os
 import platform
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -423,3 +427,83 @@ def test_lora_operands_are_the_stacked_transposed_and_block_matrices(kernels, me
 def test_transpose(kernels, dtype, shape):
     x = torch.randn(*shape).to(dtype)
     assert torch.equal(kernels.transpose(x), x.t())
+
+
+# ---- the kernel cache: only a library slmops built, for this CPU, in a private folder --------
+def _fresh_get(monkeypatch, cache):
+    monkeypatch.setenv("SLMOPS_CACHE", str(cache))
+    cpu_kernels.get.cache_clear()
+
+
+def _planted_library(path, marker):
+    """A shared library that creates `marker` the moment it is loaded."""
+    source = path.with_suffix(".c")
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) '
+                      f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n'
+                      "long slmops_kernels_version(void) { return %d; }\n" % cpu_kernels.VERSION)
+    subprocess.run([cpu_kernels._compiler(), "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
+    source.unlink()
+
+
+def test_a_planted_library_is_refused_and_rebuilt(monkeypatch, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    _fresh_get(monkeypatch, cache)
+    try:
+        target = cpu_kernels.library_path(cpu_kernels._compiler())
+        target.parent.mkdir(parents=True, mode=0o700)
+        marker = tmp_path / "ran"
+        _planted_library(target, marker)  # no build record: not ours
+        with caplog.at_level("WARNING", logger="slmops"):
+            kernels = cpu_kernels.get()
+        assert kernels is not None and not marker.exists()
+        assert "has no build record" in caplog.text
+        # a planted library beside the genuine record: the hash gives it away
+        _planted_library(target, marker)
+        os.chmod(target, 0o700)
+        cpu_kernels.get.cache_clear()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="slmops"):
+            assert cpu_kernels.get() is not None
+        assert "sha256 mismatch" in caplog.text and not marker.exists()
+        assert cpu_kernels._sha256(target) == json.loads(target.with_suffix(".json").read_text())["sha256"]  # ours again
+    finally:
+        cpu_kernels.get.cache_clear()
+
+
+def test_a_library_built_for_other_cpu_features_is_not_loaded(monkeypatch, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    _fresh_get(monkeypatch, cache)
+    try:
+        assert cpu_kernels.get() is not None
+        first = cpu_kernels.library_path(cpu_kernels._compiler())
+        # the same cache on a CPU without AVX-512: another file name, built anew
+        monkeypatch.setattr(cpu_kernels, "cpu_features", lambda: "fpu sse sse2 avx avx2")
+        other = cpu_kernels.library_path(cpu_kernels._compiler())
+        assert other != first
+        # a record that says another CPU (copied from another machine under this name) is bypassed
+        shutil.copy(first, other)
+        record = json.loads(first.with_suffix(".json").read_text())
+        other.with_suffix(".json").write_text(json.dumps(record))  # its cpu_features are this machine's, not "fpu sse..."
+        os.chmod(other, 0o700)
+        cpu_kernels.get.cache_clear()
+        with caplog.at_level("WARNING", logger="slmops"):
+            kernels = cpu_kernels.get()
+        assert "was built for another CPU" in caplog.text
+        assert kernels is not None
+        assert json.loads(other.with_suffix(".json").read_text())["cpu_features"] == "fpu sse sse2 avx avx2"
+    finally:
+        cpu_kernels.get.cache_clear()
+
+
+def test_a_cache_folder_others_can_write_is_refused(monkeypatch, tmp_path, caplog):
+    cache = tmp_path / "shared"
+    (cache / "kernels").mkdir(parents=True)
+    os.chmod(cache / "kernels", 0o777)
+    _fresh_get(monkeypatch, cache)
+    try:
+        with caplog.at_level("WARNING", logger="slmops"):
+            assert cpu_kernels.get() is None
+        assert "fused CPU kernels off" in caplog.text and "is writable by others (mode 0777)" in caplog.text
+        assert not list((cache / "kernels").iterdir())
+    finally:
+        cpu_kernels.get.cache_clear()

@@ -118,7 +118,9 @@ def test_seed_logging_command(tmp_path, builtin_model):
     events.Reload()
     assert [e.step for e in events.Scalars("eval/loss")] == [50, 100]
     assert [e.step for e in events.Scalars("train/loss")] == list(range(10, 101, 10))
-    assert (tmp_path / "out" / "checkpoints" / "step-000100" / "optimizer.pt").is_file()
+    step = tmp_path / "out" / "checkpoints" / "step-000100"
+    manifest = json.loads((step / "manifest.json").read_text())  # resumable, and nothing pickled
+    assert "optimizer.safetensors" in manifest["files"] and not list(step.rglob("*.pt"))
 
 
 HELD_OUT = ["I am furious about the late train, this is unacceptable.", "What a wonderful surprise the party was!",

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 import yaml
 
-from slmops.config import FinetuneConfig, to_yaml
+from slmops.config import DataConfig, FinetuneConfig, to_yaml
 from slmops.data.prepare import PreparedData, load_splits, prepare_data
 from slmops.errors import ConfigError, ModelError
 from slmops.methods import Method, get_method, resolve_target_modules
 from slmops.models import choose_precision, inspect_model, load_model, load_tokenizer, resolve_model
+from slmops.models.load import check_safetensors, check_weight_files
 from slmops.models.precision import Precision
 from slmops.models.resolve import ModelSource, source_description
-from slmops.outputs import OutputLayout, check_output_folder, clear_previous_run, copy_model_folder, versions
+from slmops.outputs import OutputLayout, RunFolder, check_output_folder, copy_model_folder, versions
 from slmops.train import checkpoint as ckpt
 from slmops.train.trainer import Trainer, TrainResult
 
@@ -41,6 +42,8 @@ class FinetunePlan:
     resume_from: Path | None
     learning_rate: float
     tokenizer: object
+    data_config: DataConfig  # config.data with what the plan had to adjust (max_seq_len to the model's context)
+    identity: dict  # what a checkpoint must share with this run to be resumed by it (run_identity)
 
     def describe(self) -> dict:
         return {
@@ -50,6 +53,7 @@ class FinetunePlan:
             "target_modules": self.target_modules,
             "precision": {"name": self.precision.name, "device": str(self.precision.device), "reason": self.precision.reason},
             "learning_rate": self.learning_rate,
+            "max_seq_len": self.data_config.max_seq_len,
             "data": self.data.describe(),
             "resume_from": str(self.resume_from) if self.resume_from else None,
         }
@@ -75,19 +79,26 @@ def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
     resume_from = None
     if resuming:
         resume_from = ckpt.find_resume_checkpoint(tcfg.resume_from_checkpoint, layout.checkpoints)
+        ckpt.read_manifest(resume_from)  # complete, and of a format this version reads
     if config.method.modules_to_save and not method.is_adapter:
         raise ConfigError(f"--modules_to_save applies to adapter methods; --method {method.name} trains every weight already")
 
     _check_eval_metrics(config, None)
     splits = load_splits(config.data)  # data mistakes surface before any model is fetched
     source = resolve_model(config.model.model_name_or_path, fetch=True, quiet=quiet)
+    check_weight_files(source.path)
     structure = inspect_model(source.path, config.model.trust_remote_code)
+    data_config = _fit_context(config.data, structure.max_positions)
     targets = resolve_target_modules(config.method.target_modules, structure) if method.is_adapter else None
-    if config.method.adapter_path and not (Path(config.method.adapter_path) / "adapter_config.json").is_file():
-        raise ModelError(f"--adapter_path {config.method.adapter_path!r} holds no adapter_config.json (not a PEFT adapter)")
+    if config.method.adapter_path:
+        adapter = Path(config.method.adapter_path)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"--adapter_path {config.method.adapter_path!r} holds no adapter_config.json (not a PEFT adapter)")
+        if (adapter / "adapter_model.safetensors").is_file():
+            check_safetensors(adapter / "adapter_model.safetensors", "adapter weights file")
 
     tokenizer = load_tokenizer(source.path, config.model.trust_remote_code)
-    data = prepare_data(config.data, tokenizer, splits, need_eval_examples=bool(tcfg.eval_metrics))
+    data = prepare_data(data_config, tokenizer, splits, need_eval_examples=bool(tcfg.eval_metrics))
     _check_eval_metrics(config, data)
     precision = choose_precision(tcfg.bf16, tcfg.fp16, config.model.torch_dtype, adapter_method=method.is_adapter)
     if method.quantize_base_4bit and structure.num_parameters < 1_000_000_000 and precision.device.type == "cpu":
@@ -96,7 +107,45 @@ def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
             "memory below ~1B parameters; 4-bit pays on larger models", structure.num_parameters / 1e6,
         )
     learning_rate = tcfg.learning_rate or method.default_learning_rate
-    return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer)
+    identity = run_identity(config, method, source, targets, data)
+    if resume_from is not None:  # before anything is loaded or written
+        ckpt.check_belongs(resume_from, identity, tcfg.ignore_mismatch, log)
+    return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer,
+                        data_config, identity)
+
+
+def _fit_context(data: DataConfig, max_positions: int | None) -> DataConfig:
+    """--max_seq_len no longer than the model's position embeddings reach (longer examples
+    would fail or train on garbage positions): clamped, and said so."""
+    if max_positions is None or data.max_seq_len <= max_positions:
+        return data
+    log.warning("--max_seq_len %d is longer than the model's context (%d positions): using %d", data.max_seq_len, max_positions, max_positions)
+    return data.model_copy(update={"max_seq_len": max_positions})
+
+
+def run_identity(config: FinetuneConfig, method: Method, source: ModelSource, targets, data: PreparedData) -> dict:
+    """What a checkpoint must share with this run for a resume to continue the same run:
+    the base model (its config), the method and its adapter shape, the exact tokenized
+    training examples, and what fixes their order. Learning rate, step count, evaluation and
+    logging may change on resume."""
+    import hashlib
+
+    config_file = source.path / "config.json"
+    model = {"config": hashlib.sha256(config_file.read_bytes()).hexdigest()[:16] if config_file.is_file() else None,
+             "weights_bytes": sum(f.stat().st_size for f in source.path.glob("*.safetensors"))}
+    m = config.method
+    method_id: dict = {"method": method.name}
+    if method.is_adapter:
+        method_id.update(lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=targets,
+                         modules_to_save=m.modules_to_save, adapter_path=str(Path(m.adapter_path).resolve()) if m.adapter_path else None)
+    t = config.training
+    return {
+        "model": model,
+        "method": method_id,
+        "data": {"train_examples": data.train.fingerprint()},
+        "batches": {"per_device_train_batch_size": t.per_device_train_batch_size,
+                    "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed, "group_by_length": t.group_by_length},
+    }
 
 
 def _check_eval_metrics(config: FinetuneConfig, data: PreparedData | None) -> None:
@@ -198,54 +247,62 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
         log.info("task: %s", config.task_name)
     log.info("model: %s (%s)", plan.source.given, plan.source.kind)
     log.info("data: %s", data.formatter.description)
-    log.info("train: %s; eval: %s", data.train.summary(), data.eval.summary() if data.eval else "none")
+    skipped = data.train_split.skipped_rows
+    log.info("train: %s%s; eval: %s", data.train.summary(), f" ({skipped} rows without a needed field left out)" if skipped else "",
+             data.eval.summary() if data.eval else "none")
     log.info("precision: %s on %s (%s)", plan.precision.name, plan.precision.device, plan.precision.reason)
-    if config.overwrite and plan.resume_from is None:
-        clear_previous_run(layout)
-    layout.root.mkdir(parents=True, exist_ok=True)
-
-    model = build_model(plan)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log.info("method: %s; trainable parameters %s of %s (%.2f%%)", plan.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
-
-    fast_lora = None
-    if plan.precision.device.type == "cpu" and plan.method.name in ("lora", "qlora", "full"):
-        from slmops.train.fast_lora import FastLoraPath
-
-        fast_lora = FastLoraPath(model)
-        log.info("fast CPU path: %s", fast_lora.describe())
-    _write_run_yaml(plan, status="running")
     tcfg = config.training
-    trainer = Trainer(
-        model,
-        data.train,
-        data.eval,
-        tcfg,
-        plan.precision,
-        plan.learning_rate,
-        layout.checkpoints,
-        Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs,
-        plan.tokenizer.pad_token_id,
-        save_adapter=plan.method.is_adapter,
-        quiet=quiet,
-        fast_lora=fast_lora,
-        eval_examples=data.eval_examples,
-        tokenizer=plan.tokenizer,
-        add_special_tokens=data.formatter.add_special_tokens,
-    )
-    result = trainer.train(resume_from=plan.resume_from)
-    if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
-        trainer.restore_best()
-        log.info("kept the best weights: step %d, eval %s %.4f", result.best_step, tcfg.metric_for_best_model, result.best_eval_loss)
+    # The folder is locked from here to the end; with --overwrite the old run is kept aside
+    # until the new one has written its first checkpoint (RunFolder).
+    with RunFolder(layout, replace=config.overwrite and plan.resume_from is None, log=log) as folder:
+        for stale in ckpt.clean_staging(layout.checkpoints):
+            log.info("removed %s, left by a run killed while writing a checkpoint", stale)
+        model = build_model(plan)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info("method: %s; trainable parameters %s of %s (%.2f%%)", plan.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
-    if fast_lora is not None:
-        fast_lora.remove()
-    adapter_path = _save_outputs(plan, model)
-    _write_run_yaml(plan, status="finished", result=result)
-    from slmops.report import write_training_report
+        fast_lora = None
+        if plan.precision.device.type == "cpu" and plan.method.name in ("lora", "qlora", "full"):
+            from slmops.train.fast_lora import FastLoraPath
 
-    write_training_report(layout, Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.describe(), asdict(result))
+            fast_lora = FastLoraPath(model)
+            log.info("fast CPU path: %s", fast_lora.describe())
+        try:
+            trainer = Trainer(
+                model,
+                data.train,
+                data.eval,
+                tcfg,
+                plan.precision,
+                plan.learning_rate,
+                layout.checkpoints,
+                Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs,
+                plan.tokenizer.pad_token_id,
+                save_adapter=plan.method.is_adapter,
+                quiet=quiet,
+                fast_lora=fast_lora,
+                eval_examples=data.eval_examples,
+                tokenizer=plan.tokenizer,
+                add_special_tokens=data.formatter.add_special_tokens,
+                identity=plan.identity,
+                on_checkpoint=folder.commit,
+            )
+            if plan.resume_from is not None:
+                trainer.resume(plan.resume_from)
+            _write_run_yaml(plan, status="running")
+            result = trainer.train()
+            if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
+                trainer.restore_best()
+                log.info("kept the best weights: step %d, eval %s %.4f", result.best_step, tcfg.metric_for_best_model, result.best_eval_loss)
+        finally:
+            if fast_lora is not None:
+                fast_lora.remove()
+        adapter_path = _save_outputs(plan, model)
+        _write_run_yaml(plan, status="finished", result=result)
+        from slmops.report import write_training_report
+
+        write_training_report(layout, Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.describe(), asdict(result))
     return FinetuneResult(layout.root, adapter_path, layout.model, result, plan.describe())
 
 
@@ -275,10 +332,34 @@ def _point_adapter_at_base(adapter_dir: Path, base_name: str) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
+def replayable_config(config: FinetuneConfig) -> dict:
+    """The config as run.yaml stores it: local paths made absolute (so `slmops finetune
+    --config OUT/run.yaml` replays it from any folder) and nothing that would act on this
+    run's folder when replayed elsewhere (no --overwrite, no resume)."""
+    data = yaml.safe_load(to_yaml(config))
+
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+    data["model"]["model_name_or_path"] = absolute(data["model"]["model_name_or_path"])
+    data_section = data["data"]
+    if data_section.get("data_files") and not (data_section.get("data_name") and Path(data_section["data_name"]).is_dir()):
+        data_section["data_files"] = [absolute(f) for f in data_section["data_files"]]
+    data_section["data_name"] = absolute(data_section.get("data_name"))
+    data["method"]["adapter_path"] = absolute(data["method"].get("adapter_path"))
+    if data["training"].get("logging_dir"):
+        data["training"]["logging_dir"] = str(Path(data["training"]["logging_dir"]).expanduser().resolve())
+    data["training"]["resume_from_checkpoint"] = None
+    data["training"]["ignore_mismatch"] = False
+    data["output_path"] = str(Path(data["output_path"]).expanduser().resolve())
+    data["overwrite"] = False
+    return data
+
+
 def _write_run_yaml(plan: FinetunePlan, status: str, result: TrainResult | None = None) -> None:
     doc = {
         "status": status,
-        "config": yaml.safe_load(to_yaml(plan.config)),
+        "config": replayable_config(plan.config),
         "resolved": plan.describe(),
         "versions": versions(),
     }

@@ -172,6 +172,12 @@ def run_convert(args) -> int:
     output = Path(args.output_path)
     if output.suffix != ".onnx_adapter":
         raise ConfigError(f"--output_path {str(output)!r} should end in .onnx_adapter")
+    from slmops.outputs import check_writable
+
+    if output.is_dir():
+        raise ConfigError(f"--output_path {str(output)!r} is a folder; give the .onnx_adapter file to write")
+    if not output.is_file():  # an existing adapter file is replaced (atomically)
+        check_writable(output, "--output_path")
     info = convert_adapter(args.adapter_path, output, slot_shapes, args.dtype)
     if args.log_level < 3:
         print(json.dumps(info))

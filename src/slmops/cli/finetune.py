@@ -38,7 +38,11 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
     values = {k: v for k, v in vars(args).items() if k not in {"config", "dry_run", "handler", "command"}}
     base = load_yaml(args.config) if args.config else None
     if base is not None and {"config", "resolved"} <= set(base):  # an OUT/run.yaml: replay its config
-        base = base["config"]
+        base = dict(base["config"])
+        # a replay is a new run: never inherit permission to delete a folder, or a resume
+        base.pop("overwrite", None)
+        if isinstance(base.get("training"), dict):
+            base["training"] = {k: v for k, v in base["training"].items() if k not in ("resume_from_checkpoint", "ignore_mismatch")}
     return from_flat(values, base)
 
 

@@ -3,6 +3,7 @@ itself here; library errors become one-line messages and an exit code."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from slmops.cli import data, deploy, evaluate, finetune, generate, models
@@ -33,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slmops: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("slmops: error: out of memory; try a smaller --per_device_train_batch_size / --max_seq_len, or --method qlora",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or device problem the library did not foresee: still one line
+        if os.environ.get("SLMOPS_TRACEBACK"):
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"slmops: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ class DataConfig(_Section):
         "truncate", description="What to do with examples longer than --max_seq_len (counted and reported either way)."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows (after the split slice).")
+    skip_bad_rows: bool = Field(
+        False, description="Leave out rows whose fields the format needs are missing or null (counted and reported); "
+        "without it such rows are an error that names them."
+    )
 
     _csv = field_validator("data_files", mode="before")(_split_csv)
 
@@ -117,6 +121,10 @@ class TrainingConfig(_Section):
     resume_from_checkpoint: str | None = Field(
         None, description="Checkpoint folder to resume from, or 'latest' (true) for the newest in OUTPUT/checkpoints."
     )
+    ignore_mismatch: bool = Field(
+        False, description="Resume a checkpoint even when it was written by a run with another model, method, data or "
+        "batch order (normally refused, naming the difference)."
+    )
     eval_metrics: list[str] | None = Field(
         None, description="Generation metrics computed at each evaluation besides the loss, e.g. 'accuracy,f1' (classification by generation)."
     )
@@ -136,6 +144,13 @@ class TrainingConfig(_Section):
     )
 
     _metrics_csv = field_validator("eval_metrics", mode="before")(_split_csv)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be a positive number of steps, or -1 to run --num_train_epochs")
+        return value
 
     @field_validator("early_stopping_patience", mode="before")
     @classmethod
@@ -217,3 +232,10 @@ class EvaluateConfig(_Section):
     log_level: int = Field(1, ge=0, le=4, description="0 debug ... 4 critical.")
 
     _csv = field_validator("compare_to", "metrics", mode="before")(_split_csv)
+
+    @field_validator("metrics")
+    @classmethod
+    def _some_metrics(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one metric: accuracy, f1, perplexity, bleu, rouge, latency")
+        return value

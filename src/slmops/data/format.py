@@ -59,6 +59,21 @@ def build_formatter(cfg: DataConfig, columns: list[str], tokenizer) -> Formatter
     return builder(cfg, columns, tokenizer)
 
 
+def required_fields(cfg: DataConfig, columns: list[str]) -> list[str]:
+    """The columns every row needs a value in, for the format these flags and columns choose
+    (a null there would train as an empty string)."""
+    fmt = _detect(cfg, columns) if cfg.data_format == "auto" else cfg.data_format
+    if fmt == "template":
+        return list(dict.fromkeys(template_fields(unescape(cfg.text_template or ""))))
+    if fmt == "text":
+        return [cfg.text_field or "text"]
+    if fmt == "chat":
+        column = next((c for c in MESSAGE_COLUMNS if c in columns), None)
+        return [column] if column else ["prompt", "completion"]
+    return {"alpaca": ["instruction", "output"], "input_output": ["input", "output"],
+            "prompt_completion": ["prompt", "completion"]}[fmt]
+
+
 def _detect(cfg: DataConfig, columns: list[str]) -> str:
     cols = set(columns)
     if cfg.text_template:

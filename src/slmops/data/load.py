@@ -58,6 +58,8 @@ class LoadedSplit:
     source: str
     split: str
     fingerprint: str
+    first_row: int = 0  # index in the whole split of the slice's first row
+    skipped_rows: int = 0  # rows left out by --skip_bad_rows
 
 
 def load_split(data_name: str | None, split: str, data_files: list[str] | None = None, subset: str | None = None) -> LoadedSplit:
@@ -83,7 +85,7 @@ def load_split(data_name: str | None, split: str, data_files: list[str] | None =
     lo, hi = spec.bounds(n_rows)
     if (lo, hi) != (0, n_rows):
         dataset = dataset.select(range(lo, hi))
-    return LoadedSplit(dataset, source, spec.text, hashlib.sha256(f"{fingerprint}:{lo}:{hi}".encode()).hexdigest()[:16])
+    return LoadedSplit(dataset, source, spec.text, hashlib.sha256(f"{fingerprint}:{lo}:{hi}".encode()).hexdigest()[:16], lo)
 
 
 def local_split_files(data_name: str | None, data_files: list[str] | None) -> dict[str, list[Path]] | None:
@@ -137,16 +139,60 @@ def _load_local(paths: list[Path]):
         for row in rows:
             columns.update(dict.fromkeys(row))
         return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in rows])
+    if kind == "csv":
+        return datasets.Dataset.from_pandas(_read_csv(paths), preserve_index=False)
+    if kind == "text":
+        lines = [line for path in paths for line in read_text(path).splitlines()]
+        return datasets.Dataset.from_dict({"text": lines})
     try:
         return datasets.load_dataset(kind, data_files=[str(p) for p in paths], split="train")
     except Exception as exc:
-        raise DataError(f"could not read {', '.join(str(p) for p in paths)} as {kind}: {exc}") from None
+        raise DataError(f"could not read {', '.join(str(p) for p in paths)} as {kind}: {str(exc)[:300]}") from None
+
+
+def read_text(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are named with their line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}: line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+                        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _read_csv(paths: list[Path]):
+    """CSV files through pandas (the reader `datasets` uses), with its line-numbered errors
+    kept: a ragged row is named, not hidden behind 'An error occurred while generating'."""
+    import io
+
+    import pandas as pd
+
+    frames = []
+    for path in paths:
+        try:
+            frames.append(pd.read_csv(io.StringIO(read_text(path))))
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: the CSV file is empty (no header row)") from None
+        except pd.errors.ParserError as exc:
+            detail = str(exc).strip().removeprefix("Error tokenizing data. C error: ")
+            raise DataError(f"{path}: malformed CSV: {detail} (the header has {_header_width(path)} columns)") from None
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return frame.astype(object).where(frame.notna(), None)  # empty cells are missing values (None), as in JSON
+
+
+def _header_width(path: Path) -> int:
+    import csv
+    import io
+
+    return len(next(csv.reader(io.StringIO(read_text(path))), []))
 
 
 def read_json_rows(path: Path) -> list[dict]:
     """Rows of a .json (array of objects, or {"data": [...]}) or .jsonl file; a bad line is
     reported with its number."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith(("[", "{")):
         try:

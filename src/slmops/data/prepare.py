@@ -29,6 +29,8 @@ class PreparedData:
                       "fingerprint": self.train_split.fingerprint, "tokenized": self.train.summary(),
                       "trained_tokens": self.train.trained_tokens()},
         }
+        if self.train_split.skipped_rows:
+            info["train"]["skipped_bad_rows"] = self.train_split.skipped_rows
         if self.eval is not None and self.eval_split is not None:
             info["eval"] = {"source": self.eval_split.source, "split": self.eval_split.split, "rows": len(self.eval_split.dataset),
                             "fingerprint": self.eval_split.fingerprint, "tokenized": self.eval.summary()}
@@ -71,7 +73,40 @@ def load_splits(cfg: DataConfig) -> RawSplits:
                 )
         elif cfg.text_field and cfg.text_field not in columns:
             raise DataError(f"--text_field {cfg.text_field!r} is not a column of {split.source}; columns are: {', '.join(columns)}")
+        check_rows(split, cfg)
     return RawSplits(train, evaluation)
+
+
+def check_rows(split: LoadedSplit, cfg: DataConfig) -> None:
+    """Rows with no value (missing or null) in a field the format needs: an error naming
+    them, or with --skip_bad_rows left out and counted. Never trained as empty text."""
+    from slmops.data.format import required_fields
+
+    columns = list(split.dataset.column_names)
+    try:
+        needed = [f for f in required_fields(cfg, columns) if f in columns]
+    except DataError:
+        return  # the format itself does not fit; build_formatter says how
+    bad: dict[int, list[str]] = {}
+    for field in needed:
+        for index, value in enumerate(split.dataset[field]):
+            if value is None:
+                bad.setdefault(index, []).append(field)
+    if not bad:
+        return
+    if cfg.skip_bad_rows:
+        keep = [i for i in range(len(split.dataset)) if i not in bad]
+        if not keep:
+            raise DataError(f"every row of {split.source} (split {split.split!r}) lacks a value for {', '.join(needed)}")
+        split.dataset = split.dataset.select(keep)
+        split.skipped_rows = len(bad)
+        return
+    shown = ", ".join(f"{split.first_row + i + 1} ({', '.join(repr(f) for f in fields)})" for i, fields in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise DataError(
+        f"{len(bad)} row(s) of {split.source} (split {split.split!r}) have no value for a field the format needs: "
+        f"row {shown}{more} (rows counted from 1); fix the data or pass --skip_bad_rows to leave them out"
+    )
 
 
 def prepare_data(cfg: DataConfig, tokenizer, splits: RawSplits | None = None, need_eval_examples: bool = False) -> PreparedData:

@@ -27,6 +27,20 @@ class TokenizedData:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
+    def fingerprint(self) -> str:
+        """A hash of every example's token ids and loss mask: equal exactly when training
+        would see the same examples (same data, template, tokenizer and length limit)."""
+        import hashlib
+
+        import numpy as np
+
+        digest = hashlib.sha256()
+        for ids, labels in zip(self.input_ids, self.labels):
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+            digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+            digest.update(b"|")
+        return digest.hexdigest()[:16]
+
     def trained_tokens(self) -> int:
         return sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in self.labels)
 

@@ -28,7 +28,7 @@ from slmops.deploy.adapters import (SUPPORTED_TARGETS, convert_adapter, default_
                                     lora_slots, read_peft_lora, slot_of_input, slots_for_module, write_onnx_adapter)
 from slmops.deploy.runtime import MANIFEST, default_threads
 from slmops.errors import ConfigError, ModelError, OutputError, suggest
-from slmops.outputs import DEPLOY_PACKAGES, versions
+from slmops.outputs import DEPLOY_PACKAGES, check_writable, versions
 
 log = logging.getLogger("slmops")
 
@@ -77,7 +77,7 @@ def plan_export(model_name_or_path: str, adapter_paths: list[str] | None, output
                 quant_algo: str = "k_quant") -> ExportPlan:
     """Check everything that can be checked without exporting; raise a clear error otherwise."""
     from slmops.models import resolve_model
-    from slmops.models.load import load_config
+    from slmops.models.load import check_weight_files, load_config
 
     precision = precision.lower()
     if precision not in PRECISIONS:
@@ -100,12 +100,13 @@ def plan_export(model_name_or_path: str, adapter_paths: list[str] | None, output
         raise ConfigError(f"--lora_slots {lora_slots!r}: choose auto (the layers the adapters target) or all")
 
     output = Path(output_path)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    check_writable(output, "--output_path")
+    if output.is_dir() and any(output.iterdir()):
         raise OutputError(f"output folder {str(output)!r} is not empty; choose another --output_path or remove it "
                           "(re-exporting into a used folder would mix old and new weights)")
-    _check_writable(output)
 
     source = resolve_model(model_name_or_path, quiet=quiet)
+    check_weight_files(source.path)
     config = load_config(source.path, trust_remote_code)
     architecture = (getattr(config, "architectures", None) or ["?"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -142,14 +143,6 @@ def plan_export(model_name_or_path: str, adapter_paths: list[str] | None, output
     return ExportPlan(source.path, model_name_or_path, architecture, adapters, sorted(targets), precision, ep, output,
                       block_size, accuracy_level, quant_algo, threads or default_threads(), list(parity_prompts or []), 16,
                       trust_remote_code, structure)
-
-
-def _check_writable(output: Path) -> None:
-    parent = output.parent if not output.exists() else output
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write under {str(parent)!r} (permission denied); choose another --output_path")
 
 
 def _linear_shapes(config, trust_remote_code: bool) -> dict[str, tuple[int, int]]:
@@ -367,8 +360,12 @@ def add_adapters_to_bundle(base_bundle: Path, adapter_paths: list[str], output: 
     """A new bundle folder sharing the base's files (hard links) plus converted adapters."""
     from slmops.deploy.runtime import read_manifest
 
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    check_writable(output, "--output_path")
+    if output.is_dir() and any(output.iterdir()):
         raise OutputError(f"output folder {str(output)!r} is not empty; choose another --output_path or remove it")
+    from slmops.deploy.runtime import genai_config
+
+    genai_config(base_bundle)  # a corrupt base is named here, not copied into a new bundle
     manifest = read_manifest(base_bundle)
     slot_shapes = manifest.get("lora_slots") or {}
     if not slot_shapes:

@@ -27,11 +27,31 @@ def read_manifest(path: Path) -> dict:
     path = Path(path)
     manifest_file = path / MANIFEST
     if manifest_file.is_file():
-        return json.loads(manifest_file.read_text())
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+            return manifest
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{str(manifest_file)!r} is corrupt ({exc}); export the bundle again") from None
     from slmops.deploy.export import graph_lora_slots
 
-    decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["filename"]
-    return {"format": 1, "lora_slots": graph_lora_slots(path / decoder), "adapters": []}
+    try:
+        return {"format": 1, "lora_slots": graph_lora_slots(path / genai_config(path)["decoder"]["filename"]), "adapters": []}
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"the bundle {str(path)!r} is incomplete or corrupt ({type(exc).__name__}: {str(exc)[:200]}); export it again") from None
+
+
+def genai_config(path: Path) -> dict:
+    """The "model" section of a bundle's genai_config.json, with a clear error when unreadable."""
+    file = Path(path) / "genai_config.json"
+    try:
+        config = json.loads(file.read_text())["model"]
+        config["decoder"]["filename"], config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]
+        return config
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{str(file)!r} is not a valid ONNX Runtime GenAI config ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "export the bundle again") from None
 
 
 def default_threads() -> int:
@@ -47,22 +67,32 @@ class OnnxBundle:
         self.path = Path(path)
         if not is_bundle(self.path):
             raise ModelError(f"{str(self.path)!r} is not an ONNX Runtime GenAI bundle (no genai_config.json): make one with `slmops auto-opt`")
+        genai = genai_config(self.path)
         self.manifest = read_manifest(self.path)
         self.slot_shapes: dict[str, list[int]] = self.manifest.get("lora_slots", {})
         self.threads = threads or default_threads()
-        config = og.Config(str(self.path))
-        # LoRA inputs with defaults make ONNX Runtime warn once per input at load: not news.
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads,
-                                                                              "log_severity_level": 3}}}}))
-        self.model = og.Model(config)
-        self.adapters = og.Adapters(self.model)
+        decoder = self.path / genai["decoder"]["filename"]
+        if not decoder.is_file():
+            raise ModelError(f"the bundle {str(self.path)!r} has no {decoder.name} (incomplete copy?); export it again")
+        try:
+            config = og.Config(str(self.path))
+            # LoRA inputs with defaults make ONNX Runtime warn once per input at load: not news.
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads,
+                                                                                  "log_severity_level": 3}}}}))
+            self.model = og.Model(config)
+            self.adapters = og.Adapters(self.model)
+        except Exception as exc:  # onnxruntime_genai raises plain RuntimeErrors with C++ messages
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelError(f"ONNX Runtime GenAI cannot load the bundle {str(self.path)!r} ({first}); is it corrupt? export it again") from None
         self.loaded: dict[str, Path] = {}  # adapters loaded into ORT GenAI, by name
         self._checked: set[Path] = set()  # adapter files checked against the slots
         from transformers import AutoTokenizer
 
         # The bundle's own tokenizer files, read by transformers: the same ids PyTorch sees.
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        genai = json.loads((self.path / "genai_config.json").read_text())["model"]
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except Exception as exc:
+            raise ModelError(f"could not load the tokenizer of the bundle {str(self.path)!r}: {str(exc)[:200]}") from None
         self.context_length = int(genai.get("context_length", 2048))
         self.kv_heads = int(genai["decoder"]["num_key_value_heads"])
         self.head_size = int(genai["decoder"]["head_size"])
@@ -78,13 +108,19 @@ class OnnxBundle:
         return [a["name"] for a in self.manifest.get("adapters", [])]
 
     def adapter_file(self, name_or_file: str) -> tuple[str, Path]:
-        """A manifest name ('tone') or an .onnx_adapter path -> (name, file)."""
+        """A manifest name ('tone'), an .onnx_adapter path, or the name `use_adapter`
+        returned for either -> (name, file). An adapter file's name is its path as given, so
+        it never shadows a manifest adapter of the same stem."""
         for entry in self.manifest.get("adapters", []):
             if entry["name"] == name_or_file:
                 return entry["name"], self.path / entry["file"]
+        if name_or_file in self.loaded:
+            return name_or_file, self.loaded[name_or_file]
         file = Path(name_or_file)
-        if file.suffix == ".onnx_adapter" or file.is_file():
-            return file.stem, file
+        if file.suffix == ".onnx_adapter" and not file.is_file():
+            raise ModelError(f"adapter file {name_or_file!r} does not exist")
+        if file.is_file():
+            return name_or_file, file
         names = self.adapter_names
         raise ModelError(f"adapter {name_or_file!r} is not in this bundle ({', '.join(names) or 'it has none'}) and is no "
                          f".onnx_adapter file.{suggest(name_or_file, names)}")

@@ -156,7 +156,15 @@ def attach_adapter(model, adapter_path: str):
     path = Path(adapter_path)
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"--adapter_path {adapter_path!r} holds no adapter_config.json (not a PEFT adapter)")
-    config = PeftConfig.from_pretrained(path)
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        from slmops.models.load import check_safetensors
+
+        check_safetensors(weights, "adapter weights file")
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except (ValueError, TypeError, OSError) as exc:
+        raise ModelError(f"{str(path / 'adapter_config.json')!r} is not a valid PEFT adapter config ({str(exc)[:200]})") from None
     targets = config.target_modules
     if isinstance(targets, (list, set)):
         leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

@@ -37,6 +37,10 @@ def _split_of(cfg: EvaluateConfig) -> str:
 
 def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
     metrics = get_metrics(cfg.metrics)  # unknown metric names fail before any work
+    if cfg.output_path:  # an output we cannot write must not surface after the generation work
+        from slmops.outputs import check_writable
+
+        check_writable(Path(cfg.output_path), "--output_path")
     split = load_split(cfg.data.data_name, _split_of(cfg), cfg.data.data_files, cfg.data.eval_subset or cfg.data.train_subset)
     dataset = split.dataset
     if cfg.data.max_samples is not None and cfg.data.max_samples < len(dataset):

@@ -35,6 +35,40 @@ def load_config(path: Path, trust_remote_code: bool = False):
         raise ModelError(f"could not read the model config in {str(path)!r}: {exc}") from None
 
 
+def check_safetensors(file: Path, what: str) -> None:
+    """A .safetensors file whose header parses and whose tensors all lie inside the file:
+    catches truncated and corrupt downloads in a millisecond, before a load fails halfway."""
+    import json
+    import struct
+
+    size = file.stat().st_size
+    problem = None
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                problem = f"it has {size} bytes, too few for a header"
+            else:
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > size - 8:
+                    problem = f"its header claims {header_len} bytes, more than the file has"
+                else:
+                    header = json.loads(handle.read(header_len))
+                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                    if 8 + header_len + end > size:
+                        problem = f"it is cut short ({size} bytes; its tensors need {8 + header_len + end})"
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        problem = "its header is not valid"
+    if problem:
+        raise ModelError(f"{what} {str(file)!r} is corrupt or truncated: {problem}. Download or export it again")
+
+
+def check_weight_files(path: Path) -> None:
+    """Every safetensors weight file of a model folder is whole (see check_safetensors)."""
+    for file in sorted(Path(path).glob("*.safetensors")):
+        check_safetensors(file, "model weights file")
+
+
 @dataclass(frozen=True)
 class ModelStructure:
     """What validation needs to know about a model, read without loading its weights."""
@@ -43,6 +77,7 @@ class ModelStructure:
     linear_layers: list[str]  # full names of linear-like leaves
     attention_projections: list[str]  # leaf names of linears directly inside attention blocks
     num_parameters: int
+    max_positions: int | None = None  # the longest sequence the model's position embeddings cover
 
     def leaf_names(self) -> list[str]:
         return sorted({name.rsplit(".", 1)[-1] for name in self.linear_layers})
@@ -65,7 +100,9 @@ def inspect_model(path: Path, trust_remote_code: bool = False) -> ModelStructure
         parent, _, leaf = full.rpartition(".")
         if classes.get(parent, "").endswith("Attention") and leaf not in projections:
             projections.append(leaf)
-    return ModelStructure(config.model_type, linear, projections, sum(p.numel() for p in model.parameters()))
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return ModelStructure(config.model_type, linear, projections, sum(p.numel() for p in model.parameters()),
+                          int(positions) if positions else None)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -87,10 +124,14 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, trust_remot
             bnb_4bit_compute_dtype=compute_dtype or dtype,
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    check_weight_files(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ImportError as exc:
         raise ModelError(f"loading {str(path)!r} needs a package that is missing: {exc}") from None
+    except (OSError, ValueError, RuntimeError) as exc:  # missing weight files, corrupt or mismatched shards
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"could not load the model weights in {str(path)!r}: {first}") from None
     if not quantize_4bit:
         model.to(device)
     return model

@@ -5,7 +5,11 @@ elementwise ops as in matrix products: RMSNorm is seven PyTorch ops forward and 
 backward, SwiGLU five, each a full pass over memory plus dispatch and an autograd node.
 The C file does each in one pass. It is plain C with OpenMP (no PyTorch headers), so the
 system C compiler builds it in under a second; the library is cached under
-~/.cache/slmops/kernels (or $SLMOPS_CACHE/kernels) by a hash of the source and compiler.
+~/.cache/slmops/kernels (or $SLMOPS_CACHE/kernels), keyed by a hash of the source, the
+compiler, its flags and the CPU's features. The folder is private (0700, refused when another
+user owns it or can write to it) and a cached library is loaded only when its sha256 and CPU
+features match the record written when slmops built it (`_verify`): a planted or foreign
+library is rebuilt, never run.
 
 Without a C compiler, or with SLMOPS_CPU_KERNELS=0, `get()` returns None and callers use
 their PyTorch code path: same results, slower."""
@@ -15,9 +19,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
+import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -51,22 +58,100 @@ def _compiler() -> str | None:
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
 
+class CacheRefused(RuntimeError):
+    """The kernel cache cannot be trusted (shared folder, foreign file, wrong hash or CPU)."""
+
+
+def cpu_features() -> str:
+    """The CPU's feature flags (what -march=native compiles for), as one sorted string."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return " ".join(sorted(set(line.split(":", 1)[1].split())))
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Owned by this user and writable by nobody else: a library that another user could
+    replace (a shared cache folder, a planted file) would run as this user on import."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise CacheRefused(f"{what} {path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CacheRefused(f"{what} {path} is writable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                           f"fix with: chmod go-w {path}")
+
+
+def _private_dir(path: Path) -> Path:
+    """Create `path` (mode 0700) if needed and check it and its parent are private."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(path.parent, "cache folder")
+    _check_private(path, "kernel cache folder")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _compiler_version(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+
+
+def library_path(compiler: str, flags: list[str] = FLAGS) -> Path:
+    """Where the library for this source, compiler, flags and CPU lives in the cache. Keyed
+    on the CPU's features too: -march=native code built on one CPU dies with SIGILL on another
+    (a home folder shared over NFS, a container image built elsewhere)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + _compiler_version(compiler).encode() + " ".join(flags).encode()
+                         + cpu_features().encode()).hexdigest()[:16]
+    return _cache_dir() / f"cpu_kernels-{key}.so"
+
+
 def _build(compiler: str, flags: list[str] = FLAGS) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    """The library for this source, compiler, flags and CPU, from the private cache or built
+    into it. Each build records its sha256 and the CPU features it was built for beside it
+    (NAME.json); a cached library is used only when both still match."""
+    target = library_path(compiler, flags)
+    version = _compiler_version(compiler)
+    features = cpu_features()
+    folder = _private_dir(target.parent)
+    record = target.with_suffix(".json")
+    if target.exists() or record.exists():
+        try:
+            _verify(target, record, features)
+            return target
+        except (CacheRefused, OSError, ValueError, KeyError) as problem:
+            log.warning("cached CPU kernel library not used (%s): building it again", problem)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:2000]}")
+        os.chmod(built, 0o700)
+        staged_record = Path(tmp) / record.name
+        staged_record.write_text(json.dumps({"sha256": _sha256(built), "cpu_features": features, "compiler": version.splitlines()[0] if version else compiler,
+                                             "flags": flags, "version": VERSION}, indent=2))
         os.replace(built, target)  # atomic: a concurrent build of the same source is harmless
+        os.replace(staged_record, record)
+    _verify(target, record, features)
     return target
 
+
+def _verify(library: Path, record_file: Path, features: str) -> None:
+    """Refuse a library this process did not build for this CPU: foreign owner or mode, no
+    record, a hash that differs from the record, or other CPU features."""
+    if not record_file.is_file():
+        raise CacheRefused(f"{library.name} has no build record")
+    _check_private(library, "kernel library")
+    _check_private(record_file, "kernel build record")
+    record = json.loads(record_file.read_text())
+    if record["cpu_features"] != features:
+        raise CacheRefused(f"{library.name} was built for another CPU")
+    if _sha256(library) != record["sha256"]:
+        raise CacheRefused(f"{library.name} differs from the library slmops built (sha256 mismatch)")
 
 class PackedWeight(NamedTuple):
     """A linear weight (out, in) in AMX's tile layout (Kernels.pack_weight)."""
@@ -323,6 +408,9 @@ def get() -> Kernels | None:
         return None
     try:
         return load(compiler)
+    except CacheRefused as error:
+        log.warning("fused CPU kernels off: %s; using PyTorch ops instead", error)
+        return None
     except (OSError, RuntimeError, AttributeError) as error:
         log.warning("fused CPU kernels unavailable (%s): using PyTorch ops instead", error)
         return None
@@ -332,7 +420,10 @@ def load(compiler: str, flags: list[str] = FLAGS) -> Kernels:
     """Build (or find in the cache) and load the library with these compiler flags. Tests
     also build it without AVX-512 (`FLAGS + ["-mno-avx512f"]`): the generic loops other
     CPUs run."""
-    lib = ctypes.CDLL(str(_build(compiler, flags)))
+    path = _build(compiler, flags)
+    features = cpu_features()
+    _verify(path, path.with_suffix(".json"), features)  # again, just before it is loaded and runs
+    lib = ctypes.CDLL(str(path))
     if lib.slmops_kernels_version() != VERSION:
         raise RuntimeError("stale library")
     return Kernels(lib)

@@ -13,8 +13,9 @@ class MetricsLog:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # A resumed run continues the same curve: drop what was logged after the checkpoint.
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            # A resumed run continues the same curve: drop what was logged after the checkpoint
+            # (and a last line torn by a kill mid-write).
+            kept = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -40,6 +41,16 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A line that is not a whole JSON object (the last one
+    of a run killed mid-write) is skipped, not fatal."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

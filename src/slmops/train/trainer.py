@@ -87,6 +87,8 @@ class Trainer:
         eval_examples=None,
         tokenizer=None,
         add_special_tokens: bool = True,
+        identity: dict | None = None,
+        on_checkpoint=None,
     ):
         self.model = model
         self.train_data = train_data
@@ -102,6 +104,9 @@ class Trainer:
         self.eval_examples = eval_examples  # FormattedExample list, for --eval_metrics
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
+        self.identity = identity or {}  # the run's fingerprints, written into each checkpoint's manifest
+        self.on_checkpoint = on_checkpoint  # called after each step checkpoint is in place
+        self.resumed_step: int | None = None
         from slmops.evaluate.metrics import LOWER_IS_BETTER, get_metrics
 
         self.eval_metrics = get_metrics(cfg.eval_metrics or [])
@@ -214,17 +219,21 @@ class Trainer:
     def _save(self, name: str, weights_only: bool = False) -> None:
         # 'best' only needs weights; step checkpoints carry everything needed to resume.
         optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
-        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter)
+        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter,
+                             self.identity)
 
     # -- the loop -----------------------------------------------------------------------
 
-    def train(self, resume_from: Path | None = None) -> TrainResult:
+    def resume(self, checkpoint: Path) -> None:
+        """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint
+        (checked to belong to this run by the recipe before the model was built)."""
+        self.state = ckpt.load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        self.resumed_step = self.state.step
+        log.info("resumed from %s at step %d", checkpoint, self.state.step)
+
+    def train(self) -> TrainResult:
         cfg = self.cfg
-        resume_step = None
-        if resume_from is not None:
-            self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
-            resume_step = self.state.step
-            log.info("resumed from %s at step %d", resume_from, resume_step)
+        resume_step = self.resumed_step
         self.model.train()
         probe = self._probe_batch()
         self._choose_loss(probe)
@@ -322,6 +331,8 @@ class Trainer:
                     self.state.paused_s = paused_total
                     self._save(f"step-{step:06d}")
                     ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint()
                 window_start += time.perf_counter() - paused
                 paused_total += time.perf_counter() - paused
                 if stopped_early:
