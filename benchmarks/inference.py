@@ -73,7 +73,7 @@ def export(model_path: Path, out: Path, precision: str, adapter: Path | None = N
     started = time.perf_counter()
     plan = plan_export(str(model_path), [str(adapter)] if adapter else None, str(out), precision=precision,
                        adapter_names=["task"] if adapter else None)
-    export_bundle(plan, quiet=True, run_parity=False)
+    export_bundle(plan, run_parity=False)
     return time.perf_counter() - started
 
 
@@ -101,7 +101,7 @@ def main() -> int:
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    model_path = fetch_builtin("smollm2-135m-instruct", quiet=True)
+    model_path = fetch_builtin("smollm2-135m-instruct")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

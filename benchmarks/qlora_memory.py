@@ -53,7 +53,7 @@ def worker(method: str, model_dir: str, steps: int, out: str) -> None:
                          "training": {"max_steps": steps, "per_device_train_batch_size": 4, "logging_steps": 1, "report_to": "none",
                                       "save_steps": 10**9},
                          "output_path": str(Path(tmp) / "o")})
-        finetune(cfg, quiet=True)
+        finetune(cfg)
         memory = _proc_memory_mb()
         records = [r for r in read_metrics(Path(tmp) / "o" / "logs" / "metrics.jsonl") if r["split"] == "train"]
     Path(out).write_text(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -87,7 +87,7 @@ def run_slmops(model_dir: str, steps: int, warmup: int, options: dict, seed: int
                          "eval_steps": warmup + steps, "early_stopping_patience": 0, "per_device_eval_batch_size": BATCH, **options},
             "output_path": str(Path(tmp) / "out"),
         })
-        result = finetune(cfg, quiet=True)
+        result = finetune(cfg)
         logged = read_metrics(Path(tmp) / "out" / "logs" / "metrics.jsonl")
         records = [r for r in logged if r["split"] == "train"]
         eval_loss = [r["loss"] for r in logged if r["split"] == "eval"][-1]

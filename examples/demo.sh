@@ -23,7 +23,7 @@ slmops evaluate --model_name_or_path "$OUT/ft" --compare_to base --data_name "$D
 # Deploy: an int4 ONNX Runtime GenAI bundle, the adapter as a switchable .onnx_adapter
 # (checked against PyTorch on the way), then the same held-out test on the bundle.
 rm -rf "$OUT/onnx-int4"
-slmops auto-opt --model_name_or_path "$OUT/ft" --adapter_names tone --precision int4 --output_path "$OUT/onnx-int4"
+slmops optimize --model_name_or_path "$OUT/ft" --adapter_names tone --precision int4 --output_path "$OUT/onnx-int4"
 slmops evaluate --model_name_or_path "$OUT/onnx-int4" --adapter_path tone --data_name "$DATA" \
   --eval_split "train[550:]" --text_template "$TEMPLATE" --metrics accuracy,f1 --max_new_tokens 8 --log_level 2
 

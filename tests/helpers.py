@@ -27,3 +27,13 @@ def tiny_config(model: Path, out: Path, **overrides):
     }
     values.update({k: v for k, v in overrides.items()})
     return from_flat({k: v for k, v in values.items() if v is not None})
+
+
+def plan_export(model, adapters, out, **options):
+    """deploy.export.plan_export from the arguments the tests think in (an ExportConfig)."""
+    from slmops.config import ExportConfig, from_dict
+    from slmops.deploy.export import plan_export as _plan_export
+
+    config = from_dict({"model_name_or_path": str(model), "adapter_path": [str(a) for a in adapters] if adapters else None,
+                        "output_path": str(out), **options}, schema=ExportConfig)
+    return _plan_export(config)

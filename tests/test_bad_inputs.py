@@ -213,7 +213,7 @@ CASES = [
          setup=_write("junk.onnx_adapter", b"junk"), loads_model=True),
     # ---- auto-opt / optimize ----------------------------------------------------------------
     Case("ao-misspelt-required", ["auto-opt", "--model_name_or_pth", "m", "-o", "{out}"], "unknown flag --model_name_or_pth"),
-    Case("ao-unknown-precision", [*AO, "--precision", "int3"], "unknown --precision 'int3'"),
+    Case("ao-unknown-precision", [*AO, "--precision", "int3"], "--precision: unknown precision 'int3'"),
     Case("ao-device-provider", [*AO, "--device", "gpu"], "--device gpu does not go with --provider CPUExecutionProvider"),
     Case("ao-precision-provider", [*AO, "--precision", "fp16"], "--precision fp16 is not supported with CPUExecutionProvider"),
     Case("ao-block-size", [*AO, "--precision", "int4", "--block_size", "48"], "int4 block size must be one of"),
@@ -226,6 +226,13 @@ CASES = [
     Case("ft-corrupt-adapter", [*FT, "--adapter_path", "{tmp}/bad_adapter"], "adapter weights file", setup=_corrupt_adapter),
     Case("ao-adapter-not-peft", [*AO, "--adapter_path", "{tmp}"], "holds no adapter_config.json"),
     Case("ao-adapter-other-base", [*AO, "--adapter_path", "{tmp}/other_adapter"], "trained on another base", setup=_adapter_of("model")),
+    Case("ao-npu-flag", [*AO, "--num_split", "4"], "--num_split is Olive's option for NPU"),
+    Case("ao-act-precision-conflict", [*AO, "--precision", "int4", "--act_precision", "int8", "--accuracy_level", "1"],
+         "--act_precision int8 means --accuracy_level 4, not 1"),
+    Case("ao-exporter", [*AO, "--exporter", "dynamo_exporter"], "--exporter: Input should be 'model_builder'"),
+    Case("ao-missing-output", ["optimize", "-m", "{model64}"], "--output_path: required (give it as a flag or in --config)"),
+    Case("ao-config-unknown-key", ["optimize", "--config", "{tmp}/x.yaml"], "unknown key 'precison'. Did you mean 'precision'?",
+         setup=_write("x.yaml", "model_name_or_path: m\noutput_path: o\nprecison: int4\n")),
     # ---- generate-adapter / convert-adapters ---------------------------------------------------
     Case("ga-names-count", ["generate-adapter", "--base_model_path", "{bundle}", "--adapter_paths", "{adapter}", "--adapter_names", "a,b",
                             "-o", "{out}"], "--adapter_names has 2 names for 1 adapters"),
@@ -246,12 +253,16 @@ CASES = [
     # ---- generate / chat ----------------------------------------------------------------------
     Case("gen-no-prompt", ["generate", "-m", "{bundle}"], "give at least one --prompt"),
     Case("gen-prompt-file-missing", ["generate", "-m", "{bundle}", "--prompt_file", "{tmp}/p.txt"], "--prompt_file"),
-    Case("gen-max-new-tokens", ["generate", "-m", "{bundle}", "--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+    Case("gen-max-new-tokens", ["generate", "-m", "{bundle}", "--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens: Input should be greater than 0"),
     Case("gen-corrupt-bundle", ["generate", "-m", "{tmp}/bad_bundle", "--prompt", "hi"], "not a valid ONNX Runtime GenAI config",
          setup=_corrupt_bundle),
     Case("gen-unknown-adapter", ["generate", "-m", "{bundle}", "--adapter", "ton", "--prompt", "hi"], "is not in this bundle (tone)",
          loads_model=True),
     Case("gen-missing-model", ["generate", "-m", "./no/such/model", "--prompt", "hi"], "does not exist"),
+    Case("gen-bad-temperature", ["generate", "-m", "{bundle}", "--prompt", "hi", "--temperature", "-1"],
+         "--temperature: Input should be greater than or equal to 0"),
+    Case("gen-config-no-model", ["generate", "--config", "{tmp}/g.yaml"], "--model_name_or_path: required",
+         setup=_write("g.yaml", "prompt: [hello]\n")),
     Case("chat-missing-model", ["chat", "-m", "./no/such/model"], "does not exist"),
     Case("chat-corrupt-model", ["chat", "-m", "{tmp}/bad_model"], "is corrupt or truncated", setup=_corrupt_model),
 ]
@@ -271,9 +282,9 @@ def world(tmp_path_factory, tiny_models, tokenizer_dir):
     root = tmp_path_factory.mktemp("world")
     model64 = build_tiny_model("llama", tokenizer_dir, root / "llama64", hidden_size=64)
     run = root / "run"
-    finetune(tiny_config(tiny_models["llama"], run, max_steps=4, save_steps=2, lora_r=8, train_split="train[:32]"), quiet=True)
+    finetune(tiny_config(tiny_models["llama"], run, max_steps=4, save_steps=2, lora_r=8, train_split="train[:32]"))
     run64 = root / "run64"
-    finetune(tiny_config(model64, run64, max_steps=2, train_split="train[:16]"), quiet=True)
+    finetune(tiny_config(model64, run64, max_steps=2, train_split="train[:16]"))
     bundle = root / "bundle"
     assert main(["auto-opt", "-m", str(run64), "-o", str(bundle), "--adapter_names", "tone", "--no_parity", "--log_level", "3"]) == 0
     dora = root / "dora"

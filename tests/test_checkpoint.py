@@ -140,17 +140,17 @@ def _enospc_on(call_number: int, monkeypatch):
 
 def test_disk_full_mid_checkpoint_ends_in_one_line_and_resume_continues(tiny_llama, tmp_path, monkeypatch):
     flags = dict(max_steps=8, save_steps=2, train_split="train[:48]", logging_steps=1)
-    finetune(tiny_config(tiny_llama, tmp_path / "ref", **flags), quiet=True)
+    finetune(tiny_config(tiny_llama, tmp_path / "ref", **flags))
     out = tmp_path / "full"
     # each step checkpoint writes two safetensors files (trainable, optimizer state); the best
     # checkpoint is not written here (no eval split): the 5th call is step 6's first write
     _enospc_on(5, monkeypatch)
     with pytest.raises(OutputError, match=r"no space left on .* for checkpoint step-000006 \(needs ~\d+ MB, has \d+ MB\)"):
-        finetune(tiny_config(tiny_llama, out, **flags), quiet=True)
+        finetune(tiny_config(tiny_llama, out, **flags))
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-000002", "step-000004"], names  # no staging folder left behind
     monkeypatch.undo()  # space freed
-    finetune(tiny_config(tiny_llama, out, resume_from_checkpoint="latest", **flags), quiet=True)
+    finetune(tiny_config(tiny_llama, out, resume_from_checkpoint="latest", **flags))
     a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     for key in a:
@@ -172,7 +172,7 @@ def test_free_space_is_checked_before_a_checkpoint_is_written(tiny_llama, tmp_pa
             monkeypatch.setattr(ckpt, "free_mb", lambda path: 0.4)
         with pytest.raises(OutputError, match=r"no space left on .*checkpoints' for checkpoint step-000002 \(needs ~1 MB, has 0 MB\)"):
             # a 1 MB free-space margin does not fit in 512 kB
-            finetune(tiny_config(tiny_llama, disk / "out", max_steps=4, save_steps=2), quiet=True)
+            finetune(tiny_config(tiny_llama, disk / "out", max_steps=4, save_steps=2))
         assert not [p for p in (disk / "out" / "checkpoints").iterdir()] if (disk / "out" / "checkpoints").exists() else True
     finally:
         if mounted:
@@ -182,13 +182,13 @@ def test_free_space_is_checked_before_a_checkpoint_is_written(tiny_llama, tmp_pa
 def test_stale_staging_is_cleaned_at_start_and_torn_metrics_tolerated(tiny_llama, tmp_path):
     out = tmp_path / "o"
     flags = dict(max_steps=4, save_steps=2, logging_steps=1)
-    finetune(tiny_config(tiny_llama, out, **{**flags, "max_steps": 2}), quiet=True)
+    finetune(tiny_config(tiny_llama, out, **{**flags, "max_steps": 2}))
     stale = out / "checkpoints" / "step-000004.tmp-99999"
     stale.mkdir()
     (stale / "trainable.safetensors").write_bytes(b"\0" * 10)
     with open(out / "logs" / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 3, "split": "tr')  # a run killed mid-write
-    finetune(tiny_config(tiny_llama, out, resume_from_checkpoint="latest", **flags), quiet=True)
+    finetune(tiny_config(tiny_llama, out, resume_from_checkpoint="latest", **flags))
     assert not stale.exists()
     steps = [r["step"] for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "train"]
     assert steps == [1, 2, 3, 4]

@@ -52,3 +52,50 @@ def test_dry_run_creates_nothing(capsys, tiny_llama, tmp_path):
     code, text = run_cli(capsys, *base_args(tiny_llama, out), "--dry_run")
     assert code == 0 and "# plan" in text
     assert not (tmp_path / "new").exists()
+
+
+COMMANDS = ["finetune", "evaluate", "optimize", "auto-opt", "generate-adapter", "convert-adapters", "generate", "chat"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_each_flag_once_and_takes_a_config_file(capsys, command):
+    """Every command is built from its typed config: each flag listed once in --help (the
+    dashed spelling works but is not listed), and --config FILE."""
+    import re
+
+    code, text = run_cli(capsys, command, "--help")
+    assert code == 0
+    options = []
+    for line in re.findall(r"^  (-[^\n]*?)(?:\s{2,}|$)", text, flags=re.M):  # option lines; descriptions are indented further
+        options += [part.split()[0] for part in line.split(", ")]
+    assert len(options) == len(set(options)), sorted(o for o in options if options.count(o) > 1)
+    assert "--config" in options
+    assert not [o for o in options if "-" in o[2:] and o not in ("--dry-run",)], "a dashed alias is listed"
+
+
+def test_dashed_spelling_still_works(tiny_llama, tmp_path, capsys):
+    code, text = run_cli(capsys, "finetune", "-m", str(tiny_llama), "-d", str(TONE), "--text-template", TONE_TEMPLATE,
+                         "--max-steps", "3", "-o", str(tmp_path / "o"), "--dry_run")
+    assert code == 0 and "max_steps: 3" in text
+
+
+def test_every_command_reads_its_options_from_yaml(tmp_path, capsys):
+    """Flags override the file; the file's unknown keys are named with a suggestion."""
+    from slmops.cli.common import config_from_args
+    from slmops.cli.main import build_parser
+    from slmops.config import EvaluateConfig, ExportConfig, GenerateConfig
+
+    parser = build_parser()
+    export = tmp_path / "export.yaml"
+    export.write_text("model_name_or_path: some/model\noutput_path: out\nprecision: int4\nact_precision: fp32\n")
+    config = config_from_args(ExportConfig, parser.parse_args(["optimize", "--config", str(export), "--block_size", "64"]),
+                              cli_only={"dry_run"})
+    assert (config.precision, config.block_size, config.resolved_accuracy_level) == ("int4", 64, 1)
+    evaluate = tmp_path / "evaluate.yaml"
+    evaluate.write_text("model: {model_name_or_path: m}\ndata: {data_name: d.jsonl, eval_split: 'train[:8]'}\nmetrics: [accuracy]\n")
+    config = config_from_args(EvaluateConfig, parser.parse_args(["evaluate", "--config", str(evaluate)]), cli_only={"json"})
+    assert config.data.eval_split == "train[:8]" and config.metrics == ["accuracy"]
+    generate = tmp_path / "generate.yaml"
+    generate.write_text("model_name_or_path: m\nprompt: [hello]\ntemprature: 0.5\n")
+    with pytest.raises(Exception, match="unknown key 'temprature'. Did you mean 'temperature'"):
+        config_from_args(GenerateConfig, parser.parse_args(["generate", "--config", str(generate)]))

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from slmops.finetune_recipe import build_model, plan_finetune
-from slmops.train import cpu_kernels, fast_mlp, fast_norm
-from slmops.train.fast_lora import FastLoraPath, drop_positions
+from slmops.train.cpu import kernels as cpu_kernels, mlp as fast_mlp, norm as fast_norm
+from slmops.train.cpu.lora import drop_positions
+from slmops.train.cpu.patches import Patches
+from slmops.train.cpu.path import FastPath
 
 from helpers import tiny_config
 
@@ -117,16 +119,17 @@ def test_mlp_under_autocast_runs_its_modules(kernels):
     mlp = MLP().requires_grad_(False)
     x, grad = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
     results = []
+    patches = Patches()
     for install in (False, True):
         if install:
             assert fast_mlp.matches(mlp)
-            fast_mlp.install(mlp, lambda: True, kernels)
+            fast_mlp.install(patches, mlp, lambda: True, kernels)
         x_in = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = mlp(x_in)
         out.float().backward(grad)
         results.append((out.float(), x_in.grad))
-    fast_mlp.uninstall(mlp)
+    patches.undo()
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-2)
 
@@ -276,12 +279,12 @@ def test_unsupported_inputs_take_pytorch_ops(kernels):
 
 
 def test_no_compiler_means_pytorch_ops(monkeypatch, tiny_llama, tmp_path):
-    model = build_model(plan_finetune(tiny_config(tiny_llama, tmp_path / "out"), quiet=True))
+    model = build_model(plan_finetune(tiny_config(tiny_llama, tmp_path / "out")))
     monkeypatch.setenv("SLMOPS_CPU_KERNELS", "0")
     cpu_kernels.get.cache_clear()
     try:
         assert cpu_kernels.get() is None
-        path = FastLoraPath(model)
+        path = FastPath.install(model)
         assert path.kernels is None and path.mlps == [] and len(path.norms) > 0
         assert "C kernels unavailable" in path.describe()
         path.remove()
@@ -316,7 +319,7 @@ def test_rotary_attention_on_kernels_matches_pytorch_ops(kernels, dtype, shared_
     """The kernels' rotate + transpose (forward and backward) give the PyTorch version's
     attention, with q/k/v as column slices of one projection output (as the fused q/k/v
     group returns them) and position embeddings per example or shared by the batch."""
-    from slmops.train import fast_attention
+    from slmops.train.cpu import attention as fast_attention
 
     torch.manual_seed(0)
     batch, length, heads, kv_heads, dim = 3, 7, 6, 2, 8

@@ -18,8 +18,10 @@ from conftest import build_tiny_model
 
 from slmops.cli.main import main
 from slmops.deploy import export as export_module
-from slmops.deploy.export import export_bundle, plan_export
-from slmops.deploy.runtime import OnnxBundle
+from slmops.deploy.export import export_bundle
+from helpers import plan_export
+from slmops.inference.onnx_backend import OnnxBackend as OnnxBundle
+from slmops.inference import GenerationParams
 from slmops.errors import ConfigError, ModelError, OutputError
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 3, 250, 64]
@@ -58,7 +60,7 @@ def llama_adapters(onnx_models, tmp_path_factory) -> dict[str, Path]:
 def llama_bundle(onnx_models, llama_adapters, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "llama"
     plan = plan_export(str(onnx_models["llama"]), [str(llama_adapters["a"]), str(llama_adapters["b"])], str(out), adapter_names=["a", "b"])
-    manifest = export_bundle(plan, quiet=True)
+    manifest = export_bundle(plan)
     assert all(r["exact"] == r["prompts"] for r in manifest["parity"].values()), manifest["parity"]
     return out
 
@@ -107,7 +109,7 @@ def test_other_architectures_match_pytorch(onnx_models, tmp_path, arch, targets)
     """Qwen2 (biases on q/k/v) and Phi-3 (fused qkv and gate_up layers, split into slots)."""
     adapter = _make_adapter(onnx_models[arch], tmp_path / "adapter", targets, 4, 5)
     plan = plan_export(str(onnx_models[arch]), [str(adapter)], str(tmp_path / "bundle"), adapter_names=["task"])
-    manifest = export_bundle(plan, quiet=True)
+    manifest = export_bundle(plan)
     assert all(r["exact"] == r["prompts"] for r in manifest["parity"].values())
     bundle = OnnxBundle(tmp_path / "bundle")
     for name, model in [(None, _torch(onnx_models[arch])), ("task", _torch(onnx_models[arch], adapter))]:
@@ -139,7 +141,7 @@ def test_converted_adapter_plugs_into_auto_opt_base(onnx_models, llama_adapters,
     partial = tmp_path / "partial.onnx_adapter"
     assert main(["convert-adapters", "--adapter_path", str(llama_adapters["c"]), "--output_path", str(partial)]) == 0
     with pytest.raises(ModelError, match="does not match this bundle's LoRA slots.*--base_bundle"):
-        bundle.use_adapter(str(partial))
+        bundle.load_adapter(str(partial))
 
 
 def test_int4_keeps_lora_in_float_and_tracks_fp32(onnx_models, llama_adapters, llama_bundle, tmp_path):
@@ -148,7 +150,7 @@ def test_int4_keeps_lora_in_float_and_tracks_fp32(onnx_models, llama_adapters, l
     out = tmp_path / "int4"
     plan = plan_export(str(onnx_models["llama"]), [str(llama_adapters["a"])], str(out), precision="int4", accuracy_level=1,
                        block_size=16, quant_algo="rtn")
-    manifest = export_bundle(plan, quiet=True, run_parity=False)
+    manifest = export_bundle(plan, run_parity=False)
     assert manifest["quantization"] == {"block_size": 16, "accuracy_level": 1, "algorithm": "rtn"}
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
@@ -219,14 +221,14 @@ def test_failed_export_leaves_nothing_behind(onnx_models, tmp_path, monkeypatch)
     monkeypatch.setattr(export_module, "_run_builder", broken)
     plan = plan_export(str(onnx_models["llama"]), None, str(tmp_path / "out"))
     with pytest.raises(RuntimeError):
-        export_bundle(plan, quiet=True)
+        export_bundle(plan)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_and_chat_cli_stream_and_switch(llama_bundle, tmp_path):
     bundle = OnnxBundle(llama_bundle)
     prompt = "Phrase: what a lovely day\nTone:"
-    expected = {name: bundle.generate_text(prompt, name, 8) for name in ("a", "b")}
+    expected = {name: bundle.generate_text(prompt, name, GenerationParams(max_new_tokens=8)) for name in ("a", "b")}
     cli = [sys.executable, "-m", "slmops.cli.main"]
     result = subprocess.run([*cli, "generate", "-m", str(llama_bundle), "--adapter", "a,b", "--prompt", prompt.replace("\n", "\\n"),
                              "--max_new_tokens", "8"], capture_output=True, text=True, check=True)
@@ -238,7 +240,8 @@ def test_generate_and_chat_cli_stream_and_switch(llama_bundle, tmp_path):
     assert "adapter 'nope' is not in this bundle (a, b)" in chat.stderr
     assert "(adapter: b)" in chat.stdout
     history = [{"role": "user", "content": "hello"}]
-    first = bundle.generate_text(bundle.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True), "a", 6,
+    first = bundle.generate_text(bundle.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True), "a",
+                                 GenerationParams(max_new_tokens=6),
                                  add_special_tokens=False)
     assert chat.stdout.startswith(first + "\n")
 
@@ -253,21 +256,21 @@ def test_generate_cli_on_pytorch_switches_peft_adapters_like_the_bundle(onnx_mod
                             capture_output=True, text=True, check=True)
     prompt = prompt.replace("\\n", "\n")
     for adapter, name in ((llama_adapters["a"], "a"), (llama_adapters["b"], "b"), ("base", None)):
-        assert f"[pytorch · {adapter}] {prompt}\n{bundle.generate_text(prompt, name, 8)}\n" in result.stdout
+        assert f"[pytorch · {adapter}] {prompt}\n{bundle.generate_text(prompt, name, GenerationParams(max_new_tokens=8))}\n" in result.stdout
 
 
 def test_evaluate_on_bundle_matches_pytorch(onnx_models, llama_adapters, llama_bundle):
     """The ONNX back end of `slmops evaluate` gives the PyTorch back end's numbers."""
-    from slmops.config.schema import EvaluateConfig
+    from slmops.config import EvaluateConfig
     from slmops.evaluate.run import evaluate
 
     from conftest import TONE, TONE_TEMPLATE
 
     def run(model, adapter):
-        cfg = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(model)}, "adapter_path": adapter,
+        cfg = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(model)}, "adapter": adapter,
                                              "data": {"data_name": str(TONE), "train_split": "train[:12]", "text_template": TONE_TEMPLATE},
                                              "metrics": ["accuracy", "perplexity"], "max_new_tokens": 4})
-        return evaluate(cfg, quiet=True)["models"][0]["metrics"]
+        return evaluate(cfg)["models"][0]["metrics"]
 
     onnx_metrics = run(llama_bundle, "a")
     torch_metrics = run(onnx_models["llama"], str(llama_adapters["a"]))
@@ -281,18 +284,18 @@ def test_quantized_export_reports_task_metric_change(onnx_models, tmp_path):
     adapter's own task (its eval rows, in its format) on PyTorch and on the bundle."""
     from helpers import tiny_config
 
-    from slmops.config.schema import EvaluateConfig
+    from slmops.config import EvaluateConfig
     from slmops.evaluate.run import evaluate
     from slmops.finetune_recipe import finetune
 
     cfg = tiny_config(onnx_models["llama"], tmp_path / "ft", eval_split="train[64:80]", max_steps=4)
-    finetune(cfg, quiet=True)
+    finetune(cfg)
     plan = plan_export(str(tmp_path / "ft"), None, str(tmp_path / "int8"), precision="int8", adapter_names=["tone"])
-    manifest = export_bundle(plan, quiet=True)
+    manifest = export_bundle(plan)
     task = manifest["parity"]["tone"]["task_metric"]
     assert task["metric"] == "accuracy" and task["rows"] == 16  # five tone labels: a label task
     direct = evaluate(EvaluateConfig.model_validate({
         "model": {"model_name_or_path": str(tmp_path / "ft")}, "metrics": ["accuracy"], "max_new_tokens": 32,
-        "data": {**cfg.data.model_dump(), "eval_split": "train[64:80]"}}), quiet=True)
+        "data": {**cfg.data.model_dump(), "eval_split": "train[64:80]"}}))
     assert task["pytorch"] == pytest.approx(direct["models"][0]["metrics"]["accuracy"], abs=1e-4)
     assert task["change"] == pytest.approx(task["onnx"] - task["pytorch"], abs=1e-4)

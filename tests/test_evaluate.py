@@ -46,14 +46,14 @@ def test_unknown_metric_suggests():
 def test_perplexity_matches_direct_computation(tiny_llama):
     from slmops.config import DataConfig
     from slmops.data.prepare import prepare_data
-    from slmops.evaluate.predict import TorchPredictor
+    from slmops.inference.torch_backend import TorchBackend
 
     from conftest import TONE
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     data = prepare_data(DataConfig(data_name=str(TONE), train_split="train[:6]", text_template="{phrase} {tone}", train_on_inputs=True), tok).train
-    loss_sum, count = TorchPredictor(model, tok, "tiny").loss(data, batch_size=4)
+    loss_sum, count = TorchBackend(model, tok, "tiny").loss(data, batch_size=4)
     ppl = METRICS["perplexity"].compute(loss_sum=loss_sum, token_count=count)["perplexity"]
     total, n = 0.0, 0
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_evaluate_cli_compares_models(tiny_llama, tmp_path, capsys):
     from helpers import tiny_config
 
     out = tmp_path / "ft"
-    finetune(tiny_config(tiny_llama, out, max_steps=6), quiet=True)
+    finetune(tiny_config(tiny_llama, out, max_steps=6))
     code = main(["evaluate", "-m", str(out), "--compare_to", "base", "-d", str(TONE), "--eval_split", "train[600:620]",
                  "--text_template", TONE_TEMPLATE, "--metrics", "accuracy,f1,perplexity", "--max_new_tokens", "4",
                  "-o", str(tmp_path / "ev"), "--log_level", "3"])
@@ -93,15 +93,15 @@ def test_evaluate_cli_compares_models(tiny_llama, tmp_path, capsys):
 
 def test_adapter_on_wrong_base_is_refused(tiny_models, tmp_path):
     from slmops.errors import ModelError
-    from slmops.evaluate.predict import TorchPredictor
+    from slmops.inference.torch_backend import TorchBackend
     from slmops.finetune_recipe import finetune
 
     from helpers import tiny_config
 
     out = tmp_path / "gpt2ft"
-    finetune(tiny_config(tiny_models["gpt2"], out, max_steps=1), quiet=True)
+    finetune(tiny_config(tiny_models["gpt2"], out, max_steps=1))
     with pytest.raises(ModelError, match="another base"):
-        TorchPredictor.load(str(tiny_models["llama"]), str(out / "adapter"), quiet=True)
+        TorchBackend.load(str(tiny_models["llama"]), [str(out / "adapter")])
 
 
 def test_adapter_from_a_wider_model_is_refused(tiny_llama, tokenizer_dir, tmp_path):
@@ -109,7 +109,7 @@ def test_adapter_from_a_wider_model_is_refused(tiny_llama, tokenizer_dir, tmp_pa
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from slmops.errors import ModelError
-    from slmops.evaluate.predict import TorchPredictor
+    from slmops.inference.torch_backend import TorchBackend
     from slmops.finetune_recipe import finetune
 
     from helpers import tiny_config
@@ -120,6 +120,6 @@ def test_adapter_from_a_wider_model_is_refused(tiny_llama, tokenizer_dir, tmp_pa
                                                         num_key_value_heads=2, initializer_range=0.3))
     base.save_pretrained(wide)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(wide)
-    finetune(tiny_config(wide, tmp_path / "ft", max_steps=1), quiet=True)
+    finetune(tiny_config(wide, tmp_path / "ft", max_steps=1))
     with pytest.raises(ModelError, match="64 in the adapter"):
-        TorchPredictor.load(str(tiny_llama), str(tmp_path / "ft" / "adapter"), quiet=True)
+        TorchBackend.load(str(tiny_llama), [str(tmp_path / "ft" / "adapter")])

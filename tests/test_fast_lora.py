@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from slmops.data.batching import collate
-from slmops.finetune_recipe import build_model, plan_finetune
-from slmops.train import cpu_kernels, fast_attention
-from slmops.train import fast_lora
-from slmops.train.fast_lora import FastLoraPath, LinearGroupFunction, _Spec, drop_positions
+from slmops.finetune_recipe import build_model, finetune, plan_finetune
+from slmops.train.cpu import attention as fast_attention, kernels as cpu_kernels
+from slmops.train.cpu import lora as fast_lora
+from slmops.train.cpu.lora import LinearGroupFunction, _Spec, drop_positions
+from slmops.train.cpu.path import FastPath
 from slmops.train.loss import check_packing, packed_loss, selective_loss
 
 from helpers import tiny_config
@@ -47,15 +48,20 @@ def _much_padding(plan):
     return collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)
 
 
+def _untouched(module) -> bool:
+    """No trace of the fast path left on a module: its class's forward, no slmops attributes."""
+    return "forward" not in vars(module) and not any(name.startswith("_slmops") for name in vars(module))
+
+
 @pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("qwen2", "all-linear"), ("gpt2", "all-linear"),
                                           ("llama", "k_proj"), ("llama", "q_proj,v_proj")])
 def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, arch, targets):
     """(LoRA on some of q/k/v: the group still fuses the three base weights, with adapters on some members.)"""
-    plan = plan_finetune(tiny_config(tiny_models[arch], tmp_path / arch, lora_dropout=0.0, target_modules=targets), quiet=True)
+    plan = plan_finetune(tiny_config(tiny_models[arch], tmp_path / arch, lora_dropout=0.0, target_modules=targets))
     model = _trained_a_little(plan).train()
     batch = _batch(plan)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
-    path = FastLoraPath(model)
+    path = FastPath.install(model)
     assert path.lora_layers > 0
     if arch != "gpt2":  # GPT-2's fused Conv1D c_attn: the LoRA term goes through the path, the base runs as itself
         assert any(len(g.members) == 3 and g.fuse_base for g in path.groups), "q/k/v not fused"
@@ -68,7 +74,7 @@ def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, 
         torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=5e-6)  # fp32 sums in another order
 
     path.remove()
-    assert all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
+    assert all(_untouched(m) for m in model.modules())
     assert model.config._attn_implementation == "sdpa"
     storages = [m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(storages) == len(set(storages)), "fused weights must be independent again (saving shared storage fails)"
@@ -82,11 +88,11 @@ def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_grad
     PEFT's loss and gradients (PEFT computes the LoRA term in fp32: bf16 tolerance)."""
     from peft.tuners.lora.bnb import Linear4bit
 
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16), quiet=True)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16))
     model = _trained_a_little(plan).train()
     batch = _batch(plan)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
-    path = FastLoraPath(model)
+    path = FastPath.install(model)
     quantized = [m for g in path.groups for m in g.members if isinstance(m, Linear4bit)]
     assert quantized and path.lora_layers == len(quantized), "every 4-bit LoRA layer in a group"
     calls, kernels = [], path.kernels
@@ -100,7 +106,7 @@ def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_grad
         error = float((grads[key].float() - ref_grads[key].float()).norm() / ref_grads[key].float().norm())
         assert error < (6e-2 if bf16 else 1e-4), (key, error)
     path.remove()
-    assert all(not hasattr(m, "_slmops_own_forward") for m in model.modules())
+    assert all(_untouched(m) for m in model.modules())
     assert _loss_and_grads(model, batch)[0] == pytest.approx(ref_loss, rel=1e-6)
 
 
@@ -109,11 +115,11 @@ def test_bf16_fast_path_matches_plain_fp32_path(tiny_llama, tmp_path):
     the plain fp32 PEFT loss and gradients within bf16 tolerance."""
     results = {}
     for bf16 in (False, True):
-        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(bf16), bf16=bf16, lora_dropout=0.0), quiet=True)
+        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(bf16), bf16=bf16, lora_dropout=0.0))
         torch.manual_seed(0)
         model = _trained_a_little(plan).train()
         if bf16:
-            FastLoraPath(model)
+            FastPath.install(model)
         results[bf16] = _loss_and_grads(model, _batch(plan, 8))
     (fast_loss, fast_grads), (ref_loss, ref_grads) = results[True], results[False]
     assert fast_loss == pytest.approx(ref_loss, rel=2e-2)
@@ -216,10 +222,10 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, p
     results = []
     for checkpointing in (False, True):
         plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
-                                         gradient_checkpointing=checkpointing), quiet=True)
+                                         gradient_checkpointing=checkpointing))
         torch.manual_seed(0)
         model = _trained_a_little(plan).train()
-        FastLoraPath(model)
+        FastPath.install(model)
         batch, loss_fn = (_much_padding(plan), packed_loss) if packed else (_batch(plan), selective_loss)
         assert (fast_attention.Packing.of(batch["attention_mask"]) is not None) == packed
         results.append(_loss_and_grads(model, batch, seed=5, loss_fn=loss_fn))
@@ -281,9 +287,9 @@ def test_rotary_attention_matches_hf_rope_and_sdpa_with_padding_and_grouped_head
 
 
 def test_verify_removes_a_path_that_disagrees_with_peft(tiny_llama, tmp_path, monkeypatch, caplog):
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0), quiet=True)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0))
     model = _trained_a_little(plan).train()
-    path = FastLoraPath(model)
+    path = FastPath.install(model)
     assert path.verify(model, selective_loss, _batch(plan)) and path.groups
     original_run = fast_lora.LinearGroup.run
     monkeypatch.setattr(fast_lora.LinearGroup, "run", lambda self, x: tuple(o * 1.5 for o in original_run(self, x)))
@@ -319,13 +325,13 @@ def test_full_fine_tuning_path_matches_the_model_own_forward(tiny_llama, tmp_pat
     """Full fine-tuning (fp32 master weights, bf16 autocast when asked) takes the weight-free
     parts of the path — fused SwiGLU, attention with the rotary embedding inside — with the
     model's own loss and gradients (to the autocast dtype's precision)."""
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "full", method="full", bf16=bf16), quiet=True)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "full", method="full", bf16=bf16))
     model = build_model(plan).train()
     batch = _batch(plan)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with autocast:
         ref_loss, ref_grads = _loss_and_grads(model, batch)
-    path = FastLoraPath(model)
+    path = FastPath.install(model)
     assert path.lora_layers == 0 and not path.norms and len(path.mlps) == 2 and len(path.attention_modules) == 2
     with autocast:
         loss, grads = _loss_and_grads(model, batch)
@@ -360,9 +366,9 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     """packed_loss runs a batch's real tokens as one sequence (rows rounded up to a multiple
     of 16), the fused attention keeping examples apart: same loss and gradients as the
     padded batch; batches it should not pack take the padded path."""
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, target_modules="all-linear"), quiet=True)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, target_modules="all-linear"))
     model = _trained_a_little(plan).train()
-    path = FastLoraPath(model)
+    path = FastPath.install(model)
     assert path.packs_sequences and "padding-free batches" in path.describe()
     batch = _much_padding(plan)
     packing = fast_attention.Packing.of(batch["attention_mask"])
@@ -432,3 +438,53 @@ def test_bf16_group_with_kernels_matches_float64_reference(monkeypatch, rows, p,
     assert bool(calls) == use_amx, "the products ran on AMX exactly where asked and available"
     if use_amx:  # the weight gradients stay on oneDNN where their inner size (rows) is odd
         assert len(calls) == (6 if rows % 2 == 0 else 4)
+
+
+def test_the_fast_path_is_taken_or_says_why_not(tiny_llama, tmp_path, monkeypatch, caplog):
+    """auto: on for the methods that take it, on a CPU, on known library versions; a version it
+    was not tested with (faked here) turns it off with the reason, and training runs the plain
+    path; --cpu_fast_path on tries it anyway; off is off; dora does not take it."""
+    from importlib.metadata import version
+
+    from slmops.train.cpu import compat, decide
+
+    cpu = torch.device("cpu")
+    assert decide("auto", True, "lora", cpu) is None
+    assert decide("off", True, "lora", cpu) == "--cpu_fast_path off"
+    assert "--method dora does not take it" in decide("auto", False, "dora", cpu)
+    assert decide("auto", True, "lora", torch.device("cuda")) == "training on cuda"
+    real = compat.installed_version
+    monkeypatch.setattr(compat, "installed_version", lambda p: "5.99.0" if p == "transformers" else real(p))
+    assert decide("auto", True, "lora", cpu) == (f"library versions it was not tested with: transformers 5.99.0 (known: >=5.24, <5.25) "
+                                                 "(--cpu_fast_path on tries it anyway)")
+    assert decide("on", True, "lora", cpu) is None
+    with caplog.at_level("INFO", logger="slmops"):
+        result = finetune(tiny_config(tiny_llama, tmp_path / "plain", max_steps=3))
+    assert "fast CPU path: off: library versions it was not tested with: transformers 5.99.0" in caplog.text
+    assert result.train.steps == 3
+    assert version("transformers") != "5.99.0"  # only slmops' view of the version was faked
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="slmops"):
+        finetune(tiny_config(tiny_llama, tmp_path / "fast", max_steps=3))
+        finetune(tiny_config(tiny_llama, tmp_path / "dora", max_steps=3, method="dora"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fast CPU path")]
+    assert "LoRA layers" in lines[0] and lines[1].startswith("fast CPU path: off: --method dora does not take it")
+
+
+def test_the_path_is_removed_when_training_fails(tiny_llama, tmp_path, monkeypatch):
+    """The fast path is a context manager around training: an exception mid-run still undoes
+    every patch (the model is left as PEFT made it)."""
+    from slmops.train import trainer as trainer_module
+
+    seen = {}
+
+    def boom(self):
+        seen["model"] = self.model
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(trainer_module.Trainer, "train", boom)
+    with pytest.raises(RuntimeError, match="stop here"):
+        finetune(tiny_config(tiny_llama, tmp_path / "o", max_steps=3))
+    assert all(_untouched(m) for m in seen["model"].modules())
+    assert seen["model"].config._attn_implementation == "sdpa"

@@ -40,7 +40,7 @@ def _losses(out):
 
 @pytest.mark.parametrize("method, lr", [("lora", 1e-2), ("dora", 1e-2), ("loha", 3e-2), ("lokr", 3e-2), ("full", 1e-3), ("qlora", 1e-2)])
 def test_each_method_lowers_the_loss(tiny_llama, tmp_path, method, lr):
-    result = finetune(tiny_config(tiny_llama, tmp_path / method, method=method, max_steps=16, learning_rate=lr, logging_steps=1), quiet=True)
+    result = finetune(tiny_config(tiny_llama, tmp_path / method, method=method, max_steps=16, learning_rate=lr, logging_steps=1))
     losses = _losses(tmp_path / method)
     # batches differ in difficulty: compare the first and last few steps, not single steps
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
@@ -52,7 +52,7 @@ def test_each_method_lowers_the_loss(tiny_llama, tmp_path, method, lr):
 
 @pytest.mark.parametrize("arch", ["qwen2", "phi3", "gpt2"])
 def test_other_architectures_train(tiny_models, tmp_path, arch):
-    finetune(tiny_config(tiny_models[arch], tmp_path / arch, max_steps=16, logging_steps=1), quiet=True)
+    finetune(tiny_config(tiny_models[arch], tmp_path / arch, max_steps=16, logging_steps=1))
     losses = _losses(tmp_path / arch)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
 
@@ -66,7 +66,7 @@ def test_qlora_gradients_survive_evaluation(tiny_llama, tmp_path):
     from slmops.finetune_recipe import build_model, plan_finetune
     from slmops.train.loss import selective_loss
 
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0), quiet=True)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0))
     model = build_model(plan).train()
     batch = collate(plan.data.train, list(range(4)), plan.tokenizer.pad_token_id)
 

@@ -48,7 +48,7 @@ def test_a_second_run_is_refused_with_the_holder_named(tiny_llama, tmp_path, cap
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "o"
-    finetune(tiny_config(tiny_llama, out, max_steps=2), quiet=True)
+    finetune(tiny_config(tiny_llama, out, max_steps=2))
     old = _tree(out)
     old_adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
 
@@ -60,13 +60,13 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tiny_lla
 
     monkeypatch.setattr(recipe, "build_model", broken)
     with pytest.raises(RuntimeError):
-        finetune(tiny_config(tiny_llama, out, max_steps=3, overwrite=True), quiet=True)
+        finetune(tiny_config(tiny_llama, out, max_steps=3, overwrite=True))
     monkeypatch.undo()
     assert _tree(out) == old
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == old_adapter
 
     # the new run succeeds: only the new run is left
-    result = finetune(tiny_config(tiny_llama, out, max_steps=3, overwrite=True), quiet=True)
+    result = finetune(tiny_config(tiny_llama, out, max_steps=3, overwrite=True))
     assert result.train.steps == 3
     assert not (out / SET_ASIDE).exists() and not (out / LOCK_FILE).exists()
     assert yaml.safe_load((out / "run.yaml").read_text())["result"]["steps"] == 3
@@ -77,12 +77,12 @@ def test_a_set_aside_left_by_a_killed_overwrite_is_put_back(tmp_path):
     (layout.root / "adapter").mkdir(parents=True)
     (layout.root / "run.yaml").write_text("old: true\n")
     (layout.root / "adapter" / "w").write_text("old")
-    with RunFolder(layout, replace=True):
+    with RunFolder(layout, True, lambda: False):
         (layout.root / "logs").mkdir()  # the new run got this far, then was SIGKILLed:
         os.replace(layout.root / SET_ASIDE, tmp_path / "aside")  # (simulate: keep the set-aside, skip its cleanup)
     os.replace(tmp_path / "aside", layout.root / SET_ASIDE)
     assert (layout.root / "logs").exists() and not (layout.root / "run.yaml").exists()
-    with RunFolder(layout, replace=False):  # the next start, whatever it is, restores the old run first
+    with RunFolder(layout, False, lambda: False):  # the next start, whatever it is, restores the old run first
         pass
     assert (layout.root / "run.yaml").read_text() == "old: true\n" and (layout.root / "adapter" / "w").read_text() == "old"
     assert not (layout.root / "logs").exists() and not (layout.root / SET_ASIDE).exists()
@@ -93,7 +93,7 @@ def test_a_failed_start_in_a_new_folder_leaves_no_folder(tiny_llama, tmp_path, m
 
     monkeypatch.setattr(recipe, "build_model", lambda plan: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.raises(RuntimeError):
-        finetune(tiny_config(tiny_llama, tmp_path / "new" / "o", max_steps=2), quiet=True)
+        finetune(tiny_config(tiny_llama, tmp_path / "new" / "o", max_steps=2))
     assert not (tmp_path / "new" / "o").exists()
 
 
@@ -123,7 +123,7 @@ def test_max_seq_len_is_clamped_to_the_models_context(tiny_llama, tmp_path, capl
     from slmops.finetune_recipe import plan_finetune
 
     with caplog.at_level("WARNING", logger="slmops"):
-        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "o", max_seq_len=100_000), quiet=True)
+        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "o", max_seq_len=100_000))
     assert plan.data_config.max_seq_len == 256 and plan.describe()["max_seq_len"] == 256
     assert "--max_seq_len 100000 is longer than the model's context (256 positions): using 256" in caplog.text
 
@@ -133,6 +133,6 @@ def test_skip_bad_rows_leaves_them_out_and_counts_them(tiny_llama, tmp_path):
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"phrase": "a", "tone": "joyful"}\n{"phrase": "b", "tone": null}\n{"phrase": "c"}\n{"phrase": "d", "tone": "sad"}\n')
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "o", data_name=str(data), train_split="train", skip_bad_rows=True), quiet=True)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "o", data_name=str(data), train_split="train", skip_bad_rows=True))
     assert len(plan.data.train) == 2
     assert plan.describe()["data"]["train"]["skipped_bad_rows"] == 2

@@ -55,7 +55,7 @@ def test_seed_tone_command_learns_and_peft_reproduces_it(seed_tone_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmops.evaluate.predict import TorchPredictor
+    from slmops.inference import GenerationParams, open_backend
 
     out = seed_tone_run
     metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -64,7 +64,7 @@ def test_seed_tone_command_learns_and_peft_reproduces_it(seed_tone_run):
     prompts = [LLAMA3_TONE.replace("\\n", "\n").split("{tone}")[0].format(phrase=p) for p in
                ["I am furious about the late train, this is unacceptable.", "What a wonderful surprise the party was!",
                 "The report is scheduled for Monday at nine."]]
-    ours = TorchPredictor.load(str(out), quiet=True).generate(prompts, add_special_tokens=True, max_new_tokens=6, progress=False)
+    ours = open_backend(str(out)).generate_batch(prompts, None, GenerationParams(max_new_tokens=6))
     tok = AutoTokenizer.from_pretrained(out / "model")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "model"), out / "adapter").eval()
     theirs = []
@@ -130,7 +130,8 @@ HELD_OUT = ["I am furious about the late train, this is unacceptable.", "What a 
 def test_seed_step3_auto_opt_fp32_and_int4(seed_tone_run):
     """Seed step 3 as written, on the output of seed command 1; then the same with int4.
     Each bundle, with the tone adapter switched on, labels held-out phrases."""
-    from slmops.deploy.runtime import OnnxBundle
+    from slmops.inference import GenerationParams
+    from slmops.inference.onnx_backend import OnnxBackend as OnnxBundle
 
     cwd = seed_tone_run.parents[2]
     slmops("auto-opt", "--model_name_or_path", "models/llama/ft/model", "--adapter_path", "models/llama/ft/adapter", "--device", "cpu",
@@ -145,7 +146,7 @@ def test_seed_step3_auto_opt_fp32_and_int4(seed_tone_run):
         if exact:  # fp32: PyTorch's greedy tokens exactly, with and without the adapter
             assert all(r["exact"] == r["prompts"] and r["max_logit_diff"] < 1e-2 for r in parity.values()), parity
         bundle = OnnxBundle(bundle_dir)
-        answers = [bundle.generate_text(p, "llama", 6).strip() for p in prompts]
+        answers = [bundle.generate_text(p, "llama", GenerationParams(max_new_tokens=6)).strip() for p in prompts]
         if exact:
             assert answers == ["angry", "joyful", "neutral"]
         else:
@@ -159,7 +160,8 @@ def test_two_adapters_one_base_switched_per_request(seed_tone_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from slmops.deploy.runtime import OnnxBundle
+    from slmops.inference import GenerationParams
+    from slmops.inference.onnx_backend import OnnxBackend as OnnxBundle
 
     slmops("finetune", "--model_name_or_path", "smollm2-135m-instruct", "--data_name", str(ROOT / "examples/data/library_qa.json"),
            "--use_chat_template", "--max_steps", "30", "--learning_rate", "1e-3", "--output_path", "qa", cwd=tmp_path)
@@ -186,4 +188,4 @@ def test_two_adapters_one_base_switched_per_request(seed_tone_run, tmp_path):
         expected = [t for t in gen[0, len(ids):].tolist()]
         expected = expected[: next((i for i, t in enumerate(expected) if t in bundle.eos_ids), len(expected))]
         assert bundle.generate_ids(ids, adapter, 12) == expected, adapter
-    assert bundle.generate_text(tone_prompt, "tone", 6).strip() == "joyful"
+    assert bundle.generate_text(tone_prompt, "tone", GenerationParams(max_new_tokens=6)).strip() == "joyful"

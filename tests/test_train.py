@@ -25,7 +25,7 @@ def _batch(plan, n=4):
 
 def test_selective_loss_equals_plain_loss(tiny_models, tmp_path):
     for arch, path in tiny_models.items():
-        plan = plan_finetune(tiny_config(path, tmp_path / arch), quiet=True)
+        plan = plan_finetune(tiny_config(path, tmp_path / arch))
         model = build_model(plan).eval()
         batch = _batch(plan)
         with torch.no_grad():
@@ -41,7 +41,7 @@ def test_bf16_fast_path_matches_fp32_loss(tiny_llama, tmp_path):
     same loss within bf16 tolerance."""
     losses = {}
     for bf16 in (False, True):
-        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(bf16), bf16=bf16), quiet=True)
+        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(bf16), bf16=bf16))
         model = build_model(plan).eval()
         assert next(p for n, p in model.named_parameters() if "q_proj.base_layer" in n).dtype == (torch.bfloat16 if bf16 else torch.float32)
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -52,39 +52,46 @@ def test_bf16_fast_path_matches_fp32_loss(tiny_llama, tmp_path):
 
 
 def test_short_batch_attention_kernel_trains_like_flash_attention(tiny_llama, tmp_path, monkeypatch):
-    """Short CPU batches use SDPA's math kernel (faster there); the run must follow the same
-    loss curve as with the flash kernel, and a long batch must keep flash attention."""
+    """Without the fast path (its own attention would replace SDPA), short CPU batches run
+    SDPA's math kernel (faster there) and longer ones the flash kernel: each training forward
+    and backward is checked to run on the kernel the limit picks, and both give the same loss
+    curve; gradient checkpointing's recomputation runs on the same kernel too."""
+    import torch.nn.functional as F
+
     from slmops.train import trainer
 
     assert trainer.SHORT_ATTENTION_MAX_LEN == 192
+    flash_on_call: list[bool] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():  # training forwards (and checkpointing's recomputation)
+            flash_on_call.append(torch.backends.cuda.flash_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     curves = {}
-    for limit in (192, 0):
+    for limit, flash in ((192, False), (0, True)):
         monkeypatch.setattr(trainer, "SHORT_ATTENTION_MAX_LEN", limit)
+        flash_on_call.clear()
         out = tmp_path / f"limit{limit}"
-        finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0, bf16=True), quiet=True)
+        finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0, bf16=True, cpu_fast_path="off"))
+        assert flash_on_call and set(flash_on_call) == {flash}, f"limit {limit}: SDPA ran with flash={set(flash_on_call)}"
         curves[limit] = [m["loss"] for m in read_metrics(out / "logs" / "metrics.jsonl") if m["split"] == "train"]
     assert curves[0] == pytest.approx(curves[192], rel=3e-2)
-    # gradient checkpointing recomputes attention in the backward pass: same kernel, same curve
     monkeypatch.setattr(trainer, "SHORT_ATTENTION_MAX_LEN", 192)
+    flash_on_call.clear()
     out = tmp_path / "checkpointed"
-    finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0, bf16=True, gradient_checkpointing=True), quiet=True)
+    finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0, bf16=True, gradient_checkpointing=True, cpu_fast_path="off"))
+    assert flash_on_call and set(flash_on_call) == {False}, "the recomputation must use the forward's kernel"
     checkpointed = [m["loss"] for m in read_metrics(out / "logs" / "metrics.jsonl") if m["split"] == "train"]
     assert checkpointed == pytest.approx(curves[192], rel=3e-2)
-
-    chosen = []
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "probe"), quiet=True)
-    probe = trainer.Trainer.__new__(trainer.Trainer)
-    probe.precision = plan.precision
-    for length in (48, 500):
-        with probe._attention_kernel({"input_ids": torch.zeros(2, length, dtype=torch.long)}):
-            chosen.append(torch.backends.cuda.flash_sdp_enabled())
-    assert chosen == [False, True]  # math only for the short batch
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
     common = dict(max_steps=3, lora_dropout=0.0, group_by_length=False, learning_rate=1e-3)
-    finetune(tiny_config(tiny_llama, tmp_path / "big", per_device_train_batch_size=8, **common), quiet=True)
-    finetune(tiny_config(tiny_llama, tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common), quiet=True)
+    finetune(tiny_config(tiny_llama, tmp_path / "big", per_device_train_batch_size=8, **common))
+    finetune(tiny_config(tiny_llama, tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common))
     a = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "acc" / "adapter" / "adapter_model.safetensors")
     for key in a:
@@ -93,7 +100,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
 
 def test_outputs_load_in_peft_and_reproduce_predictions(tiny_llama, tmp_path):
     out = tmp_path / "run"
-    finetune(tiny_config(tiny_llama, out, eval_split="train[64:80]", max_steps=10), quiet=True)
+    finetune(tiny_config(tiny_llama, out, eval_split="train[64:80]", max_steps=10))
     run = __import__("yaml").safe_load((out / "run.yaml").read_text())
     assert run["status"] == "finished" and "torch" in run["versions"]
     assert (out / "loss.png").stat().st_size > 1000 and "best eval" in (out / "report.md").read_text()
@@ -101,23 +108,25 @@ def test_outputs_load_in_peft_and_reproduce_predictions(tiny_llama, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     base = AutoModelForCausalLM.from_pretrained(out / "model")
     model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    from slmops.evaluate.predict import TorchPredictor
+    from slmops.inference import GenerationParams, open_backend
 
-    ours = TorchPredictor.load(str(out), quiet=True)
+    ours = open_backend(str(out))
     prompts = ["Phrase: I am so happy today\nTone:", "Phrase: This is a disgrace\nTone:"]
     theirs = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")
         gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         theirs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    assert ours.generate(prompts, add_special_tokens=True, max_new_tokens=5, progress=False) == theirs
+    assert ours.generate_batch(prompts, None, GenerationParams(max_new_tokens=5)) == theirs
+    # streamed one at a time (the generate/chat/serve path): the same text
+    assert [ours.generate_text(p, None, GenerationParams(max_new_tokens=5)) for p in prompts] == theirs
 
 
 def test_eval_early_stopping_and_best_adapter(tiny_llama, tmp_path):
     out = tmp_path / "es"
     # A huge learning rate makes eval loss rise after a few steps, so patience triggers.
     result = finetune(tiny_config(tiny_llama, out, eval_split="train[64:96]", max_steps=60, eval_steps=2,
-                                  learning_rate=0.3, early_stopping_patience=2, lr_scheduler_type="constant"), quiet=True)
+                                  learning_rate=0.3, early_stopping_patience=2, lr_scheduler_type="constant"))
     evals = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "eval"]
     assert result.train.stopped_early and result.train.steps < 60
     best = min(evals, key=lambda r: r["loss"])
@@ -130,10 +139,10 @@ def test_output_folder_with_another_run_is_refused(tiny_llama, tmp_path):
     from slmops.errors import OutputError
 
     out = tmp_path / "taken"
-    finetune(tiny_config(tiny_llama, out, max_steps=2), quiet=True)
+    finetune(tiny_config(tiny_llama, out, max_steps=2))
     with pytest.raises(OutputError, match="--overwrite"):
-        plan_finetune(tiny_config(tiny_llama, out, max_steps=2), quiet=True)
-    finetune(tiny_config(tiny_llama, out, max_steps=2, overwrite=True), quiet=True)
+        plan_finetune(tiny_config(tiny_llama, out, max_steps=2))
+    finetune(tiny_config(tiny_llama, out, max_steps=2, overwrite=True))
 
 
 def _cli(args, **kwargs):
@@ -186,8 +195,8 @@ def test_epoch_batches_are_deterministic_and_cover_everything():
 
 
 def test_dataloader_workers_give_the_same_run(tiny_llama, tmp_path):
-    finetune(tiny_config(tiny_llama, tmp_path / "w0", max_steps=4, lora_dropout=0.0), quiet=True)
-    finetune(tiny_config(tiny_llama, tmp_path / "w2", max_steps=4, lora_dropout=0.0, dataloader_num_workers=2), quiet=True)
+    finetune(tiny_config(tiny_llama, tmp_path / "w0", max_steps=4, lora_dropout=0.0))
+    finetune(tiny_config(tiny_llama, tmp_path / "w2", max_steps=4, lora_dropout=0.0, dataloader_num_workers=2))
     a = load_file(tmp_path / "w0" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "w2" / "adapter" / "adapter_model.safetensors")
     for key in a:
@@ -197,7 +206,7 @@ def test_dataloader_workers_give_the_same_run(tiny_llama, tmp_path):
 def test_eval_metrics_during_training_pick_the_best(tiny_llama, tmp_path):
     out = tmp_path / "acc"
     result = finetune(tiny_config(tiny_llama, out, eval_split="train[64:80]", max_steps=6, eval_steps=2,
-                                  eval_metrics="accuracy,f1", metric_for_best_model="accuracy", eval_max_new_tokens=3), quiet=True)
+                                  eval_metrics="accuracy,f1", metric_for_best_model="accuracy", eval_max_new_tokens=3))
     evals = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(0.0 <= r["accuracy"] <= 1.0 and "macro_f1" in r for r in evals)
@@ -209,13 +218,13 @@ def test_eval_metric_problems_are_reported_up_front(tiny_llama, tmp_path):
     from slmops.errors import ConfigError, DataError
 
     with pytest.raises(ConfigError, match="needs --eval_split"):
-        plan_finetune(tiny_config(tiny_llama, tmp_path / "a", eval_metrics="accuracy"), quiet=True)
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "a", eval_metrics="accuracy"))
     with pytest.raises(ConfigError, match="'macro_f1' is not computed"):
-        plan_finetune(tiny_config(tiny_llama, tmp_path / "b", eval_split="train[64:80]", metric_for_best_model="macro_f1"), quiet=True)
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "b", eval_split="train[64:80]", metric_for_best_model="macro_f1"))
     with pytest.raises(ConfigError, match="Did you mean 'accuracy'"):
-        plan_finetune(tiny_config(tiny_llama, tmp_path / "c", eval_split="train[64:80]", eval_metrics="acurracy"), quiet=True)
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "c", eval_split="train[64:80]", eval_metrics="acurracy"))
     bad = tmp_path / "multi.jsonl"
     bad.write_text('{"phrase": "a", "tone": "x"}\n{"phrase": "b", "tone": "two\\nlines"}\n' * 4)
     with pytest.raises(DataError, match="one-line, non-empty gold labels"):
         plan_finetune(tiny_config(tiny_llama, tmp_path / "d", data_name=str(bad), train_split="train", eval_split="train[:4]",
-                                  eval_metrics="accuracy"), quiet=True)
+                                  eval_metrics="accuracy"))

@@ -4,23 +4,35 @@ Python API (the CLI calls the same functions):
 
     from slmops import FinetuneConfig, finetune
     result = finetune(FinetuneConfig.model_validate({...}))
+
+Progress and messages go to the "slmops" logger (and its progress bars show when that
+logger shows INFO): `logging.basicConfig(level=logging.INFO)` to see them.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("slmops")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0"
-
-from slmops.config import FinetuneConfig, from_dict, from_flat  # noqa: E402
+from slmops.about import __version__
+from slmops.config import EvaluateConfig, ExportConfig, FinetuneConfig, from_dict, from_flat  # noqa: E402
 
 
-def finetune(config, quiet: bool = False):
+def finetune(config: FinetuneConfig):
     """Fine-tune as `slmops finetune` does; see slmops.finetune_recipe.finetune."""
     from slmops.finetune_recipe import finetune as _finetune
 
-    return _finetune(config, quiet=quiet)
+    return _finetune(config)
 
 
-__all__ = ["FinetuneConfig", "__version__", "finetune", "from_dict", "from_flat"]
+def evaluate(config: EvaluateConfig) -> dict:
+    """Evaluate as `slmops evaluate` does; see slmops.evaluate.run.evaluate."""
+    from slmops.evaluate.run import evaluate as _evaluate
+
+    return _evaluate(config)
+
+
+def optimize(config: ExportConfig) -> dict:
+    """Export as `slmops optimize` does (an ONNX Runtime GenAI bundle); returns its manifest."""
+    from slmops.deploy.export import export_bundle, plan_export
+
+    return export_bundle(plan_export(config))
+
+
+__all__ = ["EvaluateConfig", "ExportConfig", "FinetuneConfig", "__version__", "evaluate", "finetune", "from_dict", "from_flat",
+           "optimize"]

@@ -23,7 +23,7 @@ from slmops.models.precision import Precision
 from slmops.models.resolve import ModelSource, source_description
 from slmops.outputs import OutputLayout, RunFolder, check_output_folder, copy_model_folder, versions
 from slmops.train import checkpoint as ckpt
-from slmops.train.trainer import Trainer, TrainResult
+from slmops.train.trainer import Trainer, TrainingData, TrainingSetup, TrainResult
 
 log = logging.getLogger("slmops")
 
@@ -68,7 +68,7 @@ class FinetuneResult:
     plan: dict
 
 
-def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
+def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
     """Validate and resolve everything cheap; raise on the first class of problem found."""
     method = get_method(config.method.method)
     tcfg = config.training
@@ -85,7 +85,7 @@ def plan_finetune(config: FinetuneConfig, quiet: bool = False) -> FinetunePlan:
 
     _check_eval_metrics(config, None)
     splits = load_splits(config.data)  # data mistakes surface before any model is fetched
-    source = resolve_model(config.model.model_name_or_path, fetch=True, quiet=quiet)
+    source = resolve_model(config.model.model_name_or_path, fetch=True)
     check_weight_files(source.path)
     structure = inspect_model(source.path, config.model.trust_remote_code)
     data_config = _fit_context(config.data, structure.max_positions)
@@ -202,7 +202,9 @@ def build_model(plan: FinetunePlan):
                            quantize_4bit=plan.method.quantize_base_4bit, compute_dtype=compute)
     model.config.use_cache = False
     if plan.method.quantize_base_4bit:
-        _keep_4bit_layers_differentiable(model)
+        from slmops.train.cpu.compat import keep_4bit_layers_differentiable
+
+        keep_4bit_layers_differentiable(model)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not plan.method.is_adapter:
@@ -224,23 +226,12 @@ def build_model(plan: FinetunePlan):
     return model
 
 
-def _keep_4bit_layers_differentiable(model) -> None:
-    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its fast CPU inference kernel
-    the first time the layer runs in eval mode without gradients, and that kernel has no
-    backward: every later training step would silently lose the gradient through the layer.
-    Evaluation during training runs in eval mode, so switch the repacking off."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def finetune(config: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
+def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune `config.model` on `config.data` and write the outputs (see README)."""
-    plan = plan_finetune(config, quiet=quiet)
-    return run_plan(plan, quiet=quiet)
+    return run_plan(plan_finetune(config))
 
 
-def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
+def run_plan(plan: FinetunePlan) -> FinetuneResult:
     config, layout = plan.config, plan.layout
     data = plan.data
     if config.task_name:
@@ -254,7 +245,8 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
     tcfg = config.training
     # The folder is locked from here to the end; with --overwrite the old run is kept aside
     # until the new one has written its first checkpoint (RunFolder).
-    with RunFolder(layout, replace=config.overwrite and plan.resume_from is None, log=log) as folder:
+    with RunFolder(layout, config.overwrite and plan.resume_from is None, lambda: bool(ckpt.step_checkpoints(layout.checkpoints)),
+                   log) as folder:
         for stale in ckpt.clean_staging(layout.checkpoints):
             log.info("removed %s, left by a run killed while writing a checkpoint", stale)
         model = build_model(plan)
@@ -262,32 +254,18 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
         total = sum(p.numel() for p in model.parameters())
         log.info("method: %s; trainable parameters %s of %s (%.2f%%)", plan.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
-        fast_lora = None
-        if plan.precision.device.type == "cpu" and plan.method.name in ("lora", "qlora", "full"):
-            from slmops.train.fast_lora import FastLoraPath
+        from slmops.train.cpu import FastPath, decide
 
-            fast_lora = FastLoraPath(model)
-            log.info("fast CPU path: %s", fast_lora.describe())
-        try:
-            trainer = Trainer(
-                model,
-                data.train,
-                data.eval,
-                tcfg,
-                plan.precision,
-                plan.learning_rate,
-                layout.checkpoints,
-                Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs,
-                plan.tokenizer.pad_token_id,
-                save_adapter=plan.method.is_adapter,
-                quiet=quiet,
-                fast_lora=fast_lora,
-                eval_examples=data.eval_examples,
-                tokenizer=plan.tokenizer,
-                add_special_tokens=data.formatter.add_special_tokens,
-                identity=plan.identity,
-                on_checkpoint=folder.commit,
-            )
+        off = decide(tcfg.cpu_fast_path, plan.method.cpu_fast_path, plan.method.name, plan.precision.device)
+        with (FastPath.disabled(off) if off else FastPath.install(model)) as fast_path:
+            log.info("fast CPU path: %s", fast_path.describe())
+            from slmops.evaluate.metrics import LOWER_IS_BETTER
+
+            setup = TrainingSetup(plan.precision, plan.learning_rate, layout.checkpoints,
+                                  Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.method.is_adapter, plan.identity,
+                                  tcfg.metric_for_best_model in LOWER_IS_BETTER)
+            trainer = Trainer(model, TrainingData(data.train, data.eval, plan.tokenizer.pad_token_id), tcfg, setup, fast_path,
+                              _generation_eval(plan), on_checkpoint=folder.commit)
             if plan.resume_from is not None:
                 trainer.resume(plan.resume_from)
             _write_run_yaml(plan, status="running")
@@ -295,15 +273,42 @@ def run_plan(plan: FinetunePlan, quiet: bool = False) -> FinetuneResult:
             if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
                 trainer.restore_best()
                 log.info("kept the best weights: step %d, eval %s %.4f", result.best_step, tcfg.metric_for_best_model, result.best_eval_loss)
-        finally:
-            if fast_lora is not None:
-                fast_lora.remove()
         adapter_path = _save_outputs(plan, model)
         _write_run_yaml(plan, status="finished", result=result)
         from slmops.report import write_training_report
 
-        write_training_report(layout, Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.describe(), asdict(result))
+        write_training_report(layout, setup.log_dir, plan.describe(), asdict(result))
     return FinetuneResult(layout.root, adapter_path, layout.model, result, plan.describe())
+
+
+def _generation_eval(plan: FinetunePlan):
+    """The evaluation's generation metrics (--eval_metrics accuracy,f1,...): greedy answers
+    to the eval prompts from the model as it trains, on the inference layer."""
+    from slmops.evaluate.metrics import get_metrics
+
+    metrics = [m for m in get_metrics(plan.config.training.eval_metrics or []) if m.needs == "generation"]
+    examples = plan.data.eval_examples
+    if not metrics or not examples:
+        return None
+    tcfg = plan.config.training
+    prompts = [ex.prompt for ex in examples]
+    references = [ex.completion for ex in examples]
+    special = plan.data.formatter.add_special_tokens
+
+    def evaluate(model) -> dict[str, float]:
+        from slmops.inference import GenerationParams
+        from slmops.inference.torch_backend import TorchBackend
+
+        backend = TorchBackend.from_model(model, plan.tokenizer)
+        predictions = backend.generate_batch(prompts, None, GenerationParams(max_new_tokens=tcfg.eval_max_new_tokens), special,
+                                             tcfg.per_device_eval_batch_size)
+        values: dict[str, float] = {}
+        for metric in metrics:
+            computed = metric.compute(predictions=predictions, references=references)
+            values.update({k: v for k, v in computed.items() if isinstance(v, (int, float))})
+        return values
+
+    return evaluate
 
 
 def _save_outputs(plan: FinetunePlan, model) -> Path | None:

@@ -183,9 +183,10 @@ class RunFolder:
       run that fails before that puts them back, removing what it wrote.
     """
 
-    def __init__(self, layout: OutputLayout, replace: bool, log=None):
+    def __init__(self, layout: OutputLayout, replace: bool, has_checkpoint, log=None):
         self.layout = layout
         self.replace = replace
+        self.has_checkpoint = has_checkpoint  # () -> bool: the run in the folder has a complete checkpoint
         self.log = log
         self._lock: OutputLock | None = None
         self._created = False
@@ -212,12 +213,10 @@ class RunFolder:
         return self
 
     def _recover_set_aside(self) -> None:
-        from slmops.train.checkpoint import step_checkpoints
-
         aside = self.layout.root / SET_ASIDE
         if not aside.is_dir():
             return
-        if step_checkpoints(self.layout.checkpoints):  # the replacing run got as far as a checkpoint
+        if self.has_checkpoint():  # the replacing run got as far as a checkpoint
             shutil.rmtree(aside, ignore_errors=True)
             return
         self._put_back(aside)

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import sys
+import types
 import typing
 import warnings
 from collections.abc import Iterable
@@ -82,31 +83,69 @@ class Parser(argparse.ArgumentParser):
 
 
 def _is_bool(annotation) -> bool:
-    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and bool in typing.get_args(annotation))
+    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and bool in typing.get_args(annotation))
+
+
+def _literal_choices(annotation) -> list[str]:
+    """The values of a Literal[...] (or Literal[...] | None) annotation, for --help."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [c for arg in typing.get_args(annotation) for c in _literal_choices(arg)]
+    return []
 
 
 def add_schema_flags(parser: argparse.ArgumentParser, schema: type[BaseModel], title: str, skip: Iterable[str] = ()) -> list[str]:
-    """Add one --flag per schema field (with its dashed spelling and short aliases as
-    aliases). Defaults stay in the schema: unset flags are simply absent."""
+    """One --flag per field of `schema` (a flat section), listed once in --help under
+    `title`; the dashed spelling (--max-steps) and the field's `cli` aliases work too, the
+    dashed one hidden from --help. Defaults stay in the schema: unset flags are absent."""
     group = parser.add_argument_group(title)
     names = []
-    for name, field in schema.model_fields.items():
+    fields = sorted(schema.model_fields.items(), key=lambda item: not item[1].is_required())  # required flags first
+    for name, field in fields:
         if name in skip or isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        spellings = [*extra.get("cli", []), f"--{name}"]
-        if "_" in name:
-            spellings.append(f"--{name.replace('_', '-')}")
-        default = field.get_default(call_default_factory=False)
-        help_text = (field.description or "") + (f" [default: {default}]" if default not in (None, [], "") else "")
-        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+        spellings = [*[c for c in extra.get("cli", []) if c.startswith("-") and len(c) == 2], f"--{name}",
+                     *[c for c in extra.get("cli", []) if c.startswith("--")]]
+        default = field.get_default(call_default_factory=False) if not field.is_required() else None
+        shown = "" if field.is_required() else (f" [default: {default}]" if default not in (None, [], "", False) else "")
+        help_text = (field.description or "") + (" (required)" if field.is_required() else shown)
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS}
         if _is_bool(field.annotation):
             kwargs.update(nargs="?", const="true", metavar="true|false")
+        elif extra.get("repeatable"):
+            kwargs.update(action="append", metavar=name.upper())
         else:
-            kwargs["metavar"] = name.upper()
-        group.add_argument(*spellings, **kwargs)
+            choices = _literal_choices(field.annotation)
+            kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else name.upper()
+        group.add_argument(*spellings, help=help_text.replace("%", "%%"), **kwargs)
+        if "_" in name:  # the dashed spelling, accepted but not listed twice
+            parser.add_argument(f"--{name.replace('_', '-')}", help=argparse.SUPPRESS, **kwargs)
         names.append(name)
     return names
+
+
+def add_config_flags(parser: argparse.ArgumentParser, schema: type[BaseModel], titles: dict[str, str] | None = None,
+                     main_title: str = "options") -> None:
+    """The flags of a whole command config: a group per section, then its own fields; and
+    --config FILE (YAML with the same keys, nested by section; flags override it)."""
+    from slmops.config import sections
+
+    parser.add_argument("--config", help="YAML (or JSON) file with this command's options; flags given here override it")
+    for section, section_schema in sections(schema).items():
+        add_schema_flags(parser, section_schema, (titles or {}).get(section, section))
+    add_schema_flags(parser, schema, main_title, skip=sections(schema))
+
+
+def config_from_args(schema: type[BaseModel], args: argparse.Namespace, cli_only: Iterable[str] = ()):
+    """The command's config from its flags over its --config file, every problem named at once."""
+    from slmops.config import from_flat, load_yaml
+
+    skip = {"config", "handler", "command", *cli_only}
+    values = {k: v for k, v in vars(args).items() if k not in skip and not k.endswith("_command")}
+    base = load_yaml(args.config) if getattr(args, "config", None) else None
+    return from_flat(values, base, schema=schema, source=getattr(args, "config", None) or "config")
 
 
 class _CurrentStderrHandler(logging.StreamHandler):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from slmops.cli.common import add_schema_flags
-from slmops.config.schema import DataConfig, ModelConfig
+from slmops.config import DataConfig, ModelConfig
 
 
 def register(subparsers) -> None:

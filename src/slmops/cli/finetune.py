@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-from slmops.config import from_flat, load_yaml, to_yaml
-from slmops.config.schema import SECTIONS, FinetuneConfig
-from slmops.cli.common import add_schema_flags, setup_logging
+from slmops.cli.common import add_config_flags, setup_logging
+from slmops.config import FinetuneConfig, from_flat, load_yaml, to_yaml
 
 EXAMPLE = """example:
   slmops finetune -m smollm2-135m-instruct -d examples/data/tone.jsonl \\
@@ -25,12 +24,8 @@ def register(subparsers) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML file with model/data/method/training sections; flags override it")
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="validate, print the resolved config and plan, and stop")
-    titles = {"model": "model", "data": "data", "method": "method", "training": "training"}
-    for section, schema in SECTIONS.items():
-        add_schema_flags(parser, schema, titles[section])
-    add_schema_flags(parser, FinetuneConfig, "run", skip=SECTIONS)
+    add_config_flags(parser, FinetuneConfig, main_title="run")
     parser.set_defaults(handler=run)
 
 
@@ -43,22 +38,21 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         base.pop("overwrite", None)
         if isinstance(base.get("training"), dict):
             base["training"] = {k: v for k, v in base["training"].items() if k not in ("resume_from_checkpoint", "ignore_mismatch")}
-    return from_flat(values, base)
+    return from_flat(values, base, schema=FinetuneConfig, source=args.config or "config")
 
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     setup_logging(config.log_level)
-    quiet = config.log_level >= 3
     from slmops.finetune_recipe import plan_finetune, run_plan
 
-    plan = plan_finetune(config, quiet=quiet)
+    plan = plan_finetune(config)
     if args.dry_run:
         print(to_yaml(config))
         print("# plan")
         print(json.dumps(plan.describe(), indent=2, default=str))
         return 0
-    result = run_plan(plan, quiet=quiet)
+    result = run_plan(plan)
     train = result.train
     print(
         f"slmops: finished {train.steps} steps in {train.train_seconds:.0f} s ({train.tokens_per_second:.0f} tokens/s); "

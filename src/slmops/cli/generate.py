@@ -1,12 +1,15 @@
-"""`slmops generate` and `slmops chat`, on a PyTorch model or an ONNX Runtime GenAI bundle."""
+"""`slmops generate` and `slmops chat`, on a PyTorch model or an ONNX Runtime GenAI bundle
+(the inference layer picks the back end)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from slmops.cli.common import setup_logging
+from slmops.cli.common import add_config_flags, config_from_args, setup_logging
+from slmops.config import ChatConfig, GenerateConfig
 from slmops.errors import ConfigError, SlmopsError
 
 GENERATE_EXAMPLE = """examples:
@@ -20,34 +23,14 @@ CHAT_EXAMPLE = """example:
 """
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model_name_or_path", "-m", required=True,
-                        help="an ONNX Runtime GenAI bundle, or a PyTorch model (folder, built-in, slmops finetune output)")
-    parser.add_argument("--adapter", "--adapter_path", dest="adapter", type=_csv, default=[],
-                        help="adapter(s): names in the bundle or .onnx_adapter files; PEFT folders for PyTorch; 'base' for none. "
-                             "Several, comma-separated, are loaded once and switched per request")
-    parser.add_argument("--max_new_tokens", type=int, default=128, help="most tokens generated per answer [default: 128]")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads [default: the CPUs available]")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--log_level", type=int, default=2, help="0 debug ... 4 critical [default: 2]")
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate text for prompts, streaming, with any adapter",
                                    epilog=GENERATE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(parser)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); \\n means a newline")
-    parser.add_argument("--prompt_file", default=None, help="a text file, one prompt per line")
-    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat template")
+    add_config_flags(parser, GenerateConfig, main_title="generate")
     parser.set_defaults(handler=run_generate)
     parser = subparsers.add_parser("chat", help="interactive chat using the model's chat template",
                                    epilog=CHAT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(parser)
-    parser.add_argument("--system", default=None, help="a system message")
+    add_config_flags(parser, ChatConfig, main_title="chat")
     parser.set_defaults(handler=run_chat)
 
 
@@ -56,45 +39,57 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def run_generate(args) -> int:
-    setup_logging(args.log_level)
-    prompts = [p.replace("\\n", "\n") for p in args.prompt]
-    if args.prompt_file:
-        from pathlib import Path
+def _params(config):
+    from slmops.inference import GenerationParams
 
-        path = Path(args.prompt_file)
+    return GenerationParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=config.seed)
+
+
+def _open(config):
+    from slmops.inference import open_backend
+
+    return open_backend(config.model_name_or_path, config.adapter, threads=config.threads, trust_remote_code=config.trust_remote_code)
+
+
+def run_generate(args) -> int:
+    config = config_from_args(GenerateConfig, args)
+    setup_logging(config.log_level)
+    prompts = [p.replace("\\n", "\n") for p in config.prompt]
+    if config.prompt_file:
+        path = Path(config.prompt_file)
         if not path.is_file():
-            raise ConfigError(f"--prompt_file {args.prompt_file!r} does not exist")
+            raise ConfigError(f"--prompt_file {config.prompt_file!r} does not exist")
         prompts += [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ConfigError("give at least one --prompt or a --prompt_file")
-    if args.max_new_tokens <= 0:
-        raise ConfigError("--max_new_tokens must be positive")
-    from slmops.generation import chat_prompt, open_backend
+        raise ConfigError(f"--prompt_file {config.prompt_file!r} holds no prompts")
+    from slmops.inference import chat_prompt
 
-    backend = open_backend(args.model_name_or_path, args.adapter, args.threads, args.trust_remote_code, quiet=args.log_level >= 3)
-    adapters = args.adapter or [None]
+    backend = _open(config)
+    params = _params(config)
+    adapters = config.adapter or [None]
     for prompt in prompts:
-        text, special = chat_prompt(backend.tokenizer, [{"role": "user", "content": prompt}]) if args.chat else (prompt, True)
+        text, special = chat_prompt(backend.tokenizer, [{"role": "user", "content": prompt}]) if config.chat else (prompt, True)
         for adapter in adapters:
-            label = adapter or "default"
+            label = adapter or backend.default_adapter or "default"
             _write(f"[{backend.kind} · {label}] {prompt}\n")
             started = time.perf_counter()
-            backend.generate(text, adapter, args.max_new_tokens, special, on_text=_write)
+            backend.generate_text(text, adapter, params, special, on_text=_write)
             _write(f"\n({time.perf_counter() - started:.2f} s)\n\n")
     return 0
 
 
 def run_chat(args) -> int:
-    setup_logging(args.log_level)
-    from slmops.generation import chat_prompt, open_backend
+    config = config_from_args(ChatConfig, args)
+    setup_logging(config.log_level)
+    from slmops.inference import chat_prompt
 
-    backend = open_backend(args.model_name_or_path, args.adapter, args.threads, args.trust_remote_code, quiet=args.log_level >= 3)
-    adapter = args.adapter[0] if args.adapter else None
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    backend = _open(config)
+    params = _params(config)
+    adapter = config.adapter[0] if config.adapter else None
+    history: list[dict] = [{"role": "system", "content": config.system}] if config.system else []
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"slmops chat ({backend.kind}, adapter: {adapter or 'default'}). /adapter NAME, /adapters, /reset, /quit")
+        print(f"slmops chat ({backend.kind}, adapter: {adapter or backend.default_adapter or 'none'}). /adapter NAME, /adapters, /reset, /quit")
     while True:
         if interactive:
             _write("> ")
@@ -107,7 +102,7 @@ def run_chat(args) -> int:
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
-            history = history[:1] if args.system else []
+            history = history[:1] if config.system else []
             continue
         if line == "/adapters":
             print(", ".join(backend.adapter_names) or "(none)")
@@ -115,7 +110,7 @@ def run_chat(args) -> int:
         if line.startswith("/adapter"):
             name = line.removeprefix("/adapter").strip() or "base"
             try:
-                backend.use_adapter(name)
+                backend.load_adapter(name)  # loads and checks it now, not at the next answer
             except SlmopsError as exc:  # a typo must not end the conversation
                 print(f"slmops: error: {exc}", file=sys.stderr)
                 continue
@@ -124,7 +119,7 @@ def run_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         prompt, special = chat_prompt(backend.tokenizer, history)
-        answer = backend.generate(prompt, adapter, args.max_new_tokens, special, on_text=_write)
+        answer = backend.generate_text(prompt, adapter, params, special, on_text=_write)
         _write("\n")
         history.append({"role": "assistant", "content": answer})
     return 0

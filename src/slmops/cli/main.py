@@ -14,7 +14,7 @@ COMMANDS = [finetune, evaluate, deploy, generate, models, data]
 
 
 def build_parser() -> Parser:
-    from slmops import __version__
+    from slmops.about import __version__
 
     parser = Parser(prog="slmops", description="Fine-tune small language models and make them ready to deploy.")
     parser.add_argument("--version", action="version", version=f"slmops {__version__}")

@@ -35,5 +35,6 @@ def run_methods(args) -> int:
     from slmops.methods import METHODS
 
     for method in METHODS.values():
-        print(f"{method.name:6s} {method.summary} (default learning rate {method.default_learning_rate:g})")
+        fast = "; CPU fast path" if method.cpu_fast_path else ""
+        print(f"{method.name:6s} {method.summary} (default learning rate {method.default_learning_rate:g}{fast})")
     return 0

@@ -11,7 +11,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from slmops.config.schema import DataConfig
+from slmops.config import DataConfig
 from slmops.errors import DataError
 
 MESSAGE_COLUMNS = ("messages", "conversations", "conversation")

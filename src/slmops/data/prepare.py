@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slmops.config.schema import DataConfig
+from slmops.config import DataConfig
 from slmops.data.format import FormattedExample, Formatter, build_formatter, template_fields, unescape
 from slmops.data.load import LoadedSplit, load_split
 from slmops.data.tokenize import TokenizedData, tokenize_examples

@@ -1,4 +1,6 @@
-"""LoRA slots: the one naming scheme shared by export and adapter conversion.
+"""LoRA slots: the one naming scheme shared by export, adapter conversion and the ONNX back
+end; the PEFT -> `.onnx_adapter` conversion; and the graph helpers that turn LoRA weights into
+graph inputs (`make_lora_inputs`) and read them back (`graph_lora_slots`).
 
 A bundle's graph has, for every targeted linear layer, two float inputs
 
@@ -32,17 +34,6 @@ _BLOCKS = {"self_attn": "attn", "attn": "attn", "mlp": "mlp"}
 PLAIN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 SUPPORTED_TARGETS = (*PLAIN_PROJECTIONS, *FUSED_PROJECTIONS)
-
-
-_GENERIC_FOLDERS = {"adapter", "adapters", "ft", "finetune", "output", "outputs", "lora", "peft"}
-
-
-def default_adapter_name(path: Path) -> str:
-    """A readable name: models/tone/ft/adapter -> 'tone' (generic folder names skipped)."""
-    for part in reversed(Path(path).resolve().parts):
-        if part.lower() not in _GENERIC_FOLDERS and part != "/":
-            return part
-    return Path(path).name
 
 
 def slot_inputs(slot: str) -> tuple[str, str]:
@@ -261,3 +252,68 @@ def convert_adapter(adapter_path: str | Path, output: Path, slot_shapes: dict[st
     write_onnx_adapter(slots, Path(output), dtype)
     return {"source": str(adapter_path), "file": str(output), "ranks": lora.ranks, "targets": lora.targets,
             "slots": len(slots)}
+
+
+# ---- LoRA slots in a graph ---------------------------------------------------------------
+def make_lora_inputs(model_file: Path) -> dict[str, list[int]]:
+    """Turn LoRA MatMul weights into graph inputs with a rank-1 zero default; return
+    {slot: [in, out]}. Only the small graph file is rewritten; the base weights' external
+    data file is untouched."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    graph = model.graph
+    existing_inputs = {i.name for i in graph.input}
+    shapes: dict[str, list[int]] = {}
+    kept = []
+    lora_initializers = []
+    for init in graph.initializer:
+        slot = slot_of_input(init.name)
+        (lora_initializers if slot else kept).append(init)
+    if not lora_initializers:
+        return {}
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for init in lora_initializers:
+        slot = slot_of_input(init.name)
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        fan_in_or_rank, rank_or_out = list(init.dims)
+        is_a = init.name.endswith(".lora_A.MatMul.weight")
+        rank_dim = f"lora_rank.{slot}"
+        if is_a:
+            shapes.setdefault(slot, [0, 0])[0] = fan_in_or_rank
+            dims, zeros = [fan_in_or_rank, rank_dim], np.zeros((fan_in_or_rank, 1), dtype)
+        else:
+            shapes.setdefault(slot, [0, 0])[1] = rank_or_out
+            dims, zeros = [rank_dim, rank_or_out], np.zeros((1, rank_or_out), dtype)
+        graph.initializer.append(numpy_helper.from_array(zeros, init.name))  # the default: no adapter
+        if init.name not in existing_inputs:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, dims))
+    onnx.save_model(model, str(model_file))
+    return dict(sorted(shapes.items(), key=lambda kv: _slot_order(kv[0])))
+
+
+def _slot_order(slot: str):
+    parts = slot.split(".")
+    return (int(parts[2]), parts[3], parts[4]) if len(parts) >= 5 and parts[2].isdigit() else (0, slot, "")
+
+
+def graph_lora_slots(model_file: Path) -> dict[str, list[int]]:
+    """{slot: [in, out]} read from a graph's LoRA inputs (bundles not made by slmops)."""
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    shapes: dict[str, list[int]] = {}
+    for value in model.graph.input:
+        slot = slot_of_input(value.name)
+        if slot is None:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        entry = shapes.setdefault(slot, [0, 0])
+        if value.name.endswith(".lora_A.MatMul.weight"):
+            entry[0] = dims[0]
+        else:
+            entry[1] = dims[1]
+    return shapes

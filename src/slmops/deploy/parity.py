@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 log = logging.getLogger("slmops")
 
@@ -64,20 +63,20 @@ def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows:
     run = _run_config(adapter_path)
     if run is None:
         return None
-    from slmops.config.schema import EvaluateConfig
+    from slmops.config import EvaluateConfig
     from slmops.errors import SlmopsError
     from slmops.evaluate.run import evaluate
 
     try:
         data = run.data.model_dump()
         data.update(eval_split=run.data.eval_split or run.data.train_split, max_samples=rows)
-        probe = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(bundle_dir)}, "adapter_path": adapter_name,
+        probe = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(bundle_dir)}, "adapter": adapter_name,
                                                "compare_to": [str(adapter_path.parent)], "data": data,
                                                "metrics": ["accuracy", "f1", "rouge"], "max_new_tokens": 32})
         try:
-            report = evaluate(probe, quiet=True)
+            report = evaluate(probe)
         except SlmopsError:  # multi-line answers: no labels, compare the text
-            report = evaluate(probe.model_copy(update={"metrics": ["rouge"]}), quiet=True)
+            report = evaluate(probe.model_copy(update={"metrics": ["rouge"]}))
         classes = report["models"][0]["metrics"].get("per_class") or {}
         # a label task has few distinct answers; free text (Q&A) is compared with ROUGE-L
         metric = "accuracy" if classes and len(classes) <= max(2, report["data"]["rows"] // 2) else "rougeL"
@@ -89,59 +88,30 @@ def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows:
             "change": round(onnx_value - torch_value, 4)}
 
 
-def _torch_models(model_path: Path, adapters: list[tuple[str, Path]]):
-    """Yield (name, model) for the base and then each adapter: the base is loaded once and
-    each adapter attached to it in turn (PEFT's named adapters), as the bundle switches them."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    yield None, model
-    peft_model = None
-    for name, path in adapters:  # bases were checked by plan_export
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
-        else:
-            peft_model.load_adapter(path, adapter_name=name)
-        peft_model.set_adapter(name)
-        yield name, peft_model
-
-
-@torch.no_grad()
-def _torch_greedy(model, ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], np.ndarray]:
-    tensor = torch.tensor([ids])
-    logits = model(input_ids=tensor).logits[0].float().numpy()
-    out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=sorted(eos_ids) or None, pad_token_id=sorted(eos_ids)[0] if eos_ids else 0)
-    tokens = [int(t) for t in out[0, len(ids):]]
-    for index, token in enumerate(tokens):
-        if token in eos_ids:
-            tokens = tokens[:index]
-            break
-    return tokens, logits
-
-
-def check_parity(bundle_dir: Path, plan, quiet: bool = False, max_new_tokens: int | None = None) -> dict:
+def check_parity(bundle_dir: Path, plan, max_new_tokens: int | None = None) -> dict:
     """Per adapter (and the base): prompts whose greedy tokens agree exactly, the share of
-    tokens agreeing before the first difference, and the largest logit difference."""
-    from slmops.deploy.runtime import OnnxBundle
+    tokens agreeing before the first difference, and the largest logit difference. Both
+    sides run on the inference layer: PyTorch + PEFT (each adapter attached to one loaded
+    base, as the bundle switches them) and the bundle."""
+    import torch
 
-    bundle = OnnxBundle(bundle_dir)
+    from slmops.inference.onnx_backend import OnnxBackend
+    from slmops.inference.torch_backend import TorchBackend
+
+    bundle = OnnxBackend(bundle_dir)
+    reference = TorchBackend.load(str(plan.model_path), [f"{name}={path}" for name, path in plan.adapters], dtype=torch.float32,
+                                  own_adapter=False)
     tokens_wanted = max_new_tokens or plan.parity_tokens
     results = {}
-    paths = dict(plan.adapters)
-    for name, model in _torch_models(plan.model_path, plan.adapters):
-        adapter_path = paths.get(name)
+    for name, adapter_path in [(None, None), *plan.adapters]:
+        adapter = name or "base"
         prompts = [(p, True) for p in plan.parity_prompts] or prompts_for_adapter(adapter_path, bundle.tokenizer)
         exact, agreed, total, max_diff = 0, 0, 0, 0.0
         for prompt, special in prompts:
-            ids = bundle.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-            expected, torch_logits = _torch_greedy(model, ids, tokens_wanted, bundle.eos_ids)
-            got = bundle.generate_ids(ids, name, tokens_wanted)
-            onnx_logits = bundle.logits(ids, name)
-            max_diff = max(max_diff, float(np.abs(onnx_logits - torch_logits).max()))
+            ids = bundle.encode(prompt, special)
+            expected = reference.generate_ids(ids, adapter, tokens_wanted)
+            got = bundle.generate_ids(ids, adapter, tokens_wanted)
+            max_diff = max(max_diff, float(np.abs(bundle.logits(ids, adapter) - reference.logits(ids, adapter)).max()))
             exact += expected == got
             prefix = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
             agreed += prefix
@@ -153,7 +123,6 @@ def check_parity(bundle_dir: Path, plan, quiet: bool = False, max_new_tokens: in
             change = metric_change(bundle_dir, name, adapter_path)
             if change is not None:
                 results[label]["task_metric"] = change
-        if not quiet:
-            log.debug("parity %-16s %d/%d prompts identical, %.1f%% tokens agree, max |logit diff| %.2g",
-                     label, exact, len(prompts), 100 * agreed / max(total, 1), max_diff)
+        log.debug("parity %-16s %d/%d prompts identical, %.1f%% tokens agree, max |logit diff| %.2g",
+                  label, exact, len(prompts), 100 * agreed / max(total, 1), max_diff)
     return results

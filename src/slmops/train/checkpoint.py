@@ -187,7 +187,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
             model.save_pretrained(staging / "adapter")
         (staging / "state.json").write_text(json.dumps(asdict(state), indent=2))
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
-        from slmops import __version__
+        from slmops.about import __version__
 
         manifest = {"format": FORMAT, "slmops": __version__, "step": state.step, "identity": identity or {}, "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

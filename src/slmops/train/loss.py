@@ -46,10 +46,10 @@ def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Same value as selective_loss, without computing on padding: the batch's real tokens
     run as one packed sequence (1, N) with per-example position ids, and the fused
-    attention (fast_attention.Packing) keeps each example to itself. Batches it cannot or
+    attention (cpu/attention.Packing) keeps each example to itself. Batches it cannot or
     need not pack (left padding, too long for the fused attention, little padding, no
     gradients) take selective_loss."""
-    from slmops.train.fast_attention import Packing
+    from slmops.train.cpu.attention import Packing
 
     packing = Packing.of(batch["attention_mask"]) if torch.is_grad_enabled() else None
     if packing is None:
@@ -90,7 +90,7 @@ def check_packing(model, batch: dict[str, torch.Tensor]) -> bool:
     """True when the packed forward reproduces selective_loss on this batch (dropout off).
     The batch is packed even where packed_loss would not bother (little padding), so the
     check always exercises packing; a batch that cannot be packed at all fails it."""
-    from slmops.train.fast_attention import Packing
+    from slmops.train.cpu.attention import Packing
 
     packing = Packing.of(batch["attention_mask"], only_if_it_pays=False)
     if packing is None:

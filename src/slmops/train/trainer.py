@@ -9,17 +9,19 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from slmops.config.schema import TrainingConfig
+from slmops.config import TrainingConfig
 from slmops.data.batching import collate, epoch_batches
 from slmops.data.tokenize import IGNORE, TokenizedData
+from slmops.logs import progress_bar, say
 from slmops.models.precision import Precision
 from slmops.train import checkpoint as ckpt
-from slmops.train.fast_attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
+from slmops.train.cpu.attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
 from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss
 from slmops.train.monitor import MetricsLog
 
@@ -69,53 +71,51 @@ def build_optimizer(model, cfg: TrainingConfig, learning_rate: float):
     return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None)
 
 
-class Trainer:
-    def __init__(
-        self,
-        model,
-        train_data: TokenizedData,
-        eval_data: TokenizedData | None,
-        cfg: TrainingConfig,
-        precision: Precision,
-        learning_rate: float,
-        checkpoint_dir: Path,
-        log_dir: Path,
-        pad_id: int,
-        save_adapter: bool,
-        quiet: bool = False,
-        fast_lora=None,
-        eval_examples=None,
-        tokenizer=None,
-        add_special_tokens: bool = True,
-        identity: dict | None = None,
-        on_checkpoint=None,
-    ):
-        self.model = model
-        self.train_data = train_data
-        self.eval_data = eval_data
-        self.cfg = cfg
-        self.precision = precision
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.log_dir = Path(log_dir)
-        self.pad_id = pad_id
-        self.save_adapter = save_adapter
-        self.quiet = quiet
-        self.fast_lora = fast_lora  # FastLoraPath or None (checked against PEFT before training)
-        self.eval_examples = eval_examples  # FormattedExample list, for --eval_metrics
-        self.tokenizer = tokenizer
-        self.add_special_tokens = add_special_tokens
-        self.identity = identity or {}  # the run's fingerprints, written into each checkpoint's manifest
-        self.on_checkpoint = on_checkpoint  # called after each step checkpoint is in place
-        self.resumed_step: int | None = None
-        from slmops.evaluate.metrics import LOWER_IS_BETTER, get_metrics
+@dataclass
+class TrainingData:
+    """What a run trains and evaluates on, tokenized."""
 
-        self.eval_metrics = get_metrics(cfg.eval_metrics or [])
+    train: TokenizedData
+    eval: TokenizedData | None
+    pad_id: int
+
+
+@dataclass
+class TrainingSetup:
+    """How and where a run trains, decided by the recipe before the model is built."""
+
+    precision: Precision
+    learning_rate: float
+    checkpoint_dir: Path
+    log_dir: Path
+    save_adapter: bool  # a PEFT copy of the adapter in each checkpoint (adapter methods)
+    identity: dict = field(default_factory=dict)  # the run's fingerprints, in each checkpoint's manifest
+    lower_is_better: bool = True  # of cfg.metric_for_best_model
+
+
+class Trainer:
+    """The loop. `fast_path`: the CPU fast path installed on the model (train/cpu), verified
+    here against the model's own forward before the first step. `extra_eval(model)` adds
+    metrics to each evaluation (generation metrics, from the recipe). `on_checkpoint()` runs
+    after each step checkpoint is in place."""
+
+    def __init__(self, model, data: TrainingData, cfg: TrainingConfig, setup: TrainingSetup, fast_path=None,
+                 extra_eval: Callable[[object], dict[str, float]] | None = None, on_checkpoint: Callable[[], None] | None = None):
+        self.model = model
+        self.data = data
+        self.cfg = cfg
+        self.setup = setup
+        self.precision = setup.precision
+        self.checkpoint_dir = Path(setup.checkpoint_dir)
+        self.fast_path = fast_path if fast_path is not None and fast_path.active else None
+        self.extra_eval = extra_eval
+        self.on_checkpoint = on_checkpoint
+        self.resumed_step: int | None = None
         self.best_key = cfg.metric_for_best_model
-        self.lower_is_better = self.best_key in LOWER_IS_BETTER
-        self.steps = total_steps(cfg, len(train_data))
+        self.steps = total_steps(cfg, len(data.train))
         self.eval_every = cfg.eval_steps or default_interval(self.steps)
         self.save_every = cfg.save_steps or self.eval_every
-        self.optimizer = build_optimizer(model, cfg, learning_rate)
+        self.optimizer = build_optimizer(model, cfg, setup.learning_rate)
         # what the optimizer updates, listed once: walking a PEFT model's parameters for it
         # took 4 ms a step (SmolLM2-135M)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -123,7 +123,7 @@ class Trainer:
 
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.steps)
-        self.scaler = torch.amp.GradScaler("cuda") if precision.autocast == torch.float16 else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.autocast == torch.float16 else None
         self.state = ckpt.TrainState()
         self.loss_fn = plain_loss
 
@@ -139,7 +139,7 @@ class Trainer:
         its flash kernel: 2.6 vs 6.6 ms per layer forward+backward at 48 tokens (batch 8,
         9 heads). The math kernel keeps the whole attention matrix, so long batches keep flash
         attention (it wins above ~200 tokens). LoRA runs on the CPU fast path use their own
-        short-batch attention function instead (fast_attention.py); this is for the rest."""
+        short-batch attention function instead (cpu/attention.py); this is for the rest."""
         if self.precision.device.type != "cpu" or batch["input_ids"].shape[1] > SHORT_ATTENTION_MAX_LEN:
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -152,7 +152,7 @@ class Trainer:
     def _micro_batches(self, batches: list[list[int]], start: int):
         """Collated micro-batches of one epoch from position `start`; with
         --dataloader_num_workers, collated ahead of time in worker processes."""
-        collate_fn = functools.partial(collate, self.train_data, pad_id=self.pad_id)
+        collate_fn = functools.partial(collate, self.data.train, pad_id=self.data.pad_id)
         rest = batches[start:]
         if self.cfg.dataloader_num_workers > 0:
             from torch.utils.data import DataLoader
@@ -162,51 +162,43 @@ class Trainer:
 
     def _probe_batch(self) -> dict[str, torch.Tensor]:
         """The first two training examples: the batch the start-up checks run on."""
-        return self._to_device(collate(self.train_data, list(range(min(2, len(self.train_data)))), self.pad_id))
+        return self._to_device(collate(self.data.train, list(range(min(2, len(self.data.train)))), self.data.pad_id))
 
     def _choose_loss(self, probe: dict[str, torch.Tensor]) -> None:
         with self._autocast():
             fast = check_fast_path(self.model, probe)
         self.loss_fn = selective_loss if fast else plain_loss
-        packed = fast and self.fast_lora is not None and self.fast_lora.packs_sequences and check_packing(self.model, probe)
+        packed = fast and self.fast_path is not None and self.fast_path.packs_sequences and check_packing(self.model, probe)
         if packed:
             self.loss_fn = packed_loss
         log.info("loss: %s%s", "output head on labelled positions only" if fast else "full logits (model's own forward)",
                  "; padding-free batches (real tokens only) where padding is over 10%" if packed else "")
 
-    def _verify_fast_lora(self, probe: dict[str, torch.Tensor]) -> None:
+    def _verify_fast_path(self, probe: dict[str, torch.Tensor]) -> None:
         with self._attention_kernel(probe), self._autocast():
-            if not self.fast_lora.verify(self.model, self.loss_fn, probe):
-                self.fast_lora = None
+            if not self.fast_path.verify(self.model, self.loss_fn, probe):
+                self.fast_path = None
                 if self.loss_fn is packed_loss:  # packing relies on the fast path's attention
                     self.loss_fn = selective_loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        assert self.eval_data is not None
+        eval_data = self.data.eval
+        assert eval_data is not None
         self.model.eval()
-        order = sorted(range(len(self.eval_data)), key=lambda i: self.eval_data.lengths[i])
+        order = sorted(range(len(eval_data)), key=lambda i: eval_data.lengths[i])
         size = self.cfg.per_device_eval_batch_size
         total, count = 0.0, 0
         for start in range(0, len(order), size):
-            batch = self._to_device(collate(self.eval_data, order[start : start + size], self.pad_id))
+            batch = self._to_device(collate(eval_data, order[start : start + size], self.data.pad_id))
             with self._autocast():
                 loss_sum, n = self.loss_fn(self.model, batch)
             total += float(loss_sum)
             count += n
         loss = total / max(count, 1)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        generation = [m for m in self.eval_metrics if m.needs == "generation"]
-        if generation and self.eval_examples:
-            from slmops.evaluate.predict import TorchPredictor
-
-            predictor = TorchPredictor(self.model, self.tokenizer, "training")
-            predictions = predictor.generate([ex.prompt for ex in self.eval_examples], self.add_special_tokens,
-                                             self.cfg.eval_max_new_tokens, self.cfg.per_device_eval_batch_size, progress=False)
-            references = [ex.completion for ex in self.eval_examples]
-            for metric in generation:
-                values = metric.compute(predictions=predictions, references=references)
-                result.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
+        if self.extra_eval is not None:
+            result.update(self.extra_eval(self.model))
         self.model.train()
         return result
 
@@ -214,13 +206,13 @@ class Trainer:
         best, threshold = self.state.best_metric, self.cfg.early_stopping_threshold
         if best is None:
             return True
-        return value < best - threshold if self.lower_is_better else value > best + threshold
+        return value < best - threshold if self.setup.lower_is_better else value > best + threshold
 
     def _save(self, name: str, weights_only: bool = False) -> None:
         # 'best' only needs weights; step checkpoints carry everything needed to resume.
         optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
-        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.save_adapter,
-                             self.identity)
+        ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.setup.save_adapter,
+                             self.setup.identity)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -237,25 +229,23 @@ class Trainer:
         self.model.train()
         probe = self._probe_batch()
         self._choose_loss(probe)
-        if self.fast_lora is not None:
-            self._verify_fast_lora(probe)
-        metrics = MetricsLog(self.log_dir, cfg.report_to != "none", resume_step)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.steps, initial=self.state.step, desc="finetune", unit="step", disable=self.quiet, dynamic_ncols=True, mininterval=1.0)
+        if self.fast_path is not None:
+            self._verify_fast_path(probe)
+        metrics = MetricsLog(self.setup.log_dir, cfg.report_to != "none", resume_step)
+        bar = progress_bar(total=self.steps, initial=self.state.step, desc="finetune", unit="step")
         window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
         last_train_loss = None
         run_start = time.perf_counter() - self.state.elapsed_s
         paused_total = self.state.paused_s  # seconds spent in eval and checkpoints, not training
         stopped_early = False
-        batches = epoch_batches(self.train_data.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
+        batches = epoch_batches(self.data.train.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
         micro_batches = self._micro_batches(batches, self.state.batch_in_epoch)
         try:
             while self.state.step < self.steps:
                 if self.state.batch_in_epoch >= len(batches):  # next epoch: a new, seeded order
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
-                    batches = epoch_batches(self.train_data.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
+                    batches = epoch_batches(self.data.train.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
                     micro_batches = self._micro_batches(batches, 0)
                 n_micro = min(cfg.gradient_accumulation_steps, len(batches) - self.state.batch_in_epoch)
                 collated = [next(micro_batches) for _ in range(n_micro)]
@@ -309,7 +299,7 @@ class Trainer:
                     window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
 
                 paused = time.perf_counter()  # eval and checkpoint time is not training throughput
-                if self.eval_data is not None and (step % self.eval_every == 0 or step == self.steps):
+                if self.data.eval is not None and (step % self.eval_every == 0 or step == self.steps):
                     result = self.evaluate()
                     metrics.log(step, "eval", **result)
                     watched = result[self.best_key]
@@ -321,9 +311,9 @@ class Trainer:
                     else:
                         self.state.evals_without_improvement += 1
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "perplexity")
-                    bar.write(f"step {step}: eval {shown} (best {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step})")
+                    say(bar, f"step {step}: eval {shown} (best {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step})")
                     if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
-                        bar.write(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
+                        say(bar, f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
                         stopped_early = True
 
                 if step % self.save_every == 0 or step == self.steps or stopped_early:

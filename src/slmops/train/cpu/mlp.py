@@ -3,7 +3,7 @@
 A Llama-family MLP is down_proj(silu(gate_proj(x)) * up_proj(x)). Between its matrix
 products, PyTorch runs silu and a multiply forward and silu's backward plus two multiplies
 and an add backward, each a pass over a (tokens, intermediate) tensor, 2.7x the hidden
-size. The fused kernels (cpu_kernels.c) do each direction in one pass: 1.5x faster forward
+size. The fused kernels (kernels.c) do each direction in one pass: 1.5x faster forward
 and ~2.5x backward at 400 x 1536 bf16 on 2 cores; the results agree with PyTorch's to
 bf16 precision (PyTorch rounds silu's output before the multiply, the kernel does not).
 
@@ -18,13 +18,12 @@ kernels compiled: without them PyTorch's own ops are as fast as a Python re-impl
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmops.train.cpu_kernels import Kernels, PackedWeight
+from slmops.train.cpu.kernels import Kernels, PackedWeight
+from slmops.train.cpu.patches import Patches
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -114,11 +113,10 @@ def matches(module: nn.Module) -> bool:
     return expected.shape == ours.shape and torch.equal(expected, ours)
 
 
-def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
+def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels) -> None:
     """Route `module`'s forward through the fused SwiGLU while `is_enabled()`."""
-    own_forward = module.forward
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, own_forward, x, *args, **kwargs):
         if args or kwargs or not is_enabled():
             return own_forward(x, *args, **kwargs)
         weights = _frozen_weights(self)
@@ -128,12 +126,4 @@ def install(module: nn.Module, is_enabled, kernels: Kernels) -> None:
         out = self.down_proj(swiglu(self.gate_proj(rows), self.up_proj(rows), kernels))
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    module._slmops_own_forward = own_forward
-    module.forward = types.MethodType(forward, module)
-
-
-def uninstall(module: nn.Module) -> None:
-    module.forward = module._slmops_own_forward
-    del module._slmops_own_forward
-    if hasattr(module, "_slmops_packed"):
-        del module._slmops_packed
+    patches.replace_forward(module, forward)

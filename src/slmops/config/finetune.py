@@ -1,4 +1,4 @@
-"""Typed configuration of a fine-tuning run: the single source of truth for defaults,
+"""Typed configuration of `slmops finetune`: the single source of truth for defaults,
 help text and validation. The command line (`slmops finetune --flag`) and YAML files
 (`slmops finetune --config run.yaml`) both build a `FinetuneConfig` from here.
 
@@ -10,19 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class _Section(BaseModel):
-    # Unknown keys are errors (reported with a suggestion by config.load).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-def _split_csv(value: Any) -> Any:
-    """'q_proj, v_proj' -> ['q_proj', 'v_proj']; lists pass through."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+from slmops.config.base import Section as _Section
+from slmops.config.base import log_level_field, named_log_level
+from slmops.config.base import split_csv as _split_csv
 
 
 class ModelConfig(_Section):
@@ -137,6 +129,11 @@ class TrainingConfig(_Section):
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
     load_best_model_at_end: bool = Field(True, description="With --eval_split, the saved adapter is the best one seen.")
+    cpu_fast_path: Literal["auto", "on", "off"] = Field(
+        "auto", description="The CPU fast path (fused kernels, checked against the model's own forward before training): auto "
+        "takes it where the method, device and library versions allow and says why not otherwise; on also tries it on "
+        "library versions it was not tested with; off never."
+    )
     group_by_length: bool = Field(
         False,
         description="Batch examples of similar length: less padding, but batches whose lengths correlate with their "
@@ -194,48 +191,6 @@ class FinetuneConfig(_Section):
     output_path: str = Field("models/slmops-ft", description="Output folder.", json_schema_extra={"cli": ["-o"]})
     overwrite: bool = Field(False, description="Replace an output folder that holds another run.")
     task_name: str | None = Field(None, description="A name for this run, shown in logs and reports.")
-    log_level: int = Field(
-        1, ge=0, le=4, description="0 debug, 1 info, 2 warning, 3 error, 4 critical (as Olive's --log_level)."
-    )
+    log_level: int = log_level_field(1)
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _named_level(cls, value: Any) -> Any:
-        names = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
-        if isinstance(value, str) and value.strip().lower() in names:
-            return names[value.strip().lower()]
-        return value
-
-
-SECTIONS: dict[str, type[_Section]] = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "method": MethodConfig,
-    "training": TrainingConfig,
-}
-
-
-class EvaluateConfig(_Section):
-    """`slmops evaluate`: one or more models on one eval split."""
-
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=lambda: DataConfig(train_split="train"))
-    adapter_path: str | None = Field(None, description="PEFT adapter to load on the model.")
-    compare_to: list[str] | None = Field(
-        None, description="Other models to evaluate beside it, comma-separated; 'base' is the model without --adapter_path."
-    )
-    metrics: list[str] = Field(["accuracy", "f1", "perplexity"], description="Comma-separated: accuracy, f1, perplexity, bleu, rouge, latency.")
-    max_new_tokens: int = Field(32, gt=0, description="Most tokens generated per example.")
-    batch_size: int = Field(16, gt=0, description="Examples per generation / loss batch.")
-    latency_samples: int = Field(8, gt=0, description="Examples timed one at a time for the latency metric.")
-    output_path: str | None = Field(None, description="Folder for results.json, predictions and report.md.", json_schema_extra={"cli": ["-o"]})
-    log_level: int = Field(1, ge=0, le=4, description="0 debug ... 4 critical.")
-
-    _csv = field_validator("compare_to", "metrics", mode="before")(_split_csv)
-
-    @field_validator("metrics")
-    @classmethod
-    def _some_metrics(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("name at least one metric: accuracy, f1, perplexity, bleu, rouge, latency")
-        return value
+    _level = field_validator("log_level", mode="before")(named_log_level)

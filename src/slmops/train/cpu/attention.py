@@ -11,7 +11,9 @@ the backward is the closed form (one fused softmax backward).
 It holds the attention probabilities for the backward (like the math kernel), so it only
 takes batches up to SHORT_ATTENTION_MAX_LEN tokens; longer ones, inference, attention
 dropout and extras (soft-capping, position bias, sinks) go to transformers' SDPA path. It
-is registered through transformers' AttentionInterface under NAME.
+is registered through transformers' AttentionInterface under NAME (compat.py), and finds
+its state (on or off, the caches one forward shares) on the attention module: nothing here
+is process-wide but that registration.
 
 Llama-style attention modules (q/k/v/o projections, rotary position embedding, nothing
 else: Llama, SmolLM2, Qwen2, Mistral) go one step further (`install_modules`): their
@@ -22,15 +24,12 @@ concatenation, the transposes) and their backward nodes."""
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from slmops.train.cpu_kernels import Kernels
+from slmops.train.cpu import compat
+from slmops.train.cpu.kernels import Kernels
+from slmops.train.cpu.patches import Patches
 
 NAME = "slmops_cpu_training"
 SHORT_ATTENTION_MAX_LEN = 192  # tokens: probabilities kept for the backward are B*H*T*T floats
@@ -70,7 +69,7 @@ class AttentionFunction(torch.autograd.Function):
         d_out = grad_out.transpose(1, 2).to(vf.dtype).reshape(batch, kv_heads, -1, vf.shape[-1])
         d_v = _bmm(probs.transpose(-1, -2), d_out)
         d_probs = _bmm(d_out, vf.transpose(-1, -2))
-        d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).mul_(ctx.scale)
+        d_scores = compat.softmax_backward(d_probs, probs, -1).mul_(ctx.scale)
         d_q = _bmm(d_scores, kf).view(batch, heads, length, dim)
         d_k = _bmm(d_scores.transpose(-1, -2), qf)
         return d_q.to(ctx.dtype), d_k.to(ctx.dtype), d_v.to(ctx.dtype), None, None
@@ -97,15 +96,25 @@ class _Bias:
         return bias
 
 
-_bias = _Bias()
-_enabled = [True]
+class AttentionState:
+    """One fast path's attention state, shared by the attention modules of its model (each
+    points at it): whether the path is on, and the caches one forward shares across layers."""
+
+    def __init__(self):
+        self.enabled = True
+        self.bias = _Bias()
+        self.rope = _Rope()
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs):
+    """Registered as NAME in transformers' AttentionInterface: short training batches of a
+    model whose fast path is on run AttentionFunction; everything else transformers' SDPA."""
+    state: AttentionState | None = getattr(module, "_slmops_attention", None)
     length = query.shape[2]
     plain = (
-        not _enabled[0]
+        state is None
+        or not state.enabled
         or not torch.is_grad_enabled()
         or dropout > 0
         or length > SHORT_ATTENTION_MAX_LEN
@@ -116,10 +125,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         or any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks"))
     )
     if plain or not getattr(module, "is_causal", True) and attention_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return compat.sdpa_attention_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                               is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    bias = _bias.get(attention_mask, length, query.shape[1] // key.shape[1], query.device)
+    bias = state.bias.get(attention_mask, length, query.shape[1] // key.shape[1], query.device)
     return AttentionFunction.apply(query, key, value, bias, scale), None
 
 
@@ -206,7 +215,7 @@ class RotaryAttentionFunction(torch.autograd.Function):
             d_out.copy_(grad.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4))
             d_out = d_out.view(batch, kv_heads, group * length, dim)
         d_v = _bmm(probs.transpose(-1, -2), d_out)  # (B, Hkv, T, D)
-        d_scores = torch._softmax_backward_data(_bmm(d_out, v_heads.transpose(-1, -2)), probs, -1, probs.dtype)
+        d_scores = compat.softmax_backward(_bmm(d_out, v_heads.transpose(-1, -2)), probs, -1)
         d_q_stack = _bmm(d_scores, k_rot)  # (B, Hkv, group*T, D)
         d_k_rot = _bmm(d_scores.transpose(-1, -2), q_stack)  # (B, Hkv, T, D)
         # back through the rotations (and q's scale), into (B, T, heads * D)
@@ -240,7 +249,6 @@ class _Rope:
         return self.value
 
 
-_rope_cache = _Rope()
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
 
@@ -314,15 +322,16 @@ class Packing:
         return self._rope
 
 
-def _module_forward(module, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+def _module_forward(module, own_forward, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     """A Llama-style attention module's forward on RotaryAttentionFunction, where it applies."""
+    state: AttentionState = module._slmops_attention
     packing: Packing | None = kwargs.pop("slmops_packing", None)
     # a packed batch uses its own padded-layout mask; transformers' (1, 1, N, N) one is for the fallback
     mask = packing.mask if packing is not None else attention_mask
     length = packing.length if packing is not None else (hidden_states.shape[1] if hidden_states.dim() == 3 else 0)
     plain = (
         args
-        or not _enabled[0]
+        or not state.enabled
         or not torch.is_grad_enabled()
         or position_embeddings is None
         or any(kwargs.get(name) is not None for name in _CACHE_ARGS)
@@ -331,12 +340,13 @@ def _module_forward(module, hidden_states, position_embeddings=None, attention_m
         or (mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1))
     )
     if plain:  # a packed batch is right here too: transformers' mask keeps its sequences apart
-        return module._slmops_own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    return _fused(module, hidden_states, position_embeddings, mask, length, module._slmops_kernels, packing), None
+        return own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    return _fused(module, hidden_states, position_embeddings, mask, length, module._slmops_kernels, state.rope, state.bias,
+                  packing), None
 
 
-def _fused(module, hidden_states, position_embeddings, mask, length: int, kernels: Kernels | None, packing: Packing | None = None,
-           rope: _Rope = _rope_cache, biases: _Bias = _bias) -> torch.Tensor:
+def _fused(module, hidden_states, position_embeddings, mask, length: int, kernels: Kernels | None, rope: _Rope, biases: _Bias,
+           packing: Packing | None = None) -> torch.Tensor:
     """o_proj(attention) of a Llama-style module on RotaryAttentionFunction."""
     q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
     if packing is not None:
@@ -379,7 +389,7 @@ def matches(module: nn.Module) -> bool:
     module.eval()
     try:
         expected = module(x, (cos, sin), mask)[0]  # called before install_modules: the module's own forward
-        ours = _fused(module, x, (cos, sin), mask, length, None, rope=_Rope(), biases=_Bias())
+        ours = _fused(module, x, (cos, sin), mask, length, None, _Rope(), _Bias())
     except Exception:
         return False
     finally:
@@ -393,53 +403,33 @@ def matches(module: nn.Module) -> bool:
     return error <= 2e-2 * max(float(expected.float().abs().mean()), 1e-6)
 
 
-def install_modules(model, kernels: Kernels | None = None) -> list[nn.Module]:
+def install_modules(patches: Patches, model, state: AttentionState, kernels: Kernels | None = None) -> list[nn.Module]:
     """Route the model's Llama-style attention modules through RotaryAttentionFunction (while
-    enabled; on the C kernels where given); returns them. Call after install(): their
-    fallback is the model's SDPA path."""
+    `state.enabled`; on the C kernels where given); returns them. Call after install(): their
+    fallback is the model's attention implementation, which install() made this module's."""
     installed = []
     for module in model.modules():
         if _looks_llama_style(module) and matches(module):
-            module._slmops_kernels = kernels
-            module._slmops_own_forward = module.forward
-            module.forward = types.MethodType(_module_forward, module)
+            patches.set_attr(module, "_slmops_kernels", kernels)
+            patches.set_attr(module, "_slmops_attention", state)
+            patches.replace_forward(module, _module_forward)
             installed.append(module)
     return installed
 
 
-def uninstall_modules(modules: list[nn.Module]) -> None:
-    for module in modules:
-        module.forward = module._slmops_own_forward
-        del module._slmops_own_forward, module._slmops_kernels
-    _rope_cache.__init__()
-
-
-def install(model) -> str | None:
-    """Point `model` (and its sub-configs) at this attention; returns the implementation it
-    replaced, or None when the model does not use SDPA."""
-    config = model.config
-    previous = getattr(config, "_attn_implementation", None)
+def install(patches: Patches, model, state: AttentionState) -> str | None:
+    """Point `model` (and its sub-configs) at this attention, and its attention modules at
+    `state`; returns the implementation it replaced, or None (nothing done) when the model
+    does not use SDPA."""
+    previous = compat.attention_implementation(model)
     if previous != "sdpa":
         return None
-    AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    _set_implementation(model, NAME)
+    compat.register_attention(NAME, attention_forward)
+    for config in compat.model_configs(model):
+        old = config._attn_implementation
+        config._attn_implementation = NAME
+        patches.on_undo(lambda config=config, old=old: setattr(config, "_attn_implementation", old))
+    for module in model.modules():  # transformers' attention modules (LlamaAttention, Phi3Attention, ...)
+        if type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+            patches.set_attr(module, "_slmops_attention", state)
     return previous
-
-
-def uninstall(model, previous: str) -> None:
-    _set_implementation(model, previous)
-    _bias.__init__()
-
-
-def set_enabled(enabled: bool) -> None:
-    _enabled[0] = enabled
-
-
-def _set_implementation(model, name: str) -> None:
-    seen = set()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and id(config) not in seen and hasattr(config, "_attn_implementation"):
-            seen.add(id(config))
-            config._attn_implementation = name

@@ -5,7 +5,7 @@ multiply, cast down, multiply by the weight. Autograd records each of those as i
 and keeps fp32 copies for the backward; on a CPU at short sequence lengths those small ops
 cost more than the matrix products around them. Here the forward saves only the input and
 the per-row 1/rms, and the backward is the closed form, computed in fp32. With the fused
-CPU kernels (cpu_kernels.py) each direction is one pass over memory (3x faster forward,
+CPU kernels (kernels.py) each direction is one pass over memory (3x faster forward,
 ~8x backward than the PyTorch ops at 400 x 576 bf16); without them the PyTorch version
 below does the same arithmetic in the same order as Llama's norm, bit for bit.
 
@@ -15,12 +15,11 @@ learned bias) keeps its own forward."""
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
-from slmops.train.cpu_kernels import Kernels
+from slmops.train.cpu.kernels import Kernels
+from slmops.train.cpu.patches import Patches
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -74,20 +73,13 @@ def matches(module: nn.Module) -> bool:
     return expected.dtype == probe.dtype and torch.equal(expected, RMSNormFunction.apply(probe, weight, eps))
 
 
-def install(module: nn.Module, is_enabled, kernels: Kernels | None) -> None:
+def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels | None) -> None:
     """Route `module`'s forward through RMSNormFunction while `is_enabled()`."""
-    own_forward = module.forward
     eps = _eps(module)
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def forward(self, own_forward, hidden_states, *args, **kwargs):
         if args or kwargs or not is_enabled():
             return own_forward(hidden_states, *args, **kwargs)
         return RMSNormFunction.apply(hidden_states, self.weight, eps, kernels)
 
-    module._slmops_own_forward = own_forward
-    module.forward = types.MethodType(forward, module)
-
-
-def uninstall(module: nn.Module) -> None:
-    module.forward = module._slmops_own_forward
-    del module._slmops_own_forward
+    patches.replace_forward(module, forward)

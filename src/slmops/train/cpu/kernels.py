@@ -1,4 +1,4 @@
-"""Fused CPU kernels (cpu_kernels.c), compiled on first use and called through ctypes.
+"""Fused CPU kernels (kernels.c), compiled on first use and called through ctypes.
 
 On a CPU, training a small model at short sequence lengths spends as much time in
 elementwise ops as in matrix products: RMSNorm is seven PyTorch ops forward and eight
@@ -36,7 +36,7 @@ import torch
 
 log = logging.getLogger("slmops")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 VERSION = 7  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -253,7 +253,7 @@ class Kernels:
     def drop_positions(self, seed: int, first: int, count: int, log_keep: float, end: int, numel: int) -> tuple[torch.Tensor, bool]:
         """Positions after `end` from `count` geometric gaps, their uniforms drawn from `seed`
         (uniforms first .. first + count - 1 of its stream; see the C file and
-        fast_lora.drop_positions); (those below numel, whether all `count` were used)."""
+        lora.drop_positions); (those below numel, whether all `count` were used)."""
         out = torch.empty(count, dtype=torch.int64)
         written = self.lib.drop_positions_seeded(seed, first, count, log_keep, end, numel, out.data_ptr())
         return out[:written], written == count

@@ -1,16 +1,16 @@
-"""A faster LoRA training path on the CPU, around PEFT's own modules.
+"""LoRA layers on the CPU fast path: groups of linear layers that read the same input run
+as one autograd function (LinearGroupFunction), around PEFT's own modules.
 
 Profiling a bf16 LoRA step of SmolLM2-135M on 2 cores with AMX (batch 8, ~48 tokens):
 each decoder layer spends ~6 ms in matrix products and ~20 ms in total. The rest is
 hundreds of small ops: PEFT's dropout masks (`bernoulli_`, a separate mask for q, k and
 v over the same input), the mask multiplies (bf16 x bool takes a slow path), dtype casts
-between the bf16 base and fp32 adapters, fp32 RMSNorm pieces, and one autograd node for
-each. This path computes the same function with far fewer ops:
+between the bf16 base and fp32 adapters, and one autograd node for each. Here:
 
-- Linear layers that read the same input (q/k/v, gate/up) form a group: their frozen base
-  weights are stored as one concatenated matrix (the modules' own weights become views of
-  it, so no memory is added) and the group runs as one autograd function: one base matmul
-  forward and one backward, each member's LoRA term alongside.
+- Linear layers that read the same input (q/k/v) form a group: their frozen base weights
+  are stored as one concatenated matrix (the modules' own weights become views of it, so no
+  memory is added) and the group runs as one autograd function: one base matmul forward and
+  one backward, each member's LoRA term alongside.
 - LoRA dropout stays what it is — a fresh Bernoulli(p) mask per adapter, per element, per
   step, scaled by 1 / (1 - p) — but it is drawn as the positions of the dropped elements
   (geometric gaps between them, exact for any p), about p * n numbers instead of n, from
@@ -18,47 +18,29 @@ each. This path computes the same function with far fewer ops:
   Zeroing those positions replaces the full-size mask multiply, forward and backward.
 - The adapters compute in the activations' dtype (bf16 on the fast path) from their fp32
   master weights; their gradients are returned in fp32.
-- RMSNorm modules on a frozen weight use one fused function (see fast_norm.py), and
-  SwiGLU MLPs one fused activation (fast_mlp.py), both on C kernels (cpu_kernels.py)
-  where a C compiler is available.
-- Llama-style attention runs from the q/k/v outputs to o_proj's input as one function, the
-  rotary embedding inside, and batches with much padding run padding-free
-  (fast_attention.py, loss.packed_loss).
-
-Full fine-tuning installs the same object: it has no LoRA layers and no frozen norms, so
-only the weight-free parts (SwiGLU, attention, packing) apply.
 
 PEFT's modules, state dicts and saved adapters are untouched; a member whose adapter state
 this path does not cover at call time (DoRA, several active adapters, merged or disabled
-adapters, LoRA bias) makes its group fall back to PEFT's forward. `verify` compares the
-path with PEFT's forward on a real batch before training relies on it."""
+adapters, LoRA bias; compat.plain_lora_adapter) makes its group fall back to PEFT's forward."""
 
 from __future__ import annotations
 
 import logging
 import math
-import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmops.train import cpu_kernels, fast_attention, fast_mlp, fast_norm
+from slmops.train.cpu import compat
+from slmops.train.cpu import kernels as kernels_module
+from slmops.train.cpu.patches import Patches
 
 log = logging.getLogger("slmops")
 
-# Children of one module that read the same input, in the order models call them.
-# (gate_proj + up_proj is not grouped: measured on AMX, one (n, 576) x (576, 3072) product
-# forward and backward is slower than two of half the width.)
-SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"),)
-
-
-VERIFY_GRADIENT_ELEMENTS = 20_000_000  # at most this many gradient elements kept per side by `verify`
-
-
 def drop_positions(numel: int, p: float, device: torch.device | None = None,
-                   kernels: cpu_kernels.Kernels | None = None) -> torch.Tensor:
+                   kernels: kernels_module.Kernels | None = None) -> torch.Tensor:
     """Flat indices of the elements an i.i.d. Bernoulli(p) dropout zeroes, in increasing
     order. For small p, drawn as geometric gaps between drops (about p * numel draws
     instead of numel); the positions of successes in a Bernoulli sequence have exactly
@@ -103,8 +85,8 @@ class _Spec:
     scales: tuple[float, ...]  # for each adapter, its LoRA scaling / (1 - p)
     rank: int  # rank of every adapter (a group's adapters share it)
     dropout: float  # p of every adapter this call (0 when not training)
-    kernels: cpu_kernels.Kernels | None = None  # fused dropout copies / masked sums, where built
-    packed_weight: cpu_kernels.PackedWeight | None = None  # the group's frozen base weight in AMX's layout, where packed
+    kernels: kernels_module.Kernels | None = None  # fused dropout copies / masked sums, where built
+    packed_weight: kernels_module.PackedWeight | None = None  # the group's frozen base weight in AMX's layout, where packed
 
 
 class LinearGroupFunction(torch.autograd.Function):
@@ -247,7 +229,7 @@ class _Products:
     (A and B forward, the input gradient through B and A, the two weight gradients); numbers
     in docs/finetune.md."""
 
-    def __init__(self, kernels: cpu_kernels.Kernels | None, dtype: torch.dtype, x_shape: torch.Size, stacked_rank: int):
+    def __init__(self, kernels: kernels_module.Kernels | None, dtype: torch.dtype, x_shape: torch.Size, stacked_rank: int):
         rows, features = x_shape
         usable = kernels is not None and kernels.amx and dtype == torch.bfloat16 and features % 2 == 0 and stacked_rank % 2 == 0
         self.kernels = kernels if usable else None
@@ -285,35 +267,20 @@ def _dropped_copies(x2: torch.Tensor, k: int, dropped: torch.Tensor) -> torch.Te
     return copies.view(-1).index_fill_(0, dropped, 0).view(k, *x2.shape)
 
 
-def _lora_state(module: nn.Module):
-    """(adapter name) when PEFT's LoRA layer `module` runs one plain LoRA adapter now, else None."""
-    if module.disable_adapters or module.merged:
-        return None
-    active = module.active_adapters
-    if len(active) != 1 or active[0] not in module.lora_A:
-        return None
-    name = active[0]
-    if module.use_dora.get(name, False) or getattr(module, "lora_bias", {}).get(name, False):
-        return None
-    if module.lora_B[name].bias is not None or module.lora_A[name].bias is not None:
-        return None
-    return name
-
-
 class LinearGroup:
     """Linear layers that read the same input, run as one LinearGroupFunction.
 
     With `fuse_base`, the members' frozen base weights (bf16 or fp32 nn.Linear) become
-    views of one concatenated matrix. Otherwise (a single LoRA layer over a base this path
-    cannot fuse, e.g. GPT-2's Conv1D or a 4-bit layer) the base runs as itself and only the
-    LoRA term goes through the function."""
+    views of one concatenated matrix (undone by the patches: each gets its own copy back).
+    Otherwise (a single LoRA layer over a base this path cannot fuse, e.g. GPT-2's Conv1D or a
+    4-bit layer) the base runs as itself and only the LoRA term goes through the function."""
 
-    def __init__(self, members: list[nn.Module], lora_type: type, fuse_base: bool, path: FastLoraPath):
+    def __init__(self, patches: Patches, members: list[nn.Module], lora_type: type, fuse_base: bool, path):
         self.members = members
         self.lora_type = lora_type
-        self.path = path
+        self.path = path  # the FastPath: whether it is on, its kernels
         self.fuse_base = fuse_base
-        self.bases = [m.base_layer if isinstance(m, lora_type) else m for m in members]
+        self.bases = [compat.base_layer(m, lora_type) for m in members]
         self.sizes = tuple(base.out_features for base in self.bases) if fuse_base else (members[0].out_features,)
         self.weight = self.bias = None
         if fuse_base:
@@ -331,24 +298,24 @@ class LinearGroup:
                         if base.bias is not None:
                             base.bias.data = self.bias[start : start + size]
                         start += size
+            patches.on_undo(self._separate_weights)
         self._pending: dict[int, torch.Tensor] = {}
         self._pending_input: torch.Tensor | None = None
-        self.packed: cpu_kernels.PackedWeight | None = None  # set by FastLoraPath where it packs weights for AMX
+        self.packed: kernels_module.PackedWeight | None = None  # set by FastPath where it packs weights for AMX
         for index, member in enumerate(members):
-            member._slmops_own_forward = member.forward
-            member.forward = types.MethodType(self._member_forward(index), member)
+            patches.replace_forward(member, self._member_forward(index))
 
     def _member_forward(self, index: int):
         group = self
 
-        def forward(module, x, *args, **kwargs):
+        def forward(module, own_forward, x, *args, **kwargs):
             if args or kwargs or not group.path.enabled:
-                return module._slmops_own_forward(x, *args, **kwargs)
+                return own_forward(x, *args, **kwargs)
             if group._pending_input is x and index in group._pending:
                 return group._pending.pop(index)
             outputs = group.run(x)
             if outputs is None:
-                return module._slmops_own_forward(x)
+                return own_forward(x)
             group._pending = {i: out for i, out in enumerate(outputs) if i != index}
             group._pending_input = x if group._pending else None
             return outputs[index]
@@ -362,14 +329,12 @@ class LinearGroup:
         for index, member in enumerate(self.members):
             if not isinstance(member, self.lora_type):
                 continue
-            name = _lora_state(member)
+            name = compat.plain_lora_adapter(member)
             if name is None:
                 return None
-            dropout = member.lora_dropout[name]
-            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-            a, b = member.lora_A[name].weight, member.lora_B[name].weight
+            a, b, scaling, p = compat.lora_parts(member, name)
             members.append(index)
-            scales.append(member.scaling[name] / (1.0 - p))
+            scales.append(scaling / (1.0 - p))
             a_weights.append(a)
             b_weights.append(b)
             ranks.add(a.shape[0])
@@ -384,203 +349,11 @@ class LinearGroup:
         base = self.bases[0](x)
         return (base + LinearGroupFunction.apply(x, None, None, spec, *a_weights, *b_weights).to(base.dtype),)
 
-    def remove(self) -> None:
-        for member in self.members:
-            member.forward = member._slmops_own_forward
-            del member._slmops_own_forward
-        if self.fuse_base:  # independent weights again (saving shared storage would fail)
-            with torch.no_grad():
-                for base in self.bases:
-                    base.weight.data = base.weight.data.clone()
-                    if base.bias is not None:
-                        base.bias.data = base.bias.data.clone()
+    def _separate_weights(self) -> None:
+        """Independent weights again (saving shared storage would fail)."""
+        with torch.no_grad():
+            for base in self.bases:
+                base.weight.data = base.weight.data.clone()
+                if base.bias is not None:
+                    base.bias.data = base.bias.data.clone()
         self._pending, self._pending_input, self.packed = {}, None, None
-
-
-def _quantized_lora_types() -> tuple[type, ...]:
-    """PEFT's LoRA layers over bitsandbytes' 4-bit linears, where bitsandbytes is installed."""
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # no bitsandbytes: no 4-bit layers either
-        return ()
-    return (Linear4bit,)
-
-
-def _packable(weight: torch.Tensor) -> bool:
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous() and not weight.requires_grad
-            and weight.shape[1] % 2 == 0)
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None off Linux)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _base(module: nn.Module, lora_type: type) -> nn.Module:
-    return module.base_layer if isinstance(module, lora_type) else module
-
-
-def _fusable(module: nn.Module, lora_type: type) -> bool:
-    """A frozen plain nn.Linear, bare or as the base of a PEFT LoRA layer."""
-    base = _base(module, lora_type)
-    return type(base) is nn.Linear and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-
-
-class FastLoraPath:
-    """Installs the groups, fused norms, MLPs and attention on a model (PEFT LoRA/QLoRA; for
-    full fine-tuning only the weight-free parts apply: SwiGLU, attention, packing);
-    `remove()` restores it."""
-
-    def __init__(self, model: nn.Module):
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        self._enabled = True
-        self.model = model
-        self.groups: list[LinearGroup] = []
-        self.norms: list[nn.Module] = []
-        self.mlps: list[nn.Module] = []
-        self.kernels = cpu_kernels.get()
-        grouped: set[int] = set()
-        for parent in model.modules():
-            for names in SHARED_INPUT_GROUPS:
-                members = [getattr(parent, name, None) for name in names]
-                if not all(isinstance(m, nn.Module) and _fusable(m, LoraLinear) for m in members):
-                    continue
-                bases = [_base(m, LoraLinear) for m in members]
-                if len({(b.in_features, b.weight.dtype, b.weight.device) for b in bases}) != 1:
-                    continue
-                self.groups.append(LinearGroup(members, LoraLinear, True, self))
-                grouped.update(id(m) for m in members)
-        for module in model.modules():
-            if type(module) is LoraLinear and id(module) not in grouped:
-                self.groups.append(LinearGroup([module], LoraLinear, _fusable(module, LoraLinear), self))
-            elif type(module) in _quantized_lora_types():  # QLoRA: the base runs as bitsandbytes' layer, the LoRA term here
-                self.groups.append(LinearGroup([module], type(module), False, self))
-        for module in model.modules():
-            if fast_norm.matches(module):
-                fast_norm.install(module, lambda: self.enabled, self.kernels)
-                self.norms.append(module)
-            elif self.kernels is not None and fast_mlp.matches(module):
-                fast_mlp.install(module, lambda: self.enabled, self.kernels)
-                self.mlps.append(module)
-        self.packed_bytes = self._pack_frozen_weights()
-        self.replaced_attention = fast_attention.install(model)
-        self.attention_modules = fast_attention.install_modules(model, self.kernels) if self.replaced_attention else []
-        # Padding-free batches (loss.packed_loss) need every decoder layer's attention on the fused function.
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        layers = getattr(decoder, "layers", None)
-        self.packs_sequences = bool(self.attention_modules) and isinstance(layers, nn.ModuleList) and \
-            len(self.attention_modules) == len(layers)
-
-    def _pack_frozen_weights(self) -> int:
-        """Pack the frozen bf16 base weights of the groups and MLPs once for the AMX forward
-        products (kernels.amx_linear, ~1.35x oneDNN's linear at these sizes; the backward keeps
-        oneDNN), where the CPU has AMX and the copies (one more of the base's linear weights)
-        fit in a quarter of the memory available now. Returns the bytes packed."""
-        kernels = self.kernels
-        if kernels is None or not kernels.amx:
-            return 0
-        groups = [g for g in self.groups if g.weight is not None and _packable(g.weight)]
-        mlps = {m: w for m in self.mlps if (w := fast_mlp._frozen_weights(m)) is not None and all(_packable(t) for t in w)}
-        needed = sum(g.weight.numel() * 2 for g in groups) + sum(t.numel() * 2 for w in mlps.values() for t in w)
-        available = _available_memory()
-        if not needed or available is None or needed > available // 4:
-            if needed:
-                log.info("AMX weight packing skipped: %d MB of packed weights, %s MB of memory available", needed >> 20,
-                         "unknown" if available is None else available >> 20)
-            return 0
-        for group in groups:
-            group.packed = kernels.pack_weight(group.weight)
-        for module, weights in mlps.items():
-            module._slmops_packed = tuple(kernels.pack_weight(w) for w in weights)
-        return needed
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._enabled = value
-        fast_attention.set_enabled(value)
-
-    @property
-    def lora_layers(self) -> int:
-        return sum(isinstance(m, g.lora_type) for g in self.groups for m in g.members)
-
-    def describe(self) -> str:
-        parts = []
-        if self.lora_layers:
-            fused = [g for g in self.groups if g.fuse_base and len(g.members) > 1]
-            parts += [f"{self.lora_layers} LoRA layers", f"{len(fused)} shared-input groups with one fused matmul"]
-        if self.norms:
-            parts.append(f"{len(self.norms)} fused RMSNorms")
-        if self.mlps:
-            parts.append(f"{len(self.mlps)} fused SwiGLUs")
-        if self.lora_layers:
-            parts.append("sparse dropout draws")
-        if self.replaced_attention:
-            rotary = f" ({len(self.attention_modules)} with the rotary embedding inside)" if self.attention_modules else ""
-            parts.append(f"short-batch attention in {fast_attention.NAME}{rotary}")
-        if self.packs_sequences:
-            parts.append("padding-free batches where padding is over 10%")
-        if self.packed_bytes:
-            parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
-        if self.kernels is not None and self.kernels.amx and self.lora_layers:
-            parts.append("LoRA products on AMX in bf16")
-        parts.append("C kernels" if self.kernels is not None else "PyTorch ops only (C kernels unavailable)")
-        return ", ".join(parts)
-
-    def verify(self, model: nn.Module, loss_fn, batch: dict[str, torch.Tensor]) -> bool:
-        """Loss and adapter gradients of one batch (dropout off) with this path and with
-        PEFT's forward agree to bf16 precision; otherwise remove the path and say so."""
-        trainable, budget = [], VERIFY_GRADIENT_ELEMENTS
-        for p in model.parameters():  # full fine-tuning: compare a bounded subset (a 1B model's gradients twice is 8 GB)
-            if p.requires_grad and p.numel() <= budget:
-                trainable.append(p)
-                budget -= p.numel()
-        results = []
-        was_training = model.training
-        model.eval()
-        try:
-            for enabled in (True, False):
-                self.enabled = enabled
-                model.zero_grad(set_to_none=True)
-                loss, count = loss_fn(model, batch)
-                (loss / count).backward()
-                grads = torch.cat([p.grad.flatten().float() if p.grad is not None else torch.zeros(p.numel()) for p in trainable])
-                results.append((float(loss.detach()) / count, grads))
-        finally:
-            self.enabled = True
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
-        (fast_loss, fast_grads), (ref_loss, ref_grads) = results
-        loss_ok = abs(fast_loss - ref_loss) <= 2e-2 * max(1.0, abs(ref_loss))
-        cosine = float(F.cosine_similarity(fast_grads, ref_grads, dim=0)) if ref_grads.norm() > 0 else 1.0
-        if loss_ok and cosine > 0.99:
-            return True
-        log.warning("fast CPU path disagrees with the model's own forward (PEFT's) on this model (loss %.5f vs %.5f, "
-                    "gradient cosine %.4f): training with the model's own forward", fast_loss, ref_loss, cosine)
-        self.remove()
-        return False
-
-    def remove(self) -> None:
-        for group in self.groups:
-            group.remove()
-        for module in self.norms:
-            fast_norm.uninstall(module)
-        for module in self.mlps:
-            fast_mlp.uninstall(module)
-        fast_attention.uninstall_modules(self.attention_modules)
-        if self.replaced_attention:
-            fast_attention.uninstall(self.model, self.replaced_attention)
-        self.groups, self.norms, self.mlps, self.attention_modules, self.replaced_attention = [], [], [], [], None
-        self.packed_bytes = 0
-        self.packs_sequences = False

@@ -1,0 +1,20 @@
+"""The CPU fast path: training on a CPU with far fewer ops than the libraries' own forwards,
+checked against them before a run relies on it. Everything low-level lives here:
+
+- path.py      FastPath: install every piece, verify against the model's own forward, remove
+               (a context manager); `decide` says whether a run takes it and why not
+- patches.py   the one registry of the changes made to a model, undone in one call
+- compat.py    every private API of torch / transformers / PEFT / bitsandbytes used, and the
+               library versions the path is known to work with (others: off, or --cpu_fast_path on)
+- lora.py      LoRA groups (q/k/v as one autograd function, sparse dropout draws)
+- attention.py short-batch attention with the rotary embedding inside; padding-free packing
+- norm.py      RMSNorm on a frozen weight;  mlp.py  SwiGLU and the frozen MLP as one node
+- kernels.py + kernels.c   fused C kernels (AVX-512, AMX where the CPU has them), compiled on
+               first use into a private, verified cache
+
+A new kernel: a function in kernels.c, its ctypes binding in kernels.py, and its use in the
+piece it speeds up, tested against float64 in tests/test_cpu_kernels.py."""
+
+from slmops.train.cpu.path import FastPath, decide
+
+__all__ = ["FastPath", "decide"]
