@@ -55,12 +55,12 @@ def torch_row(model_path: Path, dtype: torch.dtype):
 
 
 def onnx_row(bundle_path: Path, threads: int, adapter: str | None = None):
-    from slmops.deploy.runtime import OnnxBundle
+    from slmops.inference.onnx_backend import OnnxBackend
 
-    bundle = OnnxBundle(bundle_path, threads)
+    bundle = OnnxBackend(bundle_path, [adapter] if adapter else [], threads)
 
     def run(ids: list[int], new_tokens: int) -> tuple[float, float]:
-        timing = bundle.timed(ids, adapter, new_tokens, min_new_tokens=new_tokens)
+        timing = bundle.timed(ids, adapter or "base", new_tokens)
         assert timing["tokens"] == new_tokens, timing
         return timing["ttft_s"], timing["decode_tokens_per_s"]
 
@@ -68,12 +68,13 @@ def onnx_row(bundle_path: Path, threads: int, adapter: str | None = None):
 
 
 def export(model_path: Path, out: Path, precision: str, adapter: Path | None = None) -> float:
+    from slmops.config import ExportConfig
     from slmops.deploy.export import export_bundle, plan_export
 
     started = time.perf_counter()
-    plan = plan_export(str(model_path), [str(adapter)] if adapter else None, str(out), precision=precision,
-                       adapter_names=["task"] if adapter else None)
-    export_bundle(plan, run_parity=False)
+    config = ExportConfig(model_name_or_path=str(model_path), adapter_path=[str(adapter)] if adapter else None, output_path=str(out),
+                          precision=precision, adapter_names=["task"] if adapter else None, no_parity=True)
+    export_bundle(plan_export(config))
     return time.perf_counter() - started
 
 
@@ -96,7 +97,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="threads for both back ends [default: the CPUs available]")
     args = parser.parse_args()
 
-    from slmops.deploy.runtime import default_threads
+    from slmops.inference.onnx_backend import default_threads
     from slmops.models.builtin import fetch_builtin
 
     threads = args.threads or default_threads()

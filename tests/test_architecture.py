@@ -88,7 +88,7 @@ LAYERS = [
     {"slmops.data", "slmops.methods", "slmops.models", "slmops.outputs"},
     {"slmops.train", "slmops.inference"},
     {"slmops.evaluate", "slmops.deploy", "slmops.report"},
-    {"slmops.finetune_recipe"},
+    {"slmops.finetune_recipe", "slmops.serve"},
     {"slmops.cli"},
 ]
 # The bundle format (deploy/adapters.py, deploy/bundle.py) sits beside inference: the ONNX back
@@ -127,7 +127,7 @@ def test_one_backend_class_each_and_every_user_on_it():
                 backends.add((_module_name(path), node.name))
     assert backends == {("slmops.inference.torch_backend", "TorchBackend"), ("slmops.inference.onnx_backend", "OnnxBackend")}
     assert Backend is not None
-    users = {"slmops.cli.generate", "slmops.evaluate.run", "slmops.deploy.parity", "slmops.finetune_recipe"}
+    users = {"slmops.cli.generate", "slmops.evaluate.run", "slmops.deploy.parity", "slmops.finetune_recipe", "slmops.serve"}
     graph = _imports()
     for user in users:
         assert any(t.startswith("slmops.inference") for t in graph[user]), user

@@ -1,7 +1,7 @@
 """Typed configs of every command: the single source of flags, help, YAML and validation.
 
 finetune.py (FinetuneConfig and its sections), evaluate.py, deploy.py (optimize / auto-opt,
-generate-adapter, convert-adapters), generate.py (generate, chat); base.py builds any of them
+generate-adapter, convert-adapters), generate.py (generate, chat), serve.py; base.py builds any of them
 from flat flags or nested YAML and names every problem at once."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from slmops.config.deploy import ConvertAdaptersConfig, ExportConfig, GenerateAd
 from slmops.config.evaluate import EvaluateConfig
 from slmops.config.finetune import DataConfig, FinetuneConfig, MethodConfig, ModelConfig, TrainingConfig
 from slmops.config.generate import ChatConfig, GenerateConfig
+from slmops.config.serve import ServeConfig
 
 __all__ = [
     "ChatConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "Section",
+    "ServeConfig",
     "TrainingConfig",
     "flag_index",
     "format_validation_error",

@@ -202,7 +202,7 @@ class Backend:
         return [self.generate_text(p, adapter, params, add_special_tokens)
                 for p in progress_bar(prompts, desc=f"generate ({self.name})", unit="example", enabled=progress)]
 
-    def timed(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 32, add_special_tokens: bool = True) -> dict:
+    def timed(self, prompt: str | list[int], adapter: str | None = None, max_new_tokens: int = 32, add_special_tokens: bool = True) -> dict:
         """Batch 1: time to first token and decode tokens/s, decoding exactly max_new_tokens."""
         generation = self.start(prompt, adapter, GenerationParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens),
                                 add_special_tokens)

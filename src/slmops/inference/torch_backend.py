@@ -105,6 +105,21 @@ class TorchBackend(Backend):
         self._paths[source.name] = source.path.resolve()
         return source.name
 
+    def unload_adapter(self, name: str) -> None:
+        """Forget a loaded adapter (serve's DELETE)."""
+        with self._lock:
+            if name not in self._names:
+                raise ModelError(f"adapter {name!r} is not loaded")
+            peft_name = self._names.pop(name)
+            self._paths.pop(name, None)
+            if self._names:
+                self.model.set_adapter(next(iter(self._names.values())))
+                self.model.delete_adapter(peft_name)
+            else:  # the last adapter: back to the plain model
+                self.model = self.model.unload()
+            if self.default_adapter == name:
+                self.default_adapter = None
+
     @contextlib.contextmanager
     def _active(self, adapter: str | None):
         """The model with `adapter` (a loaded name, or None for the base) switched on; held under the lock."""
