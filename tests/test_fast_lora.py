@@ -488,3 +488,28 @@ def test_the_path_is_removed_when_training_fails(tiny_llama, tmp_path, monkeypat
         finetune(tiny_config(tiny_llama, tmp_path / "o", max_steps=3))
     assert all(_untouched(m) for m in seen["model"].modules())
     assert seen["model"].config._attn_implementation == "sdpa"
+
+
+def test_a_bf16_disagreement_is_arbitrated_in_fp32(tiny_llama, tmp_path, monkeypatch, caplog):
+    """In bf16 the model's own forward is noisy too: when the two disagree, the path is judged
+    against the fp32 forward (weights upcast for the check and restored bit for bit). A path
+    as close to fp32 as the model's own bf16 forward stays; a wrong one still goes."""
+    from slmops.train.cpu import path as path_module
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, bf16=True))
+    model = _trained_a_little(plan).train()
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fast = FastPath.install(model)
+    monkeypatch.setattr(path_module, "_agree", lambda *args, **kwargs: False)  # as if bf16 noise had split them
+    with caplog.at_level(logging.INFO, logger="slmops"):
+        assert fast.verify(model, selective_loss, _batch(plan))
+    assert "checked against an fp32 forward" in caplog.text
+    for name, p in model.named_parameters():  # the check left every weight as it was, dtype and bits
+        assert p.dtype == weights[name].dtype and torch.equal(p, weights[name]), name
+    assert all(g.weight.data_ptr() == g.bases[0].weight.data_ptr() for g in fast.groups if g.fuse_base)  # still fused views
+    original_run = fast_lora.LinearGroup.run
+    monkeypatch.setattr(fast_lora.LinearGroup, "run", lambda self, x: tuple(o * 1.5 for o in original_run(self, x)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slmops"):
+        assert not fast.verify(model, selective_loss, _batch(plan))
+    assert "gradient cosine with fp32" in caplog.text and not fast.active

@@ -168,7 +168,8 @@ class Trainer:
         with self._autocast():
             fast = check_fast_path(self.model, probe)
         self.loss_fn = selective_loss if fast else plain_loss
-        packed = fast and self.fast_path is not None and self.fast_path.packs_sequences and check_packing(self.model, probe)
+        packed = fast and self.fast_path is not None and self.fast_path.packs_sequences and \
+            check_packing(self.model, probe, lambda: self.fast_path.fp32_loss(self.model, selective_loss, probe))
         if packed:
             self.loss_fn = packed_loss
         log.info("loss: %s%s", "output head on labelled positions only" if fast else "full logits (model's own forward)",
