@@ -194,6 +194,25 @@ CASES = [
          setup=_write("c.yaml", "training:\n  max_step: 3\n")),
     Case("ft-config-misplaced-key", ["finetune", "--config", "{tmp}/c.yaml"], "It belongs under 'method'",
          setup=_write("c.yaml", "training:\n  lora_r: 3\n")),
+    # ---- finetune: a custom loss ----------------------------------------------------------
+    Case("ft-loss-missing-file", [*FT, "--loss", "{tmp}/nope.py:Loss"], "nope.py' does not exist"),
+    Case("ft-loss-format", [*FT, "--loss", "{tmp}/loss.py"], "write it as FILE.py:ClassName", setup=_write("loss.py", "")),
+    Case("ft-loss-missing-class", [*FT, "--loss", "{tmp}/loss.py:Los"], "has no nn.Module class 'Los'. Did you mean 'Loss'?",
+         setup=_write("loss.py", "from torch import nn\nclass Loss(nn.Module):\n    pass\n")),
+    Case("ft-loss-bad-argument", [*FT, "--loss", "{tmp}/loss.py:Loss", "--loss_kwargs", "margn=1"],
+         "Loss(margn=1) failed: TypeError", setup=_write("loss.py", "from torch import nn\nclass Loss(nn.Module):\n"
+                                                                     "    def __init__(self, margin=1.0):\n        super().__init__()\n")),
+    Case("ft-loss-import-error", [*FT, "--loss", "{tmp}/loss.py:Loss"], "loss.py failed to import: NameError: name 'nn' is not defined (loss.py, line 1)",
+         setup=_write("loss.py", "class Loss(nn.Module):\n    pass\n")),
+    Case("ft-loss-kwargs-alone", [*FT, "--loss_kwargs", "margin=1"], "--loss_kwargs is for a custom loss"),
+    Case("ft-loss-kwargs-syntax", [*FT, "--loss_kwargs", "margin"], "--loss_kwargs: write the arguments as name=value pairs"),
+    Case("ft-pairs-without-loss", ["finetune", "-m", "{model}", "-d", "{pairs}", "-o", "{out}"], "the pairs format has no language-model loss"),
+    # ---- run: workflow files (more in tests/test_workflow.py) -------------------------------
+    Case("run-config-missing", ["run", "--config", "{tmp}/nope.yaml"], "does not exist"),
+    Case("run-config-unknown-key", ["run", "--config", "{tmp}/wf.yaml"], "unknown key 'pases'. Did you mean 'passes'?",
+         setup=_write("wf.yaml", "pases: {}\n")),
+    Case("run-output-foreign", ["run", "--config", "{tmp}/wf.yaml", "-o", "{out}"], "holds files that are not an slmops workflow's",
+         setup=_write("wf.yaml", "passes: {lora: {type: LoRA}}\ndata_configs: {d: {data_name: x.jsonl}}\n"), out="notes"),
     # ---- evaluate -------------------------------------------------------------------------
     Case("ev-no-metrics", [*EV, "--metrics", ""], "--metrics: name at least one metric"),
     Case("ev-unknown-metric", [*EV, "--metrics", "acuracy"], "unknown metric 'acuracy'. Did you mean 'accuracy'?"),
@@ -312,7 +331,7 @@ def _snapshot(*roots: Path) -> dict[str, str]:
 def test_catalogue_is_large_and_covers_every_command():
     commands = {case.args[0] for case in CASES}
     assert len(CASES) >= 60
-    assert {"finetune", "evaluate", "auto-opt", "generate-adapter", "convert-adapters", "generate", "chat"} <= commands
+    assert {"finetune", "evaluate", "auto-opt", "generate-adapter", "convert-adapters", "generate", "chat", "run"} <= commands
     assert len({case.id for case in CASES}) == len(CASES)
 
 
@@ -335,7 +354,8 @@ def test_bad_input(case: Case, world, tmp_path, capsys, monkeypatch):
             raise AssertionError(f"{case.id}: the model was loaded before the bad input was reported")
 
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    fill = {k: str(v) for k, v in world.items() if isinstance(v, Path)} | {"tmp": str(tmp_path), "out": str(out), "data": str(TONE)}
+    fill = {k: str(v) for k, v in world.items() if isinstance(v, Path)} | {"tmp": str(tmp_path), "out": str(out), "data": str(TONE),
+                                                                            "pairs": str(TONE.with_name("tone_pairs.jsonl"))}
     args = [re.sub(r"\{(\w+)\}", lambda m: fill.get(m[1], m[0]), a) for a in case.args]
     before = _snapshot(tmp_path, world["run"], world["bundle"])
     try:

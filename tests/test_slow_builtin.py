@@ -234,3 +234,19 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
             packable = probe["input_ids"].shape[1] <= attention.SHORT_ATTENTION_MAX_LEN
             assert (trainer.loss_fn is packed_loss) == packable  # the packing check passed where packing applies
             assert (attention.Packing.of(probe["attention_mask"]) is not None) == (packable and pack_below > 1)  # what was verified
+
+
+def test_olive_workflow_file_on_the_builtin_model_with_setup(tmp_path, builtin_model):
+    """The shipped Olive-shaped workflow (the seed's Example 2 pointed at the built-in Llama-shaped
+    model and the library Q&A pairs), run as written with --setup: a PEFT adapter that loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = slmops("run", "--config", "examples/workflows/olive-lora.yaml", "--setup", "-o", str(tmp_path / "wf"), cwd=ROOT)
+    assert "setup: packages present" in out and "1 pass(es) ran" in out
+    adapter = tmp_path / "wf" / "lora" / "adapter"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "wf" / "lora" / "model"), adapter)
+    assert any("q_proj.lora_A" in name for name, _ in model.named_parameters())
+    metrics = [json.loads(line) for line in (tmp_path / "wf" / "lora" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train = [m["loss"] for m in metrics if m["split"] == "train"]
+    assert train[-1] < train[0], train

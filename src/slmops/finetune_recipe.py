@@ -44,6 +44,7 @@ class FinetunePlan:
     tokenizer: object
     data_config: DataConfig  # config.data with what the plan had to adjust (max_seq_len to the model's context)
     identity: dict  # what a checkpoint must share with this run to be resumed by it (run_identity)
+    custom_loss: object | None = None  # train.custom_loss.CustomLoss for --loss
 
     def describe(self) -> dict:
         return {
@@ -84,6 +85,13 @@ def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
         raise ConfigError(f"--modules_to_save applies to adapter methods; --method {method.name} trains every weight already")
 
     _check_eval_metrics(config, None)
+    custom_loss = None
+    if tcfg.loss:  # the user's file runs here (they named it): its class and constructor checked before any data or model
+        from slmops.train.custom_loss import CustomLoss
+
+        custom_loss = CustomLoss(tcfg.loss, tcfg.loss_kwargs)
+    elif tcfg.loss_kwargs:
+        raise ConfigError("--loss_kwargs is for a custom loss; give --loss FILE.py:ClassName too")
     splits = load_splits(config.data)  # data mistakes surface before any model is fetched
     source = resolve_model(config.model.model_name_or_path, fetch=True)
     check_weight_files(source.path)
@@ -100,6 +108,9 @@ def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
     tokenizer = load_tokenizer(source.path, config.model.trust_remote_code)
     data = prepare_data(data_config, tokenizer, splits, need_eval_examples=bool(tcfg.eval_metrics))
     _check_eval_metrics(config, data)
+    if not data.formatter.lm_loss and custom_loss is None:
+        raise ConfigError(f"the {data.formatter.name} format has no language-model loss: train it with a custom loss "
+                          "(--loss FILE.py:ClassName; docs/finetune.md, 'Custom loss')")
     precision = choose_precision(tcfg.bf16, tcfg.fp16, config.model.torch_dtype, adapter_method=method.is_adapter)
     if method.quantize_base_4bit and structure.num_parameters < 1_000_000_000 and precision.device.type == "cpu":
         log.warning(
@@ -108,10 +119,12 @@ def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
         )
     learning_rate = tcfg.learning_rate or method.default_learning_rate
     identity = run_identity(config, method, source, targets, data)
+    if custom_loss is not None:
+        identity["loss"] = custom_loss.identity()
     if resume_from is not None:  # before anything is loaded or written
         ckpt.check_belongs(resume_from, identity, tcfg.ignore_mismatch, log)
     return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer,
-                        data_config, identity)
+                        data_config, identity, custom_loss)
 
 
 def _fit_context(data: DataConfig, max_positions: int | None) -> DataConfig:
@@ -263,11 +276,12 @@ def run_plan(plan: FinetunePlan) -> FinetuneResult:
 
             setup = TrainingSetup(plan.precision, plan.learning_rate, layout.checkpoints,
                                   Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.method.is_adapter, plan.identity,
-                                  tcfg.metric_for_best_model in LOWER_IS_BETTER)
+                                  tcfg.metric_for_best_model in LOWER_IS_BETTER, plan.custom_loss)
             trainer = Trainer(model, TrainingData(data.train, data.eval, plan.tokenizer.pad_token_id), tcfg, setup, fast_path,
                               _generation_eval(plan), on_checkpoint=folder.commit)
             if plan.resume_from is not None:
                 trainer.resume(plan.resume_from)
+            trainer.prepare()  # the start-up checks (fast path, a custom loss's first call) before run.yaml is written
             _write_run_yaml(plan, status="running")
             result = trainer.train()
             if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:

@@ -25,12 +25,15 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="validate, print the resolved config and plan, and stop")
+    parser.add_argument("--save_config", default=None, metavar="FILE",
+                        help="write this command as a workflow file (`slmops run --config FILE` reproduces the run), then run it "
+                             "(with --dry_run: write it and stop)")
     add_config_flags(parser, FinetuneConfig, main_title="run")
     parser.set_defaults(handler=run)
 
 
 def build_config(args: argparse.Namespace) -> FinetuneConfig:
-    values = {k: v for k, v in vars(args).items() if k not in {"config", "dry_run", "handler", "command"}}
+    values = {k: v for k, v in vars(args).items() if k not in {"config", "dry_run", "save_config", "handler", "command"}}
     base = load_yaml(args.config) if args.config else None
     if base is not None and {"config", "resolved"} <= set(base):  # an OUT/run.yaml: replay its config
         base = dict(base["config"])
@@ -47,6 +50,16 @@ def run(args: argparse.Namespace) -> int:
     from slmops.finetune_recipe import plan_finetune, run_plan
 
     plan = plan_finetune(config)
+    if args.save_config:
+        from pathlib import Path
+
+        import yaml
+
+        from slmops.workflow.convert import workflow_of
+
+        Path(args.save_config).write_text("# slmops run --config " + args.save_config + "\n"
+                                          + yaml.safe_dump(workflow_of(config), sort_keys=False))
+        print(f"slmops: wrote {args.save_config} (slmops run --config {args.save_config} reproduces this run)", file=sys.stderr)
     if args.dry_run:
         print(to_yaml(config))
         print("# plan")

@@ -50,8 +50,9 @@ class DataConfig(_Section):
     )
     text_field: str | None = Field(None, description="Column holding the full training text (loss on all of it).")
     use_chat_template: bool = Field(False, description="Render messages / conversations / prompt+completion columns with the model's chat template.")
-    data_format: Literal["auto", "template", "text", "chat", "prompt_completion", "alpaca", "input_output"] = Field(
-        "auto", description="How rows become text. auto: chosen from the flags and columns, and reported."
+    data_format: Literal["auto", "template", "text", "chat", "prompt_completion", "alpaca", "input_output", "pairs"] = Field(
+        "auto", description="How rows become text. auto: chosen from the flags and columns, and reported. pairs: text1, text2 "
+        "and a numeric label per row, for a custom loss (no language-model loss)."
     )
     train_on_inputs: bool = Field(False, description="Compute the loss on the prompt too, not only on the completion.")
     max_seq_len: int = Field(1024, gt=0, description="Longest tokenized example.")
@@ -129,6 +130,14 @@ class TrainingConfig(_Section):
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
     load_best_model_at_end: bool = Field(True, description="With --eval_split, the saved adapter is the best one seen.")
+    loss: str | None = Field(
+        None, description="A custom loss, FILE.py:ClassName: an nn.Module whose forward takes the batch's LossInputs (labelled "
+        "logits, labels, hidden states, the batch with its extra columns) and returns a scalar. The file's code runs. "
+        "Default: cross-entropy on the labelled tokens."
+    )
+    loss_kwargs: dict[str, Any] | None = Field(
+        None, description="Arguments of the custom loss's constructor: 'margin=1.0,scale=2' (values read as YAML), or a mapping in YAML."
+    )
     cpu_fast_path: Literal["auto", "on", "off"] = Field(
         "auto", description="The CPU fast path (fused kernels, checked against the model's own forward before training): auto "
         "takes it where the method, device and library versions allow and says why not otherwise; on also tries it on "
@@ -141,6 +150,22 @@ class TrainingConfig(_Section):
     )
 
     _metrics_csv = field_validator("eval_metrics", mode="before")(_split_csv)
+
+    @field_validator("loss_kwargs", mode="before")
+    @classmethod
+    def _kwargs(cls, value: Any) -> Any:
+        """'margin=1.0,scale=2' -> {'margin': 1.0, 'scale': 2}."""
+        if isinstance(value, str):
+            import yaml
+
+            out = {}
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                key, sep, raw = part.partition("=")
+                if not sep or not key.strip().isidentifier():
+                    raise ValueError(f"write the arguments as name=value pairs, comma-separated (got {part!r})")
+                out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            return out
+        return value
 
     @field_validator("max_steps")
     @classmethod

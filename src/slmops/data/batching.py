@@ -42,4 +42,17 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int, padding_side: 
         input_ids[row, sl] = torch.tensor(ids)
         labels[row, sl] = torch.tensor(data.labels[i])
         attention[row, sl] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    for key, values in data.extra.items():  # a custom loss's inputs: a second text (padded alike), numbers
+        if key == "input_ids_2":
+            second = [values[i] for i in indices]
+            width = max(len(s) for s in second)
+            batch["input_ids_2"] = torch.full((len(indices), width), pad_id, dtype=torch.long)
+            batch["attention_mask_2"] = torch.zeros((len(indices), width), dtype=torch.long)
+            for row, ids in enumerate(second):
+                sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+                batch["input_ids_2"][row, sl] = torch.tensor(ids)
+                batch["attention_mask_2"][row, sl] = 1
+        else:
+            batch[key] = torch.tensor([values[i] for i in indices])
+    return batch

@@ -24,6 +24,7 @@ class FormattedExample:
     prompt: str  # what a model is given at inference time
     completion: str | None  # the gold answer (no end-of-text token), None when the format has none
     train_spans: list[tuple[int, int]] = field(default_factory=list)  # char spans with loss; empty: whole text
+    extra: dict | None = None  # other inputs of the example (pairs: {"text_2": ..., "label": ...}), for a custom loss
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Formatter:
     render: Callable[[dict], FormattedExample]
     has_completion: bool
     add_special_tokens: bool  # False when a chat template already writes bos/eos
+    lm_loss: bool = True  # False: no language-model loss (pairs, for a custom loss): examples kept without labelled tokens
 
     def __call__(self, row: dict) -> FormattedExample:
         return self.render(row)
@@ -63,6 +65,8 @@ def required_fields(cfg: DataConfig, columns: list[str]) -> list[str]:
     """The columns every row needs a value in, for the format these flags and columns choose
     (a null there would train as an empty string)."""
     fmt = _detect(cfg, columns) if cfg.data_format == "auto" else cfg.data_format
+    if fmt == "pairs":
+        return list(PAIR_COLUMNS)
     if fmt == "template":
         return list(dict.fromkeys(template_fields(unescape(cfg.text_template or ""))))
     if fmt == "text":
@@ -88,6 +92,8 @@ def _detect(cfg: DataConfig, columns: list[str]) -> str:
         return "input_output"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
+    if set(PAIR_COLUMNS) <= cols:
+        return "pairs"
     if "text" in cols:
         return "text"
     raise DataError(
@@ -281,7 +287,29 @@ _prompt_completion = _checked(
 )
 
 
+PAIR_COLUMNS = ("text1", "text2", "label")
+
+
+def _pairs(cfg: DataConfig, columns: list[str], tokenizer) -> Formatter:
+    """Two texts and a number per row (similar pairs 1, others 0, or a score): the data of a
+    contrastive or ranking loss. No language-model loss; the custom loss reads the texts'
+    hidden states (text1 is the batch's input_ids, text2 its input_ids_2) and the label."""
+    _require(columns, list(PAIR_COLUMNS), "pairs format")
+
+    def render(row: dict) -> FormattedExample:
+        try:
+            label = float(row["label"])
+        except (TypeError, ValueError):
+            raise DataError(f"label {row.get('label')!r} is not a number") from None
+        text = _s(row.get("text1"))
+        return FormattedExample(text, text, None, [], {"text_2": _s(row.get("text2")), "label": label})
+
+    return Formatter("pairs", "pairs of texts (text1, text2) with a numeric label, for a custom loss (--loss)", render, False, True,
+                     lm_loss=False)
+
+
 _BUILDERS: dict[str, Callable[[DataConfig, list[str], object], Formatter]] = {
+    "pairs": _pairs,
     "template": _template,
     "text": _text,
     "chat": _chat,

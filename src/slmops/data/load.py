@@ -230,6 +230,15 @@ def _check_rows(rows: list, path: Path) -> list[dict]:
     return rows
 
 
+def data_fingerprint(data_name: str | None, data_files: list[str] | None = None) -> str:
+    """A hash of a dataset's content: of its local files' bytes, or of a Hub dataset's name
+    (its files are pinned by `datasets`' own cache). Changes exactly when the data does."""
+    files = local_split_files(data_name, data_files)
+    if files is None:
+        return hashlib.sha256(f"hub:{data_name}".encode()).hexdigest()[:16]
+    return _hash_files([path for split in sorted(files) for path in files[split]])[:16]
+
+
 def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:

@@ -19,6 +19,7 @@ class TokenizedData:
     dropped_too_long: int = 0
     dropped_no_labels: int = 0
     kept_rows: list[int] = field(default_factory=list)  # source row of each kept example
+    extra: dict[str, list] = field(default_factory=dict)  # per-example extra inputs (pairs: input_ids_2, label)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -39,6 +40,8 @@ class TokenizedData:
             digest.update(np.asarray(ids, dtype=np.int64).tobytes())
             digest.update(np.asarray(labels, dtype=np.int64).tobytes())
             digest.update(b"|")
+        for key in sorted(self.extra):
+            digest.update(key.encode() + repr(self.extra[key]).encode())
         return digest.hexdigest()[:16]
 
     def trained_tokens(self) -> int:
@@ -87,12 +90,21 @@ def tokenize_examples(
                 out.dropped_too_long += 1
                 continue
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        if not formatter.lm_loss:
+            labels = [IGNORE] * len(ids)
         # labels[0] never counts: a causal LM predicts token t from tokens < t.
-        if not any(label != IGNORE for label in labels[1:]):
+        elif not any(label != IGNORE for label in labels[1:]):
             out.dropped_no_labels += 1
             continue
         out.truncated += too_long
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.kept_rows.append(row)
+        if ex.extra:
+            for key, value in ex.extra.items():
+                if key == "text_2":
+                    second = tokenizer(value, add_special_tokens=formatter.add_special_tokens, truncation=True, max_length=max_seq_len)
+                    out.extra.setdefault("input_ids_2", []).append(second["input_ids"])
+                else:
+                    out.extra.setdefault(key, []).append(value)
     return out

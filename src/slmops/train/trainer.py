@@ -91,6 +91,7 @@ class TrainingSetup:
     save_adapter: bool  # a PEFT copy of the adapter in each checkpoint (adapter methods)
     identity: dict = field(default_factory=dict)  # the run's fingerprints, in each checkpoint's manifest
     lower_is_better: bool = True  # of cfg.metric_for_best_model
+    custom_loss: object | None = None  # train.custom_loss.CustomLoss (--loss), else cross-entropy on the labelled tokens
 
 
 class Trainer:
@@ -126,6 +127,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.autocast == torch.float16 else None
         self.state = ckpt.TrainState()
         self.loss_fn = plain_loss
+        self._prepared = False
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -164,7 +166,32 @@ class Trainer:
         """The first two training examples: the batch the start-up checks run on."""
         return self._to_device(collate(self.data.train, list(range(min(2, len(self.data.train)))), self.data.pad_id))
 
+    def prepare(self) -> None:
+        """The start-up checks, on the first two training examples, before anything is written:
+        which loss computation reproduces the model's own, whether the CPU fast path agrees
+        with the model's own forward (it removes itself if not), and a custom loss's first call."""
+        if self._prepared:
+            return
+        self.model.train()
+        probe = self._probe_batch()
+        self._choose_loss(probe)
+        if self.setup.custom_loss is not None:  # first: the fast path's check calls the loss too
+            self.model.eval()  # no dropout: the check draws nothing from the RNG a resumed run restored
+            try:
+                with self._attention_kernel(probe), self._autocast():
+                    self.setup.custom_loss.check(self.model, probe)
+            finally:
+                self.model.train()
+                self.model.zero_grad(set_to_none=True)
+        if self.fast_path is not None:
+            self._verify_fast_path(probe)
+        self._prepared = True
+
     def _choose_loss(self, probe: dict[str, torch.Tensor]) -> None:
+        if self.setup.custom_loss is not None:
+            self.loss_fn = self.setup.custom_loss
+            log.info("loss: custom, %s", self.setup.custom_loss.name)
+            return
         with self._autocast():
             fast = check_fast_path(self.model, probe)
         self.loss_fn = selective_loss if fast else plain_loss
@@ -227,14 +254,11 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         resume_step = self.resumed_step
+        self.prepare()
         self.model.train()
-        probe = self._probe_batch()
-        self._choose_loss(probe)
-        if self.fast_path is not None:
-            self._verify_fast_path(probe)
         metrics = MetricsLog(self.setup.log_dir, cfg.report_to != "none", resume_step)
         bar = progress_bar(total=self.steps, initial=self.state.step, desc="finetune", unit="step")
-        window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+        window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
         last_train_loss = None
         run_start = time.perf_counter() - self.state.elapsed_s
         paused_total = self.state.paused_s  # seconds spent in eval and checkpoints, not training
@@ -253,6 +277,8 @@ class Trainer:
                 # Normalise by the labelled tokens of the whole optimizer step, so gradient
                 # accumulation gives the same update as one big batch.
                 step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in collated)
+                # the loss is a sum over labelled tokens (normalised by them), or a custom loss's mean per micro-batch
+                step_norm = len(collated) if self.setup.custom_loss is not None else step_tokens
                 step_inputs = sum(int(b["attention_mask"].sum()) for b in collated)  # non-pad tokens
                 step_loss = 0.0
                 for batch in collated:
@@ -262,7 +288,7 @@ class Trainer:
                     with self._attention_kernel(batch):
                         with self._autocast():
                             loss_sum, _ = self.loss_fn(self.model, batch)
-                        loss = loss_sum / step_tokens
+                        loss = loss_sum / step_norm
                         (self.scaler.scale(loss) if self.scaler else loss).backward()
                     step_loss += float(loss_sum.detach())
                 if self.scaler:
@@ -283,21 +309,22 @@ class Trainer:
                 self.state.input_tokens_seen += step_inputs
                 window_loss += step_loss
                 window_tokens += step_tokens
+                window_norm += step_norm
                 window_inputs += step_inputs
-                last_train_loss = step_loss / step_tokens
+                last_train_loss = step_loss / step_norm
                 step = self.state.step
                 bar.update(1)
 
                 if step % cfg.logging_steps == 0 or step == self.steps:
                     seconds = time.perf_counter() - window_start
-                    train_loss = window_loss / max(window_tokens, 1)
+                    train_loss = window_loss / max(window_norm, 1)
                     lr = self.scheduler.get_last_lr()[0]
                     tps = window_inputs / max(seconds, 1e-9)
                     metrics.log(step, "train", loss=train_loss, learning_rate=lr, tokens_per_second=tps,
                                 trained_tokens_per_second=window_tokens / max(seconds, 1e-9), step_seconds=seconds / cfg.logging_steps,
                                 epoch=self.state.epoch + self.state.batch_in_epoch / max(len(batches), 1))
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tps:,.0f}")
-                    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+                    window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
 
                 paused = time.perf_counter()  # eval and checkpoint time is not training throughput
                 if self.data.eval is not None and (step % self.eval_every == 0 or step == self.steps):
