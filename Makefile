@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup system-packages demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -13,15 +13,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
+# gcc (the CPU kernels) and PostgreSQL (shared tune studies) where missing and installable
+system-packages:
+	@bash scripts/install-system-packages.sh
+
 # Fetch the built-in SmolLM2-135M-Instruct, fine-tune it on the shipped tone data and
 # print base vs tuned accuracy on held-out phrases.
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
 
-test: setup
+test: setup system-packages
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup system-packages
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

@@ -90,6 +90,7 @@ LAYERS = [
     {"slmops.evaluate", "slmops.deploy", "slmops.report"},
     {"slmops.finetune_recipe", "slmops.serve"},
     {"slmops.workflow"},
+    {"slmops.tune"},  # searches over finetune configs and workflows
     {"slmops.cli"},
 ]
 # The bundle format (deploy/adapters.py, deploy/bundle.py) sits beside inference: the ONNX back

@@ -23,7 +23,7 @@ from slmops.models.precision import Precision
 from slmops.models.resolve import ModelSource, source_description
 from slmops.outputs import OutputLayout, RunFolder, check_output_folder, copy_model_folder, versions
 from slmops.train import checkpoint as ckpt
-from slmops.train.trainer import Trainer, TrainingData, TrainingSetup, TrainResult
+from slmops.train.trainer import Trainer, TrainingData, TrainingHooks, TrainingSetup, TrainResult
 
 log = logging.getLogger("slmops")
 
@@ -239,12 +239,13 @@ def build_model(plan: FinetunePlan):
     return model
 
 
-def finetune(config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune `config.model` on `config.data` and write the outputs (see README)."""
-    return run_plan(plan_finetune(config))
+def finetune(config: FinetuneConfig, hooks: TrainingHooks | None = None) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.data` and write the outputs (see README).
+    `hooks`: a caller's say in the loop (a tuning trial reports evaluations and may stop it)."""
+    return run_plan(plan_finetune(config), hooks)
 
 
-def run_plan(plan: FinetunePlan) -> FinetuneResult:
+def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> FinetuneResult:
     config, layout = plan.config, plan.layout
     data = plan.data
     if config.task_name:
@@ -278,7 +279,7 @@ def run_plan(plan: FinetunePlan) -> FinetuneResult:
                                   Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.method.is_adapter, plan.identity,
                                   tcfg.metric_for_best_model in LOWER_IS_BETTER, plan.custom_loss)
             trainer = Trainer(model, TrainingData(data.train, data.eval, plan.tokenizer.pad_token_id), tcfg, setup, fast_path,
-                              _generation_eval(plan), on_checkpoint=folder.commit)
+                              _generation_eval(plan), TrainingHooks(on_checkpoint=folder.commit).merged(hooks))
             if plan.resume_from is not None:
                 trainer.resume(plan.resume_from)
             trainer.prepare()  # the start-up checks (fast path, a custom loss's first call) before run.yaml is written

@@ -119,7 +119,8 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
         ("data", plan["data"]["format_description"]),
         ("train", plan["data"]["train"]["tokenized"]),
         ("precision", f"{plan['precision']['name']} on {plan['precision']['device']} ({plan['precision']['reason']})"),
-        ("steps", f"{result['steps']}{' (stopped early)' if result['stopped_early'] else ''}"),
+        ("steps", f"{result['steps']}" + (f" (stopped: {str(result.get('stop_reason') or 'early stopping').replace('_', ' ')})"
+                                          if result["stopped_early"] else "")),
         ("final train loss", f"{result['final_train_loss']:.4f}" if result.get("final_train_loss") is not None else "n/a"),
         ("tokens", f"{result['input_tokens_seen']:,} through the model ({result['tokens_seen']:,} with loss) in "
                    f"{result['train_seconds']:.1f} s ({result['tokens_per_second']:.0f} tokens/s)"),

@@ -34,6 +34,10 @@ def register(subparsers) -> None:
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the translated workflow and the plan; load nothing")
     parser.add_argument("--no_cache", action="store_true", help="run every pass even where an earlier run's output still fits")
     parser.add_argument("--log_level", type=int, default=None, help="0 debug ... 4 critical [default: the workflow's, else 1]")
+    search = parser.add_argument_group("a search file (with search_strategy) runs as `slmops tune`")
+    search.add_argument("--storage", default=None, help="Optuna storage URL shared by workers [default: OUTPUT/study.db]")
+    search.add_argument("--study_name", default=None, help="the study's name in the storage")
+    search.add_argument("--n_trials", type=int, default=None, help="trials to finish, over all workers")
     parser.set_defaults(handler=run)
 
 
@@ -41,6 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from slmops.workflow import load_workflow, plan_workflow, run_workflow
     from slmops.workflow.run import replayable
 
+    if _is_search_file(args.config):
+        from slmops.cli.tune import run_search
+
+        return run_search(args.config, args)
+    for flag in ("storage", "study_name", "n_trials"):
+        if getattr(args, flag) is not None:
+            from slmops.errors import ConfigError
+
+            raise ConfigError(f"--{flag} is for a search; {args.config} has no search_strategy")
     config, olive = load_workflow(args.config)
     if args.log_level is not None:
         config = config.model_copy(update={"log_level": args.log_level})
@@ -67,6 +80,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{name}: {report['data']['source']} ({report['data']['split']}, {report['data']['rows']} rows)")
         print(format_table(report))
     return 0
+
+
+def _is_search_file(path: str) -> bool:
+    from pathlib import Path
+
+    from slmops.config import load_yaml
+    from slmops.tune.load import is_search
+
+    if Path(path).suffix.lower() == ".json":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return False  # the workflow loader names the problem
+        return isinstance(data, dict) and is_search(data)
+    return is_search(load_yaml(path))
 
 
 def setup(plan) -> None:

@@ -40,6 +40,7 @@ class TrainResult:
     train_seconds: float
     tokens_per_second: float  # non-pad tokens per second
     fast_loss: bool
+    stop_reason: str | None = None  # why it ended before its last step: early_stopping, or what a hook said (pruned, time_limit)
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
@@ -94,14 +95,44 @@ class TrainingSetup:
     custom_loss: object | None = None  # train.custom_loss.CustomLoss (--loss), else cross-entropy on the labelled tokens
 
 
+@dataclass
+class TrainingHooks:
+    """What a caller may hear from, and say to, a running loop (the recipe, a tuning trial).
+    A hook that wants the run to end returns a reason (a short word: 'pruned', 'time_limit');
+    the loop then evaluates (if it has not at this step), checkpoints and stops, as early
+    stopping does. Hooks run in the training process, between steps."""
+
+    on_checkpoint: Callable[[], None] | None = None  # after each step checkpoint is in place
+    on_evaluate: Callable[[int, dict[str, float]], str | None] | None = None  # (step, eval result) -> stop reason
+    after_step: Callable[[int], str | None] | None = None  # (step) -> stop reason
+
+    def merged(self, other: "TrainingHooks | None") -> "TrainingHooks":
+        """These hooks and `other`'s, each pair called in turn (the first stop reason wins)."""
+        if other is None:
+            return self
+
+        def both(first, second):
+            if first is None or second is None:
+                return first or second
+
+            def call(*args):
+                reason = first(*args)
+                again = second(*args)
+                return reason or again
+
+            return call
+
+        return TrainingHooks(both(self.on_checkpoint, other.on_checkpoint), both(self.on_evaluate, other.on_evaluate),
+                             both(self.after_step, other.after_step))
+
+
 class Trainer:
     """The loop. `fast_path`: the CPU fast path installed on the model (train/cpu), verified
     here against the model's own forward before the first step. `extra_eval(model)` adds
-    metrics to each evaluation (generation metrics, from the recipe). `on_checkpoint()` runs
-    after each step checkpoint is in place."""
+    metrics to each evaluation (generation metrics, from the recipe). `hooks`: see TrainingHooks."""
 
     def __init__(self, model, data: TrainingData, cfg: TrainingConfig, setup: TrainingSetup, fast_path=None,
-                 extra_eval: Callable[[object], dict[str, float]] | None = None, on_checkpoint: Callable[[], None] | None = None):
+                 extra_eval: Callable[[object], dict[str, float]] | None = None, hooks: TrainingHooks | None = None):
         self.model = model
         self.data = data
         self.cfg = cfg
@@ -110,7 +141,7 @@ class Trainer:
         self.checkpoint_dir = Path(setup.checkpoint_dir)
         self.fast_path = fast_path if fast_path is not None and fast_path.active else None
         self.extra_eval = extra_eval
-        self.on_checkpoint = on_checkpoint
+        self.hooks = hooks or TrainingHooks()
         self.resumed_step: int | None = None
         self.best_key = cfg.metric_for_best_model
         self.steps = total_steps(cfg, len(data.train))
@@ -262,7 +293,7 @@ class Trainer:
         last_train_loss = None
         run_start = time.perf_counter() - self.state.elapsed_s
         paused_total = self.state.paused_s  # seconds spent in eval and checkpoints, not training
-        stopped_early = False
+        stop_reason: str | None = None
         batches = epoch_batches(self.data.train.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
         micro_batches = self._micro_batches(batches, self.state.batch_in_epoch)
         try:
@@ -327,7 +358,9 @@ class Trainer:
                     window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
 
                 paused = time.perf_counter()  # eval and checkpoint time is not training throughput
-                if self.data.eval is not None and (step % self.eval_every == 0 or step == self.steps):
+                if self.hooks.after_step is not None:
+                    stop_reason = self.hooks.after_step(step)
+                if self.data.eval is not None and (step % self.eval_every == 0 or step == self.steps or stop_reason):
                     result = self.evaluate()
                     metrics.log(step, "eval", **result)
                     watched = result[self.best_key]
@@ -342,18 +375,22 @@ class Trainer:
                     say(bar, f"step {step}: eval {shown} (best {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step})")
                     if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
                         say(bar, f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
-                        stopped_early = True
+                        stop_reason = stop_reason or "early_stopping"
+                    if self.hooks.on_evaluate is not None:
+                        stop_reason = self.hooks.on_evaluate(step, result) or stop_reason
+                if stop_reason and stop_reason != "early_stopping":
+                    say(bar, f"stopped at step {step}: {stop_reason.replace('_', ' ')}")
 
-                if step % self.save_every == 0 or step == self.steps or stopped_early:
+                if step % self.save_every == 0 or step == self.steps or stop_reason:
                     self.state.elapsed_s = time.perf_counter() - run_start
                     self.state.paused_s = paused_total
                     self._save(f"step-{step:06d}")
                     ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
-                    if self.on_checkpoint is not None:
-                        self.on_checkpoint()
+                    if self.hooks.on_checkpoint is not None:
+                        self.hooks.on_checkpoint()
                 window_start += time.perf_counter() - paused
                 paused_total += time.perf_counter() - paused
-                if stopped_early:
+                if stop_reason:
                     break
         finally:
             bar.close()
@@ -361,7 +398,7 @@ class Trainer:
         seconds = time.perf_counter() - run_start
         return TrainResult(
             steps=self.state.step,
-            stopped_early=stopped_early,
+            stopped_early=stop_reason is not None,
             best_step=self.state.best_step,
             best_eval_loss=self.state.best_metric,
             final_train_loss=last_train_loss,
@@ -370,6 +407,7 @@ class Trainer:
             train_seconds=seconds,
             tokens_per_second=self.state.input_tokens_seen / max(seconds - paused_total, 1e-9),
             fast_loss=self.loss_fn is not plain_loss,
+            stop_reason=stop_reason,
         )
 
     def restore_best(self) -> None:

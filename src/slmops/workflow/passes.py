@@ -51,6 +51,8 @@ class PassContext:
     name: str  # the pass's name: its output folder
     out: Path  # the workflow's output folder / name
     results: dict[str, Any] = field(default_factory=dict)  # evaluations of this run, by pass name
+    hooks: Any = None  # train.trainer.TrainingHooks for the fine-tuning passes (a tuning trial's pruning)
+    finetuned: dict[str, Any] = field(default_factory=dict)  # fine-tuning passes' TrainResults, by pass name
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def _run_finetune(context: PassContext, artifact: Artifact, spec: FinetunePass) 
                                               "task_name": context.name})
     config.model = config.model.model_copy(update={"model_name_or_path": artifact.model,
                                                    "trust_remote_code": context.workflow.input_model.trust_remote_code})
-    result = finetune(config)
+    result = finetune(config, context.hooks)
+    context.finetuned[context.name] = result.train
     if result.adapter_path is not None:
         return Artifact("hf", str(context.out), str(result.adapter_path), adapter_from=context.name)
     return Artifact("hf", str(result.model_path))

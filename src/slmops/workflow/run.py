@@ -211,9 +211,11 @@ class WorkflowResult:
     artifact: Artifact
     passes: list[PassRecord] = field(default_factory=list)
     results: dict = field(default_factory=dict)
+    finetuned: dict = field(default_factory=dict)  # fine-tuning passes that ran: their TrainResults
 
 
-def run_workflow(plan: WorkflowPlan, no_cache: bool = False) -> WorkflowResult:
+def run_workflow(plan: WorkflowPlan, no_cache: bool = False, hooks=None) -> WorkflowResult:
+    """Run the planned passes. `hooks` (train.trainer.TrainingHooks) go to every fine-tuning pass."""
     from slmops.outputs import OutputLock
 
     out = plan.out
@@ -224,6 +226,7 @@ def run_workflow(plan: WorkflowPlan, no_cache: bool = False) -> WorkflowResult:
         model = plan.config.input_model.model_name_or_path
         artifact = Artifact("hf", model, None, model_fingerprint(model))
         results: dict = {}
+        finetuned: dict = {}
         records: list[PassRecord] = []
         for planned in plan.passes:
             key = pass_key(planned, artifact)
@@ -240,7 +243,7 @@ def run_workflow(plan: WorkflowPlan, no_cache: bool = False) -> WorkflowResult:
                 shutil.rmtree(planned.out)
             log.info("%s: %s (%s)", planned.name, planned.kind.name, planned.kind.summary)
             started = time.perf_counter()
-            context = PassContext(plan.config, planned.name, planned.out, results)
+            context = PassContext(plan.config, planned.name, planned.out, results, hooks, finetuned)
             made = planned.kind.run(context, artifact, planned.spec)
             made.key = key
             seconds = time.perf_counter() - started
@@ -249,7 +252,7 @@ def run_workflow(plan: WorkflowPlan, no_cache: bool = False) -> WorkflowResult:
                                           "results": results.get(planned.name)}, indent=2))
             records.append(PassRecord(planned.name, planned.kind.name, "ran", seconds, made.to_dict()))
             artifact = made
-        result = WorkflowResult(out, artifact, records, results)
+        result = WorkflowResult(out, artifact, records, results, finetuned)
         (out / "results.json").write_text(json.dumps({"passes": [r.__dict__ for r in records], "results": results}, indent=2,
                                                      default=str))
         _write_report(plan, result)
