@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ from slmops.models.precision import Precision
 from slmops.models.resolve import ModelSource, source_description
 from slmops.outputs import OutputLayout, RunFolder, check_output_folder, copy_model_folder, versions
 from slmops.train import checkpoint as ckpt
+from slmops.train import distributed
+from slmops.train.distributed import World
 from slmops.train.trainer import Trainer, TrainingData, TrainingHooks, TrainingSetup, TrainResult
 
 log = logging.getLogger("slmops")
@@ -45,6 +47,7 @@ class FinetunePlan:
     data_config: DataConfig  # config.data with what the plan had to adjust (max_seq_len to the model's context)
     identity: dict  # what a checkpoint must share with this run to be resumed by it (run_identity)
     custom_loss: object | None = None  # train.custom_loss.CustomLoss for --loss
+    world: World = field(default_factory=World)  # the processes of a torchrun launch (train/distributed.py)
 
     def describe(self) -> dict:
         return {
@@ -57,7 +60,13 @@ class FinetunePlan:
             "max_seq_len": self.data_config.max_seq_len,
             "data": self.data.describe(),
             "resume_from": str(self.resume_from) if self.resume_from else None,
+            **({"distributed": {"world_size": self.world.size, "backend": self.world.backend,
+                                "global_batch": global_batch(self.config.training, self.world)}} if self.world.distributed else {}),
         }
+
+
+def global_batch(training, world: World) -> int:
+    return training.per_device_train_batch_size * world.size * training.gradient_accumulation_steps
 
 
 @dataclass
@@ -70,7 +79,19 @@ class FinetuneResult:
 
 
 def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
-    """Validate and resolve everything cheap; raise on the first class of problem found."""
+    """Validate and resolve everything cheap; raise on the first class of problem found.
+    Under torchrun every process plans, and all of them fail together if any one fails."""
+    world = distributed.world()
+    plan, error = None, None
+    try:
+        plan = _plan_finetune(config, world)
+    except Exception as exc:  # shared with the other processes, then raised on every one
+        error = exc
+    world.agree(error)
+    return plan
+
+
+def _plan_finetune(config: FinetuneConfig, world: World) -> FinetunePlan:
     method = get_method(config.method.method)
     tcfg = config.training
     if tcfg.fp16 and not torch.cuda.is_available():
@@ -118,13 +139,13 @@ def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
             "memory below ~1B parameters; 4-bit pays on larger models", structure.num_parameters / 1e6,
         )
     learning_rate = tcfg.learning_rate or method.default_learning_rate
-    identity = run_identity(config, method, source, targets, data)
+    identity = run_identity(config, method, source, targets, data, world)
     if custom_loss is not None:
         identity["loss"] = custom_loss.identity()
     if resume_from is not None:  # before anything is loaded or written
         ckpt.check_belongs(resume_from, identity, tcfg.ignore_mismatch, log)
     return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer,
-                        data_config, identity, custom_loss)
+                        data_config, identity, custom_loss, world)
 
 
 def _fit_context(data: DataConfig, max_positions: int | None) -> DataConfig:
@@ -136,7 +157,8 @@ def _fit_context(data: DataConfig, max_positions: int | None) -> DataConfig:
     return data.model_copy(update={"max_seq_len": max_positions})
 
 
-def run_identity(config: FinetuneConfig, method: Method, source: ModelSource, targets, data: PreparedData) -> dict:
+def run_identity(config: FinetuneConfig, method: Method, source: ModelSource, targets, data: PreparedData,
+                 world: World | None = None) -> dict:
     """What a checkpoint must share with this run for a resume to continue the same run:
     the base model (its config), the method and its adapter shape, the exact tokenized
     training examples, and what fixes their order. Learning rate, step count, evaluation and
@@ -156,8 +178,8 @@ def run_identity(config: FinetuneConfig, method: Method, source: ModelSource, ta
         "model": model,
         "method": method_id,
         "data": {"train_examples": data.train.fingerprint()},
-        "batches": {"per_device_train_batch_size": t.per_device_train_batch_size,
-                    "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed, "group_by_length": t.group_by_length},
+        # the global batch, not its split: a run resumes at another world size on the same curve
+        "batches": {"global_batch": global_batch(t, world or World()), "seed": t.seed, "group_by_length": t.group_by_length},
     }
 
 
@@ -201,8 +223,10 @@ def build_model(plan: FinetunePlan):
 
         base = load_model(plan.source.path, torch.float32, precision.device, cfg.model.trust_remote_code)
         base = PeftModel.from_pretrained(base, plan.source.adapter_path).merge_and_unload()
-        base.save_pretrained(plan.layout.model)
-        plan.tokenizer.save_pretrained(plan.layout.model)
+        if plan.world.is_main:  # one writer; the others read it below (QLoRA) once it is there
+            base.save_pretrained(plan.layout.model)
+            plan.tokenizer.save_pretrained(plan.layout.model)
+        plan.world.barrier()
         if precision.weights != torch.float32 and not plan.method.quantize_base_4bit:
             base.to(precision.weights)
         model = base
@@ -259,10 +283,17 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
     tcfg = config.training
     # The folder is locked from here to the end; with --overwrite the old run is kept aside
     # until the new one has written its first checkpoint (RunFolder).
-    with RunFolder(layout, config.overwrite and plan.resume_from is None, lambda: bool(ckpt.step_checkpoints(layout.checkpoints)),
-                   log) as folder:
-        for stale in ckpt.clean_staging(layout.checkpoints):
-            log.info("removed %s, left by a run killed while writing a checkpoint", stale)
+    world = plan.world
+    if world.distributed:
+        log.info("distributed: %s; global batch %d (%d per process x %d processes x %d accumulation)", world.describe(),
+                 global_batch(tcfg, world), tcfg.per_device_train_batch_size, world.size, tcfg.gradient_accumulation_steps)
+    # only rank 0 writes: it holds the folder; the others train alongside and write nothing
+    owner = RunFolder(layout, config.overwrite and plan.resume_from is None, lambda: bool(ckpt.step_checkpoints(layout.checkpoints)),
+                      log) if world.is_main else _NotTheWriter()
+    with owner as folder:
+        if world.is_main:
+            for stale in ckpt.clean_staging(layout.checkpoints):
+                log.info("removed %s, left by a run killed while writing a checkpoint", stale)
         model = build_model(plan)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -277,14 +308,18 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
 
             setup = TrainingSetup(plan.precision, plan.learning_rate, layout.checkpoints,
                                   Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.method.is_adapter, plan.identity,
-                                  tcfg.metric_for_best_model in LOWER_IS_BETTER, plan.custom_loss)
+                                  tcfg.metric_for_best_model in LOWER_IS_BETTER, plan.custom_loss, world)
             trainer = Trainer(model, TrainingData(data.train, data.eval, plan.tokenizer.pad_token_id), tcfg, setup, fast_path,
                               _generation_eval(plan), TrainingHooks(on_checkpoint=folder.commit).merged(hooks))
             if plan.resume_from is not None:
                 trainer.resume(plan.resume_from)
             trainer.prepare()  # the start-up checks (fast path, a custom loss's first call) before run.yaml is written
-            _write_run_yaml(plan, status="running")
+            if world.is_main:
+                _write_run_yaml(plan, status="running")
             result = trainer.train()
+            if not world.is_main:  # the outputs are rank 0's to write
+                return FinetuneResult(layout.root, layout.adapter if plan.method.is_adapter else None, layout.model, result,
+                                      plan.describe())
             if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
                 trainer.restore_best()
                 log.info("kept the best weights: step %d, eval %s %.4f", result.best_step, tcfg.metric_for_best_model, result.best_eval_loss)
@@ -294,6 +329,19 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
 
         write_training_report(layout, setup.log_dir, plan.describe(), asdict(result))
     return FinetuneResult(layout.root, adapter_path, layout.model, result, plan.describe())
+
+
+class _NotTheWriter:
+    """Rank > 0 of a distributed run: in the place of the output folder's RunFolder, it holds nothing."""
+
+    def __enter__(self) -> "_NotTheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def commit(self) -> None:
+        pass
 
 
 def _generation_eval(plan: FinetunePlan):

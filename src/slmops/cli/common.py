@@ -142,7 +142,7 @@ def config_from_args(schema: type[BaseModel], args: argparse.Namespace, cli_only
     """The command's config from its flags over its --config file, every problem named at once."""
     from slmops.config import from_flat, load_yaml
 
-    skip = {"config", "handler", "command", *cli_only}
+    skip = {"config", "handler", "command", "argv", *cli_only}
     values = {k: v for k, v in vars(args).items() if k not in skip and not k.endswith("_command")}
     base = load_yaml(args.config) if getattr(args, "config", None) else None
     return from_flat(values, base, schema=schema, source=getattr(args, "config", None) or "config")
@@ -180,5 +180,8 @@ def setup_logging(level: int) -> None:
 
 
 def fail(exc: BaseException) -> int:
-    print(f"slmops: error: {exc}", file=sys.stderr)
+    if getattr(exc, "silent", False):  # a process of a distributed run whose rank 0 reports the error
+        return exc.exit_code
+    if not getattr(exc, "reported", False):  # (rank 0 of a distributed run said it before the others stopped)
+        print(f"slmops: error: {exc}", file=sys.stderr)
     return 2 if isinstance(exc, ConfigError) else 1

@@ -32,7 +32,7 @@ def run_preview(args) -> int:
     from slmops.errors import DataError
     from slmops.models import load_tokenizer, resolve_model
 
-    values = {k: v for k, v in vars(args).items() if k not in {"handler", "command", "data_command", "index", "count"}}
+    values = {k: v for k, v in vars(args).items() if k not in {"handler", "command", "data_command", "index", "count", "argv"}}
     config = from_flat(values)
     source = resolve_model(config.model.model_name_or_path)
     tokenizer = load_tokenizer(source.path, config.model.trust_remote_code)

@@ -28,12 +28,16 @@ def register(subparsers) -> None:
     parser.add_argument("--save_config", default=None, metavar="FILE",
                         help="write this command as a workflow file (`slmops run --config FILE` reproduces the run), then run it "
                              "(with --dry_run: write it and stop)")
+    parser.add_argument("--nproc_per_node", type=int, default=None, metavar="N",
+                        help="train in N processes on this machine: slmops re-launches itself under torchrun (gloo on CPU, NCCL "
+                             "on GPU); the global batch is per_device_train_batch_size x N x gradient_accumulation_steps. "
+                             "Several machines: torchrun or accelerate launch (docs/distributed.md)")
     add_config_flags(parser, FinetuneConfig, main_title="run")
     parser.set_defaults(handler=run)
 
 
 def build_config(args: argparse.Namespace) -> FinetuneConfig:
-    values = {k: v for k, v in vars(args).items() if k not in {"config", "dry_run", "save_config", "handler", "command"}}
+    values = {k: v for k, v in vars(args).items() if k not in {"config", "dry_run", "save_config", "handler", "command", "nproc_per_node", "argv"}}
     base = load_yaml(args.config) if args.config else None
     if base is not None and {"config", "resolved"} <= set(base):  # an OUT/run.yaml: replay its config
         base = dict(base["config"])
@@ -47,7 +51,44 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     setup_logging(config.log_level)
+    from slmops.train import distributed
+
+    if args.nproc_per_node is not None and args.nproc_per_node > 1 and not args.dry_run:
+        if distributed.launched():
+            from slmops.errors import ConfigError
+
+            raise ConfigError("--nproc_per_node: this process is already one of a torchrun launch; give the number to torchrun only")
+        return relaunch(args.nproc_per_node, getattr(args, "argv", None) or sys.argv[1:])
+    try:
+        return _run(args, config)
+    finally:
+        distributed.shutdown()
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """This command again, in `nproc` processes under torchrun on this machine."""
+    import os
+    import shlex
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc_per_node":
+            skip = True
+        elif not arg.startswith("--nproc_per_node="):
+            rest.append(arg)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc)))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "slmops.cli.main", *rest]
+    print(f"slmops: torchrun --standalone --nproc_per_node {nproc} -m slmops.cli.main {shlex.join(rest)}", file=sys.stderr)
+    return subprocess.run(command, env=env).returncode
+
+
+def _run(args: argparse.Namespace, config: FinetuneConfig) -> int:
     from slmops.finetune_recipe import plan_finetune, run_plan
+    from slmops.train import distributed
 
     plan = plan_finetune(config)
     if args.save_config:
@@ -66,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan.describe(), indent=2, default=str))
         return 0
     result = run_plan(plan)
+    if not distributed.world().is_main:
+        return 0
     train = result.train
     print(
         f"slmops: finished {train.steps} steps in {train.train_seconds:.0f} s ({train.tokens_per_second:.0f} tokens/s); "

@@ -27,6 +27,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # (finetune --nproc_per_node launches it again)
     try:
         return args.handler(args)
     except SlmopsError as exc:

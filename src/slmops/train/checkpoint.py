@@ -42,6 +42,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    examples_in_epoch: int = 0  # examples of `epoch`'s order already trained on (the position kept across world sizes)
+    epoch_batch_size: int = 0  # the global batch `epoch`'s order was cut into (0: a checkpoint of an earlier slmops)
     tokens_seen: int = 0  # trained (labelled) tokens
     input_tokens_seen: int = 0  # non-pad tokens
     best_metric: float | None = None
@@ -282,7 +284,7 @@ def check_belongs(folder: Path, identity: dict, ignore_mismatch: bool, log=None)
         if log is not None:
             log.warning("checkpoint %s %s (resuming anyway: --ignore_mismatch)", folder, problem)
         return
-    differences = identity_differences(manifest.get("identity") or {}, identity)
+    differences = identity_differences(_current_form(manifest.get("identity") or {}), identity)
     if not differences:
         return
     shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
@@ -291,6 +293,17 @@ def check_belongs(folder: Path, identity: dict, ignore_mismatch: bool, log=None)
                           "or pass --ignore_mismatch to resume it anyway")
     if log is not None:
         log.warning("resuming checkpoint %s of another run (%s): --ignore_mismatch", folder, shown)
+
+
+def _current_form(identity: dict) -> dict:
+    """A manifest of a one-process slmops before distributed training named the batch by its
+    per-device size and accumulation; today's names the global batch (the same thing at world size 1)."""
+    batches = identity.get("batches")
+    if isinstance(batches, dict) and "per_device_train_batch_size" in batches:
+        batches = dict(batches)
+        size = batches.pop("per_device_train_batch_size") * batches.pop("gradient_accumulation_steps", 1)
+        identity = {**identity, "batches": {"global_batch": size, **batches}}
+    return identity
 
 
 def _legacy_load(path: Path):

@@ -22,6 +22,7 @@ from slmops.logs import progress_bar, say
 from slmops.models.precision import Precision
 from slmops.train import checkpoint as ckpt
 from slmops.train.cpu.attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
+from slmops.train.distributed import World, sum_gradients
 from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss
 from slmops.train.monitor import MetricsLog
 
@@ -43,10 +44,10 @@ class TrainResult:
     stop_reason: str | None = None  # why it ended before its last step: early_stopping, or what a hook said (pruned, time_limit)
 
 
-def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
+def total_steps(cfg: TrainingConfig, n_examples: int, world_size: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    micro_per_epoch = math.ceil(n_examples / cfg.per_device_train_batch_size)
+    micro_per_epoch = math.ceil(n_examples / (cfg.per_device_train_batch_size * world_size))
     return max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.gradient_accumulation_steps))
 
 
@@ -93,6 +94,7 @@ class TrainingSetup:
     identity: dict = field(default_factory=dict)  # the run's fingerprints, in each checkpoint's manifest
     lower_is_better: bool = True  # of cfg.metric_for_best_model
     custom_loss: object | None = None  # train.custom_loss.CustomLoss (--loss), else cross-entropy on the labelled tokens
+    world: World = field(default_factory=World)  # the processes training together (train/distributed.py)
 
 
 @dataclass
@@ -144,7 +146,11 @@ class Trainer:
         self.hooks = hooks or TrainingHooks()
         self.resumed_step: int | None = None
         self.best_key = cfg.metric_for_best_model
-        self.steps = total_steps(cfg, len(data.train))
+        self.world = setup.world
+        # one micro-batch over every process (rank r trains on its r-th slice); an optimizer step
+        # takes gradient_accumulation_steps of them
+        self.batch_over_ranks = cfg.per_device_train_batch_size * self.world.size
+        self.steps = total_steps(cfg, len(data.train), self.world.size)
         self.eval_every = cfg.eval_steps or default_interval(self.steps)
         self.save_every = cfg.save_steps or self.eval_every
         self.optimizer = build_optimizer(model, cfg, setup.learning_rate)
@@ -182,11 +188,30 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.precision.device, non_blocking=True) for k, v in batch.items()}
 
-    def _micro_batches(self, batches: list[list[int]], start: int):
-        """Collated micro-batches of one epoch from position `start`; with
-        --dataloader_num_workers, collated ahead of time in worker processes."""
-        collate_fn = functools.partial(collate, self.data.train, pad_id=self.data.pad_id)
-        rest = batches[start:]
+    def _rest_of_epoch(self) -> list[list[int]]:
+        """The global batches left in the current epoch. The position is kept in examples of
+        the epoch's seeded order (not in batches), so a run resumed with another global batch
+        (another world size) continues with exactly the examples it had not seen."""
+        cfg, state = self.cfg, self.state
+        size = state.epoch_batch_size or self.batch_over_ranks
+        batches = epoch_batches(self.data.train.lengths, size, cfg.seed, state.epoch, cfg.group_by_length)
+        if size == self.batch_over_ranks:  # the epoch's own batches (a short one may sit anywhere with length grouping)
+            done, k = 0, 0
+            while k < len(batches) and done + len(batches[k]) <= state.examples_in_epoch:
+                done += len(batches[k])
+                k += 1
+            return batches[k:]
+        rest = [i for batch in batches for i in batch][state.examples_in_epoch:]
+        return [rest[i : i + self.batch_over_ranks] for i in range(0, len(rest), self.batch_over_ranks)]
+
+    def _micro_batches(self, batches: list[list[int]]):
+        """This process's collated slice of each global batch (None where the slice is empty: a
+        short last batch); with --dataloader_num_workers, collated ahead in worker processes."""
+        per_rank = self.cfg.per_device_train_batch_size
+        rank = self.world.rank
+        mine = [batch[rank * per_rank : (rank + 1) * per_rank] for batch in batches]
+        collate_fn = functools.partial(_collate_or_none, self.data.train, pad_id=self.data.pad_id)
+        rest = mine
         if self.cfg.dataloader_num_workers > 0:
             from torch.utils.data import DataLoader
 
@@ -247,13 +272,16 @@ class Trainer:
         self.model.eval()
         order = sorted(range(len(eval_data)), key=lambda i: eval_data.lengths[i])
         size = self.cfg.per_device_eval_batch_size
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
         total, count = 0.0, 0
-        for start in range(0, len(order), size):
-            batch = self._to_device(collate(eval_data, order[start : start + size], self.data.pad_id))
+        for indices in batches[self.world.rank :: self.world.size]:  # each process its share, summed below
+            batch = self._to_device(collate(eval_data, indices, self.data.pad_id))
             with self._autocast():
                 loss_sum, n = self.loss_fn(self.model, batch)
             total += float(loss_sum)
             count += n
+        if self.world.distributed:
+            total, count = self.world.sum_(torch.tensor([total, float(count)], dtype=torch.float64)).tolist()
         loss = total / max(count, 1)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if self.extra_eval is not None:
@@ -279,6 +307,11 @@ class Trainer:
         """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint
         (checked to belong to this run by the recipe before the model was built)."""
         self.state = ckpt.load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        if not self.state.epoch_batch_size:  # a checkpoint of an earlier slmops: its position in batches of one process
+            cfg, state = self.cfg, self.state
+            state.epoch_batch_size = cfg.per_device_train_batch_size
+            old = epoch_batches(self.data.train.lengths, state.epoch_batch_size, cfg.seed, state.epoch, cfg.group_by_length)
+            state.examples_in_epoch = sum(len(b) for b in old[: state.batch_in_epoch])
         self.resumed_step = self.state.step
         log.info("resumed from %s at step %d", checkpoint, self.state.step)
 
@@ -287,30 +320,42 @@ class Trainer:
         resume_step = self.resumed_step
         self.prepare()
         self.model.train()
-        metrics = MetricsLog(self.setup.log_dir, cfg.report_to != "none", resume_step)
-        bar = progress_bar(total=self.steps, initial=self.state.step, desc="finetune", unit="step")
+        world = self.world
+        if world.rank > 0:  # dropout: each process its own stream, defined by the seed, its rank and the step
+            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + self.state.step)
+        metrics = MetricsLog(self.setup.log_dir, cfg.report_to != "none", resume_step) if world.is_main else _NoMetrics()
+        bar = progress_bar(total=self.steps, initial=self.state.step, desc="finetune", unit="step", enabled=world.is_main)
         window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
         last_train_loss = None
         run_start = time.perf_counter() - self.state.elapsed_s
         paused_total = self.state.paused_s  # seconds spent in eval and checkpoints, not training
         stop_reason: str | None = None
-        batches = epoch_batches(self.data.train.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
-        micro_batches = self._micro_batches(batches, self.state.batch_in_epoch)
+        n_examples = len(self.data.train)
+        batches = self._rest_of_epoch()
+        self.state.epoch_batch_size = self.state.epoch_batch_size or self.batch_over_ranks
+        micro_batches = self._micro_batches(batches)
+        position = 0  # in `batches`
         try:
             while self.state.step < self.steps:
-                if self.state.batch_in_epoch >= len(batches):  # next epoch: a new, seeded order
+                if position >= len(batches):  # next epoch: a new, seeded order
                     self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
-                    batches = epoch_batches(self.data.train.lengths, cfg.per_device_train_batch_size, cfg.seed, self.state.epoch, cfg.group_by_length)
-                    micro_batches = self._micro_batches(batches, 0)
-                n_micro = min(cfg.gradient_accumulation_steps, len(batches) - self.state.batch_in_epoch)
-                collated = [next(micro_batches) for _ in range(n_micro)]
-                # Normalise by the labelled tokens of the whole optimizer step, so gradient
-                # accumulation gives the same update as one big batch.
-                step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in collated)
+                    self.state.batch_in_epoch = self.state.examples_in_epoch = 0
+                    self.state.epoch_batch_size = self.batch_over_ranks
+                    batches = self._rest_of_epoch()
+                    micro_batches = self._micro_batches(batches)
+                    position = 0
+                n_micro = min(cfg.gradient_accumulation_steps, len(batches) - position)
+                step_examples = sum(len(b) for b in batches[position : position + n_micro])
+                collated = [b for b in (next(micro_batches) for _ in range(n_micro)) if b is not None]
+                # Normalise by the labelled tokens of the whole optimizer step (every process's), so
+                # gradient accumulation and N processes give the same update as one big batch.
+                counts = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in collated),
+                          sum(int(b["attention_mask"].sum()) for b in collated), len(collated)]  # labelled, non-pad, micro-batches
+                if world.distributed:
+                    counts = [int(c) for c in world.sum_(torch.tensor(counts, dtype=torch.float64)).tolist()]
+                step_tokens, step_inputs, step_micro = counts
                 # the loss is a sum over labelled tokens (normalised by them), or a custom loss's mean per micro-batch
-                step_norm = len(collated) if self.setup.custom_loss is not None else step_tokens
-                step_inputs = sum(int(b["attention_mask"].sum()) for b in collated)  # non-pad tokens
+                step_norm = step_micro if self.setup.custom_loss is not None else step_tokens
                 step_loss = 0.0
                 for batch in collated:
                     batch = self._to_device(batch)
@@ -322,6 +367,8 @@ class Trainer:
                         loss = loss_sum / step_norm
                         (self.scaler.scale(loss) if self.scaler else loss).backward()
                     step_loss += float(loss_sum.detach())
+                if world.distributed:  # the gradients (and loss) of the whole global step, on every process
+                    step_loss = float(sum_gradients(self.trainable, world, torch.tensor([step_loss], dtype=torch.float64))[0])
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 if cfg.max_grad_norm > 0:
@@ -336,6 +383,8 @@ class Trainer:
 
                 self.state.step += 1
                 self.state.batch_in_epoch += n_micro
+                self.state.examples_in_epoch += step_examples
+                position += n_micro
                 self.state.tokens_seen += step_tokens
                 self.state.input_tokens_seen += step_inputs
                 window_loss += step_loss
@@ -353,13 +402,13 @@ class Trainer:
                     tps = window_inputs / max(seconds, 1e-9)
                     metrics.log(step, "train", loss=train_loss, learning_rate=lr, tokens_per_second=tps,
                                 trained_tokens_per_second=window_tokens / max(seconds, 1e-9), step_seconds=seconds / cfg.logging_steps,
-                                epoch=self.state.epoch + self.state.batch_in_epoch / max(len(batches), 1))
+                                epoch=self.state.epoch + self.state.examples_in_epoch / max(n_examples, 1))
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tps:,.0f}")
                     window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
 
                 paused = time.perf_counter()  # eval and checkpoint time is not training throughput
                 if self.hooks.after_step is not None:
-                    stop_reason = self.hooks.after_step(step)
+                    stop_reason = self._agreed(self.hooks.after_step(step))
                 if self.data.eval is not None and (step % self.eval_every == 0 or step == self.steps or stop_reason):
                     result = self.evaluate()
                     metrics.log(step, "eval", **result)
@@ -368,7 +417,8 @@ class Trainer:
                         self.state.best_metric, self.state.best_step = watched, step
                         self.state.evals_without_improvement = 0
                         self.state.elapsed_s = time.perf_counter() - run_start
-                        self._save("best", weights_only=True)
+                        if world.is_main:
+                            self._save("best", weights_only=True)
                     else:
                         self.state.evals_without_improvement += 1
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "perplexity")
@@ -377,11 +427,11 @@ class Trainer:
                         say(bar, f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
                         stop_reason = stop_reason or "early_stopping"
                     if self.hooks.on_evaluate is not None:
-                        stop_reason = self.hooks.on_evaluate(step, result) or stop_reason
+                        stop_reason = self._agreed(self.hooks.on_evaluate(step, result)) or stop_reason
                 if stop_reason and stop_reason != "early_stopping":
                     say(bar, f"stopped at step {step}: {stop_reason.replace('_', ' ')}")
 
-                if step % self.save_every == 0 or step == self.steps or stop_reason:
+                if (step % self.save_every == 0 or step == self.steps or stop_reason) and world.is_main:  # one writer
                     self.state.elapsed_s = time.perf_counter() - run_start
                     self.state.paused_s = paused_total
                     self._save(f"step-{step:06d}")
@@ -410,6 +460,14 @@ class Trainer:
             stop_reason=stop_reason,
         )
 
+    def _agreed(self, reason: str | None) -> str | None:
+        """A hook's stop reason, the same on every process (time limits differ between them):
+        any process's reason stops them all."""
+        if not self.world.distributed:
+            return reason
+        stop = self.world.sum_(torch.tensor([1.0 if reason else 0.0]))
+        return reason or ("stopped_by_another_process" if float(stop[0]) > 0 else None)
+
     def restore_best(self) -> None:
         """Load the best checkpoint's weights (for --load_best_model_at_end)."""
         from safetensors.torch import load_file
@@ -417,3 +475,17 @@ class Trainer:
         best = self.checkpoint_dir / "best" / "trainable.safetensors"
         if best.is_file():
             ckpt.load_trainable_state(self.model, load_file(best))
+
+
+def _collate_or_none(data: TokenizedData, indices: list[int], pad_id: int):
+    return collate(data, indices, pad_id) if indices else None
+
+
+class _NoMetrics:
+    """The metrics log of a process that is not rank 0 (one writer)."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

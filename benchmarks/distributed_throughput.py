@@ -1,0 +1,88 @@
+"""Data-parallel training: `slmops finetune` in 1 process against 2 (or N) processes under
+torchrun on the same machine, the same global batch, in one run. LoRA on the built-in
+SmolLM2-135M-Instruct (or --model), tone data.
+
+    python benchmarks/distributed_throughput.py                  # 1 vs 2 processes, ~5 min on 2 cores
+    python benchmarks/distributed_throughput.py --nproc 1,2,4 --steps 30
+
+On a CPU, N processes split one machine's cores (cores / N threads each): the ratio says what
+the split costs or gains (less per-process threading overhead, one gradient all-reduce a step).
+On a machine with N GPUs each process takes one (NCCL), where the ratio is the scaling.
+Prints the CPU, a table (tokens/s, step seconds, final loss) and `ratio_tokens_per_s_Nproc_vs_1proc: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(nproc: int, args, out: Path) -> dict:
+    per_device = args.global_batch // nproc
+    flags = ["finetune", "--model_name_or_path", args.model, "--data_name", str(ROOT / "examples" / "data" / "tone.jsonl"),
+             "--train_split", "train[:500]", "--text_template",
+             "Classify the tone of the phrase as joyful, angry, sad, fearful or neutral.\nPhrase: {phrase}\nTone: {tone}",
+             "--max_steps", str(args.steps), "--per_device_train_batch_size", str(per_device), "--logging_steps", "1",
+             "--lora_dropout", "0", "--report_to", "none", "--output_path", str(out), "--log_level", "2"]
+    if nproc == 1:
+        command = [sys.executable, "-m", "slmops.cli.main", *flags]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "slmops.cli.main", *flags]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{nproc} process(es) failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    timed = train[args.warmup:]  # steps after the warm-up
+    tokens = sum(r["tokens_per_second"] * r["step_seconds"] for r in timed)
+    seconds = sum(r["step_seconds"] for r in timed)
+    return {"nproc": nproc, "per_device": per_device, "tokens_per_s": tokens / seconds, "step_s": seconds / len(timed),
+            "final_loss": train[-1]["loss"], "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--nproc", default="1,2", help="comma list of process counts; the first is the reference")
+    parser.add_argument("--global_batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    counts = [int(n) for n in args.nproc.split(",")]
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); global batch {args.global_batch}, {args.steps} steps "
+          f"({args.warmup} warm-up)")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            results.append(run(n, args, Path(tmp) / f"n{n}"))
+    print(f"{'processes':>9} {'per device':>10} {'tokens/s':>9} {'step s':>7} {'final loss':>10} {'wall s':>7}")
+    for r in results:
+        print(f"{r['nproc']:>9} {r['per_device']:>10} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.3f} {r['final_loss']:>10.4f} {r['wall_s']:>7.0f}")
+    base = results[0]
+    for r in results[1:]:
+        print(f"ratio_tokens_per_s_{r['nproc']}proc_vs_{base['nproc']}proc: {r['tokens_per_s'] / base['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
