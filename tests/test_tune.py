@@ -388,3 +388,24 @@ def test_trial_timeout_stops_a_trial_which_still_reports_its_evaluation(tiny_lla
         assert trial.user_attrs["stop_reason"] == "time_limit"
         result = yaml.safe_load((out / "trials" / str(trial.number) / "run.yaml").read_text())["result"]
         assert result["steps"] == 1 and result["best_step"] == 1 and result["best_eval_loss"] == pytest.approx(trial.value)
+
+
+def test_workers_racing_to_create_the_tables_of_a_new_database_wait_for_each_other(tiny_llama, tmp_path, monkeypatch):
+    """Two machines starting at once on a new PostgreSQL: the loser of CREATE TABLE gets a
+    'duplicate key' error while the winner commits; it opens the storage again instead of failing."""
+    import optuna.storages
+
+    from slmops.tune import load_search
+    from slmops.tune.study import open_storage
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError('duplicate key value violates unique constraint "pg_type_typname_nsp_index"')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    plan = load_search(search_file(tmp_path / "s.yaml", tiny_llama, tmp_path / "out"))
+    assert open_storage(plan) is not None and len(calls) == 2

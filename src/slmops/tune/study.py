@@ -77,15 +77,21 @@ def open_storage(plan: SearchPlan):
     interval = plan.config.heartbeat_interval
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return RDBStorage(engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=3 * interval,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=plan.config.max_retries))
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"--storage {shown_url(url)}: its database driver is not installed ({exc.name}); for PostgreSQL: "
-                              "pip install 'slmops[postgres]' (psycopg 3)") from None
-        except Exception as exc:  # sqlalchemy's ArgumentError / OperationalError: the message says which
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise ConfigError(f"--storage {shown_url(url)}: cannot open the study's database: {reason}") from None
+        for attempt in range(6):
+            try:
+                return RDBStorage(engine_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=3 * interval,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=plan.config.max_retries))
+            except ModuleNotFoundError as exc:
+                raise ConfigError(f"--storage {shown_url(url)}: its database driver is not installed ({exc.name}); for PostgreSQL: "
+                                  "pip install 'slmops[postgres]' (psycopg 3)") from None
+            except Exception as exc:  # sqlalchemy's ArgumentError / OperationalError: the message says which
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                if attempt < 5 and ("duplicate key" in reason or "already exists" in reason):
+                    # workers on several machines starting at once on a new database: each creates Optuna's
+                    # tables, and PostgreSQL refuses the second CREATE while the first commits; again, once it has
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise ConfigError(f"--storage {shown_url(url)}: cannot open the study's database: {reason}") from None
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
