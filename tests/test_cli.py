@@ -54,7 +54,19 @@ def test_dry_run_creates_nothing(capsys, tiny_llama, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-COMMANDS = ["finetune", "evaluate", "optimize", "auto-opt", "generate-adapter", "convert-adapters", "generate", "chat"]
+def test_dry_run_on_a_used_output_folder_shows_the_plan_and_says_what_the_run_would_hit(capsys, tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.yaml").write_text("status: finished\n")
+    code, text = run_cli(capsys, *base_args(tiny_llama, out), "--dry_run")
+    assert code == 0 and "# plan" in text, text
+    assert "slmops: warning: the run would stop here: --output_path" in text and "already holds another slmops run" in text
+    assert sorted(p.name for p in out.iterdir()) == ["run.yaml"]
+    code, text = run_cli(capsys, *base_args(tiny_llama, out))  # the run itself is still refused
+    assert code != 0 and "already holds another slmops run" in text
+
+
+COMMANDS = ["finetune", "evaluate", "optimize", "auto-opt", "export", "generate-adapter", "convert-adapters", "generate", "chat"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

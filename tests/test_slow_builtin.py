@@ -155,6 +155,28 @@ def test_seed_step3_auto_opt_fp32_and_int4(seed_tone_run):
             assert manifest["size_mb"] < 0.25 * json.loads((cwd / "models/llama/onnx/slmops_bundle.json").read_text())["size_mb"]
 
 
+def test_tuned_model_exported_as_gguf_answers_like_pytorch(seed_tone_run, tmp_path):
+    """The tone run merged and written as a q8_0 GGUF for llama.cpp / Ollama: read back (transformers'
+    GGUF loader), it labels the held-out phrases as the PyTorch model does, with its own tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = slmops("export", "-m", str(seed_tone_run), "--format", "gguf", "--quantization", "q8_0", "-o", "gguf", cwd=tmp_path)
+    assert "model-q8_0.gguf" in out and "3/3 prompts identical" in out, out
+    summary = json.loads((tmp_path / "gguf" / "export.json").read_text())
+    assert summary["check"]["tokenizer_identical"] and summary["size_mb"] < 200
+    gguf_dir = tmp_path / "gguf"
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model-q8_0.gguf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model-q8_0.gguf")
+    answers = []
+    for phrase in HELD_OUT:
+        prompt = LLAMA3_TONE.replace("\\n", "\n").split("{tone}")[0].format(phrase=phrase)
+        ids = tok(prompt, return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        answers.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert answers == ["angry", "joyful", "neutral"], answers
+    assert 'PARAMETER stop "<|im_end|>"' in (gguf_dir / "Modelfile").read_text()
+
+
 def test_two_adapters_one_base_switched_per_request(seed_tone_run, tmp_path):
     """The seed's multi-adapter example: tone and library Q&A adapters trained separately,
     one base exported once; each request picks its adapter and answers as PyTorch does."""

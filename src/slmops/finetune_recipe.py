@@ -15,7 +15,7 @@ import yaml
 
 from slmops.config import DataConfig, FinetuneConfig, to_yaml
 from slmops.data.prepare import PreparedData, load_splits, prepare_data
-from slmops.errors import ConfigError, ModelError
+from slmops.errors import ConfigError, ModelError, OutputError
 from slmops.methods import Method, get_method, resolve_target_modules
 from slmops.models import choose_precision, inspect_model, load_model, load_tokenizer, resolve_model
 from slmops.models.load import check_safetensors, check_weight_files
@@ -48,6 +48,7 @@ class FinetunePlan:
     identity: dict  # what a checkpoint must share with this run to be resumed by it (run_identity)
     custom_loss: object | None = None  # train.custom_loss.CustomLoss for --loss
     world: World = field(default_factory=World)  # the processes of a torchrun launch (train/distributed.py)
+    output_note: str | None = None  # (a dry run) why the output folder could not be used as it is
 
     def describe(self) -> dict:
         return {
@@ -60,6 +61,7 @@ class FinetunePlan:
             "max_seq_len": self.data_config.max_seq_len,
             "data": self.data.describe(),
             "resume_from": str(self.resume_from) if self.resume_from else None,
+            **({"output_path": f"not usable as it is: {self.output_note}"} if self.output_note else {}),
             **({"distributed": {"world_size": self.world.size, "backend": self.world.backend,
                                 "global_batch": global_batch(self.config.training, self.world)}} if self.world.distributed else {}),
         }
@@ -78,26 +80,33 @@ class FinetuneResult:
     plan: dict
 
 
-def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
+def plan_finetune(config: FinetuneConfig, dry_run: bool = False) -> FinetunePlan:
     """Validate and resolve everything cheap; raise on the first class of problem found.
-    Under torchrun every process plans, and all of them fail together if any one fails."""
+    Under torchrun every process plans, and all of them fail together if any one fails.
+    `dry_run`: an output folder the run could not use is reported in the plan, not raised."""
     world = distributed.world()
     plan, error = None, None
     try:
-        plan = _plan_finetune(config, world)
+        plan = _plan_finetune(config, world, dry_run)
     except Exception as exc:  # shared with the other processes, then raised on every one
         error = exc
     world.agree(error)
     return plan
 
 
-def _plan_finetune(config: FinetuneConfig, world: World) -> FinetunePlan:
+def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) -> FinetunePlan:
     method = get_method(config.method.method)
     tcfg = config.training
     if tcfg.fp16 and not torch.cuda.is_available():
         raise ConfigError("--fp16 needs a CUDA GPU; on a CPU leave it off (bf16 is chosen when the CPU is fast at it)")
     resuming = tcfg.resume_from_checkpoint is not None
-    layout = check_output_folder(Path(config.output_path), config.overwrite, resuming)
+    output_note = None
+    try:
+        layout = check_output_folder(Path(config.output_path), config.overwrite, resuming)
+    except OutputError as exc:
+        if not dry_run:
+            raise
+        layout, output_note = OutputLayout(Path(config.output_path).expanduser()), str(exc)  # (a plan to look at, not to run)
     resume_from = None
     if resuming:
         resume_from = ckpt.find_resume_checkpoint(tcfg.resume_from_checkpoint, layout.checkpoints)
@@ -145,7 +154,7 @@ def _plan_finetune(config: FinetuneConfig, world: World) -> FinetunePlan:
     if resume_from is not None:  # before anything is loaded or written
         ckpt.check_belongs(resume_from, identity, tcfg.ignore_mismatch, log)
     return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer,
-                        data_config, identity, custom_loss, world)
+                        data_config, identity, custom_loss, world, output_note)
 
 
 def _fit_context(data: DataConfig, max_positions: int | None) -> DataConfig:

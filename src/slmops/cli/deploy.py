@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from slmops.cli.common import add_config_flags, config_from_args, setup_logging
-from slmops.config import ConvertAdaptersConfig, ExportConfig, GenerateAdapterConfig
+from slmops.config import ConvertAdaptersConfig, ExportConfig, GenerateAdapterConfig, ModelExportConfig
 from slmops.errors import ConfigError
 from slmops.logs import log
 
@@ -26,6 +26,12 @@ GENERATE_ADAPTER_EXAMPLE = """example (one base exported once, one .onnx_adapter
 CONVERT_EXAMPLE = """example:
   slmops convert-adapters --adapter_path models/qa/ft/adapter --base_bundle models/multi \\
     --output_path models/qa.onnx_adapter
+"""
+EXPORT_EXAMPLE = """examples (an slmops finetune output: its adapter is merged into the base):
+  slmops export -m models/tone/ft --format merged -o models/tone/merged          # a Hugging Face folder
+  slmops export -m models/tone/ft --format gguf --quantization q8_0 -o models/tone/gguf
+  ollama create tone -f models/tone/gguf/Modelfile && ollama run tone             # (Ollama, where installed)
+  llama-cli -m models/tone/gguf/model-q8_0.gguf -cnv                               # (llama.cpp, where installed)
 """
 # Olive's `optimize` flags for NPU and QDQ flows, which ONNX Runtime GenAI bundles do not have:
 # accepted as names so the message says what they are, not "unknown flag"
@@ -57,6 +63,13 @@ def register(subparsers) -> None:
                                    epilog=GENERATE_ADAPTER_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, GenerateAdapterConfig, main_title="generate-adapter")
     parser.set_defaults(handler=run_generate_adapter)
+
+    parser = subparsers.add_parser("export", help="the tuned model as a merged Hugging Face folder or a GGUF file for "
+                                   "llama.cpp / Ollama (with a Modelfile), checked against PyTorch",
+                                   epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="check the source and the output folder; write nothing")
+    add_config_flags(parser, ModelExportConfig, main_title="export")
+    parser.set_defaults(handler=run_model_export)
 
     parser = subparsers.add_parser("convert-adapters", help="a PEFT LoRA adapter -> an .onnx_adapter file",
                                    epilog=CONVERT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +139,29 @@ def run_generate_adapter(args) -> int:
         _print_summary(Path(config.output_path), manifest, config.log_level)
         return 0
     return _export(config)
+
+
+def run_model_export(args) -> int:
+    config = config_from_args(ModelExportConfig, args, cli_only={"dry_run"})
+    setup_logging(config.log_level)
+    from slmops.deploy.portable import export_portable, plan_portable
+
+    plan = plan_portable(config)
+    if args.dry_run:
+        print(json.dumps({"format": config.format, "base": str(plan.base), "adapter": str(plan.adapter) if plan.adapter else None,
+                          "architecture": plan.architecture, "output": str(plan.output),
+                          **({"quantization": config.quantization} if config.format == "gguf" else {})}, indent=2))
+        return 0
+    summary = export_portable(plan)
+    check = summary.get("check") or {}
+    what = f"{summary['file']} ({summary['size_mb']} MB, {summary['quantization']}) + Modelfile" if config.format == "gguf" else "merged model"
+    print(f"export: {config.output_path}: {what}, in {summary['seconds']} s", file=sys.stderr)
+    if check:
+        against = "the merged model, read back by transformers" if config.format == "gguf" else "base + adapter in PyTorch"
+        print(f"  check against {against}: {check['identical']}/{check['prompts']} prompts identical, "
+              f"{100 * check['token_agreement']:.0f}% tokens agree, max |logit diff| {check['max_logit_diff']:.3g}"
+              + ("" if check.get("tokenizer_identical", True) else "; the GGUF's tokenizer encodes differently"), file=sys.stderr)
+    return 0
 
 
 def run_convert(args) -> int:

@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace, config: FinetuneConfig) -> int:
     from slmops.finetune_recipe import plan_finetune, run_plan
     from slmops.train import distributed
 
-    plan = plan_finetune(config)
+    plan = plan_finetune(config, dry_run=args.dry_run)
     if args.save_config:
         from pathlib import Path
 
@@ -105,6 +105,8 @@ def _run(args: argparse.Namespace, config: FinetuneConfig) -> int:
         print(to_yaml(config))
         print("# plan")
         print(json.dumps(plan.describe(), indent=2, default=str))
+        if plan.output_note:
+            print(f"slmops: warning: the run would stop here: {plan.output_note}", file=sys.stderr)
         return 0
     result = run_plan(plan)
     if not distributed.world().is_main:
@@ -116,5 +118,6 @@ def _run(args: argparse.Namespace, config: FinetuneConfig) -> int:
         + (f", best eval loss {train.best_eval_loss:.4f} at step {train.best_step}" if train.best_eval_loss is not None else ""),
         file=sys.stderr,
     )
-    print(f"slmops: outputs in {result.output_path}: model/, {'adapter/, ' if result.adapter_path else ''}checkpoints/, logs/, run.yaml, report.md", file=sys.stderr)
+    print(f"slmops: outputs in {result.output_path}: model/, {'adapter/, ' if result.adapter_path else ''}checkpoints/, logs/, run.yaml; "
+          f"report: {result.output_path / 'report.html'} (curves: {result.output_path / 'loss.png'})", file=sys.stderr)
     return 0

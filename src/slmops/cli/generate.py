@@ -19,7 +19,8 @@ GENERATE_EXAMPLE = """examples:
 """
 CHAT_EXAMPLE = """example:
   slmops chat -m models/multi --adapter qa
-  (type /adapter NAME to switch adapter without reloading, /adapters to list them, /reset, /quit)
+  (type /adapter NAME to switch adapter without reloading, /adapters to list them, /max_tokens N, /reset, /quit;
+   Ctrl-C stops the answer being written, Ctrl-C or Ctrl-D at the prompt ends the chat)
 """
 
 
@@ -78,9 +79,14 @@ def run_generate(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = "/adapter NAME, /adapters, /max_tokens N, /reset, /quit"
+
+
 def run_chat(args) -> int:
     config = config_from_args(ChatConfig, args)
     setup_logging(config.log_level)
+    import dataclasses
+
     from slmops.inference import chat_prompt
 
     backend = _open(config)
@@ -89,37 +95,62 @@ def run_chat(args) -> int:
     history: list[dict] = [{"role": "system", "content": config.system}] if config.system else []
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"slmops chat ({backend.kind}, adapter: {adapter or backend.default_adapter or 'none'}). /adapter NAME, /adapters, /reset, /quit")
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # not on every platform
+            pass
+        print(f"slmops chat ({backend.kind}, adapter: {adapter or backend.default_adapter or 'none'}). {CHAT_COMMANDS}; "
+              "Ctrl-C stops an answer")
     while True:
-        if interactive:
-            _write("> ")
-        line = sys.stdin.readline()
-        if not line:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: the chat ends
+            if interactive:
+                print()
+            break
+        if not interactive and not line:
             break
         line = line.strip()
         if not line:
             continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            history = history[:1] if config.system else []
-            continue
-        if line == "/adapters":
-            print(", ".join(backend.adapter_names) or "(none)")
-            continue
-        if line.startswith("/adapter"):
-            name = line.removeprefix("/adapter").strip() or "base"
-            try:
-                backend.load_adapter(name)  # loads and checks it now, not at the next answer
-            except SlmopsError as exc:  # a typo must not end the conversation
-                print(f"slmops: error: {exc}", file=sys.stderr)
-                continue
-            adapter = name
-            print(f"(adapter: {adapter})")
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            argument = argument.strip()
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                history = history[:1] if config.system else []
+            elif command == "/adapters":
+                print(", ".join(backend.adapter_names) or "(none)")
+            elif command == "/adapter":
+                name = argument or "base"
+                try:
+                    backend.load_adapter(name)  # loads and checks it now, not at the next answer
+                except SlmopsError as exc:  # a typo must not end the conversation
+                    print(f"slmops: error: {exc}", file=sys.stderr)
+                    continue
+                adapter = name
+                print(f"(adapter: {adapter})")
+            elif command == "/max_tokens":
+                try:
+                    params = dataclasses.replace(params, max_new_tokens=int(argument))
+                    print(f"(answers up to {params.max_new_tokens} tokens)")
+                except (ValueError, ConfigError):
+                    print(f"slmops: error: /max_tokens takes a positive whole number (got {argument!r})", file=sys.stderr)
+            else:
+                print(f"slmops: error: unknown command {command}; commands: {CHAT_COMMANDS}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         prompt, special = chat_prompt(backend.tokenizer, history)
-        answer = backend.generate_text(prompt, adapter, params, special, on_text=_write)
+        generation = backend.start(prompt, adapter, params, special)
+        try:
+            for piece in generation:
+                _write(piece)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            generation.cancel()
+            _write(" (stopped)")
         _write("\n")
-        history.append({"role": "assistant", "content": answer})
+        if generation.finish_reason == "length":
+            print(f"(cut at the token limit, {generation.completion_tokens} tokens: /max_tokens N for longer answers)")
+        history.append({"role": "assistant", "content": generation.text})
     return 0

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from slmops.config import base as _base
 from slmops.config.base import Section, flag_index, format_validation_error, load_yaml, sections, to_yaml
-from slmops.config.deploy import ConvertAdaptersConfig, ExportConfig, GenerateAdapterConfig
+from slmops.config.deploy import ConvertAdaptersConfig, ExportConfig, GenerateAdapterConfig, ModelExportConfig
 from slmops.config.evaluate import EvaluateConfig
 from slmops.config.finetune import DataConfig, FinetuneConfig, MethodConfig, ModelConfig, TrainingConfig
 from slmops.config.generate import ChatConfig, GenerateConfig
@@ -24,6 +24,7 @@ __all__ = [
     "DataConfig",
     "EvaluateConfig",
     "ExportConfig",
+    "ModelExportConfig",
     "FinetuneConfig",
     "GenerateAdapterConfig",
     "GenerateConfig",

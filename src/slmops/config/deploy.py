@@ -156,3 +156,43 @@ class ConvertAdaptersConfig(Section):
         if not value.endswith(".onnx_adapter"):
             raise ValueError(f"{value!r} should end in .onnx_adapter")
         return value
+
+
+GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_0")  # what the gguf package itself can write
+
+
+class ModelExportConfig(Section):
+    """`slmops export`: the tuned model for the tools users run it with: `merged` (the adapter
+    merged into the base, a Hugging Face folder that from_pretrained loads) or `gguf` (one
+    file for llama.cpp and Ollama, with a Modelfile), each checked against PyTorch.
+
+    model_name_or_path: models/tone/ft      # an slmops finetune output: its adapter is merged
+    format: gguf
+    quantization: q8_0
+    output_path: models/tone/gguf
+    """
+
+    model_name_or_path: str = Field(description="An slmops finetune output (its adapter is merged), a Hugging Face folder, a "
+                                    "built-in name or a Hub id.", json_schema_extra={"cli": ["-m"]})
+    adapter_path: str | None = Field(None, description="A PEFT LoRA adapter to merge (default: the finetune output's own).",
+                                     json_schema_extra={"cli": ["-a"]})
+    format: Literal["merged", "gguf"] = Field("merged", description="merged: a Hugging Face folder; gguf: a GGUF file for "
+                                              "llama.cpp / Ollama (llama-architecture models: SmolLM2, Llama 3.x).")
+    quantization: str = Field("q8_0", description="GGUF weight type: f32, f16, q8_0 or q4_0 (the norms stay f32). K-quants "
+                              "(q4_k_m...): write f16, then llama.cpp's llama-quantize.")
+    output_path: str = Field(description="Folder to write (must be new or empty).", json_schema_extra={"cli": ["-o"]})
+    check_prompts: int = Field(3, ge=0, description="Prompts the export is checked on against PyTorch (greedy tokens, logits); 0 skips.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model's folder (only for models you trust).")
+    log_level: int = log_level_field(1)
+
+    _level = field_validator("log_level", mode="before")(named_log_level)
+
+    @field_validator("quantization")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        value = value.lower()
+        if value not in GGUF_QUANTIZATIONS:
+            tip = (" K-quants are made by llama.cpp's quantizer: export f16, then `llama-quantize model-f16.gguf "
+                   f"model-{value}.gguf {value.upper()}`" if "_k" in value else "")
+            raise ValueError(f"{value!r} is not one of {', '.join(GGUF_QUANTIZATIONS)}.{tip}")
+        return value

@@ -1,0 +1,137 @@
+"""`slmops export`: the merged folder loads in transformers and equals base + adapter; the GGUF
+file reads back (transformers' GGUF loader, gguf's reader) to the merged model's weights and
+logits within its weight type's error; the Modelfile carries the chat template and stop tokens;
+bad requests are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_config
+
+from slmops.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_llama, tmp_path_factory) -> Path:
+    """A tiny LoRA run (an slmops finetune output with model/ and adapter/)."""
+    from slmops.finetune_recipe import finetune
+
+    out = tmp_path_factory.mktemp("tuned") / "ft"
+    finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0))
+    return out
+
+
+def _run(capsys, *args) -> tuple[int, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _ids(tuned: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tuned / "model")
+    return torch.tensor([tok("Phrase: I love rainy days\nTone:")["input_ids"]])
+
+
+def _reference(tuned: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tuned / "model", dtype=torch.float32), tuned / "adapter").eval()
+
+
+def test_merged_export_loads_in_transformers_and_equals_base_plus_adapter(tuned, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    code, text = _run(capsys, "export", "-m", str(tuned), "--format", "merged", "-o", str(out), "--log_level", "2")
+    assert code == 0, text
+    assert "3/3 prompts identical" in text
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = _ids(tuned)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, _reference(tuned)(ids).logits, atol=1e-4)
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["adapter"] == str(tuned / "adapter") and summary["check"]["max_logit_diff"] < 1e-4
+
+
+def _gguf(tuned: Path, out: Path, quantization: str, capsys) -> Path:
+    code, text = _run(capsys, "export", "-m", str(tuned), "--format", "gguf", "--quantization", quantization, "-o", str(out),
+                      "--log_level", "2")
+    assert code == 0, text
+    return out / f"model-{quantization}.gguf"
+
+
+def test_gguf_f32_reads_back_to_the_merged_model_exactly_with_its_tokenizer(tuned, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _gguf(tuned, tmp_path / "g32", "f32", capsys)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = _ids(tuned)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, _reference(tuned)(ids).logits, atol=1e-4)
+    inside = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    reference = AutoTokenizer.from_pretrained(tuned / "model")
+    text = "Phrase: What a wonderful surprise!\nTone: joyful<|im_end|>"
+    assert inside(text, add_special_tokens=False)["input_ids"] == reference(text, add_special_tokens=False)["input_ids"]
+    assert inside.chat_template == reference.chat_template
+    summary = json.loads((path.parent / "export.json").read_text())
+    assert summary["check"]["identical"] == 3 and summary["check"]["tokenizer_identical"]
+    modelfile = (path.parent / "Modelfile").read_text()
+    assert f"FROM ./{path.name}" in modelfile and "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert not (path.parent / "merged").exists()  # (the staging merge is not left behind)
+
+
+@pytest.mark.parametrize("quantization,relative_error", [("f16", 1e-3), ("q8_0", 1e-2), ("q4_0", 0.15)])
+def test_quantized_gguf_weights_are_the_merged_weights_within_their_type(quantization, relative_error, tuned, tmp_path, capsys):
+    """Each weight read back with gguf's own reader and dequantizer (q/k rows in llama.cpp's
+    rotary order, so compared through transformers' loader, which undoes it)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    path = _gguf(tuned, tmp_path / quantization, quantization, capsys)
+    reader = gguf.GGUFReader(path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.ffn_down.weight"] == quantization.upper()
+    assert "output.weight" not in kinds  # tied head: llama.cpp reuses token_embd
+    down = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    values = gguf.quants.dequantize(down.data, down.tensor_type).reshape(-1)
+    merged = _reference(tuned).merge_and_unload().state_dict()["model.layers.0.mlp.down_proj.weight"].reshape(-1).numpy()
+    assert np.abs(values - merged).max() <= relative_error * np.abs(merged).max()
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = loaded(_ids(tuned)).logits, _reference(tuned)(_ids(tuned)).logits
+    assert (a - b).abs().max() <= relative_error * 40 * b.abs().max()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantization", "q4_k_m"], "K-quants are made by llama.cpp's quantizer"),
+    (["--format", "onnx"], "--format"),
+], ids=["k-quant", "format"])
+def test_bad_export_requests_are_one_line(args, message, tuned, tmp_path, capsys):
+    code, text = _run(capsys, "export", "-m", str(tuned), "--format", "gguf", "-o", str(tmp_path / "x"), *args)
+    assert code == 2 and message in text, text
+    assert not (tmp_path / "x").exists()
+
+
+def test_gguf_of_an_architecture_it_does_not_write_is_refused_before_work(tiny_models, tmp_path, capsys):
+    code, text = _run(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "gguf", "-o", str(tmp_path / "x"))
+    assert code != 0 and "GPT2LMHeadModel" in text and "convert_hf_to_gguf.py" in text, text
+    assert not (tmp_path / "x").exists()
+    code, text = _run(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "merged", "-o", str(tmp_path / "m"), "--dry_run")
+    assert code == 0 and '"architecture": "GPT2LMHeadModel"' in text and not (tmp_path / "m").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    code, text = _run(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "merged", "-o", str(tmp_path / "used"))
+    assert code != 0 and "is not empty" in text and (tmp_path / "used" / "keep.txt").read_text() == "mine"
