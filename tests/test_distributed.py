@@ -90,6 +90,19 @@ def test_a_checkpoint_resumes_at_another_world_size_on_the_same_curve(first, the
     assert proc.returncode == 2 and "batches.global_batch: 8 in the checkpoint, 2 now" in proc.stderr, proc.stderr[-2000:]
 
 
+def children(pid: int) -> list[str]:
+    """The processes `pid` started (from /proc: no procps needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # (state, ppid, ...)
+            found.append(stat.parent.name)
+    return found
+
+
 def test_a_killed_rank_ends_the_run_with_a_clear_message(tiny_llama, tmp_path):
     out = tmp_path / "run"
     args = ["finetune", "--model_name_or_path", str(tiny_llama), "--output_path", str(out), *RUN, "--max_steps", "100000",
@@ -103,7 +116,7 @@ def test_a_killed_rank_ends_the_run_with_a_clear_message(tiny_llama, tmp_path):
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "no training"
             time.sleep(0.5)
-        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ranks = children(proc.pid)
         assert len(ranks) == 2, ranks
         started = time.monotonic()
         os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGKILL)
