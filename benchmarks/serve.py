@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import cpu_name  # (benchmarks/common.py)
+
 import torch
 
 QUESTIONS = [
@@ -36,16 +37,6 @@ QUESTIONS = [
     "Give me a tip for learning to cook.", "What does a lighthouse do?", "Why is the sky blue?",
     "Suggest a name for a grey cat.", "What is a prime number?",
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_adapter(model_path: Path, out: Path, seed: int, targets: list[str]) -> Path:

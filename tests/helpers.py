@@ -37,3 +37,15 @@ def plan_export(model, adapters, out, **options):
     config = from_dict({"model_name_or_path": str(model), "adapter_path": [str(a) for a in adapters] if adapters else None,
                         "output_path": str(out), **options}, schema=ExportConfig)
     return _plan_export(config)
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """`slmops ARGS` in this process: (exit code, stdout + stderr)."""
+    from slmops.cli.main import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err

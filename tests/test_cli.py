@@ -2,9 +2,9 @@
 
 import pytest
 
-from slmops.cli.main import main
 from slmops.models import load as model_load
 
+from helpers import run_cli
 from conftest import TONE, TONE_TEMPLATE
 
 
@@ -18,14 +18,6 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(model_load, "load_model", refuse)
     monkeypatch.setattr("slmops.finetune_recipe.load_model", refuse)
 
-
-def run_cli(capsys, *args):
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def base_args(model, out):

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import tiny_config, run_cli
 
-from slmops.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +25,6 @@ def tuned(tiny_llama, tmp_path_factory) -> Path:
     finetune(tiny_config(tiny_llama, out, max_steps=6, lora_dropout=0.0))
     return out
 
-
-def _run(capsys, *args) -> tuple[int, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def _ids(tuned: Path) -> torch.Tensor:
@@ -54,7 +45,7 @@ def test_merged_export_loads_in_transformers_and_equals_base_plus_adapter(tuned,
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    code, text = _run(capsys, "export", "-m", str(tuned), "--format", "merged", "-o", str(out), "--log_level", "2")
+    code, text = run_cli(capsys, "export", "-m", str(tuned), "--format", "merged", "-o", str(out), "--log_level", "2")
     assert code == 0, text
     assert "3/3 prompts identical" in text
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -67,7 +58,7 @@ def test_merged_export_loads_in_transformers_and_equals_base_plus_adapter(tuned,
 
 
 def _gguf(tuned: Path, out: Path, quantization: str, capsys) -> Path:
-    code, text = _run(capsys, "export", "-m", str(tuned), "--format", "gguf", "--quantization", quantization, "-o", str(out),
+    code, text = run_cli(capsys, "export", "-m", str(tuned), "--format", "gguf", "--quantization", quantization, "-o", str(out),
                       "--log_level", "2")
     assert code == 0, text
     return out / f"model-{quantization}.gguf"
@@ -87,7 +78,7 @@ def test_gguf_f32_reads_back_to_the_merged_model_exactly_with_its_tokenizer(tune
     assert inside(text, add_special_tokens=False)["input_ids"] == reference(text, add_special_tokens=False)["input_ids"]
     assert inside.chat_template == reference.chat_template
     summary = json.loads((path.parent / "export.json").read_text())
-    assert summary["check"]["identical"] == 3 and summary["check"]["tokenizer_identical"]
+    assert summary["check"]["exact"] == 3 and summary["check"]["tokenizer_identical"]
     modelfile = (path.parent / "Modelfile").read_text()
     assert f"FROM ./{path.name}" in modelfile and "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert not (path.parent / "merged").exists()  # (the staging merge is not left behind)
@@ -120,18 +111,18 @@ def test_quantized_gguf_weights_are_the_merged_weights_within_their_type(quantiz
     (["--format", "onnx"], "--format"),
 ], ids=["k-quant", "format"])
 def test_bad_export_requests_are_one_line(args, message, tuned, tmp_path, capsys):
-    code, text = _run(capsys, "export", "-m", str(tuned), "--format", "gguf", "-o", str(tmp_path / "x"), *args)
+    code, text = run_cli(capsys, "export", "-m", str(tuned), "--format", "gguf", "-o", str(tmp_path / "x"), *args)
     assert code == 2 and message in text, text
     assert not (tmp_path / "x").exists()
 
 
 def test_gguf_of_an_architecture_it_does_not_write_is_refused_before_work(tiny_models, tmp_path, capsys):
-    code, text = _run(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "gguf", "-o", str(tmp_path / "x"))
+    code, text = run_cli(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "gguf", "-o", str(tmp_path / "x"))
     assert code != 0 and "GPT2LMHeadModel" in text and "convert_hf_to_gguf.py" in text, text
     assert not (tmp_path / "x").exists()
-    code, text = _run(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "merged", "-o", str(tmp_path / "m"), "--dry_run")
+    code, text = run_cli(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "merged", "-o", str(tmp_path / "m"), "--dry_run")
     assert code == 0 and '"architecture": "GPT2LMHeadModel"' in text and not (tmp_path / "m").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("mine")
-    code, text = _run(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "merged", "-o", str(tmp_path / "used"))
+    code, text = run_cli(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "merged", "-o", str(tmp_path / "used"))
     assert code != 0 and "is not empty" in text and (tmp_path / "used" / "keep.txt").read_text() == "mine"

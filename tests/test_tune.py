@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import run_cli
 from conftest import TONE
 from postgres_server import postgres_server, why_unavailable
 
-from slmops.cli.main import main
 
 SEED_SPACE = {  # the seed's search file, as written
     "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
@@ -55,14 +55,6 @@ def search_file(path: Path, model: Path, out: Path, trials: int = 6, max_steps: 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
-
-def _run(capsys, *args) -> tuple[int, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def worker(*args: str, log: Path) -> subprocess.Popen:
@@ -108,7 +100,7 @@ BAD_SPACES = [
 @pytest.mark.parametrize("name,space,message", BAD_SPACES, ids=[c[0] for c in BAD_SPACES])
 def test_a_bad_search_space_is_one_line_naming_the_key_before_any_training(name, space, message, tiny_llama, tmp_path, capsys):
     file = search_file(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", search_space=space)
-    code, text = _run(capsys, "tune", "--config", str(file))
+    code, text = run_cli(capsys, "tune", "--config", str(file))
     assert code == 2, text
     errors = [line for line in text.splitlines() if line.startswith("slmops: error:")]
     assert len(errors) == 1 and message in errors[0] and str(file) in errors[0], text
@@ -123,7 +115,7 @@ def test_a_bad_search_space_is_one_line_naming_the_key_before_any_training(name,
 ], ids=["objective", "grid-float", "strategy-key", "pruner"])
 def test_bad_strategy_objective_and_pruner_are_named(search, message, tiny_llama, tmp_path, capsys):
     file = search_file(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", **search)
-    code, text = _run(capsys, "tune", "--config", str(file))
+    code, text = run_cli(capsys, "tune", "--config", str(file))
     assert code == 2 and message in text, text
     assert not (tmp_path / "out").exists()
 
@@ -133,7 +125,7 @@ def test_a_mistake_every_trial_would_make_stops_the_search_before_the_first_tria
     data = yaml.safe_load(file.read_text())
     data["text_template"] = "Phrase: {phrase}\nTone: {mood}"
     file.write_text(yaml.safe_dump(data))
-    code, text = _run(capsys, "tune", "--config", str(file))
+    code, text = run_cli(capsys, "tune", "--config", str(file))
     assert code != 0 and "slmops: error: --text_template: field(s) 'mood' not in the data" in text, text
     assert not (tmp_path / "out" / "study.db").exists() and not list((tmp_path / "out").glob("trials/[0-9]*"))
 
@@ -147,7 +139,7 @@ def test_seed_file_olive_spelling_and_aliases_make_the_plan(tiny_llama, tmp_path
     data.pop("search_strategy")
     data["engine"] = {"search_strategy": {"sampler": "tpe", "max_iter": 5, "execution_order": "joint"}}
     olive.write_text(yaml.safe_dump(data))
-    code, text = _run(capsys, "tune", "--config", str(olive), "--dry_run")
+    code, text = run_cli(capsys, "tune", "--config", str(olive), "--dry_run")
     assert code == 0, text
     plan = json.loads(text[text.index("{"):])
     assert plan["search"]["strategy"] == "tpe" and plan["search"]["trials"] == 5
@@ -166,7 +158,7 @@ def test_seed_file_olive_spelling_and_aliases_make_the_plan(tiny_llama, tmp_path
 def test_search_prunes_writes_outputs_and_best_yaml_reproduces_the_best_trial(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     file = search_file(tmp_path / "s.yaml", tiny_llama, out)
-    code, text = _run(capsys, "tune", "--config", str(file))
+    code, text = run_cli(capsys, "tune", "--config", str(file))
     assert code == 0, text
     rows = table(out)
     assert len(rows) == 6 and {r["state"] for r in rows} <= {"complete", "pruned"}
@@ -186,17 +178,17 @@ def test_search_prunes_writes_outputs_and_best_yaml_reproduces_the_best_trial(ti
     assert f"**best**: trial {best['number']}: loss" in report and "![Parameter importances](tune-2.png)" in report
     assert (out / "report.html").read_text().count("<img") >= 2
 
-    code, text = _run(capsys, "finetune", "--config", str(out / "best.yaml"), "--log_level", "2")
+    code, text = run_cli(capsys, "finetune", "--config", str(out / "best.yaml"), "--log_level", "2")
     assert code == 0, text
     again = yaml.safe_load((out / "best-run" / "run.yaml").read_text())["result"]["best_eval_loss"]
     assert again == pytest.approx(float(best["loss"]), rel=1e-5)
 
     # the same command again: the study is done, nothing runs twice
-    code, text = _run(capsys, "tune", "--config", str(file))
+    code, text = run_cli(capsys, "tune", "--config", str(file))
     assert code == 0 and len(table(out)) == 6
     # a changed search on that study is refused, naming what changed
     file.write_text(file.read_text().replace("high: 16", "high: 32"))
-    code, text = _run(capsys, "tune", "--config", str(file))
+    code, text = run_cli(capsys, "tune", "--config", str(file))
     assert code == 2 and "searches another search space" in text, text
 
 
@@ -212,7 +204,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(tiny_
 
     monkeypatch.setattr(targets.FinetuneTarget, "run", flaky)
     out = tmp_path / "out"
-    code, text = _run(capsys, "tune", "--config", str(search_file(tmp_path / "s.yaml", tiny_llama, out, trials=3)))
+    code, text = run_cli(capsys, "tune", "--config", str(search_file(tmp_path / "s.yaml", tiny_llama, out, trials=3)))
     assert code == 0, text
     rows = table(out)
     assert [r["state"] for r in rows] == ["complete", "fail", "complete", "complete"]
@@ -235,16 +227,16 @@ def test_search_over_a_workflow_inside_slmops_run(tiny_llama, tmp_path, capsys):
     }
     file = tmp_path / "wf.yaml"
     file.write_text(yaml.safe_dump(workflow, sort_keys=False))
-    code, text = _run(capsys, "run", "--config", str(file), "--output_path", str(out), "--log_level", "2")
+    code, text = run_cli(capsys, "run", "--config", str(file), "--output_path", str(out), "--log_level", "2")
     assert code == 0, text
     rows = table(out)
     assert sorted(r["lora.lora_r"] for r in rows) == ["2", "8"] and {r["state"] for r in rows} == {"complete"}
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["passes"]["lora"]["config"]["lora_r"] in (2, 8) and best["output_dir"] == str(out / "best-run")
-    code, text = _run(capsys, "run", "--config", str(out / "best.yaml"), "--log_level", "2")
+    code, text = run_cli(capsys, "run", "--config", str(out / "best.yaml"), "--log_level", "2")
     assert code == 0, text
     assert (out / "best-run" / "lora" / "adapter" / "adapter_config.json").is_file()
-    code, text = _run(capsys, "run", "--config", str(file), "--n_trials", "1", "--dry_run")  # (grid size 2 caps it)
+    code, text = run_cli(capsys, "run", "--config", str(file), "--n_trials", "1", "--dry_run")  # (grid size 2 caps it)
     assert code == 0 and '"trials": 1' in text, text
 
 
@@ -328,7 +320,7 @@ def test_a_trial_killed_in_flight_is_retried_and_the_study_finishes_exact(sig, t
     file = search_file(tmp_path / "s.yaml", tiny_llama, out, trials=2, max_steps=300, eval_steps=100)
     killed, rc = _kill_mid_trial(file, out, sig, tmp_path)
     assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
-    code, text = _run(capsys, "tune", "--config", str(file), "--log_level", "2")  # the same command again
+    code, text = run_cli(capsys, "tune", "--config", str(file), "--log_level", "2")  # the same command again
     assert code == 0, text
     trials = trials_of(out)
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -347,7 +339,7 @@ def test_the_shipped_search_file_makes_its_plan(capsys, monkeypatch):
     from conftest import ROOT
 
     monkeypatch.chdir(ROOT)
-    code, text = _run(capsys, "tune", "--config", "examples/tune/tone-lora.yaml", "--dry_run")
+    code, text = run_cli(capsys, "tune", "--config", "examples/tune/tone-lora.yaml", "--dry_run")
     assert code == 0, text
     plan = json.loads(text[text.index("{"):])
     assert plan["run"]["kind"] == "finetune" and plan["search"]["trials"] == 20
@@ -380,7 +372,7 @@ def test_trial_timeout_stops_a_trial_which_still_reports_its_evaluation(tiny_lla
     out = tmp_path / "out"
     file = search_file(tmp_path / "s.yaml", tiny_llama, out, trials=2, max_steps=500, eval_steps=250, trial_timeout=0.01,
                        pruner={"type": "none"})
-    code, text = _run(capsys, "tune", "--config", str(file))
+    code, text = run_cli(capsys, "tune", "--config", str(file))
     assert code == 0, text
     trials = trials_of(out)
     assert states(trials) == ["COMPLETE", "COMPLETE"]

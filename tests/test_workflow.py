@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import run_cli
 from conftest import ROOT, TONE, TONE_TEMPLATE, build_tiny_model
 
-from slmops.cli.main import main
 from slmops.errors import ConfigError
 
 QA = ROOT / "examples" / "data" / "library_qa.json"
@@ -33,14 +33,6 @@ passes:
 """
 
 
-def _run(capsys, *args) -> tuple[int, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
 
 def test_olive_example_runs_on_gpt2_with_setup_and_writes_a_peft_adapter(tiny_models, tmp_path, capsys, monkeypatch):
     from peft import PeftModel
@@ -49,7 +41,7 @@ def test_olive_example_runs_on_gpt2_with_setup_and_writes_a_peft_adapter(tiny_mo
     monkeypatch.chdir(tmp_path)
     file = tmp_path / "x.yaml"
     file.write_text(OLIVE_EXAMPLE.format(model=tiny_models["gpt2"], data=QA))
-    code, text = _run(capsys, "run", "--config", str(file), "--setup", "--log_level", "2")
+    code, text = run_cli(capsys, "run", "--config", str(file), "--setup", "--log_level", "2")
     assert code == 0, text
     adapter = tmp_path / "workflow-output" / "lora" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -96,7 +88,7 @@ def test_shipped_workflow_chains_finetune_export_and_evaluations_then_reuses_the
     model = build_tiny_model("llama", tokenizer_dir, tmp_path / "llama64", hidden_size=64)
     file = tmp_path / "wf.yaml"
     file.write_text(yaml.safe_dump(_tone_workflow(model, tmp_path / "out"), sort_keys=False))
-    code, text = _run(capsys, "run", "--config", str(file), "--log_level", "2")
+    code, text = run_cli(capsys, "run", "--config", str(file), "--log_level", "2")
     assert code == 0, text
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [p["status"] for p in results["passes"]] == ["ran"] * 4
@@ -107,15 +99,15 @@ def test_shipped_workflow_chains_finetune_export_and_evaluations_then_reuses_the
     assert "score_int4" in (tmp_path / "out" / "report.md").read_text()
 
     with caplog.at_level("INFO", logger="slmops"):
-        code, text = _run(capsys, "run", "--config", str(file), "--log_level", "1")
+        code, text = run_cli(capsys, "run", "--config", str(file), "--log_level", "1")
     assert code == 0, text
     assert [p["status"] for p in json.loads((tmp_path / "out" / "results.json").read_text())["passes"]] == ["reused"] * 4
     assert f"lora: reused from {tmp_path / 'out' / 'lora'} (same config and inputs)" in caplog.text
 
     file.write_text(yaml.safe_dump(_tone_workflow(model, tmp_path / "out", max_steps=5), sort_keys=False))  # a changed pass: it and all after it
-    assert _run(capsys, "run", "--config", str(file), "--log_level", "2")[0] == 0
+    assert run_cli(capsys, "run", "--config", str(file), "--log_level", "2")[0] == 0
     assert [p["status"] for p in json.loads((tmp_path / "out" / "results.json").read_text())["passes"]] == ["ran"] * 4
-    assert _run(capsys, "run", "--config", str(file), "--no_cache", "--log_level", "2")[0] == 0
+    assert run_cli(capsys, "run", "--config", str(file), "--no_cache", "--log_level", "2")[0] == 0
     assert [p["status"] for p in json.loads((tmp_path / "out" / "results.json").read_text())["passes"]] == ["ran"] * 4
 
 
@@ -127,10 +119,10 @@ def test_changed_data_is_never_reused(tiny_llama, tmp_path, capsys):
                 "passes": {"lora": {"type": "LoRA", "config": {"max_steps": 2}}}, "output_dir": str(tmp_path / "out")}
     file = tmp_path / "wf.yaml"
     file.write_text(yaml.safe_dump(workflow, sort_keys=False))
-    assert _run(capsys, "run", "--config", str(file), "--log_level", "3")[0] == 0
+    assert run_cli(capsys, "run", "--config", str(file), "--log_level", "3")[0] == 0
     lines = data_file.read_text().splitlines()
     data_file.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same rows, another order: other data
-    assert _run(capsys, "run", "--config", str(file), "--log_level", "3")[0] == 0
+    assert run_cli(capsys, "run", "--config", str(file), "--log_level", "3")[0] == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["passes"][0]["status"] == "ran"
 
 
@@ -138,10 +130,10 @@ def test_finetune_save_config_reproduces_the_run_bit_for_bit(tiny_llama, tmp_pat
     monkeypatch.chdir(tmp_path)
     args = ["finetune", "-m", str(tiny_llama), "-d", str(TONE), "--train_split", "train[:32]", "--text_template", TONE_TEMPLATE,
             "--max_steps", "3", "--lora_r", "4", "--learning_rate", "1e-2", "-o", "ft", "--save_config", "ft.yaml", "--log_level", "3"]
-    assert _run(capsys, *args)[0] == 0
+    assert run_cli(capsys, *args)[0] == 0
     saved = yaml.safe_load((tmp_path / "ft.yaml").read_text())
     assert saved["passes"]["ft"]["type"] == "LoRA" and saved["passes"]["ft"]["config"]["lora_r"] == 4
-    assert _run(capsys, "run", "--config", "ft.yaml", "--log_level", "3")[0] == 0
+    assert run_cli(capsys, "run", "--config", "ft.yaml", "--log_level", "3")[0] == 0
     replayed = tmp_path / "ft-workflow" / "ft" / "adapter" / "adapter_model.safetensors"
     assert replayed.read_bytes() == (tmp_path / "ft" / "adapter" / "adapter_model.safetensors").read_bytes()
 
@@ -213,7 +205,7 @@ def test_a_wrong_workflow_is_one_clear_error_before_anything_loads(name, data, m
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded")))
     file = tmp_path / "wf.yaml"
     file.write_text(yaml.safe_dump({**data, "output_dir": str(tmp_path / "out")}, sort_keys=False))
-    code, text = _run(capsys, "run", "--config", str(file))
+    code, text = run_cli(capsys, "run", "--config", str(file))
     assert code != 0 and "Traceback" not in text
     assert message in text, text
     assert not (tmp_path / "out").exists()

@@ -77,6 +77,13 @@ def check_writable(path: Path, flag: str) -> None:
         raise OutputError(f"cannot write to {flag} {str(path)!r}: {exc.strerror or exc} (in {str(ancestor)!r})") from None
 
 
+def check_new_folder(path: Path, flag: str = "--output_path") -> None:
+    """`path` can be written and holds nothing yet (an export into a used folder would mix old and new files)."""
+    check_writable(path, flag)
+    if path.is_dir() and any(path.iterdir()):
+        raise OutputError(f"output folder {str(path)!r} is not empty; choose another {flag} or remove it")
+
+
 def _listing(root: Path, limit: int = 6) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -158,7 +158,7 @@ def run_model_export(args) -> int:
     print(f"export: {config.output_path}: {what}, in {summary['seconds']} s", file=sys.stderr)
     if check:
         against = "the merged model, read back by transformers" if config.format == "gguf" else "base + adapter in PyTorch"
-        print(f"  check against {against}: {check['identical']}/{check['prompts']} prompts identical, "
+        print(f"  check against {against}: {check['exact']}/{check['prompts']} prompts identical, "
               f"{100 * check['token_agreement']:.0f}% tokens agree, max |logit diff| {check['max_logit_diff']:.3g}"
               + ("" if check.get("tokenizer_identical", True) else "; the GGUF's tokenizer encodes differently"), file=sys.stderr)
     return 0

@@ -79,8 +79,9 @@ def relaunch(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not arg.startswith("--nproc_per_node="):
             rest.append(arg)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc)))}
+    from slmops.train.distributed import threads_per_process
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_process(nproc)))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "slmops.cli.main", *rest]
     print(f"slmops: torchrun --standalone --nproc_per_node {nproc} -m slmops.cli.main {shlex.join(rest)}", file=sys.stderr)
     return subprocess.run(command, env=env).returncode

@@ -30,8 +30,8 @@ from slmops.deploy.bundle import MANIFEST, genai_config, read_manifest
 from slmops.inference.adapters import default_adapter_name
 from slmops.inference.onnx_backend import default_threads
 from slmops.config.deploy import ExportConfig, ExportOptions, GenerateAdapterConfig
-from slmops.errors import ConfigError, ModelError, OutputError
-from slmops.outputs import DEPLOY_PACKAGES, check_writable, versions
+from slmops.errors import ConfigError, ModelError
+from slmops.outputs import DEPLOY_PACKAGES, check_new_folder, versions
 
 log = logging.getLogger("slmops")
 
@@ -89,10 +89,7 @@ def plan_export(options: ExportConfig | GenerateAdapterConfig) -> ExportPlan:
 
     model_name_or_path, adapter_paths = _source(options)
     output = Path(options.output_path)
-    check_writable(output, "--output_path")
-    if output.is_dir() and any(output.iterdir()):
-        raise OutputError(f"output folder {str(output)!r} is not empty; choose another --output_path or remove it "
-                          "(re-exporting into a used folder would mix old and new weights)")
+    check_new_folder(output)
     parity_prompts = _read_prompts(options.parity_prompts)
 
     source = resolve_model(model_name_or_path)
@@ -304,9 +301,7 @@ def _set_threads(config_file: Path, threads: int) -> None:
 # ---- generate-adapter on an existing bundle / convert-adapters ---------------------------
 def add_adapters_to_bundle(base_bundle: Path, adapter_paths: list[str], output: Path, adapter_names: list[str] | None = None) -> dict:
     """A new bundle folder sharing the base's files (hard links) plus converted adapters."""
-    check_writable(output, "--output_path")
-    if output.is_dir() and any(output.iterdir()):
-        raise OutputError(f"output folder {str(output)!r} is not empty; choose another --output_path or remove it")
+    check_new_folder(output)
     genai_config(base_bundle)  # a corrupt base is named here, not copied into a new bundle
     manifest = read_manifest(base_bundle)
     slot_shapes = manifest.get("lora_slots") or {}

@@ -88,6 +88,24 @@ def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows:
             "change": round(onnx_value - torch_value, 4)}
 
 
+def agreement(reference, candidate, prompts: list[list[int]], new_tokens: int, adapter: str | None = None,
+              continuation_logits: bool = False) -> dict:
+    """Two back ends (the inference layer) on the same prompts: prompts whose greedy tokens agree
+    exactly, the share of tokens agreeing before the first difference, and the largest logit
+    difference (on the prompt, or with `continuation_logits` also on the reference's answer)."""
+    exact, agreed, total, max_diff = 0, 0, 0, 0.0
+    for ids in prompts:
+        expected = reference.generate_ids(ids, adapter, new_tokens)
+        got = candidate.generate_ids(ids, adapter, new_tokens)
+        scored = ids + expected if continuation_logits else ids
+        max_diff = max(max_diff, float(np.abs(candidate.logits(scored, adapter) - reference.logits(scored, adapter)).max()))
+        exact += expected == got
+        agreed += next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+        total += max(len(expected), len(got))
+    return {"prompts": len(prompts), "exact": exact, "token_agreement": round(agreed / total, 4) if total else 1.0,
+            "max_logit_diff": round(max_diff, 5)}
+
+
 def check_parity(bundle_dir: Path, plan, max_new_tokens: int | None = None) -> dict:
     """Per adapter (and the base): prompts whose greedy tokens agree exactly, the share of
     tokens agreeing before the first difference, and the largest logit difference. Both
@@ -106,23 +124,13 @@ def check_parity(bundle_dir: Path, plan, max_new_tokens: int | None = None) -> d
     for name, adapter_path in [(None, None), *plan.adapters]:
         adapter = name or "base"
         prompts = [(p, True) for p in plan.parity_prompts] or prompts_for_adapter(adapter_path, bundle.tokenizer)
-        exact, agreed, total, max_diff = 0, 0, 0, 0.0
-        for prompt, special in prompts:
-            ids = bundle.encode(prompt, special)
-            expected = reference.generate_ids(ids, adapter, tokens_wanted)
-            got = bundle.generate_ids(ids, adapter, tokens_wanted)
-            max_diff = max(max_diff, float(np.abs(bundle.logits(ids, adapter) - reference.logits(ids, adapter)).max()))
-            exact += expected == got
-            prefix = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
-            agreed += prefix
-            total += max(len(expected), len(got))
         label = name or "(no adapter)"
-        results[label] = {"prompts": len(prompts), "exact": exact, "token_agreement": round(agreed / total, 4) if total else 1.0,
-                          "max_logit_diff": round(max_diff, 5)}
+        results[label] = agreement(reference, bundle, [bundle.encode(p, special) for p, special in prompts], tokens_wanted, adapter)
         if adapter_path is not None and plan.precision != "fp32":  # quantized: what does it cost on the task?
             change = metric_change(bundle_dir, name, adapter_path)
             if change is not None:
                 results[label]["task_metric"] = change
+        result = results[label]
         log.debug("parity %-16s %d/%d prompts identical, %.1f%% tokens agree, max |logit diff| %.2g",
-                  label, exact, len(prompts), 100 * agreed / max(total, 1), max_diff)
+                  label, result["exact"], result["prompts"], 100 * result["token_agreement"], result["max_logit_diff"])
     return results

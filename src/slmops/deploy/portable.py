@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from slmops.config.deploy import ModelExportConfig
-from slmops.errors import ConfigError, ModelError, OutputError
-from slmops.outputs import check_writable
+from slmops.errors import ConfigError, ModelError
+from slmops.outputs import check_new_folder
 
 log = logging.getLogger("slmops")
 
@@ -52,9 +52,7 @@ def plan_portable(config: ModelExportConfig) -> PortablePlan:
     from slmops.models.load import check_weight_files, load_config
 
     output = Path(config.output_path)
-    check_writable(output, "--output_path")
-    if output.is_dir() and any(output.iterdir()):
-        raise OutputError(f"output folder {str(output)!r} is not empty; choose another --output_path or remove it")
+    check_new_folder(output)
     source = resolve_model(config.model_name_or_path)
     check_weight_files(source.path)
     adapter = source.adapter_path
@@ -156,22 +154,12 @@ def _prompts(tokenizer, count: int) -> list[list[int]]:
 
 
 def compare(reference, candidate, tokenizer, prompts: list[list[int]], new_tokens: int = 12) -> dict:
-    """Greedy tokens and the largest logit difference over the prompts (and what follows),
-    both models run through the inference layer."""
-    import numpy as np
-
+    """deploy.parity's agreement of two PyTorch models, the logits also compared on the reference's answer."""
+    from slmops.deploy.parity import agreement
     from slmops.inference.torch_backend import TorchBackend
 
-    ours, theirs = TorchBackend.from_model(reference, tokenizer, "reference"), TorchBackend.from_model(candidate, tokenizer, "export")
-    exact, agree, total, worst = 0, 0, 0, 0.0
-    for ids in prompts:
-        a, b = ours.generate_ids(ids, None, new_tokens), theirs.generate_ids(ids, None, new_tokens)
-        exact += a == b
-        agree += sum(p == q for p, q in zip(a, b))
-        total += max(len(a), len(b), 1)
-        worst = max(worst, float(np.abs(ours.logits(ids + a) - theirs.logits(ids + a)).max()))
-    return {"prompts": len(prompts), "identical": exact, "token_agreement": round(agree / max(total, 1), 4),
-            "max_logit_diff": round(worst, 5)}
+    return agreement(TorchBackend.from_model(reference, tokenizer, "reference"), TorchBackend.from_model(candidate, tokenizer, "export"),
+                     prompts, new_tokens, continuation_logits=True)
 
 
 def check_merged(plan: PortablePlan, folder: Path, tokenizer) -> dict:
@@ -186,7 +174,7 @@ def check_merged(plan: PortablePlan, folder: Path, tokenizer) -> dict:
 
         reference = PeftModel.from_pretrained(reference, plan.adapter)
     result = compare(reference.eval(), merged, tokenizer, _prompts(tokenizer, plan.config.check_prompts))
-    log.info("export: merged folder vs base + adapter: %d/%d prompts identical, max |logit diff| %.2g", result["identical"],
+    log.info("export: merged folder vs base + adapter: %d/%d prompts identical, max |logit diff| %.2g", result["exact"],
              result["prompts"], result["max_logit_diff"])
     return result
 
@@ -217,7 +205,7 @@ def check_gguf_export(merged, tokenizer, gguf_file: Path, count: int) -> dict:
     result["tokenizer_identical"] = all(inside(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
                                         for t in texts)
     log.info("export: %s read back vs the merged model: %d/%d prompts identical, %.0f%% tokens agree, max |logit diff| %.3g",
-             gguf_file.name, result["identical"], result["prompts"], 100 * result["token_agreement"], result["max_logit_diff"])
+             gguf_file.name, result["exact"], result["prompts"], 100 * result["token_agreement"], result["max_logit_diff"])
     return result
 
 
@@ -340,7 +328,7 @@ def modelfile(gguf_name: str, tokenizer) -> str:
     """An Ollama Modelfile: the GGUF, the chat template in Ollama's (Go) template language for
     the two families slmops' models use, and the stop tokens."""
     template = tokenizer.chat_template or ""
-    lines = [f"# ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = ["# ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
     stops = []
     if "<|im_start|>" in template:
         lines.append(CHATML)

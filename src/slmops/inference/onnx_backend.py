@@ -7,7 +7,6 @@ on plain ONNX Runtime, with the same adapter file as a LoraAdapter."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -18,12 +17,13 @@ import numpy as np
 from slmops.deploy.adapters import check_adapter_file, convert_adapter
 from slmops.deploy.bundle import genai_config, is_bundle, read_manifest
 from slmops.errors import ModelError, suggest
+from slmops.machine import available_cores
 from slmops.inference.adapters import resolve_adapter, split_reference
 from slmops.inference.base import BASE, Backend, GenerationParams
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return available_cores()
 
 
 class OnnxBackend(Backend):

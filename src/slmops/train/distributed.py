@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from slmops.errors import ConfigError, SlmopsError
+from slmops.machine import available_cores
 
 log = logging.getLogger("slmops")
 
@@ -179,12 +180,15 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def _share_cores(local_size: int) -> int:
+def threads_per_process(local_size: int) -> int:
     """N processes on one machine share its cores: each takes cores / N threads (torchrun's
     own default is 1 thread each, which leaves most of a large machine idle).
     SLMOPS_NUM_THREADS sets another number."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = int(os.environ.get("SLMOPS_NUM_THREADS") or max(1, cores // max(local_size, 1)))
+    return int(os.environ.get("SLMOPS_NUM_THREADS") or max(1, available_cores() // max(local_size, 1)))
+
+
+def _share_cores(local_size: int) -> int:
+    threads = threads_per_process(local_size)
     torch.set_num_threads(threads)
     return threads
 
