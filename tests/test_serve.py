@@ -223,10 +223,16 @@ def test_bad_requests_get_openai_errors(server, method, path, body, key, headers
 
 
 def test_a_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(bundle):
-    server = Server("-m", str(bundle["bundle"]), "--max_concurrency", "1", "--max_queue", "0", "--max_tokens_limit", "200")
+    # Greedy and as long as the context allows: the first answer runs its full 236 tokens (~0.1 s
+    # on the tiny model) unless cancelled, so the probe and the close land while it generates.
+    # (Sampled answers may end at an early end-of-text token within milliseconds.)
+    longest = 256 - 20  # the tiny model's context minus the prompt's 20 tokens
+    server = Server("-m", str(bundle["bundle"]), "--max_concurrency", "1", "--max_queue", "0", "--max_tokens_limit", str(longest))
     try:
         client = server.client("unused")
-        stream = client.completions.create(model="a", prompt=PROMPT, max_tokens=200, temperature=1.0, stream=True)
+        whole = client.completions.create(model="a", prompt=PROMPT, max_tokens=longest, temperature=0)
+        assert (whole.choices[0].finish_reason, whole.usage.completion_tokens) == ("length", longest)
+        stream = client.completions.create(model="a", prompt=PROMPT, max_tokens=longest, temperature=0, stream=True)
         next(iter(stream))  # the only slot is generating
         status, answer = server.raw("POST", "/v1/completions", {"model": "b", "prompt": PROMPT, "max_tokens": 4}, key=None)
         assert status == 429 and answer["error"]["type"] == "rate_limit_error"
@@ -234,7 +240,9 @@ def test_a_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(bundle):
         deadline = time.time() + 20
         while time.time() < deadline and server.raw("GET", "/health", key=None)[1]["in_flight"]:
             time.sleep(0.1)
-        assert server.raw("GET", "/health", key=None)[1]["in_flight"] == 0, "the cancelled generation kept its slot"
+        health = server.raw("GET", "/health", key=None)[1]
+        assert health["in_flight"] == 0, "the cancelled generation kept its slot"
+        assert health["cancelled"] == 1, "the answer ran on after its client left"
         assert client.completions.create(model="b", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text is not None
     finally:
         server.stop()

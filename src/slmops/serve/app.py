@@ -105,7 +105,8 @@ def build_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int 
     @app.get("/health")
     async def health():
         return {"status": "ok", "backend": engine.backend.kind, "model": engine.base_id, "adapters": list(engine.adapters),
-                "in_flight": engine.in_flight, "waiting": engine.waiting}
+                "in_flight": engine.in_flight, "waiting": engine.waiting,
+                "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models():

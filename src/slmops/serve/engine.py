@@ -51,6 +51,7 @@ class Engine:
         self._slots = asyncio.Semaphore(self.max_concurrency)
         self.in_flight = 0
         self.waiting = 0
+        self.cancelled = 0  # generations stopped early because their client went away
         self._using: dict[str, int] = {}  # adapter name -> requests using it now
         self._adapters_lock = threading.Lock()
         self.adapters: dict[str, AdapterInfo] = {name: AdapterInfo(name, "bundle" if backend.kind == "onnx" else "startup")
@@ -165,5 +166,6 @@ class Engine:
                 yield item
         finally:
             if not finished:
+                self.cancelled += 1
                 generation.cancel()
                 await asyncio.get_running_loop().run_in_executor(None, thread.join)

@@ -60,6 +60,12 @@ def study_name(plan: SearchPlan) -> str:
     return plan.config.study_name or plan.out.name
 
 
+# What the database says when another worker created Optuna's tables (or stamped their version)
+# a moment before: PostgreSQL's 'duplicate key ... pg_type' / 'already exists', SQLite's
+# 'UNIQUE constraint failed: alembic_version.version_num'.
+CREATION_RACE = ("duplicate key", "already exists", "UNIQUE constraint failed")
+
+
 def open_storage(plan: SearchPlan):
     """Optuna's RDB storage with heartbeats and retries of dead trials; a clear error for a
     URL that does not open (no driver, no server, bad credentials)."""
@@ -86,9 +92,9 @@ def open_storage(plan: SearchPlan):
                                   "pip install 'slmops[postgres]' (psycopg 3)") from None
             except Exception as exc:  # sqlalchemy's ArgumentError / OperationalError: the message says which
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                if attempt < 5 and ("duplicate key" in reason or "already exists" in reason):
-                    # workers on several machines starting at once on a new database: each creates Optuna's
-                    # tables, and PostgreSQL refuses the second CREATE while the first commits; again, once it has
+                if attempt < 5 and any(words in reason for words in CREATION_RACE):
+                    # workers starting at once on a new database: each creates Optuna's tables and stamps
+                    # their version, and the database refuses the second while the first commits; again, once it has
                     time.sleep(0.5 * (attempt + 1))
                     continue
                 raise ConfigError(f"--storage {shown_url(url)}: cannot open the study's database: {reason}") from None
