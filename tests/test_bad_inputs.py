@@ -131,8 +131,15 @@ CASES = [
     Case("ft-modules-to-save-full", [*FT, "--method", "full", "--modules_to_save", "lm_head"], "--modules_to_save applies to adapter methods"),
     Case("ft-eval-latency", [*FT, "--eval_split", "train[:8]", "--eval_metrics", "latency"], "latency is measured by `slmops evaluate`"),
     Case("ft-eval-metrics-no-split", [*FT, "--eval_metrics", "accuracy"], "--eval_metrics needs --eval_split"),
-    Case("ft-best-metric-missing", [*FT, "--eval_split", "train[:8]", "--metric_for_best_model", "accuracy"],
-         "--metric_for_best_model 'accuracy' is not computed"),
+    Case("ft-best-metric-missing", [*FT, "--eval_split", "train[:8]", "--metric_for_best_model", "f1_macro"],
+         "--metric_for_best_model 'f1_macro' is not computed"),
+    Case("ft-best-metric-no-split", [*FT, "--metric_for_best_model", "macro_f1"],
+         "--metric_for_best_model macro_f1 is measured on held-out data: give --eval_split"),
+    Case("ft-task-not-labels", [*FT, "--data_name", str(TONE.with_name("library_qa.json")), "--text_template", "Q: {input} A: {output}",
+                                "--task", "classification"], "distinct answers, more than a label set of at most 32"),
+    Case("ft-eval-auto-tiny", [*FT, "--train_split", "train[:6]", "--eval_split", "auto"], "--eval_split auto holds out 10%"),
+    Case("ev-labels-missing-one", [*EV, "--labels", "angry,joyful"], "--labels: the data has answers outside the given labels",
+         loads_model=True),  # the gold answers are known once the model's tokenizer formats the rows (as ev-multiline-labels)
     # ---- finetune: the model ------------------------------------------------------------
     Case("ft-unknown-builtin", [*FT, "-m", "smollm3-135m"], "not a built-in model"),
     Case("ft-missing-model-path", [*FT, "-m", "./no/such/model"], "model path './no/such/model' does not exist"),

@@ -219,8 +219,9 @@ def test_eval_metric_problems_are_reported_up_front(tiny_llama, tmp_path):
 
     with pytest.raises(ConfigError, match="needs --eval_split"):
         plan_finetune(tiny_config(tiny_llama, tmp_path / "a", eval_metrics="accuracy"))
-    with pytest.raises(ConfigError, match="'macro_f1' is not computed"):
-        plan_finetune(tiny_config(tiny_llama, tmp_path / "b", eval_split="train[64:80]", metric_for_best_model="macro_f1"))
+    with pytest.raises(ConfigError, match="'f1_score' is not computed; available: accuracy, loss"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "b", eval_split="train[64:80]", eval_metrics="accuracy",
+                                  metric_for_best_model="f1_score"))
     with pytest.raises(ConfigError, match="Did you mean 'accuracy'"):
         plan_finetune(tiny_config(tiny_llama, tmp_path / "c", eval_split="train[64:80]", eval_metrics="acurracy"))
     bad = tmp_path / "multi.jsonl"

@@ -136,7 +136,7 @@ def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) 
             check_safetensors(adapter / "adapter_model.safetensors", "adapter weights file")
 
     tokenizer = load_tokenizer(source.path, config.model.trust_remote_code)
-    data = prepare_data(data_config, tokenizer, splits, need_eval_examples=bool(tcfg.eval_metrics))
+    data = prepare_data(data_config, tokenizer, splits, need_eval_examples=bool(tcfg.eval_metrics), seed=tcfg.seed)
     _check_eval_metrics(config, data)
     if not data.formatter.lm_loss and custom_loss is None:
         raise ConfigError(f"the {data.formatter.name} format has no language-model loss: train it with a custom loss "
@@ -194,7 +194,7 @@ def run_identity(config: FinetuneConfig, method: Method, source: ModelSource, ta
 
 def _check_eval_metrics(config: FinetuneConfig, data: PreparedData | None) -> None:
     """--eval_metrics and --metric_for_best_model must make sense for this data."""
-    from slmops.evaluate.metrics import check_labels, get_metrics
+    from slmops.evaluate.metrics import METRICS, check_labels, get_metrics
 
     tcfg = config.training
     metrics = get_metrics(tcfg.eval_metrics or [])
@@ -203,6 +203,14 @@ def _check_eval_metrics(config: FinetuneConfig, data: PreparedData | None) -> No
     if metrics and not config.data.eval_split:
         raise ConfigError("--eval_metrics needs --eval_split")
     available = {"loss", "perplexity"} | {key for m in metrics for key in m.produces}
+    producer = next((m for m in METRICS.values() if tcfg.metric_for_best_model in m.produces and m.needs == "generation"), None)
+    if tcfg.metric_for_best_model not in available and producer is not None and not config.data.eval_split:
+        raise ConfigError(f"--metric_for_best_model {tcfg.metric_for_best_model} is measured on held-out data: give --eval_split "
+                          "(a split, or auto: 10% of train held out)")
+    if tcfg.metric_for_best_model not in available and producer is not None:
+        # --metric_for_best_model macro_f1 alone: its metric is computed at each evaluation, no second flag needed
+        tcfg.eval_metrics = [*(tcfg.eval_metrics or []), producer.name]
+        metrics, available = [*metrics, producer], available | set(producer.produces)
     if tcfg.metric_for_best_model not in available:
         raise ConfigError(
             f"--metric_for_best_model {tcfg.metric_for_best_model!r} is not computed; available: {', '.join(sorted(available))} "
@@ -354,8 +362,10 @@ class _NotTheWriter:
 
 
 def _generation_eval(plan: FinetunePlan):
-    """The evaluation's generation metrics (--eval_metrics accuracy,f1,...): greedy answers
-    to the eval prompts from the model as it trains, on the inference layer."""
+    """The evaluation's metrics beyond the loss (--eval_metrics accuracy,f1,...), from the
+    model as it trains, on the inference layer: for a classification task accuracy/f1 pick
+    the most likely label (one pass per example, no generation); other metrics compare
+    greedy answers."""
     from slmops.evaluate.metrics import get_metrics
 
     metrics = [m for m in get_metrics(plan.config.training.eval_metrics or []) if m.needs == "generation"]
@@ -366,17 +376,22 @@ def _generation_eval(plan: FinetunePlan):
     prompts = [ex.prompt for ex in examples]
     references = [ex.completion for ex in examples]
     special = plan.data.formatter.add_special_tokens
+    labels = plan.data.labels
+    by_label = [m for m in metrics if labels is not None and m.name in ("accuracy", "f1")]
+    by_generation = [m for m in metrics if m not in by_label]
 
     def evaluate(model) -> dict[str, float]:
+        from slmops.evaluate.choices import predict_labels, score_labels
         from slmops.inference import GenerationParams
         from slmops.inference.torch_backend import TorchBackend
 
         backend = TorchBackend.from_model(model, plan.tokenizer)
-        predictions = backend.generate_batch(prompts, None, GenerationParams(max_new_tokens=tcfg.eval_max_new_tokens), special,
-                                             tcfg.per_device_eval_batch_size)
+        chosen = predict_labels(score_labels(backend, examples, labels, None, special), labels) if by_label else None
+        generated = backend.generate_batch(prompts, None, GenerationParams(max_new_tokens=tcfg.eval_max_new_tokens), special,
+                                           tcfg.per_device_eval_batch_size) if by_generation else None
         values: dict[str, float] = {}
         for metric in metrics:
-            computed = metric.compute(predictions=predictions, references=references)
+            computed = metric.compute(predictions=chosen if metric in by_label else generated, references=references)
             values.update({k: v for k, v in computed.items() if isinstance(v, (int, float))})
         return values
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from slmops.config.base import Section, log_level_field, named_log_level, split_csv
@@ -28,13 +30,23 @@ class EvaluateConfig(Section):
         None, description="Other models to evaluate beside it, comma-separated; 'base' is the model without its adapter."
     )
     metrics: list[str] = Field(["accuracy", "f1", "perplexity"], description="Comma-separated: accuracy, f1, perplexity, bleu, rouge, latency.")
+    scoring: Literal["auto", "likelihood", "generation"] = Field(
+        "auto", description="How accuracy/f1 pick each answer. likelihood: every label is scored as the completion and the most "
+        "likely one is the prediction (no unparseable answers; one pass of the prompt for all labels); generation: the model "
+        "writes an answer that is parsed. auto: likelihood when the gold answers form a label set (at most 32 distinct one-line "
+        "answers), else generation."
+    )
+    labels: list[str] | None = Field(
+        None, description="The label set for likelihood scoring, comma-separated (default: the distinct gold answers of the split; "
+        "name them when the split may miss one)."
+    )
     max_new_tokens: int = Field(32, gt=0, description="Most tokens generated per example.")
     batch_size: int = Field(16, gt=0, description="Examples per generation / loss batch.")
     latency_samples: int = Field(8, gt=0, description="Examples timed one at a time for the latency metric.")
     output_path: str | None = Field(None, description="Folder for results.json, predictions and report.md.", json_schema_extra={"cli": ["-o"]})
     log_level: int = log_level_field(1)
 
-    _csv = field_validator("compare_to", "metrics", mode="before")(split_csv)
+    _csv = field_validator("compare_to", "metrics", "labels", mode="before")(split_csv)
     _level = field_validator("log_level", mode="before")(named_log_level)
 
     @field_validator("metrics")

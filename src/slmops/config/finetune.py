@@ -42,7 +42,14 @@ class DataConfig(_Section):
     train_subset: str | None = Field(None, description="Dataset subset (configuration name) for training.")
     eval_subset: str | None = Field(None, description="Dataset subset (configuration name) for evaluation.")
     train_split: str = Field("train", description="Training split, with slicing: 'train', 'train[:4096]', 'train[:90%]'.")
-    eval_split: str | None = Field(None, description="Evaluation split, e.g. 'train[4096:4224]'. Turns on validation, early stopping and best-adapter selection.")
+    eval_split: str | None = Field(
+        None, description="Evaluation split, e.g. 'train[4096:4224]', or 'auto': 10% of the training rows held out (stratified "
+        "by label for classification). Turns on validation, early stopping and best-adapter selection.")
+    task: Literal["auto", "classification", "generation"] = Field(
+        "auto", description="classification: the completions are a few one-line labels (scored by each label's likelihood at "
+        "evaluation, stratified --eval_split auto). auto: classification when the training completions look like a label set "
+        "(at most 32 distinct one-line answers, each seen 4+ times on average), and said so."
+    )
     text_template: str | None = Field(
         None,
         description="Python-format template over columns, e.g. 'Q: {question}\\nA: {answer}'. "

@@ -3,14 +3,18 @@ the tokenizer, so every data problem surfaces before a model is loaded."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from slmops.config import DataConfig
 from slmops.data.format import FormattedExample, Formatter, build_formatter, template_fields, unescape
+from slmops.data.labels import MAX_LABELS, LabelSet, holdout_rows, label_set, looks_like_classification, normalize_label
 from slmops.data.load import LoadedSplit, load_split
 from slmops.data.tokenize import TokenizedData, tokenize_examples
 from slmops.errors import DataError
 
+log = logging.getLogger("slmops")
 
 @dataclass
 class PreparedData:
@@ -20,6 +24,7 @@ class PreparedData:
     eval: TokenizedData | None = None
     eval_split: LoadedSplit | None = None
     eval_examples: list[FormattedExample] | None = None
+    labels: LabelSet | None = None  # the label set of a classification task
 
     def describe(self) -> dict:
         info = {
@@ -34,6 +39,10 @@ class PreparedData:
         if self.eval is not None and self.eval_split is not None:
             info["eval"] = {"source": self.eval_split.source, "split": self.eval_split.split, "rows": len(self.eval_split.dataset),
                             "fingerprint": self.eval_split.fingerprint, "tokenized": self.eval.summary()}
+        info["task"] = {"kind": "generation"}
+        if self.labels is not None:  # each label as the data writes it, with its count in train
+            counts = [self.labels.counts.get(name, 0) for name in self.labels.names]
+            info["task"] = {"kind": "classification", "labels": dict(zip(self.labels.labels, counts))}
         return info
 
 
@@ -60,7 +69,7 @@ def load_splits(cfg: DataConfig) -> RawSplits:
     if cfg.max_samples is not None and cfg.max_samples < len(train.dataset):
         train.dataset = train.dataset.select(range(cfg.max_samples))
     evaluation = None
-    if cfg.eval_split:
+    if cfg.eval_split and cfg.eval_split != "auto":  # auto is held out of train once the completions are known
         evaluation = load_split(cfg.data_name, cfg.eval_split, cfg.data_files, cfg.eval_subset or cfg.train_subset)
     for split in filter(None, (train, evaluation)):
         columns = list(split.dataset.column_names)
@@ -109,24 +118,88 @@ def check_rows(split: LoadedSplit, cfg: DataConfig) -> None:
     )
 
 
-def prepare_data(cfg: DataConfig, tokenizer, splits: RawSplits | None = None, need_eval_examples: bool = False) -> PreparedData:
+def prepare_data(cfg: DataConfig, tokenizer, splits: RawSplits | None = None, need_eval_examples: bool = False,
+                 seed: int = 42) -> PreparedData:
     splits = splits or load_splits(cfg)
     train_split = splits.train
     formatter = build_formatter(cfg, list(train_split.dataset.column_names), tokenizer)
-    train = tokenize_examples(format_rows(train_split.dataset, formatter), tokenizer, formatter, cfg.max_seq_len, cfg.long_examples)
+    train_examples = format_rows(train_split.dataset, formatter)
+    labels = find_labels(cfg, [ex.completion for ex in train_examples])
+    eval_split, eval_examples = splits.eval, None
+    if cfg.eval_split == "auto":
+        train_split, eval_split, train_examples, eval_examples = hold_out(train_split, train_examples, labels, seed)
+    train = tokenize_examples(train_examples, tokenizer, formatter, cfg.max_seq_len, cfg.long_examples)
     if len(train) == 0:
         raise DataError(f"no training examples left after tokenization ({train.summary()}); raise --max_seq_len or check the data")
-    prepared = PreparedData(formatter, train, train_split)
-    if splits.eval is not None:
-        eval_split = splits.eval
+    prepared = PreparedData(formatter, train, train_split, labels=labels)
+    if eval_split is not None:
         eval_formatter = build_formatter(cfg, list(eval_split.dataset.column_names), tokenizer)
-        examples = format_rows(eval_split.dataset, eval_formatter)
+        examples = eval_examples if eval_examples is not None else format_rows(eval_split.dataset, eval_formatter)
         prepared.eval = tokenize_examples(examples, tokenizer, eval_formatter, cfg.max_seq_len, cfg.long_examples)
         prepared.eval_split = eval_split
-        prepared.eval_examples = examples if need_eval_examples else None
+        prepared.eval_examples = examples if need_eval_examples or labels is not None else None
         if len(prepared.eval) == 0:
             raise DataError(f"the eval split {cfg.eval_split!r} has no usable examples ({prepared.eval.summary()})")
+        if labels is not None:
+            _check_eval_classes(labels, [ex.completion for ex in examples])
     return prepared
+
+
+def find_labels(cfg: DataConfig, completions: list[str | None]) -> LabelSet | None:
+    """The task's label set when it is classification (asked, or found from the training
+    completions), else None; said in the log either way."""
+    if cfg.task == "generation":
+        return None
+    if cfg.task == "classification":
+        bad = [i for i, c in enumerate(completions) if c is None or not normalize_label(c) or len(c.strip().splitlines()) > 1]
+        if bad:
+            raise DataError(f"--task classification needs a one-line label as each example's completion; row {bad[0]} has "
+                            f"{completions[bad[0]]!r}" + (f" ({len(bad)} rows in all)" if len(bad) > 1 else ""))
+        labels = label_set(completions)
+        if len(labels.labels) < 2:
+            raise DataError(f"--task classification needs two or more labels; every training completion is {labels.labels[0]!r}")
+        if len(labels.labels) > MAX_LABELS:
+            raise DataError(f"--task classification: the training completions hold {len(labels.labels)} distinct answers, more than "
+                            f"a label set of at most {MAX_LABELS} (free text? then leave --task to auto)")
+    elif looks_like_classification(completions):
+        labels = label_set(completions)
+    else:
+        log.info("task: generation (the completions are free text; --task classification if they are labels)")
+        return None
+    log.info("task: classification, %d labels: %s", len(labels.labels), labels.describe())
+    return labels
+
+
+def hold_out(train_split: LoadedSplit, examples: list[FormattedExample], labels: LabelSet | None, seed: int):
+    """--eval_split auto: 10% of the training rows held out (stratified by label for
+    classification); (train split, eval split, train examples, eval examples)."""
+    import dataclasses
+
+    train_rows, eval_rows = holdout_rows([ex.completion for ex in examples], labels is not None, seed)
+    dataset = train_split.dataset
+    held = dataclasses.replace(train_split, dataset=dataset.select(eval_rows), split=f"{train_split.split} (auto: {len(eval_rows)} rows "
+                               f"held out{', stratified' if labels is not None else ''})", fingerprint=f"{train_split.fingerprint}-heldout-{seed}")
+    kept = dataclasses.replace(train_split, dataset=dataset.select(train_rows))
+    if labels is not None:
+        counts = Counter(normalize_label(examples[i].completion or "") for i in eval_rows)
+        shown = ", ".join(f"{name} {counts.get(name, 0)}" for name in labels.names)
+        log.info("eval: %d of %d training rows held out (--eval_split auto), stratified by label: %s", len(eval_rows), len(examples), shown)
+    else:
+        log.info("eval: %d of %d training rows held out at random (--eval_split auto)", len(eval_rows), len(examples))
+    return kept, held, [examples[i] for i in train_rows], [examples[i] for i in eval_rows]
+
+
+def _check_eval_classes(labels: LabelSet, eval_completions: list[str | None]) -> None:
+    """A validation split that misses a class scores it 0 F1 by construction; one with labels
+    never trained on scores answers the model cannot give: both said before training."""
+    seen = Counter(normalize_label(c or "") for c in eval_completions)
+    missing = [name for name in labels.names if not seen.get(name)]
+    if missing:
+        log.warning("the eval split has no example of %s (of %d labels): its scores say nothing about %s; --eval_split auto "
+                    "holds out a stratified 10%% of train", ", ".join(missing), len(labels.labels), "them" if len(missing) > 1 else "it")
+    unknown = sorted(set(seen) - set(labels.names))
+    if unknown:
+        log.warning("the eval split has labels the training data never shows: %s", ", ".join(unknown[:5]))
 
 
 def preview(example: FormattedExample, tokenizer, formatter: Formatter, max_seq_len: int) -> str:

@@ -32,6 +32,17 @@ def _run_config(adapter_path: Path | None):
         return None
 
 
+def _trained_as_classification(adapter_path: Path) -> bool:
+    """Whether the run that wrote this adapter found (or was told) its task is classification."""
+    from slmops.config import load_yaml
+    from slmops.errors import SlmopsError
+
+    try:
+        return load_yaml(adapter_path.parent / "run.yaml")["resolved"]["data"]["task"]["kind"] == "classification"
+    except (SlmopsError, KeyError, TypeError):  # an older run.yaml without the task: decided from the answers instead
+        return False
+
+
 def prompts_for_adapter(adapter_path: Path | None, tokenizer, limit: int = 3) -> list[tuple[str, bool]]:
     """(prompt, add_special_tokens) pairs: an slmops adapter's own eval/train rows in its
     own format when its run.yaml is beside it, generic prompts otherwise."""
@@ -73,13 +84,16 @@ def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows:
         probe = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(bundle_dir)}, "adapter": adapter_name,
                                                "compare_to": [str(adapter_path.parent)], "data": data,
                                                "metrics": ["accuracy", "f1", "rouge"], "max_new_tokens": 32})
-        try:
-            report = evaluate(probe)
-        except SlmopsError:  # multi-line answers: no labels, compare the text
-            report = evaluate(probe.model_copy(update={"metrics": ["rouge"]}))
-        classes = report["models"][0]["metrics"].get("per_class") or {}
-        # a label task has few distinct answers; free text (Q&A) is compared with ROUGE-L
-        metric = "accuracy" if classes and len(classes) <= max(2, report["data"]["rows"] // 2) else "rougeL"
+        if _trained_as_classification(adapter_path):  # each label's likelihood: no generation
+            report, metric = evaluate(probe.model_copy(update={"metrics": ["accuracy", "f1"]})), "accuracy"
+        else:
+            try:
+                report = evaluate(probe)
+            except SlmopsError:  # multi-line answers: no labels, compare the text
+                report = evaluate(probe.model_copy(update={"metrics": ["rouge"]}))
+            classes = report["models"][0]["metrics"].get("per_class") or {}
+            # a label task has few distinct answers; free text (Q&A) is compared with ROUGE-L
+            metric = "accuracy" if classes and len(classes) <= max(2, report["data"]["rows"] // 2) else "rougeL"
     except (SlmopsError, OSError) as exc:  # the data moved or changed since training
         log.info("parity: no metric comparison for %s (%s)", adapter_name, exc)
         return None

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from slmops.data.labels import normalize_label
 from slmops.errors import ConfigError, suggest
 
 
@@ -36,17 +36,6 @@ def get_metrics(names: list[str]) -> list[Metric]:
             "--metrics: " + "; ".join(f"unknown metric {n!r}.{suggest(n, METRICS)}" for n in unknown) + f" Choose from: {', '.join(METRICS)}"
         )
     return [METRICS[n] for n in names]
-
-
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_label(text: str) -> str:
-    """First non-empty line, lower-cased, without punctuation or surrounding space."""
-    for line in text.strip().splitlines():
-        if line.strip():
-            return re.sub(r"\s+", " ", line.translate(_PUNCT).strip().lower())
-    return ""
 
 
 def extract_label(prediction: str, labels: set[str]) -> str:
@@ -150,7 +139,7 @@ def _latency(timings: list[dict], **_) -> dict:
     }
 
 
-register(Metric("accuracy", "generation", "generated label == gold label (normalized)", _accuracy, ("accuracy", "unparseable")))
+register(Metric("accuracy", "generation", "chosen label == gold label (normalized; chosen by likelihood or generated)", _accuracy, ("accuracy", "unparseable")))
 register(Metric("f1", "generation", "macro and micro F1, per-class precision/recall/F1, confusion matrix", _f1, ("macro_f1", "micro_f1")))
 register(Metric("perplexity", "loss", "exp(mean cross-entropy) over the completion tokens", _perplexity, ("loss", "perplexity")))
 register(Metric("bleu", "generation", "corpus BLEU (sacrebleu)", _bleu, ("bleu",)))

@@ -15,6 +15,8 @@ from slmops.data.load import load_split
 from slmops.data.prepare import format_rows
 from slmops.data.tokenize import tokenize_examples
 from slmops.errors import DataError
+from slmops.data.labels import MAX_LABELS, LabelSet, label_set
+from slmops.evaluate.choices import predict_labels, score_labels
 from slmops.evaluate.metrics import check_labels, get_metrics
 from slmops.inference import Backend, GenerationParams, open_backend
 from slmops.logs import progress_enabled
@@ -29,6 +31,25 @@ class ModelResult:
     metrics: dict
     predictions: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    labels: list[str] = field(default_factory=list)  # the label chosen by likelihood, per example
+    label_scores: list[dict[str, float]] = field(default_factory=list)  # each label's log-probability, per example
+
+
+CLASSIFICATION = ("accuracy", "f1")  # metrics that compare one label per example
+
+
+def _label_set_for(cfg: EvaluateConfig, references: list[str]) -> LabelSet | None:
+    """The label set scored by likelihood, or None where the answers are generated (and why, said once)."""
+    if cfg.scoring == "generation":
+        log.info("scoring: generated answers, parsed to labels (--scoring generation)")
+        return None
+    labels = label_set(references, cfg.labels)
+    if len(labels.labels) > MAX_LABELS and cfg.scoring == "auto":
+        log.info("scoring: generated answers (%d distinct gold answers is more than a label set of %d); --scoring likelihood "
+                 "scores them all", len(labels.labels), MAX_LABELS)
+        return None
+    log.info("scoring: the likelihood of each of %d labels, the most likely one is the answer: %s", len(labels.labels), labels.describe())
+    return labels
 
 
 def _split_of(cfg: EvaluateConfig) -> str:
@@ -59,6 +80,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         candidates.append((cfg.model.model_name_or_path, "base") if other == "base" else (other, None))
 
     results: list[ModelResult] = []
+    labels: LabelSet | None = None  # the label set scored by likelihood, found from the first model's gold answers
+    scoring_chosen = False
     examples = None
     references: list[str] = []
     backends: dict[str, Backend] = {}
@@ -76,18 +99,27 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if needs_generation and any(r is None for r in references):
             raise DataError(f"generation metrics need a completion in each example, and the {formatter.name} format has none; "
                             "use a template whose last field is the answer, or chat/prompt+completion data")
-        if any(m.name in ("accuracy", "f1") for m in metrics):
+        classifying = any(m.name in CLASSIFICATION for m in metrics)
+        if classifying:
             check_labels(references)
+            if not scoring_chosen:
+                labels, scoring_chosen = _label_set_for(cfg, references), True
         started = time.perf_counter()
         values: dict = {}
         predictions: list[str] = []
+        scores = None
         params = GenerationParams(max_new_tokens=cfg.max_new_tokens)
-        if needs_generation:
+        if labels is not None:
+            scores = score_labels(backend, examples, labels, chosen, formatter.add_special_tokens, progress=progress_enabled())
+            label_predictions = predict_labels(scores, labels)
+            values["scoring"] = "likelihood"
+        if needs_generation and (labels is None or any(m.needs == "generation" and m.name not in CLASSIFICATION for m in metrics)):
             predictions = backend.generate_batch([ex.prompt for ex in examples], chosen, params, formatter.add_special_tokens,
                                                  cfg.batch_size, progress=progress_enabled())
         for metric in metrics:
             if metric.needs == "generation":
-                values.update(metric.compute(predictions=predictions, references=references))
+                answers = label_predictions if labels is not None and metric.name in CLASSIFICATION else predictions
+                values.update(metric.compute(predictions=answers, references=references))
             elif metric.needs == "loss":
                 data = tokenize_examples(examples, backend.tokenizer, formatter, cfg.data.max_seq_len, cfg.data.long_examples)
                 loss_sum, count = backend.loss(data, chosen, cfg.batch_size)
@@ -96,7 +128,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 timings = [{**backend.timed(ex.prompt, chosen, cfg.max_new_tokens, formatter.add_special_tokens),
                             "peak_rss_mb": peak_rss_mb()} for ex in examples[: cfg.latency_samples]]
                 values.update(metric.compute(timings=timings))
-        results.append(ModelResult(_label(backend, adapter), values, predictions, time.perf_counter() - started))
+        if labels is not None and not predictions:
+            predictions = label_predictions
+        results.append(ModelResult(_label(backend, adapter), values, predictions, time.perf_counter() - started,
+                                   label_predictions if labels is not None else [],
+                                   [dict(zip(labels.labels, map(float, row))) for row in scores] if scores is not None else []))
 
     report = {
         "data": {"source": split.source, "split": split.split, "rows": len(dataset), "fingerprint": split.fingerprint},
@@ -154,8 +190,12 @@ def _write(cfg: EvaluateConfig, report: dict, results: list[ModelResult], exampl
         if not result.predictions:
             continue
         with open(out / f"predictions-{index}.jsonl", "w") as handle:
-            for ex, ref, pred in zip(examples, references, result.predictions):
-                handle.write(json.dumps({"model": result.name, "prompt": ex.prompt, "reference": ref, "prediction": pred}) + "\n")
+            for i, (ex, ref, pred) in enumerate(zip(examples, references, result.predictions)):
+                row = {"model": result.name, "prompt": ex.prompt, "reference": ref, "prediction": pred}
+                if result.labels:
+                    row["label"] = result.labels[i]
+                    row["label_logprobs"] = result.label_scores[i]
+                handle.write(json.dumps(row) + "\n")
     table = format_table(report)
     (out / "report.md").write_text(f"# slmops evaluate\n\ndata: {report['data']['source']} ({report['data']['split']}, "
                                    f"{report['data']['rows']} rows)\n\n```\n{table}\n```\n\nConfusion matrices: report.html\n")

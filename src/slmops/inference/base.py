@@ -220,6 +220,12 @@ class Backend:
         """Logits at every position of one sequence, (len(ids), vocab) float32."""
         raise NotImplementedError
 
+    def choice_logprobs(self, candidates: list[list[int]], starts: list[int], adapter: str | None = None) -> list[float]:
+        """log P(candidate[start:] | candidate[:start]) for each candidate token sequence (the
+        alternatives of one prompt, e.g. its labels). Here one full pass per candidate; back
+        ends that keep a cache run the shared prefix once."""
+        return [float(token_logprobs(self.logits(ids, adapter), ids)[start - 1:].sum()) for ids, start in zip(candidates, starts)]
+
     def loss(self, data, adapter: str | None = None, batch_size: int = 8) -> tuple[float, int]:
         """(summed cross-entropy, token count) over the labelled tokens of TokenizedData."""
         total, count = 0.0, 0
@@ -234,6 +240,23 @@ class Backend:
             total += float((log_z - rows[np.arange(len(rows)), labels[keep]]).sum())
             count += int(keep.sum())
         return total, count
+
+
+def token_logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """log P(ids[t + 1] | ids[:t + 1]) for t in 0..len(ids)-2, from a sequence's logits (float64)."""
+    rows = np.asarray(logits[: len(ids) - 1], dtype=np.float64)
+    top = rows.max(-1, keepdims=True)
+    log_z = np.log(np.exp(rows - top).sum(-1)) + top[:, 0]
+    return rows[np.arange(len(rows)), np.asarray(ids[1:])] - log_z
+
+
+def common_prefix(sequences: list[list[int]]) -> int:
+    """Length of the token prefix every sequence shares."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return n
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool]:

@@ -178,30 +178,58 @@ class OnnxBackend(Backend):
             self._session = ort.InferenceSession(str(self.decoder_file), options, providers=["CPUExecutionProvider"])
         return self._session
 
-    def logits(self, ids: list[int], adapter: str | None = None) -> np.ndarray:
+    def _run(self, ids: np.ndarray, adapter: str | None, past: dict[str, np.ndarray] | None = None, present: bool = False):
+        """One pass of the decoder over `ids` (batch, n) after `past` (the present.* outputs of
+        an earlier pass); (logits, present outputs renamed as the next pass's past inputs)."""
         import onnxruntime as ort
 
-        name = self._chosen(adapter)
         session = self._ort_session()
-        n = len(ids)
+        batch, n = ids.shape
+        cached = 0 if not past else next(iter(past.values())).shape[2]
         feeds = {}
         for spec in session.get_inputs():
             if spec.name == "input_ids":
-                feeds[spec.name] = np.asarray([ids], dtype=np.int64)
+                feeds[spec.name] = ids.astype(np.int64)
             elif spec.name == "attention_mask":
-                feeds[spec.name] = np.ones((1, n), dtype=np.int64)
+                feeds[spec.name] = np.ones((batch, cached + n), dtype=np.int64)
             elif spec.name == "position_ids":
-                feeds[spec.name] = np.arange(n, dtype=np.int64)[None]
+                feeds[spec.name] = np.tile(np.arange(cached, cached + n, dtype=np.int64), (batch, 1))
             elif spec.name.startswith("past_key_values"):
-                dtype = np.float16 if "float16" in spec.type else np.float32
-                feeds[spec.name] = np.zeros((1, self.kv_heads, 0, self.head_size), dtype=dtype)
+                if past:
+                    feeds[spec.name] = past[spec.name]
+                else:
+                    dtype = np.float16 if "float16" in spec.type else np.float32
+                    feeds[spec.name] = np.zeros((batch, self.kv_heads, 0, self.head_size), dtype=dtype)
         run_options = ort.RunOptions()
-        if name is not None:
-            file = self._files[name]
+        if adapter is not None:
+            file = self._files[adapter]
             if file not in self._ort_adapters:  # memory-mapped once
                 lora = ort.LoraAdapter()
                 lora.Load(str(file))
                 self._ort_adapters[file] = lora
             run_options.add_active_adapter(self._ort_adapters[file])
-        (logits,) = session.run(["logits"], feeds, run_options)
-        return logits[0].astype(np.float32)
+        names = ["logits"] + ([o.name for o in session.get_outputs() if o.name.startswith("present")] if present else [])
+        outputs = session.run(names, feeds, run_options)
+        presents = {name.replace("present", "past_key_values", 1): value for name, value in zip(names[1:], outputs[1:])}
+        return outputs[0].astype(np.float32), presents
+
+    def logits(self, ids: list[int], adapter: str | None = None) -> np.ndarray:
+        return self._run(np.asarray([ids]), self._chosen(adapter))[0][0]
+
+    def choice_logprobs(self, candidates: list[list[int]], starts: list[int], adapter: str | None = None) -> list[float]:
+        """The shared prefix runs once; its cache serves each candidate's rest (one at a time:
+        the exported attention takes several new tokens after a cache only at batch 1)."""
+        from slmops.inference.base import common_prefix, token_logprobs
+
+        shared = min(common_prefix(candidates), min(starts))
+        if shared == 0:
+            return super().choice_logprobs(candidates, starts, adapter)
+        name = self._chosen(adapter)
+        head, past = self._run(np.asarray([candidates[0][:shared]]), name, present=True)
+        scores = []
+        for ids, start in zip(candidates, starts):
+            tail, _ = self._run(np.asarray([ids[shared:]]), name, past)
+            # logits predicting ids[shared:]: the prefix's last position, then the rest's own positions
+            logits = np.concatenate([head[0, -1:], tail[0, :-1]])
+            scores.append(float(token_logprobs(logits, ids[shared - 1:])[start - shared:].sum()))
+        return scores

@@ -18,7 +18,7 @@ import torch
 
 from slmops.errors import ModelError
 from slmops.inference.adapters import resolve_adapter
-from slmops.inference.base import BASE, Backend, GenerationParams
+from slmops.inference.base import BASE, Backend, GenerationParams, common_prefix
 
 
 class TorchBackend(Backend):
@@ -239,6 +239,27 @@ class TorchBackend(Backend):
             return model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
 
     @torch.no_grad()
+    def choice_logprobs(self, candidates: list[list[int]], starts: list[int], adapter: str | None = None) -> list[float]:
+        """The shared prefix runs once; its cache, repeated, serves every candidate's rest in
+        one batch (right-padded: a causal model's real tokens never see the padding after them)."""
+        shared = min(common_prefix(candidates), min(starts))  # the scored tokens are never in the cache
+        if shared == 0:
+            return super().choice_logprobs(candidates, starts, adapter)
+        rests = [ids[shared:] for ids in candidates]
+        width = max(len(rest) for rest in rests)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = torch.tensor([rest + [pad] * (width - len(rest)) for rest in rests], device=self.device)
+        with self._active(self._chosen(adapter)) as model:
+            head = model(input_ids=torch.tensor([candidates[0][:shared]], device=self.device), use_cache=True)
+            cache = getattr(head, "cache", None) or head.past_key_values  # transformers 5 calls it cache
+            cache.batch_repeat_interleave(len(candidates))
+            tail = model(input_ids=batch, use_cache=True, **{_cache_argument(model): cache}).logits.float()
+        # logits predicting rest[i]: the prefix's last position for i = 0, the rest's position i - 1 after
+        logits = torch.cat([head.logits[:, -1:].float().expand(len(candidates), -1, -1), tail[:, :-1]], dim=1)
+        logprobs = torch.log_softmax(logits.double(), dim=-1).gather(-1, batch.unsqueeze(-1))[..., 0]
+        return [float(logprobs[k, start - shared: len(rests[k])].sum()) for k, start in enumerate(starts)]
+
+    @torch.no_grad()
     def loss(self, data, adapter: str | None = None, batch_size: int = 8) -> tuple[float, int]:
         from slmops.data.batching import collate
         from slmops.train.loss import plain_loss
@@ -252,6 +273,14 @@ class TorchBackend(Backend):
                 total += float(loss_sum)
                 count += n
         return total, count
+
+
+def _cache_argument(model) -> str:
+    """The forward's keyword for a KV cache: 'cache' from transformers 5.x, 'past_key_values' before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def check_adapter_fits(model, path: Path) -> None:

@@ -1,0 +1,108 @@
+"""Classification data: the task found from the completions (or asked for), the stratified
+10% hold-out of --eval_split auto, a warning for a validation split that misses a class, and
+in-training accuracy/F1 by label likelihood that equals `slmops evaluate` on the saved adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+
+import pytest
+import yaml
+
+from conftest import TONE
+from helpers import run_cli, tiny_config
+
+
+def test_holdout_keeps_class_ratios_and_every_class():
+    from slmops.data.labels import holdout_rows
+
+    completions = ["a"] * 500 + ["b"] * 300 + ["c"] * 150 + ["d"] * 40 + ["e"] * 10
+    train, held = holdout_rows(completions, stratify=True, seed=1)
+    assert sorted(train + held) == list(range(1000)) and not set(train) & set(held)
+    assert Counter(completions[i] for i in held) == {"a": 50, "b": 30, "c": 15, "d": 4, "e": 1}
+    assert holdout_rows(completions, stratify=True, seed=1) == (train, held)  # seeded
+    assert holdout_rows(completions, stratify=True, seed=2)[1] != held
+    rare = ["a"] * 95 + ["b"] * 3 + ["c"] * 2
+    assert Counter(rare[i] for i in holdout_rows(rare, stratify=True, seed=0)[1]) == {"a": 10, "b": 1, "c": 1}  # none lost
+    _, random_held = holdout_rows([f"free text {i}" for i in range(200)], stratify=False, seed=0)
+    assert len(random_held) == 20
+
+
+def test_task_is_found_from_the_completions_or_asked_for(tiny_llama, tmp_path, caplog):
+    from slmops.errors import DataError
+    from slmops.finetune_recipe import plan_finetune
+
+    caplog.set_level(logging.INFO, logger="slmops")
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "a"))
+    assert plan.data.labels is not None and set(plan.data.labels.names) == {"angry", "joyful", "neutral", "sad", "fearful"}
+    assert "task: classification, 5 labels: angry (" in caplog.text
+    assert plan.data.describe()["task"]["kind"] == "classification"
+    assert plan_finetune(tiny_config(tiny_llama, tmp_path / "b", task="generation")).data.labels is None
+    free = tmp_path / "free.jsonl"
+    free.write_text("".join(json.dumps({"q": f"question {i}", "a": f"answer number {i}"}) + "\n" for i in range(40)))
+    caplog.clear()
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "c", data_name=str(free), train_split="train", text_template="Q: {q}\\nA: {a}"))
+    assert plan.data.labels is None and "task: generation" in caplog.text
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text('{"q": "a", "a": "x"}\n{"q": "b", "a": "two\\nlines"}\n' * 8)
+    with pytest.raises(DataError, match="--task classification needs a one-line label .* row 1"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "d", data_name=str(multi), train_split="train", text_template="Q: {q}\\nA: {a}",
+                                  task="classification"))
+
+
+def test_eval_split_auto_holds_out_a_stratified_tenth_of_train(tiny_llama, tmp_path, caplog):
+    from slmops.finetune_recipe import plan_finetune
+
+    caplog.set_level(logging.INFO, logger="slmops")
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "a", train_split="train[:200]", eval_split="auto"))
+    assert len(plan.data.train) + len(plan.data.eval) == 200 and len(plan.data.eval) == 20
+    rows = [json.loads(line) for line in TONE.read_text().splitlines()[:200]]
+    gold = Counter(r["tone"] for r in rows)
+    held = Counter(ex.completion for ex in plan.data.eval_examples)
+    assert sum(held.values()) == 20 and all(abs(held[label] - count / 10) < 1 for label, count in gold.items()), (held, gold)
+    assert "20 of 200 training rows held out (--eval_split auto), stratified by label" in caplog.text
+    eval_prompts = {ex.prompt for ex in plan.data.eval_examples}
+    train_texts = {plan.tokenizer.decode(ids) for ids in plan.data.train.input_ids}
+    assert not any(prompt in text for prompt in eval_prompts for text in train_texts)  # held out, not also trained on
+
+
+def test_an_eval_split_missing_a_class_is_warned_about(tiny_llama, tmp_path, caplog):
+    from slmops.finetune_recipe import plan_finetune
+
+    rows = [json.loads(line) for line in TONE.read_text().splitlines()]
+    no_sad = tmp_path / "no_sad.jsonl"
+    no_sad.write_text("".join(json.dumps(r) + "\n" for r in rows[:80]) + "".join(json.dumps(r) + "\n" for r in rows[80:] if r["tone"] != "sad"))
+    caplog.set_level(logging.INFO, logger="slmops")
+    plan_finetune(tiny_config(tiny_llama, tmp_path / "a", data_name=str(no_sad), train_split="train[:80]", eval_split="train[80:]"))
+    assert "the eval split has no example of sad (of 5 labels)" in caplog.text
+
+
+def test_in_training_f1_by_likelihood_equals_evaluate_on_the_saved_adapter(tiny_llama, tmp_path, capsys):
+    """--metric_for_best_model macro_f1 alone: F1 computed at each evaluation by label
+    likelihood (on the training model, fast path and all), the best step kept; `slmops
+    evaluate` on the saved adapter gives the same score on the same split."""
+    from slmops.finetune_recipe import finetune, plan_finetune
+
+    out = tmp_path / "ft"
+    result = finetune(tiny_config(tiny_llama, out, train_split="train[:96]", eval_split="auto", max_steps=9, eval_steps=3,
+                                  metric_for_best_model="macro_f1", learning_rate=3e-3))
+    evals = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["split"] == "eval"]
+    assert [e["step"] for e in evals] == [3, 6, 9] and all(0 <= e["macro_f1"] <= 1 for e in evals)
+    best = max(evals, key=lambda e: (e["macro_f1"], -e["step"]))
+    assert result.train.best_step == best["step"]
+    held = tmp_path / "held.jsonl"  # the rows --eval_split auto held out, as a file evaluate reads
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["resolved"]["data"]["task"]["kind"] == "classification"
+    assert run["config"]["training"]["eval_metrics"] == ["f1"]
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "again", train_split="train[:96]", eval_split="auto"))
+    held.write_text("".join(json.dumps(row) + "\n" for row in plan.data.eval_split.dataset))
+    code, text = run_cli(capsys, "evaluate", "-m", str(out), "--data_name", str(held), "--eval_split", "train",
+                         "--text_template", "Phrase: {phrase}\\nTone: {tone}", "--metrics", "accuracy,f1", "--labels",
+                         ",".join(plan.data.labels.labels), "-o", str(tmp_path / "eval"), "--log_level", "3")
+    assert code == 0, text
+    measured = json.loads((tmp_path / "eval" / "results.json").read_text())["models"][0]["metrics"]
+    assert measured["macro_f1"] == pytest.approx(best["macro_f1"]) and measured["unparseable"] == 0
