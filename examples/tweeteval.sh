@@ -14,5 +14,12 @@ time slmops finetune --model_name_or_path smollm2-135m-instruct --data_name "$DA
   --method lora --lora_r 16 --num_train_epochs 1 --learning_rate 3e-4 --warmup_ratio 0.05 \
   --output_path "$OUT/ft" --overwrite
 
+# accuracy/F1 by each label's likelihood (the task is found to be classification)
 slmops evaluate --model_name_or_path "$OUT/ft" --compare_to base --data_name "$DATA" --eval_split val \
-  --text_template "$TEMPLATE" --metrics accuracy,f1 --max_new_tokens 6 --output_path "$OUT/eval" --log_level 2
+  --text_template "$TEMPLATE" --metrics accuracy,f1 --output_path "$OUT/eval" --log_level 2
+
+# the int4 ONNX bundle with the adapter, scored the same way on val
+rm -rf "$OUT/onnx-int4"
+slmops optimize --model_name_or_path "$OUT/ft" --adapter_names emotion --precision int4 --output_path "$OUT/onnx-int4"
+slmops evaluate --model_name_or_path "$OUT/onnx-int4" --adapter_path emotion --data_name "$DATA" --eval_split val \
+  --text_template "$TEMPLATE" --metrics accuracy,f1 --output_path "$OUT/eval-int4" --log_level 2

@@ -137,6 +137,9 @@ CASES = [
          "--metric_for_best_model macro_f1 is measured on held-out data: give --eval_split"),
     Case("ft-task-not-labels", [*FT, "--data_name", str(TONE.with_name("library_qa.json")), "--text_template", "Q: {input} A: {output}",
                                 "--task", "classification"], "distinct answers, more than a label set of at most 32"),
+    Case("ft-class-weights-free-text", [*FT, "--task", "generation", "--class_weights", "auto"],
+         "--class_weights auto weighs the labels of a classification task"),
+    Case("ft-class-weights-typo", [*FT, "--class_weights", "balanced"], "--class_weights: Input should be 'none' or 'auto'"),
     Case("ft-eval-auto-tiny", [*FT, "--train_split", "train[:6]", "--eval_split", "auto"], "--eval_split auto holds out 10%"),
     Case("ev-labels-missing-one", [*EV, "--labels", "angry,joyful"], "--labels: the data has answers outside the given labels",
          loads_model=True),  # the gold answers are known once the model's tokenizer formats the rows (as ev-multiline-labels)

@@ -106,3 +106,56 @@ def test_in_training_f1_by_likelihood_equals_evaluate_on_the_saved_adapter(tiny_
     assert code == 0, text
     measured = json.loads((tmp_path / "eval" / "results.json").read_text())["models"][0]["metrics"]
     assert measured["macro_f1"] == pytest.approx(best["macro_f1"]) and measured["unparseable"] == 0
+
+
+def test_class_weights_balance_the_labels_and_weigh_each_token_loss(tiny_llama, tmp_path, caplog):
+    """--class_weights auto: n / (k * n_label) per example (mean 1); the loss, on every path
+    (the model's own forward, the labelled-positions head, padding-free packed batches), is
+    the sum of each token's cross-entropy times its example's weight."""
+    import torch
+
+    from slmops.data.batching import collate
+    from slmops.data.tokenize import IGNORE
+    from slmops.finetune_recipe import build_model, plan_finetune
+    from slmops.train.cpu import FastPath
+    from slmops.train.loss import packed_loss, plain_loss, selective_loss
+
+    rows = [json.loads(line) for line in TONE.read_text().splitlines()]
+    skewed = tmp_path / "skewed.jsonl"  # 60 joyful, 20 sad, 10 angry
+    picked = [r for r in rows if r["tone"] == "joyful"][:60] + [r for r in rows if r["tone"] == "sad"][:20] + \
+        [r for r in rows if r["tone"] == "angry"][:10]
+    skewed.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    caplog.set_level(logging.INFO, logger="slmops")
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "w", data_name=str(skewed), train_split="train", class_weights="auto",
+                                     lora_dropout=0.0))
+    weights = plan.data.train.extra["loss_weight"]
+    by_label = dict(zip(plan.data.train_completions, weights))
+    assert by_label == pytest.approx({"joyful": 90 / (3 * 60), "sad": 90 / (3 * 20), "angry": 90 / (3 * 10)})
+    assert sum(weights) / len(weights) == pytest.approx(1.0)
+    assert "class weights (balanced): angry 3.00 (10), joyful 0.50 (60), sad 1.50 (20)" in caplog.text
+
+    model = build_model(plan).eval()
+    lengths = plan.data.train.lengths
+    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batch = collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)  # padded enough to pack
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    targets = batch["labels"][:, 1:]
+    token_ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    expected = float((token_ce * (targets != IGNORE) * batch["loss_weight"][:, None]).sum())
+    unweighted = float((token_ce * (targets != IGNORE)).sum())
+    assert abs(expected - unweighted) > 1e-3 * unweighted  # the weights change the loss
+    with torch.no_grad():
+        assert float(plain_loss(model, batch)[0]) == pytest.approx(expected, rel=1e-5)
+        assert float(selective_loss(model, batch)[0]) == pytest.approx(expected, rel=1e-5)
+    with FastPath.install(model) as path, torch.enable_grad():
+        assert path.packs_sequences
+        assert float(packed_loss(model, batch)[0]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_class_weights_need_a_classification_task(tiny_llama, tmp_path):
+    from slmops.errors import ConfigError
+    from slmops.finetune_recipe import plan_finetune
+
+    with pytest.raises(ConfigError, match="--class_weights auto weighs the labels of a classification task"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "a", task="generation", class_weights="auto"))

@@ -18,8 +18,16 @@ def test_classification_report_by_hand():
     assert report["per_class"]["anger"]["f1"] == pytest.approx(0.8)
     assert report["per_class"]["joy"]["f1"] == pytest.approx(2 / 3)
     assert report["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0) / 3)
-    assert report["confusion"]["sadness"]["(other)"] == 1
-    assert report["confusion"]["joy"]["anger"] == 1
+    assert report["confusion"] == {  # gold rows, predicted columns, by hand
+        "anger": {"anger": 2, "joy": 0, "sadness": 0, "(other)": 0},
+        "joy": {"anger": 1, "joy": 1, "sadness": 0, "(other)": 0},
+        "sadness": {"anger": 0, "joy": 0, "sadness": 0, "(other)": 1},
+    }
+    # a label set given (likelihood scoring): a predicted label the gold answers lack is a class, not
+    # unparseable; labels neither in the gold answers nor predicted are not scored (scikit-learn's rule)
+    chosen = classification_report(["fear", "joy"], ["joy", "joy"], labels=["fear", "joy", "sad"])
+    assert chosen["unparseable"] == 0 and set(chosen["per_class"]) == {"fear", "joy"}
+    assert chosen["macro_f1"] == pytest.approx((0 + 2 / 3) / 2) and chosen["confusion"] == {"joy": {"fear": 1, "joy": 1}}
     assert normalize_label("  Joyful!\nextra") == "joyful"
     # a label named once as a whole word counts; two labels named is ambiguous
     assert classification_report(["I am angry.", "joy or anger"], ["anger", "joy"])["accuracy"] == 0.0

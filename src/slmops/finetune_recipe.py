@@ -138,6 +138,8 @@ def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) 
     tokenizer = load_tokenizer(source.path, config.model.trust_remote_code)
     data = prepare_data(data_config, tokenizer, splits, need_eval_examples=bool(tcfg.eval_metrics), seed=tcfg.seed)
     _check_eval_metrics(config, data)
+    if tcfg.class_weights == "auto":
+        _weigh_classes(data, custom_loss is not None)
     if not data.formatter.lm_loss and custom_loss is None:
         raise ConfigError(f"the {data.formatter.name} format has no language-model loss: train it with a custom loss "
                           "(--loss FILE.py:ClassName; docs/finetune.md, 'Custom loss')")
@@ -221,6 +223,26 @@ def _check_eval_metrics(config: FinetuneConfig, data: PreparedData | None) -> No
             raise ConfigError(f"--eval_metrics need a completion to compare with, and the {data.formatter.name} format has none")
         if any(m.name in ("accuracy", "f1") for m in metrics):
             check_labels([ex.completion for ex in data.eval_examples or []])
+
+
+def _weigh_classes(data: PreparedData, custom_loss: bool) -> None:
+    """--class_weights auto: the training examples carry their label's weight into the loss
+    (and into the data fingerprint a resume checks)."""
+    from collections import Counter
+
+    from slmops.data.labels import normalize_label
+    from slmops.data.prepare import balanced_class_weights
+
+    if data.labels is None:
+        raise ConfigError("--class_weights auto weighs the labels of a classification task, and this data is not one "
+                          "(free-text completions); give --task classification if the completions are labels")
+    if custom_loss:
+        raise ConfigError("--class_weights applies to the built-in loss; a custom loss (--loss) weighs examples itself")
+    weights = balanced_class_weights(data.labels, data.train_completions)
+    data.train.extra["loss_weight"] = weights
+    by_label = dict(zip((normalize_label(c or "") for c in data.train_completions), weights))
+    counts = Counter(normalize_label(c or "") for c in data.train_completions)
+    log.info("class weights (balanced): %s", ", ".join(f"{name} {by_label[name]:.2f} ({counts[name]})" for name in sorted(by_label)))
 
 
 def _seed_everything(seed: int) -> None:
@@ -386,12 +408,14 @@ def _generation_eval(plan: FinetunePlan):
         from slmops.inference.torch_backend import TorchBackend
 
         backend = TorchBackend.from_model(model, plan.tokenizer)
-        chosen = predict_labels(score_labels(backend, examples, labels, None, special), labels) if by_label else None
+        chosen = predict_labels(score_labels(backend, examples, labels, None, special, batch_size=tcfg.per_device_eval_batch_size),
+                                labels) if by_label else None
         generated = backend.generate_batch(prompts, None, GenerationParams(max_new_tokens=tcfg.eval_max_new_tokens), special,
                                            tcfg.per_device_eval_batch_size) if by_generation else None
         values: dict[str, float] = {}
         for metric in metrics:
-            computed = metric.compute(predictions=chosen if metric in by_label else generated, references=references)
+            computed = metric.compute(predictions=chosen, references=references, labels=list(labels.labels)) if metric in by_label \
+                else metric.compute(predictions=generated, references=references)
             values.update({k: v for k, v in computed.items() if isinstance(v, (int, float))})
         return values
 

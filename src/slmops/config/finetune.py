@@ -137,6 +137,10 @@ class TrainingConfig(_Section):
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
     load_best_model_at_end: bool = Field(True, description="With --eval_split, the saved adapter is the best one seen.")
+    class_weights: Literal["none", "auto"] = Field(
+        "none", description="auto: for a classification task, weight each example's loss by n / (labels x its label's count), "
+        "so rare labels count as much as common ones (skewed data); none: every token counts the same."
+    )
     loss: str | None = Field(
         None, description="A custom loss, FILE.py:ClassName: an nn.Module whose forward takes the batch's LossInputs (labelled "
         "logits, labels, hidden states, the batch with its extra columns) and returns a scalar. The file's code runs. "

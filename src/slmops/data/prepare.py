@@ -25,6 +25,7 @@ class PreparedData:
     eval_split: LoadedSplit | None = None
     eval_examples: list[FormattedExample] | None = None
     labels: LabelSet | None = None  # the label set of a classification task
+    train_completions: list[str | None] | None = None  # each training example's completion (its label)
 
     def describe(self) -> dict:
         info = {
@@ -131,7 +132,8 @@ def prepare_data(cfg: DataConfig, tokenizer, splits: RawSplits | None = None, ne
     train = tokenize_examples(train_examples, tokenizer, formatter, cfg.max_seq_len, cfg.long_examples)
     if len(train) == 0:
         raise DataError(f"no training examples left after tokenization ({train.summary()}); raise --max_seq_len or check the data")
-    prepared = PreparedData(formatter, train, train_split, labels=labels)
+    prepared = PreparedData(formatter, train, train_split, labels=labels,
+                            train_completions=[train_examples[row].completion for row in train.kept_rows])
     if eval_split is not None:
         eval_formatter = build_formatter(cfg, list(eval_split.dataset.column_names), tokenizer)
         examples = eval_examples if eval_examples is not None else format_rows(eval_split.dataset, eval_formatter)
@@ -187,6 +189,14 @@ def hold_out(train_split: LoadedSplit, examples: list[FormattedExample], labels:
     else:
         log.info("eval: %d of %d training rows held out at random (--eval_split auto)", len(eval_rows), len(examples))
     return kept, held, [examples[i] for i in train_rows], [examples[i] for i in eval_rows]
+
+
+def balanced_class_weights(labels: LabelSet, completions: list[str | None]) -> list[float]:
+    """--class_weights auto: each example weighted n / (k * n_label) (scikit-learn's
+    'balanced'), so every label weighs the same in the loss and the weights average 1."""
+    names = [normalize_label(c or "") for c in completions]
+    counts = Counter(names)
+    return [len(names) / (len(counts) * counts[name]) for name in names]
 
 
 def _check_eval_classes(labels: LabelSet, eval_completions: list[str | None]) -> None:

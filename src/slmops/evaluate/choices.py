@@ -40,14 +40,18 @@ def candidate(example: FormattedExample, label: str, tokenizer, add_special_toke
 
 
 def score_labels(backend, examples: Sequence[FormattedExample], labels: LabelSet, adapter: str | None, add_special_tokens: bool,
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, batch_size: int = 16) -> np.ndarray:
     """(examples, labels) log-probabilities of each label as the completion of each prompt."""
     from slmops.logs import progress_bar
 
     scores = np.empty((len(examples), len(labels.labels)), dtype=np.float64)
-    for row, example in enumerate(progress_bar(examples, desc=f"score labels ({backend.name})", unit="example", enabled=progress)):
-        candidates = [candidate(example, label, backend.tokenizer, add_special_tokens) for label in labels.labels]
-        scores[row] = backend.choice_logprobs([ids for ids, _ in candidates], [start for _, start in candidates], adapter)
+    starts = range(0, len(examples), batch_size)
+    for begin in progress_bar(starts, desc=f"score labels ({backend.name})", unit="batch", enabled=progress):
+        groups = []
+        for example in examples[begin: begin + batch_size]:
+            candidates = [candidate(example, label, backend.tokenizer, add_special_tokens) for label in labels.labels]
+            groups.append(([ids for ids, _ in candidates], [start for _, start in candidates]))
+        scores[begin: begin + len(groups)] = backend.choice_logprobs_batch(groups, adapter, batch_size)
     return scores
 
 

@@ -49,13 +49,16 @@ def extract_label(prediction: str, labels: set[str]) -> str:
     return named[0] if len(named) == 1 else line
 
 
-def classification_report(predictions: list[str], references: list[str]) -> dict:
+def classification_report(predictions: list[str], references: list[str], labels: list[str] | None = None) -> dict:
     """Accuracy, macro/micro F1, per-class precision/recall/F1 and the confusion matrix.
-    A prediction outside the label set counts as wrong and is tallied as unparseable."""
+    The label set is the gold labels plus `labels` (the set scored by likelihood); a
+    prediction outside it counts as wrong and is tallied as unparseable. The classes scored
+    are those in the gold answers or predicted (scikit-learn's default)."""
     gold = [normalize_label(r) for r in references]
-    labels = sorted(set(gold))
+    known = set(gold) | {normalize_label(label) for label in labels or []}
+    pred = [extract_label(p, known) for p in predictions]
+    labels = sorted(set(gold) | {p for p in pred if p in known})
     label_set = set(labels)
-    pred = [extract_label(p, label_set) for p in predictions]
     unparseable = sum(1 for p in pred if p not in label_set)
     n = len(gold)
     correct = sum(1 for g, p in zip(gold, pred) if g == p)
@@ -68,8 +71,8 @@ def classification_report(predictions: list[str], references: list[str]) -> dict
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
-    columns = labels + ["(other)"]
-    confusion = {g: {c: 0 for c in columns} for g in labels}
+    columns = labels + (["(other)"] if unparseable else [])
+    confusion = {g: {c: 0 for c in columns} for g in sorted(set(gold))}
     for g, p in zip(gold, pred):
         confusion[g][p if p in label_set else "(other)"] += 1
     # Micro-F1 over the gold classes equals accuracy when every prediction is in the label set.
@@ -89,13 +92,13 @@ def classification_report(predictions: list[str], references: list[str]) -> dict
     }
 
 
-def _accuracy(predictions, references, **_) -> dict:
-    report = classification_report(predictions, references)
+def _accuracy(predictions, references, labels=None, **_) -> dict:
+    report = classification_report(predictions, references, labels)
     return {"accuracy": report["accuracy"], "unparseable": report["unparseable"], "n": report["n"]}
 
 
-def _f1(predictions, references, **_) -> dict:
-    report = classification_report(predictions, references)
+def _f1(predictions, references, labels=None, **_) -> dict:
+    report = classification_report(predictions, references, labels)
     return {k: report[k] for k in ("macro_f1", "micro_f1", "per_class", "confusion")}
 
 

@@ -110,7 +110,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         scores = None
         params = GenerationParams(max_new_tokens=cfg.max_new_tokens)
         if labels is not None:
-            scores = score_labels(backend, examples, labels, chosen, formatter.add_special_tokens, progress=progress_enabled())
+            scores = score_labels(backend, examples, labels, chosen, formatter.add_special_tokens, progress_enabled(), cfg.batch_size)
             label_predictions = predict_labels(scores, labels)
             values["scoring"] = "likelihood"
         if needs_generation and (labels is None or any(m.needs == "generation" and m.name not in CLASSIFICATION for m in metrics)):
@@ -118,8 +118,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                                  cfg.batch_size, progress=progress_enabled())
         for metric in metrics:
             if metric.needs == "generation":
-                answers = label_predictions if labels is not None and metric.name in CLASSIFICATION else predictions
-                values.update(metric.compute(predictions=answers, references=references))
+                if labels is not None and metric.name in CLASSIFICATION:
+                    values.update(metric.compute(predictions=label_predictions, references=references, labels=list(labels.labels)))
+                else:
+                    values.update(metric.compute(predictions=predictions, references=references))
             elif metric.needs == "loss":
                 data = tokenize_examples(examples, backend.tokenizer, formatter, cfg.data.max_seq_len, cfg.data.long_examples)
                 loss_sum, count = backend.loss(data, chosen, cfg.batch_size)

@@ -226,6 +226,12 @@ class Backend:
         ends that keep a cache run the shared prefix once."""
         return [float(token_logprobs(self.logits(ids, adapter), ids)[start - 1:].sum()) for ids, start in zip(candidates, starts)]
 
+    def choice_logprobs_batch(self, groups: list[tuple[list[list[int]], list[int]]], adapter: str | None = None,
+                              batch_size: int = 16) -> list[list[float]]:
+        """choice_logprobs for many prompts: `groups` holds each prompt's (candidates, starts).
+        One prompt at a time here; back ends that batch override it."""
+        return [self.choice_logprobs(candidates, starts, adapter) for candidates, starts in groups]
+
     def loss(self, data, adapter: str | None = None, batch_size: int = 8) -> tuple[float, int]:
         """(summed cross-entropy, token count) over the labelled tokens of TokenizedData."""
         total, count = 0.0, 0

@@ -260,6 +260,53 @@ class TorchBackend(Backend):
         return [float(logprobs[k, start - shared: len(rests[k])].sum()) for k, start in enumerate(starts)]
 
     @torch.no_grad()
+    def choice_logprobs_batch(self, groups: list[tuple[list[list[int]], list[int]]], adapter: str | None = None,
+                              batch_size: int = 16) -> list[list[float]]:
+        """Prompts batched: their shared prefixes left-padded into one pass (only the last
+        position's logits computed), the cache repeated once per candidate, and every
+        candidate's rest in a second pass (right-padded), positions and masks carried over."""
+        counts = {len(candidates) for candidates, _ in groups}
+        if len(counts) != 1 or any(common_prefix(candidates) == 0 for candidates, _ in groups):
+            # prompts with different numbers of candidates, or candidates sharing no prefix: one at a time
+            return super().choice_logprobs_batch(groups, adapter, batch_size)
+        k = counts.pop()
+        order = sorted(range(len(groups)), key=lambda i: len(groups[i][0][0]))  # similar lengths pad little
+        scores: list[list[float]] = [[] for _ in groups]
+        with self._active(self._chosen(adapter)) as model:
+            for begin in range(0, len(order), batch_size):
+                chunk = order[begin: begin + batch_size]
+                for index, row in zip(chunk, self._score_chunk(model, [groups[i] for i in chunk], k)):
+                    scores[index] = row
+        return scores
+
+    def _score_chunk(self, model, groups: list[tuple[list[list[int]], list[int]]], k: int) -> list[list[float]]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        shared = [min(common_prefix(candidates), min(starts)) for candidates, starts in groups]
+        prefixes = [candidates[0][:n] for (candidates, _), n in zip(groups, shared)]
+        width = max(len(p) for p in prefixes)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=self.device)
+        head = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                     logits_to_keep=1)
+        cache = getattr(head, "cache", None) or head.past_key_values  # transformers 5 calls it cache
+        cache.batch_repeat_interleave(k)
+        rests = [candidate[n:] for (candidates, _), n in zip(groups, shared) for candidate in candidates]
+        tail_width = max(len(r) for r in rests)
+        tail_ids = torch.tensor([r + [pad] * (tail_width - len(r)) for r in rests], device=self.device)
+        lengths = torch.tensor([len(p) for p in prefixes], device=self.device).repeat_interleave(k)
+        tail_mask = torch.cat([mask.repeat_interleave(k, dim=0), torch.ones_like(tail_ids)], dim=1)
+        positions = lengths[:, None] + torch.arange(tail_width, device=self.device)[None]
+        tail = model(input_ids=tail_ids, attention_mask=tail_mask, position_ids=positions, use_cache=True,
+                     **{_cache_argument(model): cache}).logits.float()
+        # logits predicting rest[i]: the prefix's last position for i = 0, the rest's position i - 1 after
+        logits = torch.cat([head.logits[:, -1:].float().repeat_interleave(k, dim=0), tail[:, :-1]], dim=1)
+        picked = torch.log_softmax(logits.double(), dim=-1).gather(-1, tail_ids.unsqueeze(-1))[..., 0]
+        out = []
+        for g, ((_, starts), n) in enumerate(zip(groups, shared)):
+            out.append([float(picked[g * k + j, start - n: len(rests[g * k + j])].sum()) for j, start in enumerate(starts)])
+        return out
+
+    @torch.no_grad()
     def loss(self, data, adapter: str | None = None, batch_size: int = 8) -> tuple[float, int]:
         from slmops.data.batching import collate
         from slmops.train.loss import plain_loss

@@ -19,28 +19,43 @@ def _inner(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def token_weights(batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
+    """Each target position's loss weight, shaped as `like` (B, T-1): its example's class weight
+    (--class_weights), or None when the batch carries none (every token counts 1)."""
+    weights = batch.get("loss_weight")
+    return None if weights is None else weights.to(torch.float32)[:, None].expand(like.shape)
+
+
+def _summed(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+
 def plain_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of tokens) from the model's own full forward."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     selected = logits[:, :-1][mask].float()  # (N, V)
-    return F.cross_entropy(selected, targets[mask], reduction="sum"), int(mask.sum())
+    weights = token_weights(batch, targets)
+    return _summed(selected, targets[mask], None if weights is None else weights[mask]), int(mask.sum())
 
 
-def _head_loss(inner, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _head_loss(inner, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum of token losses, count): the output head and cross-entropy on the positions of
-    `hidden` whose target is not IGNORE only."""
+    `hidden` whose target is not IGNORE only (each loss times its weight, where given)."""
     mask = targets != IGNORE
     logits = inner.get_output_embeddings()(hidden[mask]).float()  # (N, V)
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+    return _summed(logits, targets[mask], None if weights is None else weights[mask]), int(mask.sum())
 
 
 def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Same value as plain_loss; the head only sees labelled positions."""
     inner = _inner(model)
     hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-    return _head_loss(inner, hidden[:, :-1], batch["labels"][:, 1:])
+    targets = batch["labels"][:, 1:]
+    return _head_loss(inner, hidden[:, :-1], targets, token_weights(batch, targets))
 
 
 def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -65,7 +80,10 @@ def _packed(model, batch: dict[str, torch.Tensor], packing) -> tuple[torch.Tenso
     labels = batch["labels"]
     targets = packing.pack(torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], 1))[0]
     targets[packing.tokens :] = IGNORE  # the rows that round the count up carry no loss
-    return _head_loss(inner, hidden[0], targets)
+    weights = token_weights(batch, labels)
+    if weights is not None:  # packed as the targets are (the rows past the real tokens carry no loss anyway)
+        weights = packing.pack(weights.contiguous())[0]
+    return _head_loss(inner, hidden[0], targets, weights)
 
 
 @torch.no_grad()
