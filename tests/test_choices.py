@@ -146,3 +146,7 @@ def test_evaluate_scores_labels_by_likelihood_and_generation_stays_available(tun
         assert set(row["label_logprobs"]) == gold
         assert row["label"] == max(row["label_logprobs"], key=row["label_logprobs"].get)
     assert lik["accuracy"] == pytest.approx(sum(r["label"] == r["reference"] for r in rows) / len(rows))
+    report = (tmp_path / "lik" / "report.md").read_text()  # per class, then the confusion matrix, each as a table
+    assert "| label | precision | recall | F1 | support |" in report and "| gold / predicted |" in report
+    for label, row in lik["confusion"].items():
+        assert f"| {label} | " + " | ".join(str(v) for v in row.values()) + " |" in report

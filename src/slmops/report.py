@@ -107,6 +107,12 @@ def html_table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _task_line(task: dict) -> str:
+    if task["kind"] != "classification":
+        return task["kind"]
+    return "classification: " + ", ".join(f"{label} ({count})" for label, count in task["labels"].items())
+
+
 def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, result: dict) -> Path:
     records = read_metrics(Path(log_dir) / "metrics.jsonl")
     title = (f"{plan['task_name']}: " if plan.get("task_name") else "") + f"{plan['method']} on {plan['model']['given']}"
@@ -118,6 +124,7 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
         ("method", f"{plan['method']}, target modules: {plan['target_modules']}"),
         ("data", plan["data"]["format_description"]),
         ("train", plan["data"]["train"]["tokenized"]),
+        ("task", _task_line(plan["data"].get("task") or {"kind": "generation"})),
         ("precision", f"{plan['precision']['name']} on {plan['precision']['device']} ({plan['precision']['reason']})"),
         ("steps", f"{result['steps']}" + (f" (stopped: {str(result.get('stop_reason') or 'early stopping').replace('_', ' ')})"
                                           if result["stopped_early"] else "")),
@@ -138,13 +145,31 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
     return path
 
 
+def class_tables(metrics: dict) -> tuple[list[str], list[list], list[str], list[list]] | None:
+    """(per-class header, rows, confusion header, rows) of a classification result, or None."""
+    per_class, confusion = metrics.get("per_class"), metrics.get("confusion")
+    if not per_class or not confusion:
+        return None
+    classes = [["label", "precision", "recall", "F1", "support"],
+               [[label, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"]] for label, c in per_class.items()]]
+    columns = list(next(iter(confusion.values())))
+    matrix = [["gold / predicted", *columns], [[gold, *(row[c] for c in columns)] for gold, row in confusion.items()]]
+    return classes[0], classes[1], matrix[0], matrix[1]
+
+
+def markdown_table(header: list, rows: list[list]) -> str:
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def write_evaluation_report(out: Path, report: dict, table_text: str) -> Path:
     blocks: list[str | bytes] = [f"<p>data: {html.escape(report['data']['source'])} ({html.escape(report['data']['split'])}, "
                                  f"{report['data']['rows']} rows)</p>", f"<pre>{html.escape(table_text)}</pre>"]
     for model in report["models"]:
-        confusion = model["metrics"].get("confusion")
-        if confusion:
-            blocks.append(confusion_figure(confusion, model["name"]))
+        tables = class_tables(model["metrics"])
+        if tables:
+            blocks += [f"<h2>{html.escape(model['name'])}</h2>", html_table(tables[0], tables[1]), html_table(tables[2], tables[3]),
+                       confusion_figure(model["metrics"]["confusion"], model["name"])]
     path = Path(out) / "report.html"
     path.write_text(html_page("slmops evaluate", blocks))
     return path

@@ -198,9 +198,15 @@ def _write(cfg: EvaluateConfig, report: dict, results: list[ModelResult], exampl
                     row["label"] = result.labels[i]
                     row["label_logprobs"] = result.label_scores[i]
                 handle.write(json.dumps(row) + "\n")
+    from slmops.report import class_tables, markdown_table, write_evaluation_report
+
     table = format_table(report)
-    (out / "report.md").write_text(f"# slmops evaluate\n\ndata: {report['data']['source']} ({report['data']['split']}, "
-                                   f"{report['data']['rows']} rows)\n\n```\n{table}\n```\n\nConfusion matrices: report.html\n")
-    from slmops.report import write_evaluation_report
+    text = (f"# slmops evaluate\n\ndata: {report['data']['source']} ({report['data']['split']}, {report['data']['rows']} rows)"
+            f"\n\n```\n{table}\n```\n")
+    for model in report["models"]:
+        tables = class_tables(model["metrics"])
+        if tables:  # per class, then the confusion matrix (gold rows, predicted columns)
+            text += f"\n## {model['name']}\n\n{markdown_table(tables[0], tables[1])}\n\n{markdown_table(tables[2], tables[3])}\n"
+    (out / "report.md").write_text(text + "\nConfusion matrices as pictures: report.html\n")
 
     write_evaluation_report(out, report, table)
