@@ -389,23 +389,27 @@ def test_trial_timeout_stops_a_trial_which_still_reports_its_evaluation(tiny_lla
 def test_workers_opening_a_new_sqlite_study_at_the_same_moment_all_get_it(tiny_llama, tmp_path):
     """Six local workers started together on a new study file: without waiting for each other,
     about one in three failed ('table studies already exists', 'UNIQUE constraint failed:
-    alembic_version.version_num'). Real processes, released at the same instant."""
+    alembic_version.version_num'). Real processes: each says it is ready (imports done, plan
+    read), then all are released at once by one file appearing."""
     file = search_file(tmp_path / "s.yaml", tiny_llama, tmp_path / "out")
-    go = time.time() + 8  # after every process has imported optuna and slmops
-    script = ("import sys, time\n"
+    go = tmp_path / "go"
+    script = ("import os, sys, time\n"
               "from slmops.tune import load_search\n"
               "from slmops.tune.study import open_storage\n"
               "plan = load_search(sys.argv[1])\n"
-              "print('ready', time.time(), flush=True)\n"
-              "while time.time() < float(sys.argv[2]): pass\n"
+              "open(sys.argv[3], 'w').close()\n"
+              "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
               "open_storage(plan)\n"
               "print('opened')\n")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(file), str(go)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(6)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(file), str(go), str(tmp_path / f"ready-{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(6)]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not all((tmp_path / f"ready-{i}").exists() for i in range(6)):
+        assert all(proc.poll() is None for proc in procs), [proc.communicate()[0] for proc in procs]
+        time.sleep(0.05)
+    go.touch()
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert [o.strip().splitlines()[-1] for o in outputs] == ["opened"] * 6, outputs
-    ready = [float(line.split()[1]) for o in outputs for line in o.splitlines() if line.startswith("ready")]
-    assert len(ready) == 6 and max(ready) < go, "the processes were not released together: raise the start delay"
 
 
 def test_workers_racing_to_create_the_tables_of_a_new_database_wait_for_each_other(tiny_llama, tmp_path, monkeypatch):

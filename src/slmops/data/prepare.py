@@ -16,6 +16,7 @@ from slmops.errors import DataError
 
 log = logging.getLogger("slmops")
 
+
 @dataclass
 class PreparedData:
     formatter: Formatter
