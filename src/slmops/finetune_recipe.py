@@ -230,18 +230,16 @@ def _weigh_classes(data: PreparedData, custom_loss: bool) -> None:
     (and into the data fingerprint a resume checks)."""
     from collections import Counter
 
-    from slmops.data.labels import normalize_label
-    from slmops.data.prepare import balanced_class_weights
+    from slmops.data.labels import balanced_class_weights, normalize_label
 
     if data.labels is None:
         raise ConfigError("--class_weights auto weighs the labels of a classification task, and this data is not one "
                           "(free-text completions); give --task classification if the completions are labels")
     if custom_loss:
         raise ConfigError("--class_weights applies to the built-in loss; a custom loss (--loss) weighs examples itself")
-    weights = balanced_class_weights(data.labels, data.train_completions)
-    data.train.extra["loss_weight"] = weights
-    by_label = dict(zip((normalize_label(c or "") for c in data.train_completions), weights))
-    counts = Counter(normalize_label(c or "") for c in data.train_completions)
+    names = [normalize_label(c or "") for c in data.train_completions]
+    by_label, counts = balanced_class_weights(data.train_completions), Counter(names)
+    data.train.extra["loss_weight"] = [by_label[name] for name in names]
     log.info("class weights (balanced): %s", ", ".join(f"{name} {by_label[name]:.2f} ({counts[name]})" for name in sorted(by_label)))
 
 
@@ -388,7 +386,7 @@ def _generation_eval(plan: FinetunePlan):
     model as it trains, on the inference layer: for a classification task accuracy/f1 pick
     the most likely label (one pass per example, no generation); other metrics compare
     greedy answers."""
-    from slmops.evaluate.metrics import get_metrics
+    from slmops.evaluate.metrics import CLASSIFICATION_METRICS, get_metrics
 
     metrics = [m for m in get_metrics(plan.config.training.eval_metrics or []) if m.needs == "generation"]
     examples = plan.data.eval_examples
@@ -399,7 +397,7 @@ def _generation_eval(plan: FinetunePlan):
     references = [ex.completion for ex in examples]
     special = plan.data.formatter.add_special_tokens
     labels = plan.data.labels
-    by_label = [m for m in metrics if labels is not None and m.name in ("accuracy", "f1")]
+    by_label = [m for m in metrics if labels is not None and m.name in CLASSIFICATION_METRICS]
     by_generation = [m for m in metrics if m not in by_label]
 
     def evaluate(model) -> dict[str, float]:

@@ -60,9 +60,21 @@ def label_set(completions: Sequence[str | None], given: Sequence[str] | None = N
     return LabelSet(labels, dict(counts))
 
 
+def is_label(completion: str | None) -> bool:
+    """A gold answer that can be a class label: present, non-empty, one line."""
+    return completion is not None and bool(normalize_label(completion)) and len(completion.strip().splitlines()) == 1
+
+
+def balanced_class_weights(completions: Sequence[str | None]) -> dict[str, float]:
+    """--class_weights auto: each label's weight n / (k * n_label) (scikit-learn's 'balanced'),
+    so every label weighs the same in the loss and the examples' weights average 1."""
+    counts = Counter(normalize_label(c or "") for c in completions)
+    return {name: len(completions) / (len(counts) * count) for name, count in counts.items()}
+
+
 def looks_like_classification(completions: Sequence[str | None]) -> bool:
     """Few distinct one-line answers, each seen several times: a label set, not free text."""
-    if not completions or any(c is None or not normalize_label(c) or len(c.strip().splitlines()) > 1 for c in completions):
+    if not completions or not all(is_label(c) for c in completions):
         return False
     distinct = {normalize_label(c) for c in completions}
     return 2 <= len(distinct) <= MAX_LABELS and len(completions) >= 4 * len(distinct)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from slmops.config import DataConfig
 from slmops.data.format import FormattedExample, Formatter, build_formatter, template_fields, unescape
-from slmops.data.labels import MAX_LABELS, LabelSet, holdout_rows, label_set, looks_like_classification, normalize_label
+from slmops.data.labels import MAX_LABELS, LabelSet, holdout_rows, is_label, label_set, looks_like_classification, normalize_label
 from slmops.data.load import LoadedSplit, load_split
 from slmops.data.tokenize import TokenizedData, tokenize_examples
 from slmops.errors import DataError
@@ -154,7 +154,7 @@ def find_labels(cfg: DataConfig, completions: list[str | None]) -> LabelSet | No
     if cfg.task == "generation":
         return None
     if cfg.task == "classification":
-        bad = [i for i, c in enumerate(completions) if c is None or not normalize_label(c) or len(c.strip().splitlines()) > 1]
+        bad = [i for i, c in enumerate(completions) if not is_label(c)]
         if bad:
             raise DataError(f"--task classification needs a one-line label as each example's completion; row {bad[0]} has "
                             f"{completions[bad[0]]!r}" + (f" ({len(bad)} rows in all)" if len(bad) > 1 else ""))
@@ -190,14 +190,6 @@ def hold_out(train_split: LoadedSplit, examples: list[FormattedExample], labels:
     else:
         log.info("eval: %d of %d training rows held out at random (--eval_split auto)", len(eval_rows), len(examples))
     return kept, held, [examples[i] for i in train_rows], [examples[i] for i in eval_rows]
-
-
-def balanced_class_weights(labels: LabelSet, completions: list[str | None]) -> list[float]:
-    """--class_weights auto: each example weighted n / (k * n_label) (scikit-learn's
-    'balanced'), so every label weighs the same in the loss and the weights average 1."""
-    names = [normalize_label(c or "") for c in completions]
-    counts = Counter(names)
-    return [len(names) / (len(counts) * counts[name]) for name in names]
 
 
 def _check_eval_classes(labels: LabelSet, eval_completions: list[str | None]) -> None:

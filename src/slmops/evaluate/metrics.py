@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slmops.data.labels import normalize_label
+from slmops.data.labels import is_label, normalize_label
 from slmops.errors import ConfigError, suggest
 
 
@@ -150,6 +150,9 @@ register(Metric("rouge", "generation", "ROUGE-1/2/L F-measure (rouge-score)", _r
 register(Metric("latency", "timing", "time to first token and decode tokens/s (p50/p95), peak memory", _latency,
                 ("ttft_p50_s", "ttft_p95_s", "decode_tokens_per_s_p50", "peak_rss_mb")))
 
+# Metrics that compare one label per example (scored by label likelihood for a classification task).
+CLASSIFICATION_METRICS = ("accuracy", "f1")
+
 # Metrics where a smaller value is better (for best-model selection and early stopping).
 LOWER_IS_BETTER = {"loss", "perplexity", "unparseable", "ttft_p50_s", "ttft_p95_s", "peak_rss_mb"}
 
@@ -159,7 +162,7 @@ def check_labels(references: list[str | None]) -> None:
     first line can never equal (empty, or spread over several lines)."""
     from slmops.errors import DataError
 
-    bad = [i for i, r in enumerate(references) if r is None or not normalize_label(r) or len(r.strip().splitlines()) > 1]
+    bad = [i for i, r in enumerate(references) if not is_label(r)]
     if bad:
         example = references[bad[0]]
         raise DataError(

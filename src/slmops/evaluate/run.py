@@ -11,13 +11,13 @@ from pathlib import Path
 
 from slmops.config import EvaluateConfig
 from slmops.data.format import build_formatter
+from slmops.data.labels import MAX_LABELS, LabelSet, label_set
 from slmops.data.load import load_split
 from slmops.data.prepare import format_rows
 from slmops.data.tokenize import tokenize_examples
 from slmops.errors import DataError
-from slmops.data.labels import MAX_LABELS, LabelSet, label_set
 from slmops.evaluate.choices import predict_labels, score_labels
-from slmops.evaluate.metrics import check_labels, get_metrics
+from slmops.evaluate.metrics import CLASSIFICATION_METRICS, check_labels, get_metrics
 from slmops.inference import Backend, GenerationParams, open_backend
 from slmops.logs import progress_enabled
 from slmops.outputs import versions
@@ -31,11 +31,7 @@ class ModelResult:
     metrics: dict
     predictions: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    labels: list[str] = field(default_factory=list)  # the label chosen by likelihood, per example
     label_scores: list[dict[str, float]] = field(default_factory=list)  # each label's log-probability, per example
-
-
-CLASSIFICATION = ("accuracy", "f1")  # metrics that compare one label per example
 
 
 def _label_set_for(cfg: EvaluateConfig, references: list[str]) -> LabelSet | None:
@@ -99,7 +95,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if needs_generation and any(r is None for r in references):
             raise DataError(f"generation metrics need a completion in each example, and the {formatter.name} format has none; "
                             "use a template whose last field is the answer, or chat/prompt+completion data")
-        classifying = any(m.name in CLASSIFICATION for m in metrics)
+        classifying = any(m.name in CLASSIFICATION_METRICS for m in metrics)
         if classifying:
             check_labels(references)
             if not scoring_chosen:
@@ -113,12 +109,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             scores = score_labels(backend, examples, labels, chosen, formatter.add_special_tokens, progress_enabled(), cfg.batch_size)
             label_predictions = predict_labels(scores, labels)
             values["scoring"] = "likelihood"
-        if needs_generation and (labels is None or any(m.needs == "generation" and m.name not in CLASSIFICATION for m in metrics)):
+        if needs_generation and (labels is None or any(m.needs == "generation" and m.name not in CLASSIFICATION_METRICS for m in metrics)):
             predictions = backend.generate_batch([ex.prompt for ex in examples], chosen, params, formatter.add_special_tokens,
                                                  cfg.batch_size, progress=progress_enabled())
         for metric in metrics:
             if metric.needs == "generation":
-                if labels is not None and metric.name in CLASSIFICATION:
+                if labels is not None and metric.name in CLASSIFICATION_METRICS:
                     values.update(metric.compute(predictions=label_predictions, references=references, labels=list(labels.labels)))
                 else:
                     values.update(metric.compute(predictions=predictions, references=references))
@@ -133,7 +129,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if labels is not None and not predictions:
             predictions = label_predictions
         results.append(ModelResult(_label(backend, adapter), values, predictions, time.perf_counter() - started,
-                                   label_predictions if labels is not None else [],
                                    [dict(zip(labels.labels, map(float, row))) for row in scores] if scores is not None else []))
 
     report = {
@@ -194,8 +189,8 @@ def _write(cfg: EvaluateConfig, report: dict, results: list[ModelResult], exampl
         with open(out / f"predictions-{index}.jsonl", "w") as handle:
             for i, (ex, ref, pred) in enumerate(zip(examples, references, result.predictions)):
                 row = {"model": result.name, "prompt": ex.prompt, "reference": ref, "prediction": pred}
-                if result.labels:
-                    row["label"] = result.labels[i]
+                if result.label_scores:  # the chosen label: the most likely one
+                    row["label"] = max(result.label_scores[i], key=result.label_scores[i].get)
                     row["label_logprobs"] = result.label_scores[i]
                 handle.write(json.dumps(row) + "\n")
     from slmops.report import class_tables, markdown_table, write_evaluation_report

@@ -240,10 +240,8 @@ class Backend:
             keep = labels != -100
             if not keep.any():
                 continue
-            rows = self.logits([int(t) for t in data.input_ids[index]], adapter)[:-1].astype(np.float64)[keep]
-            top = rows.max(-1, keepdims=True)
-            log_z = np.log(np.exp(rows - top).sum(-1)) + top[:, 0]
-            total += float((log_z - rows[np.arange(len(rows)), labels[keep]]).sum())
+            ids = [int(t) for t in data.input_ids[index]]  # a labelled token is its own input token
+            total -= float(token_logprobs(self.logits(ids, adapter), ids)[keep].sum())
             count += int(keep.sum())
         return total, count
 

@@ -19,7 +19,7 @@ from slmops.deploy.bundle import genai_config, is_bundle, read_manifest
 from slmops.errors import ModelError, suggest
 from slmops.machine import available_cores
 from slmops.inference.adapters import resolve_adapter, split_reference
-from slmops.inference.base import BASE, Backend, GenerationParams
+from slmops.inference.base import BASE, Backend, GenerationParams, common_prefix, token_logprobs
 
 
 def default_threads() -> int:
@@ -219,8 +219,6 @@ class OnnxBackend(Backend):
     def choice_logprobs(self, candidates: list[list[int]], starts: list[int], adapter: str | None = None) -> list[float]:
         """The shared prefix runs once; its cache serves each candidate's rest (one at a time:
         the exported attention takes several new tokens after a cache only at batch 1)."""
-        from slmops.inference.base import common_prefix, token_logprobs
-
         shared = min(common_prefix(candidates), min(starts))
         if shared == 0:
             return super().choice_logprobs(candidates, starts, adapter)

@@ -238,45 +238,31 @@ class TorchBackend(Backend):
         with self._active(self._chosen(adapter)) as model:
             return model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
 
-    @torch.no_grad()
     def choice_logprobs(self, candidates: list[list[int]], starts: list[int], adapter: str | None = None) -> list[float]:
-        """The shared prefix runs once; its cache, repeated, serves every candidate's rest in
-        one batch (right-padded: a causal model's real tokens never see the padding after them)."""
-        shared = min(common_prefix(candidates), min(starts))  # the scored tokens are never in the cache
-        if shared == 0:
-            return super().choice_logprobs(candidates, starts, adapter)
-        rests = [ids[shared:] for ids in candidates]
-        width = max(len(rest) for rest in rests)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch = torch.tensor([rest + [pad] * (width - len(rest)) for rest in rests], device=self.device)
-        with self._active(self._chosen(adapter)) as model:
-            head = model(input_ids=torch.tensor([candidates[0][:shared]], device=self.device), use_cache=True)
-            cache = getattr(head, "cache", None) or head.past_key_values  # transformers 5 calls it cache
-            cache.batch_repeat_interleave(len(candidates))
-            tail = model(input_ids=batch, use_cache=True, **{_cache_argument(model): cache}).logits.float()
-        # logits predicting rest[i]: the prefix's last position for i = 0, the rest's position i - 1 after
-        logits = torch.cat([head.logits[:, -1:].float().expand(len(candidates), -1, -1), tail[:, :-1]], dim=1)
-        logprobs = torch.log_softmax(logits.double(), dim=-1).gather(-1, batch.unsqueeze(-1))[..., 0]
-        return [float(logprobs[k, start - shared: len(rests[k])].sum()) for k, start in enumerate(starts)]
+        return self.choice_logprobs_batch([(candidates, starts)], adapter)[0]
 
     @torch.no_grad()
     def choice_logprobs_batch(self, groups: list[tuple[list[list[int]], list[int]]], adapter: str | None = None,
                               batch_size: int = 16) -> list[list[float]]:
         """Prompts batched: their shared prefixes left-padded into one pass (only the last
         position's logits computed), the cache repeated once per candidate, and every
-        candidate's rest in a second pass (right-padded), positions and masks carried over."""
-        counts = {len(candidates) for candidates, _ in groups}
-        if len(counts) != 1 or any(common_prefix(candidates) == 0 for candidates, _ in groups):
-            # prompts with different numbers of candidates, or candidates sharing no prefix: one at a time
-            return super().choice_logprobs_batch(groups, adapter, batch_size)
-        k = counts.pop()
-        order = sorted(range(len(groups)), key=lambda i: len(groups[i][0][0]))  # similar lengths pad little
+        candidate's rest in a second pass (right-padded), positions and masks carried over.
+        Prompts are batched with others of as many candidates; candidates sharing no prefix
+        take one full pass each."""
         scores: list[list[float]] = [[] for _ in groups]
+        by_count: dict[int, list[int]] = {}
+        for index, (candidates, starts) in enumerate(groups):
+            if common_prefix(candidates) == 0:
+                scores[index] = Backend.choice_logprobs(self, candidates, starts, adapter)
+            else:
+                by_count.setdefault(len(candidates), []).append(index)
         with self._active(self._chosen(adapter)) as model:
-            for begin in range(0, len(order), batch_size):
-                chunk = order[begin: begin + batch_size]
-                for index, row in zip(chunk, self._score_chunk(model, [groups[i] for i in chunk], k)):
-                    scores[index] = row
+            for k, indices in by_count.items():
+                indices.sort(key=lambda i: len(groups[i][0][0]))  # similar lengths pad little
+                for begin in range(0, len(indices), batch_size):
+                    chunk = indices[begin: begin + batch_size]
+                    for index, row in zip(chunk, self._score_chunk(model, [groups[i] for i in chunk], k)):
+                        scores[index] = row
         return scores
 
     def _score_chunk(self, model, groups: list[tuple[list[list[int]], list[int]]], k: int) -> list[list[float]]:
