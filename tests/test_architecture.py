@@ -87,7 +87,7 @@ LAYERS = [
     {"slmops.config"},
     {"slmops.data", "slmops.methods", "slmops.models", "slmops.outputs"},
     {"slmops.train", "slmops.inference"},
-    {"slmops.evaluate", "slmops.deploy", "slmops.report"},
+    {"slmops.evaluate", "slmops.deploy", "slmops.report", "slmops.compare"},
     {"slmops.finetune_recipe", "slmops.serve"},
     {"slmops.workflow"},
     {"slmops.tune"},  # searches over finetune configs and workflows

@@ -115,6 +115,9 @@ def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) 
         raise ConfigError(f"--modules_to_save applies to adapter methods; --method {method.name} trains every weight already")
 
     _check_eval_metrics(config, None)
+    from slmops.train.tracking import check_report_to
+
+    check_report_to(tcfg.report_to)
     custom_loss = None
     if tcfg.loss:  # the user's file runs here (they named it): its class and constructor checked before any data or model
         from slmops.train.custom_loss import CustomLoss
@@ -353,19 +356,46 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
             trainer.prepare()  # the start-up checks (fast path, a custom loss's first call) before run.yaml is written
             if world.is_main:
                 _write_run_yaml(plan, status="running")
-            result = trainer.train()
+                setup.tracking = _open_tracking(plan, setup.log_dir, trainer.resumed_step)
+            try:
+                result = trainer.train()
+            except BaseException:
+                if setup.tracking is not None:
+                    setup.tracking.finish({}, {}, failed=True)
+                raise
             if not world.is_main:  # the outputs are rank 0's to write
                 return FinetuneResult(layout.root, layout.adapter if plan.method.is_adapter else None, layout.model, result,
                                       plan.describe())
             if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
                 trainer.restore_best()
                 log.info("kept the best weights: step %d, eval %s %.4f", result.best_step, tcfg.metric_for_best_model, result.best_eval_loss)
-        adapter_path = _save_outputs(plan, model)
-        _write_run_yaml(plan, status="finished", result=result)
-        from slmops.report import write_training_report
+        try:
+            adapter_path = _save_outputs(plan, model)
+            _write_run_yaml(plan, status="finished", result=result)
+            from slmops.report import write_training_report
 
-        write_training_report(layout, setup.log_dir, plan.describe(), asdict(result))
+            report = write_training_report(layout, setup.log_dir, plan.describe(), asdict(result), replayable_config(plan.config),
+                                           versions())
+        except BaseException:
+            setup.tracking.finish({}, {}, failed=True)
+            raise
+        setup.tracking.finish(asdict(result), {"adapter": adapter_path, "report": report, "report_html": report.with_suffix(".html"),
+                                               "loss_plot": layout.root / "loss.png", "run_config": layout.run_yaml})
     return FinetuneResult(layout.root, adapter_path, layout.model, result, plan.describe())
+
+
+def _open_tracking(plan: FinetunePlan, log_dir: Path, resumed_step: int | None):
+    """The run's trackers (--report_to), given the configuration as run.yaml records it and
+    what was chosen for it (method, precision, learning rate, task) as hyper-parameters."""
+    from slmops.train.tracking import Tracking, flat_params
+
+    resolved = plan.describe()
+    params = flat_params(replayable_config(plan.config))
+    params.update(flat_params({"method": resolved["method"], "precision": resolved["precision"]["name"],
+                               "learning_rate": resolved["learning_rate"], "max_seq_len": resolved["max_seq_len"],
+                               "task": (resolved["data"].get("task") or {}).get("kind", "generation"),
+                               "world_size": plan.world.size}, "resolved."))
+    return Tracking.open(plan.config.training.report_to, plan.config.task_name or plan.layout.root.name, log_dir, params, resumed_step)
 
 
 class _NotTheWriter:

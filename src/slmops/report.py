@@ -49,22 +49,39 @@ def loss_figure(records: list[dict], title: str) -> bytes | None:
     return _png(fig)
 
 
+TRAIN_PANELS = (("learning_rate", "learning rate"), ("tokens_per_second", "tokens/s"), ("grad_norm", "gradient norm (before clipping)"),
+                ("memory_mb", "memory (MB, resident)"), ("cpu_cores_busy", "CPU cores busy"), ("gpu_memory_mb", "GPU memory (MB, peak)"))
+
+
+def eval_metric_names(records: list[dict]) -> list[str]:
+    """The metrics the evaluations logged besides the loss (perplexity, accuracy, macro_f1, ...);
+    not the row count, nor an unparseable count that stayed at zero."""
+    names: list[str] = []
+    evals = [r for r in records if r.get("split") == "eval"]
+    for r in evals:
+        names += [k for k, v in r.items() if k not in ("step", "split", "time", "loss", "epoch", "n") and isinstance(v, (int, float))
+                  and k not in names]
+    return [n for n in names if n != "unparseable" or any(r.get(n) for r in evals)]
+
+
 def training_figure(records: list[dict]) -> bytes | None:
-    """Learning rate, throughput and any eval metrics beside the loss."""
-    panels = [("learning rate", _series(records, "train", "learning_rate")),
-              ("tokens/s", _series(records, "train", "tokens_per_second"))]
-    for key in ("accuracy", "macro_f1", "bleu", "rougeL"):
-        if _series(records, "eval", key):
-            panels.append((f"eval {key}", _series(records, "eval", key)))
+    """Learning rate, throughput, gradient norm, memory, CPU use and every eval metric over
+    the steps, beside the loss."""
+    panels = [(title, _series(records, "train", key)) for key, title in TRAIN_PANELS]
+    panels += [(f"eval {key}", _series(records, "eval", key)) for key in eval_metric_names(records)]
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), dpi=110, squeeze=False)
-    for ax, (name, points) in zip(axes[0], panels):
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), dpi=110, squeeze=False)
+    for ax, (name, points) in zip(axes.flat, panels):
         ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
         ax.set(title=name, xlabel="step")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     return _png(fig)
 
@@ -113,7 +130,10 @@ def _task_line(task: dict) -> str:
     return "classification: " + ", ".join(f"{label} ({count})" for label, count in task["labels"].items())
 
 
-def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, result: dict) -> Path:
+def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, result: dict, config: dict | None = None,
+                          versions: dict | None = None) -> Path:
+    """report.md, report.html and loss.png of a finished run: facts, curves, the evaluations,
+    what was chosen automatically, the configuration and the library versions."""
     records = read_metrics(Path(log_dir) / "metrics.jsonl")
     title = (f"{plan['task_name']}: " if plan.get("task_name") else "") + f"{plan['method']} on {plan['model']['given']}"
     loss_png = loss_figure(records, title)
@@ -134,15 +154,61 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
     ]
     if result.get("best_eval_loss") is not None:
         facts.append(("best eval", f"{result['best_eval_loss']:.4f} at step {result['best_step']}"))
+    train = [r for r in records if r.get("split") == "train"]
+    if any("peak_memory_mb" in r for r in train):
+        peak = max(r.get("peak_memory_mb", 0) for r in train)
+        busy = [r["cpu_cores_busy"] for r in train if "cpu_cores_busy" in r]
+        facts.append(("machine", f"peak memory {peak:,.0f} MB; CPU cores busy {sum(busy) / len(busy):.2f} on average"
+                                 + (f"; GPU memory peak {max(r.get('gpu_memory_mb', 0) for r in train):,.0f} MB"
+                                    if any("gpu_memory_mb" in r for r in train) else "")))
+    evals = eval_table(records)
     lines = ["# slmops finetune report", ""] + [f"- {k}: {v}" for k, v in facts]
+    if evals:
+        lines += ["", "## Evaluations", "", markdown_table(*evals)]
+    chosen = chosen_settings(plan)
+    lines += ["", "## Chosen for this run", "", markdown_table(["setting", "value"], chosen)]
+    if versions:
+        lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
     if loss_png:
-        lines += ["", "![loss curves](loss.png)", "", "Curves, learning rate and throughput: report.html"]
+        lines += ["", "![loss curves](loss.png)", "", "Curves of every logged value (learning rate, throughput, gradient norm, "
+                  "memory, CPU use, eval metrics): report.html"]
     path = layout.root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     blocks: list[str | bytes] = [html_table(["", ""], [list(f) for f in facts])]
     blocks += [png for png in (loss_png, training_figure(records)) if png]
+    if evals:
+        blocks += ["<h2>Evaluations</h2>", html_table(*evals)]
+    blocks += ["<h2>Chosen for this run</h2>", html_table(["setting", "value"], chosen)]
+    if config:
+        import yaml
+
+        blocks += ["<h2>Configuration (run.yaml)</h2>", f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>"]
+    if versions:
+        blocks += ["<h2>Versions</h2>", html_table(["library", "version"], [[k, v] for k, v in versions.items()])]
     (layout.root / "report.html").write_text(html_page(f"slmops finetune: {title}", blocks))
     return path
+
+
+def eval_table(records: list[dict]) -> tuple[list[str], list[list]] | None:
+    """(header, rows): each evaluation's step, loss and metrics."""
+    evals = [r for r in records if r.get("split") == "eval"]
+    if not evals:
+        return None
+    names = ["loss", *eval_metric_names(records)]
+    rows = [[r["step"], *(f"{r[n]:.4f}" if isinstance(r.get(n), (int, float)) else "" for n in names)] for r in evals]
+    return ["step", *names], rows
+
+
+def chosen_settings(plan: dict) -> list[list[str]]:
+    """What slmops decided for the run (defaults resolved, automatic choices) as table rows."""
+    rows = [["method", plan["method"]], ["target modules", str(plan["target_modules"])],
+            ["learning rate", f"{plan['learning_rate']:g}"], ["max sequence length", str(plan["max_seq_len"])],
+            ["precision", f"{plan['precision']['name']} on {plan['precision']['device']} ({plan['precision']['reason']})"],
+            ["task", _task_line(plan["data"].get("task") or {"kind": "generation"})]]
+    if plan.get("distributed"):
+        d = plan["distributed"]
+        rows.append(["processes", f"{d['world_size']} ({d['backend']}), global batch {d['global_batch']}"])
+    return rows
 
 
 def class_tables(metrics: dict) -> tuple[list[str], list[list], list[str], list[list]] | None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
-from slmops.cli import data, deploy, evaluate, finetune, generate, models, run, serve, tune
+from slmops.cli import data, deploy, evaluate, finetune, generate, models, report, run, serve, tune
 from slmops.cli.common import Parser, fail
 from slmops.errors import SlmopsError
 
-COMMANDS = [finetune, evaluate, deploy, generate, serve, run, tune, models, data]
+COMMANDS = [finetune, evaluate, deploy, generate, serve, run, tune, report, models, data]
 
 
 def build_parser() -> Parser:

@@ -90,6 +90,26 @@ class MethodConfig(_Section):
     _csv = field_validator("target_modules", "modules_to_save", mode="before")(_split_csv)
 
 
+REPORT_TARGETS = ("tensorboard", "wandb", "mlflow")  # where --report_to sends metrics (train/tracking.py)
+
+
+def parse_report_to(value) -> list[str]:
+    """'tensorboard,wandb' / ['mlflow'] / 'all' / 'none' -> the named targets, in REPORT_TARGETS
+    order ('all': TensorBoard and whichever of W&B and MLflow are installed, as transformers does)."""
+    import importlib.util
+
+    choices = (*REPORT_TARGETS, "all", "none")
+    names = [str(v).strip().lower() for v in (value.split(",") if isinstance(value, str) else value or []) if str(v).strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ValueError(f"unknown --report_to {', '.join(unknown)}; choose from {', '.join(choices)} (a comma list)")
+    if "none" in names and len(names) > 1:
+        raise ValueError("--report_to none cannot be combined with other targets")
+    if "all" in names:
+        return ["tensorboard", *(t for t in ("wandb", "mlflow") if importlib.util.find_spec(t) is not None)]
+    return [t for t in REPORT_TARGETS if t in names]
+
+
 class TrainingConfig(_Section):
     max_steps: int = Field(-1, description="Optimizer steps to run; -1: run --num_train_epochs.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs to run when --max_steps is -1.")
@@ -116,7 +136,10 @@ class TrainingConfig(_Section):
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps. Default: as --eval_steps, or ten times a run.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most N step checkpoints (the best one is always kept).")
     logging_dir: str | None = Field(None, description="TensorBoard and metrics.jsonl folder. Default: OUTPUT/logs.")
-    report_to: Literal["tensorboard", "none", "all"] = Field("tensorboard", description="Where to send metrics besides metrics.jsonl.")
+    report_to: list[str] = Field(
+        ["tensorboard"], description="Where metrics go besides metrics.jsonl, a comma list: tensorboard, wandb, mlflow; all "
+        "(TensorBoard and whichever of W&B/MLflow are installed); none."
+    )
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for batching (0: in the main process).")
     resume_from_checkpoint: str | None = Field(
         None, description="Checkpoint folder to resume from, or 'latest' (true) for the newest in OUTPUT/checkpoints."
@@ -161,6 +184,11 @@ class TrainingConfig(_Section):
     )
 
     _metrics_csv = field_validator("eval_metrics", mode="before")(_split_csv)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_targets(cls, value):
+        return parse_report_to(value)
 
     @field_validator("loss_kwargs", mode="before")
     @classmethod

@@ -24,7 +24,7 @@ from slmops.train import checkpoint as ckpt
 from slmops.train.cpu.attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
 from slmops.train.distributed import World, sum_gradients
 from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss
-from slmops.train.monitor import MetricsLog
+from slmops.train.monitor import MetricsLog, ResourceMeter
 
 log = logging.getLogger("slmops")
 
@@ -95,6 +95,7 @@ class TrainingSetup:
     lower_is_better: bool = True  # of cfg.metric_for_best_model
     custom_loss: object | None = None  # train.custom_loss.CustomLoss (--loss), else cross-entropy on the labelled tokens
     world: World = field(default_factory=World)  # the processes training together (train/distributed.py)
+    tracking: object | None = None  # train.tracking.Tracking (--report_to), opened and finished by the recipe
 
 
 @dataclass
@@ -323,9 +324,11 @@ class Trainer:
         world = self.world
         if world.rank > 0:  # dropout: each process its own stream, defined by the seed, its rank and the step
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank + self.state.step)
-        metrics = MetricsLog(self.setup.log_dir, cfg.report_to != "none", resume_step) if world.is_main else _NoMetrics()
+        metrics = MetricsLog(self.setup.log_dir, self.setup.tracking, resume_step) if world.is_main else _NoMetrics()
+        meter = ResourceMeter()
         bar = progress_bar(total=self.steps, initial=self.state.step, desc="finetune", unit="step", enabled=world.is_main)
         window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
+        window_grad_norm = 0.0  # the largest gradient norm (before clipping) since the last log line
         last_train_loss = None
         run_start = time.perf_counter() - self.state.elapsed_s
         paused_total = self.state.paused_s  # seconds spent in eval and checkpoints, not training
@@ -371,8 +374,10 @@ class Trainer:
                     step_loss = float(sum_gradients(self.trainable, world, torch.tensor([step_loss], dtype=torch.float64))[0])
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                # the norm before clipping, for the log
+                grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else
+                             torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
+                window_grad_norm = max(window_grad_norm, float(grad_norm))
                 if self.scaler:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -402,9 +407,11 @@ class Trainer:
                     tps = window_inputs / max(seconds, 1e-9)
                     metrics.log(step, "train", loss=train_loss, learning_rate=lr, tokens_per_second=tps,
                                 trained_tokens_per_second=window_tokens / max(seconds, 1e-9), step_seconds=seconds / cfg.logging_steps,
-                                epoch=self.state.epoch + self.state.examples_in_epoch / max(n_examples, 1))
+                                epoch=self.state.epoch + self.state.examples_in_epoch / max(n_examples, 1),
+                                grad_norm=window_grad_norm, **meter.read())
                     bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tps:,.0f}")
                     window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
+                    window_grad_norm = 0.0
 
                 paused = time.perf_counter()  # eval and checkpoint time is not training throughput
                 if self.hooks.after_step is not None:
@@ -444,7 +451,6 @@ class Trainer:
                     break
         finally:
             bar.close()
-            metrics.close()
         seconds = time.perf_counter() - run_start
         return TrainResult(
             steps=self.state.step,
@@ -485,7 +491,4 @@ class _NoMetrics:
     """The metrics log of a process that is not rank 0 (one writer)."""
 
     def log(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
         pass
