@@ -4,6 +4,7 @@
 # and the tests that need it skip with that reason.
 #   gcc + libc6-dev   the fused CPU training kernels (src/slmops/train/cpu/kernels.c) are compiled on first use
 #   postgresql        `slmops tune` workers sharing one study: the tests start their own server
+#   curl              the README's serve example (run by tests/test_readme.py) waits for the server with it
 set -uo pipefail
 
 missing=()
@@ -12,6 +13,9 @@ if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
 fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   missing+=(postgresql)
+fi
+if ! command -v curl >/dev/null 2>&1; then
+  missing+=(curl ca-certificates)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -299,3 +299,27 @@ def test_quantized_export_reports_task_metric_change(onnx_models, tmp_path):
         "data": {**cfg.data.model_dump(), "eval_split": "train[64:80]"}}))
     assert task["pytorch"] == pytest.approx(direct["models"][0]["metrics"]["accuracy"], abs=1e-4)
     assert task["change"] == pytest.approx(task["onnx"] - task["pytorch"], abs=1e-4)
+
+
+def test_bundle_remembers_the_template_each_adapter_was_trained_on(onnx_models, llama_adapters, tmp_path):
+    """An adapter from a finetune output on a text template: the bundle's manifest records the
+    template, so a chat on the bundle prompts it that way even once the training folder is gone;
+    an adapter from elsewhere has none (the chat template applies)."""
+    import shutil
+
+    from conftest import TONE_TEMPLATE
+    from helpers import tiny_config
+
+    from slmops import finetune
+
+    run = tmp_path / "tone-run"
+    finetune(tiny_config(onnx_models["llama"], run, max_steps=2))
+    out = tmp_path / "bundle"
+    export_bundle(plan_export(str(onnx_models["llama"]), [str(run / "adapter"), str(llama_adapters["a"])], str(out), adapter_names=["tone", "a"]),
+                  run_parity=False)
+    shutil.rmtree(run)
+    manifest = json.loads((out / "slmops_bundle.json").read_text())
+    assert {a["name"]: a["text_template"] for a in manifest["adapters"]} == {"tone": TONE_TEMPLATE.replace("\\n", "\n"), "a": None}
+    bundle = OnnxBundle(out, adapters=["tone"])
+    assert bundle.trained_template("tone") == TONE_TEMPLATE.replace("\\n", "\n") and bundle.trained_template(None) == bundle.trained_template("tone")
+    assert bundle.trained_template("a") is None and bundle.trained_template("base") is None

@@ -47,8 +47,9 @@ def load_run(path: Path) -> Run:
 
 def _unique_names(runs: list[Run]) -> None:
     """Folder names, with their parent where two runs share one (a/ft, b/ft)."""
+    shared = {run.name for run in runs if sum(r.name == run.name for r in runs) > 1}
     for run in runs:
-        if sum(r.name == run.name for r in runs) > 1:
+        if run.name in shared:
             run.name = f"{run.path.parent.name}/{run.path.name}"
 
 

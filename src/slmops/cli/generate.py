@@ -93,6 +93,7 @@ def run_chat(args) -> int:
     params = _params(config)
     adapter = config.adapter[0] if config.adapter else None
     history: list[dict] = [{"role": "system", "content": config.system}] if config.system else []
+    told_template = None  # the trained template last announced
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -140,8 +141,20 @@ def run_chat(args) -> int:
             else:
                 print(f"slmops: error: unknown command {command}; commands: {CHAT_COMMANDS}", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        prompt, special = chat_prompt(backend.tokenizer, history)
+        template = backend.trained_template(adapter)
+        if template is not None:  # an adapter trained on a text template gets that template's prompt, one turn at a time
+            prompt, problem = _template_turn(template, line)
+            if problem:
+                print(f"slmops: error: {problem}", file=sys.stderr)
+                continue
+            if template != told_template:
+                print(f"(adapter {adapter or backend.default_adapter} was trained on the template {template!r}: each line fills it; "
+                      "answers do not see earlier turns)")
+                told_template = template
+            special = True
+        else:
+            history.append({"role": "user", "content": line})
+            prompt, special = chat_prompt(backend.tokenizer, history)
         generation = backend.start(prompt, adapter, params, special)
         try:
             for piece in generation:
@@ -152,5 +165,19 @@ def run_chat(args) -> int:
         _write("\n")
         if generation.finish_reason == "length":
             print(f"(cut at the token limit, {generation.completion_tokens} tokens: /max_tokens N for longer answers)")
-        history.append({"role": "assistant", "content": generation.text})
+        if template is None:
+            history.append({"role": "assistant", "content": generation.text})
     return 0
+
+
+def _template_turn(template: str, line: str) -> tuple[str, str | None]:
+    """(prompt, problem) for a chat line given to an adapter trained on `template`: the line
+    fills its one input field; several fields take the line's parts split by ' | ', in order."""
+    from slmops.data.format import template_inputs, template_prompt
+
+    inputs, _ = template_inputs(template)
+    parts = [line] if len(inputs) <= 1 else [p.strip() for p in line.split(" | ")]
+    if len(parts) != len(inputs):
+        return "", (f"this adapter's template has {len(inputs)} fields ({', '.join(inputs)}): type their values in that order, "
+                    "separated by ' | '")
+    return template_prompt(template, dict(zip(inputs, parts))), None

@@ -52,6 +52,27 @@ def template_fields(template: str) -> list[str]:
         raise DataError(f"--text_template is not a valid template ({exc}); use {{column}} placeholders, {{{{ for a literal brace") from None
 
 
+def template_inputs(template: str) -> tuple[list[str], str | None]:
+    """(the fields a prompt fills, the completion field or None) of a text template, by the
+    rule training uses: the last field is the completion when nothing but whitespace follows it."""
+    fields = list(dict.fromkeys(template_fields(template)))
+    if not fields:
+        return [], None
+    marker = "{" + fields[-1] + "}"
+    cut = template.rfind(marker)
+    if template[cut + len(marker):].strip() == "" and cut > 0:
+        return [f for f in fields if f != fields[-1]], fields[-1]
+    return fields, None
+
+
+def template_prompt(template: str, values: dict[str, str]) -> str:
+    """The prompt a model trained on `template` is given for `values` (its input fields): the
+    text before the completion field, as training renders it."""
+    inputs, completion = template_inputs(template)
+    head = template[: template.rfind("{" + completion + "}")] if completion else template
+    return head.format(**{f: values.get(f, "") for f in inputs}).rstrip(" \t")
+
+
 def build_formatter(cfg: DataConfig, columns: list[str], tokenizer) -> Formatter:
     """Choose the format (from the flags, else from the columns) and check it fits the data."""
     fmt = cfg.data_format

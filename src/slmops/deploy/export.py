@@ -27,7 +27,7 @@ from pathlib import Path
 from slmops.deploy.adapters import (SUPPORTED_TARGETS, convert_adapter, fill_for_bundle, lora_slots, make_lora_inputs,
                                     read_peft_lora, slots_for_module, write_onnx_adapter)
 from slmops.deploy.bundle import MANIFEST, genai_config, read_manifest
-from slmops.inference.adapters import default_adapter_name
+from slmops.inference.adapters import default_adapter_name, trained_template
 from slmops.inference.onnx_backend import default_threads
 from slmops.config.deploy import ExportConfig, ExportOptions, GenerateAdapterConfig
 from slmops.errors import ConfigError, ModelError
@@ -193,7 +193,8 @@ def export_bundle(plan: ExportPlan, run_parity: bool | None = None) -> dict:
         for name, path in plan.adapters:
             info = convert_adapter(path, staging / "adapters" / f"{name}.onnx_adapter", slot_shapes)
             adapters.append({"name": name, "file": f"adapters/{name}.onnx_adapter", "source": str(path),
-                             "ranks": info["ranks"], "targets": info["targets"]})
+                             "ranks": info["ranks"], "targets": info["targets"],
+                             "text_template": trained_template(path)})  # the prompt a chat gives it (None: chat turns)
         manifest = {
             "format": 1,
             "base": {"model": plan.model_given, "path": str(plan.model_path), "architecture": plan.architecture},
@@ -325,7 +326,8 @@ def add_adapters_to_bundle(base_bundle: Path, adapter_paths: list[str], output: 
         for name, path, slots, lora in converted:
             write_onnx_adapter(slots, staging / "adapters" / f"{name}.onnx_adapter")
             manifest.setdefault("adapters", []).append({"name": name, "file": f"adapters/{name}.onnx_adapter", "source": str(path),
-                                                        "ranks": lora.ranks, "targets": lora.targets})
+                                                        "ranks": lora.ranks, "targets": lora.targets,
+                                                        "text_template": trained_template(path)})
         (staging / MANIFEST).unlink(missing_ok=True)  # a hard link to the base's manifest: replace, never edit in place
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if output.exists():

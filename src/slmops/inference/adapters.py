@@ -42,6 +42,26 @@ class AdapterSource:
     path: Path
 
 
+def trained_template(adapter_dir: Path) -> str | None:
+    """The text template an adapter was trained on, from the run.yaml of the slmops finetune
+    output that holds it (OUT/adapter beside OUT/run.yaml); None for chat-format training, an
+    adapter from elsewhere, or a run.yaml that cannot be read (the chat template then applies)."""
+    import yaml
+
+    adapter_dir = Path(adapter_dir)
+    run_yaml = adapter_dir / "run.yaml" if (adapter_dir / "run.yaml").is_file() else adapter_dir.parent / "run.yaml"
+    try:
+        data = (yaml.safe_load(run_yaml.read_text()) or {}).get("config", {}).get("data", {})
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    template = data.get("text_template") if isinstance(data, dict) else None
+    if not isinstance(template, str) or data.get("use_chat_template"):
+        return None
+    from slmops.data.format import unescape
+
+    return unescape(template)
+
+
 def split_reference(reference: str) -> tuple[str | None, str]:
     """'tone=models/tone/ft' -> ('tone', 'models/tone/ft'); a plain reference -> (None, it)."""
     name, sep, rest = reference.partition("=")

@@ -136,6 +136,13 @@ class Backend:
         self.tokenizer = None
         self.default_adapter: str | None = None
         self.context_length: int | None = None
+        self._templates: dict[str, str | None] = {}  # adapter name -> the text template it was trained on
+
+    def trained_template(self, adapter: str | None) -> str | None:
+        """The text template the adapter (a loaded name; None: the default) was trained on,
+        when it was trained on one rather than on chat turns: the prompt a chat must give it."""
+        name = self.default_adapter if adapter is None else adapter
+        return self._templates.get(name) if name and name not in BASE else None
 
     # ---- adapters --------------------------------------------------------------------
     @property

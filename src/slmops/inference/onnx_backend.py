@@ -18,7 +18,7 @@ from slmops.deploy.adapters import check_adapter_file, convert_adapter
 from slmops.deploy.bundle import genai_config, is_bundle, read_manifest
 from slmops.errors import ModelError, suggest
 from slmops.machine import available_cores
-from slmops.inference.adapters import resolve_adapter, split_reference
+from slmops.inference.adapters import resolve_adapter, split_reference, trained_template
 from slmops.inference.base import BASE, Backend, GenerationParams, common_prefix, token_logprobs
 
 
@@ -93,7 +93,10 @@ class OnnxBackend(Backend):
             return reference
         entry = next((a for a in self.manifest.get("adapters", []) if a["name"] == reference), None)
         if entry is not None:
-            return self._load_file(name or entry["name"], self.path / entry["file"])
+            loaded = self._load_file(name or entry["name"], self.path / entry["file"])
+            self._templates[loaded] = entry.get("text_template") or (trained_template(Path(entry["source"]))
+                                                                     if entry.get("source") else None)
+            return loaded
         given_name, target = split_reference(reference)
         path = Path(target).expanduser()
         if not path.exists() and path.suffix != ".onnx_adapter" and "/" not in target:
@@ -104,7 +107,9 @@ class OnnxBackend(Backend):
         if source.kind == "onnx_adapter":
             # a file loads under its path as given unless named, so it never shadows a bundle adapter of the same stem
             return self._load_file(name or given_name or target, source.path)
-        return self._load_file(source.name, self._convert(source.path, source.name))
+        loaded = self._load_file(source.name, self._convert(source.path, source.name))
+        self._templates[loaded] = trained_template(source.path)
+        return loaded
 
     def _convert(self, peft_folder: Path, name: str) -> Path:
         """A PEFT LoRA folder as an .onnx_adapter filling this bundle's slots (kept for the

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from slmops.errors import ModelError
-from slmops.inference.adapters import resolve_adapter
+from slmops.inference.adapters import resolve_adapter, trained_template
 from slmops.inference.base import BASE, Backend, GenerationParams, common_prefix
 
 
@@ -103,6 +103,7 @@ class TorchBackend(Backend):
                 raise ModelError(f"adapter {str(source.path)!r} does not fit this model (trained on another base?): {first}") from None
         self._names[source.name] = peft_name
         self._paths[source.name] = source.path.resolve()
+        self._templates[source.name] = trained_template(source.path)
         return source.name
 
     def unload_adapter(self, name: str) -> None:
@@ -112,6 +113,7 @@ class TorchBackend(Backend):
                 raise ModelError(f"adapter {name!r} is not loaded")
             peft_name = self._names.pop(name)
             self._paths.pop(name, None)
+            self._templates.pop(name, None)
             if self._names:
                 self.model.set_adapter(next(iter(self._names.values())))
                 self.model.delete_adapter(peft_name)
