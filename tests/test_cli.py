@@ -103,3 +103,26 @@ def test_every_command_reads_its_options_from_yaml(tmp_path, capsys):
     generate.write_text("model_name_or_path: m\nprompt: [hello]\ntemprature: 0.5\n")
     with pytest.raises(Exception, match="unknown key 'temprature'. Did you mean 'temperature'"):
         config_from_args(GenerateConfig, parser.parse_args(["generate", "--config", str(generate)]))
+
+
+def test_a_long_phase_says_its_expected_time_from_the_last_run_here(tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    from slmops.logs import phase
+
+    monkeypatch.setenv("SLMOPS_CACHE", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="slmops")
+    with phase("building the graph", "build", size=100):
+        pass
+    assert "building the graph ...\n" in caplog.text + "\n" and "building the graph: done in" in caplog.text
+    json.loads((tmp_path / "phase_seconds.json").read_text())["build"]  # seconds per unit, kept for next time
+    (tmp_path / "phase_seconds.json").write_text(json.dumps({"build": 0.5}))
+    caplog.clear()
+    with phase("building the graph", "build", size=100):
+        pass
+    assert "building the graph ... (about 50 s, from the last time on this machine)" in caplog.text
+    (tmp_path / "phase_seconds.json").write_text("not json")  # a damaged cache costs the estimate, nothing else
+    with phase("building the graph", "build", size=100):
+        pass
+    assert json.loads((tmp_path / "phase_seconds.json").read_text())["build"] >= 0

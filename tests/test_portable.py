@@ -126,3 +126,55 @@ def test_gguf_of_an_architecture_it_does_not_write_is_refused_before_work(tiny_m
     (tmp_path / "used" / "keep.txt").write_text("mine")
     code, text = run_cli(capsys, "export", "-m", str(tiny_models["gpt2"]), "--format", "merged", "-o", str(tmp_path / "used"))
     assert code != 0 and "is not empty" in text and (tmp_path / "used" / "keep.txt").read_text() == "mine"
+
+
+def test_gguf_lora_is_the_adapter_as_llama_cpp_applies_it_beside_its_base(tuned, tmp_path, capsys):
+    """--format gguf_lora: the base (unmerged) as GGUF and the adapter as a GGUF LoRA, laid out as
+    llama.cpp's convert_lora_to_gguf.py lays it out (checked here with gguf's own reader and
+    llama.cpp's q/k row order written out independently); the export's own check (base read back
+    + the file's updates) gives the PEFT model's logits; the Modelfile names both."""
+    import gguf
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    code, text = run_cli(capsys, "export", "-m", str(tuned), "--format", "gguf_lora", "--quantization", "f32", "-o", str(out),
+                         "--log_level", "2")
+    assert code == 0, text
+    summary = json.loads((out / "export.json").read_text())
+    adapter_file = out / summary["adapter_file"]
+    assert summary["file"] == "base-f32.gguf" and summary["check"]["exact"] == 3 and summary["check"]["max_logit_diff"] < 1e-4
+    reader = gguf.GGUFReader(str(adapter_file))
+
+    def field(key):
+        part = reader.fields[key].parts[-1]
+        return bytes(part).decode() if part.dtype == np.uint8 else float(part[0])
+
+    config = json.loads((tuned / "adapter" / "adapter_config.json").read_text())
+    assert field("general.type") == "adapter" and field("adapter.type") == "lora"
+    assert field("adapter.lora.alpha") == pytest.approx(config["lora_alpha"])  # alpha/rank in llama.cpp = PEFT's scale
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    peft = load_file(tuned / "adapter" / "adapter_model.safetensors")
+    heads = 4
+    for layer in (0, 1):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn"
+        a, b = peft[f"{prefix}.q_proj.lora_A.weight"].numpy(), peft[f"{prefix}.q_proj.lora_B.weight"].numpy()
+        rows = b.shape[0]
+        llama_cpp_order = b.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(b.shape)
+        np.testing.assert_array_equal(tensors[f"blk.{layer}.attn_q.weight.lora_a"], a)
+        np.testing.assert_array_equal(tensors[f"blk.{layer}.attn_q.weight.lora_b"], llama_cpp_order)
+        np.testing.assert_array_equal(tensors[f"blk.{layer}.attn_v.weight.lora_b"], peft[f"{prefix}.v_proj.lora_B.weight"].numpy())
+    assert len(tensors) == 2 * len([k for k in peft if ".lora_A." in k])
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./base-f32.gguf\n" in modelfile and f"ADAPTER ./{adapter_file.name}\n" in modelfile
+
+
+def test_gguf_lora_refuses_what_llama_cpp_cannot_apply_before_work(tiny_llama, tuned, tmp_path, capsys):
+    from slmops.finetune_recipe import finetune
+
+    code, text = run_cli(capsys, "export", "-m", str(tiny_llama), "--format", "gguf_lora", "-o", str(tmp_path / "none"))
+    assert code == 2 and "has none; give a finetune output of an adapter method or --adapter_path" in text
+    dora = tmp_path / "dora"
+    finetune(tiny_config(tiny_llama, dora, max_steps=1, method="dora"))
+    code, text = run_cli(capsys, "export", "-m", str(dora), "--format", "gguf_lora", "-o", str(tmp_path / "d"))
+    assert code == 1 and "is DoRA: llama.cpp's LoRA has no magnitude vector; export --format gguf (the adapter merged) instead" in text
+    assert not (tmp_path / "d").exists() and not (tmp_path / "none").exists()

@@ -44,6 +44,9 @@ def test_unknown_report_to_is_a_clear_cli_error(tiny_llama, tmp_path, capsys):
 
 
 def test_a_failing_tracker_is_dropped_and_training_goes_on(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="slmops")  # (an earlier CLI test may have left it at ERROR)
     class Broken:
         name, where = "broken", "nowhere"
 
@@ -162,6 +165,15 @@ def test_one_run_reports_to_tensorboard_wandb_and_mlflow(tiny_llama, tmp_path, m
     for step, loss in evals.items():
         assert f"| {step} | {loss:.4f} |" in report
     assert "| learning rate | 0.01 |" in report and "| task | classification: " in report and "torch " in report
+    # three eval prompts answered greedily by the saved adapter and by the base under it
+    from slmops.inference import GenerationParams, open_backend
+
+    answers = report.split("## Sample answers (eval prompts, greedy)")[1].split("##")[0].strip().splitlines()
+    assert answers[0] == "| prompt (end) | expected | tuned | base |" and len(answers) == 5
+    backend = open_backend(str(out))
+    first_prompt = "Phrase: Thinking of our garden just makes me want to stay in bed.\nTone:"
+    tuned, base = (" ".join(backend.generate_text(first_prompt, a, GenerationParams(max_new_tokens=16)).split()) for a in (None, "base"))
+    assert answers[2] == f"| Phrase: Thinking of our garden just makes me want to stay in bed. Tone: | sad | {tuned} | {base} |"
     page = (out / "report.html").read_text()
     assert "Configuration (run.yaml)" in page and "lora_r: 4" in page and page.count("data:image/png;base64,") == 2
 

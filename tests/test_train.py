@@ -229,3 +229,27 @@ def test_eval_metric_problems_are_reported_up_front(tiny_llama, tmp_path):
     with pytest.raises(DataError, match="one-line, non-empty gold labels"):
         plan_finetune(tiny_config(tiny_llama, tmp_path / "d", data_name=str(bad), train_split="train", eval_split="train[:4]",
                                   eval_metrics="accuracy"))
+
+
+def test_time_left_prices_steps_and_evaluations_apart():
+    """20 steps of 1 s (the first 3 s: warm-up), an evaluation of 10 s every 5 steps: the time
+    left is the steps left at 1 s and the evaluations left at 10 s, so it falls steadily
+    instead of jumping after each evaluation as a bar's own rate does."""
+    from slmops.train.monitor import TrainingClock
+
+    clock = TrainingClock(total_steps=20, pause_every=5)
+    assert clock.remaining() is None and clock.describe() == "? left"
+    estimates = {}
+    for step in range(1, 21):
+        clock.stepped(3.0 if step == 1 else 1.0)
+        if step % 5 == 0:
+            clock.paused(10.0)
+        estimates[step] = clock.remaining()
+    assert estimates[1] == 19 * 3.0  # only the warm-up step timed so far
+    assert estimates[2] == 18 * 1.0
+    for step in range(5, 21):  # once an evaluation is timed: exact, and never rising
+        assert estimates[step] == (20 - step) * 1.0 + (4 - step // 5) * 10.0
+        assert step == 5 or estimates[step] <= estimates[step - 1]
+    resumed = TrainingClock(total_steps=12, pause_every=5, start_step=5)  # a resumed run: evaluations at 10 and 12 left
+    resumed.stepped(2.0)
+    assert resumed.pauses_left() == 2 and resumed.describe() == "00:12 left +eval"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import run_cli, tiny_config
 from conftest import TONE
 from postgres_server import postgres_server, why_unavailable
 
@@ -431,3 +431,47 @@ def test_workers_racing_to_create_the_tables_of_a_new_database_wait_for_each_oth
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
     plan = load_search(search_file(tmp_path / "s.yaml", tiny_llama, tmp_path / "out"))
     assert open_storage(plan) is not None and len(calls) == 2
+
+
+def test_a_stop_file_ends_the_run_gracefully_with_its_reason(tiny_llama, tmp_path):
+    from slmops import finetune
+    from slmops.train.monitor import read_metrics
+
+    stop = tmp_path / "stop"
+    stop.write_text("pruned\n")  # there from the start: the run stops after its first step
+    result = finetune(tiny_config(tiny_llama, tmp_path / "run", max_steps=8, eval_split="train[64:80]", stop_file=str(stop)))
+    assert result.train.steps == 1 and result.train.stop_reason == "pruned"
+    evals = [r["step"] for r in read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals == [1] and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_each_trial_can_be_a_distributed_run(tiny_llama, tmp_path, capsys):
+    """nproc_per_node 2: every trial is a torchrun launch of two processes; its evaluations reach
+    the study as an in-process trial's do (reported at each eval step, the value is the run's
+    best), and a stop the worker asks for (a prune) reaches the run through its stop file."""
+    out = tmp_path / "tune"
+    file = search_file(tmp_path / "s.yaml", tiny_llama, out, trials=1, max_steps=4, eval_steps=2, nproc_per_node=2)
+    code, text = run_cli(capsys, "tune", "--config", str(file), "--log_level", "2")
+    assert code == 0, text
+    trials = trials_of(out)
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    for trial in trials:
+        run = yaml.safe_load((out / "trials" / str(trial.number) / "run.yaml").read_text())
+        assert run["resolved"]["distributed"]["world_size"] == 2
+        assert sorted(trial.intermediate_values) == [2, 4] and trial.value == pytest.approx(run["result"]["best_eval_loss"])
+
+    from slmops.train.monitor import read_metrics
+    from slmops.train.trainer import TrainingHooks
+    from slmops.tune.targets import run_distributed_trial
+
+    config = tiny_config(tiny_llama, tmp_path / "pruned", max_steps=40, eval_steps=2, eval_split="train[64:80]")
+    seen = []
+
+    def on_evaluate(step, values):
+        seen.append((step, round(values["loss"], 4)))
+        return "pruned"  # the first evaluation says stop
+
+    trial = run_distributed_trial(config, tmp_path / "pruned", TrainingHooks(on_evaluate=on_evaluate), 2)
+    assert trial.stop_reason == "pruned" and seen[0][0] == 2
+    steps = [r["step"] for r in read_metrics(tmp_path / "pruned" / "logs" / "metrics.jsonl") if r["split"] == "train"]
+    assert max(steps) < 40  # stopped within a few steps of the request, not at the end

@@ -375,13 +375,40 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
             from slmops.report import write_training_report
 
             report = write_training_report(layout, setup.log_dir, plan.describe(), asdict(result), replayable_config(plan.config),
-                                           versions())
+                                           versions(), _sample_answers(plan, model))
         except BaseException:
             setup.tracking.finish({}, {}, failed=True)
             raise
         setup.tracking.finish(asdict(result), {"adapter": adapter_path, "report": report, "report_html": report.with_suffix(".html"),
                                                "loss_plot": layout.root / "loss.png", "run_config": layout.run_yaml})
     return FinetuneResult(layout.root, adapter_path, layout.model, result, plan.describe())
+
+
+SAMPLE_PROMPTS = 3  # eval examples the report shows answered by the tuned model and by its base
+
+
+def _sample_answers(plan: FinetunePlan, model) -> list[dict]:
+    """A few eval prompts with the expected answer and the greedy answers of the saved (best)
+    weights and, for adapter methods, of the base (the adapter switched off): the report's
+    'what changed' at a glance. Empty without an eval split with answers."""
+    examples = [ex for ex in (plan.data.eval_examples or []) if ex.completion is not None][:SAMPLE_PROMPTS]
+    if not examples:
+        return []
+    from slmops.inference import GenerationParams
+    from slmops.inference.torch_backend import TorchBackend
+
+    backend = TorchBackend.from_model(model, plan.tokenizer, "tuned")
+    params = GenerationParams(max_new_tokens=plan.config.training.eval_max_new_tokens)
+    prompts = [ex.prompt for ex in examples]
+    special = plan.data.formatter.add_special_tokens
+    was_training = model.training
+    model.eval()
+    try:
+        tuned = backend.generate_batch(prompts, None, params, special)
+        base = backend.generate_batch(prompts, "base", params, special) if plan.method.is_adapter else [None] * len(prompts)
+    finally:
+        model.train(was_training)
+    return [{"prompt": ex.prompt, "expected": ex.completion, "tuned": t, "base": b} for ex, t, b in zip(examples, tuned, base)]
 
 
 def _open_tracking(plan: FinetunePlan, log_dir: Path, resumed_step: int | None):

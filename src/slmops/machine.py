@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity, as containers and taskset limit it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cache_root() -> Path:
+    """slmops' own cache on this machine (fetched models, measured step times): $SLMOPS_CACHE,
+    else ~/.cache/slmops."""
+    return Path(os.environ.get("SLMOPS_CACHE", Path.home() / ".cache" / "slmops"))

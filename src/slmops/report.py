@@ -131,9 +131,10 @@ def _task_line(task: dict) -> str:
 
 
 def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, result: dict, config: dict | None = None,
-                          versions: dict | None = None) -> Path:
+                          versions: dict | None = None, samples: list[dict] | None = None) -> Path:
     """report.md, report.html and loss.png of a finished run: facts, curves, the evaluations,
-    what was chosen automatically, the configuration and the library versions."""
+    a few eval prompts answered by the tuned model and its base, what was chosen automatically,
+    the configuration and the library versions."""
     records = read_metrics(Path(log_dir) / "metrics.jsonl")
     title = (f"{plan['task_name']}: " if plan.get("task_name") else "") + f"{plan['method']} on {plan['model']['given']}"
     loss_png = loss_figure(records, title)
@@ -165,6 +166,9 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
     lines = ["# slmops finetune report", ""] + [f"- {k}: {v}" for k, v in facts]
     if evals:
         lines += ["", "## Evaluations", "", markdown_table(*evals)]
+    answers = sample_table(samples or [])
+    if answers:
+        lines += ["", "## Sample answers (eval prompts, greedy)", "", markdown_table(*answers)]
     chosen = chosen_settings(plan)
     lines += ["", "## Chosen for this run", "", markdown_table(["setting", "value"], chosen)]
     if versions:
@@ -178,6 +182,8 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
     blocks += [png for png in (loss_png, training_figure(records)) if png]
     if evals:
         blocks += ["<h2>Evaluations</h2>", html_table(*evals)]
+    if answers:
+        blocks += ["<h2>Sample answers (eval prompts, greedy)</h2>", html_table(*answers)]
     blocks += ["<h2>Chosen for this run</h2>", html_table(["setting", "value"], chosen)]
     if config:
         import yaml
@@ -197,6 +203,22 @@ def eval_table(records: list[dict]) -> tuple[list[str], list[list]] | None:
     names = ["loss", *eval_metric_names(records)]
     rows = [[r["step"], *(f"{r[n]:.4f}" if isinstance(r.get(n), (int, float)) else "" for n in names)] for r in evals]
     return ["step", *names], rows
+
+
+def sample_table(samples: list[dict]) -> tuple[list[str], list[list]] | None:
+    """(header, rows) of the sample answers: the prompt's end, expected, tuned, base."""
+    if not samples:
+        return None
+
+    def cell(text: str | None, limit: int = 120) -> str:
+        text = " ".join((text or "").split()).replace("|", "\\|")
+        return text if len(text) <= limit else text[:limit] + "…"
+
+    with_base = any(s.get("base") is not None for s in samples)
+    header = ["prompt (end)", "expected", "tuned", *(["base"] if with_base else [])]
+    rows = [[cell(s["prompt"][-160:]), cell(s["expected"]), cell(s["tuned"]), *([cell(s["base"])] if with_base else [])]
+            for s in samples]
+    return header, rows
 
 
 def chosen_settings(plan: dict) -> list[list[str]]:

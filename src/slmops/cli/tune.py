@@ -35,6 +35,9 @@ def add_flags(parser, config_required: bool = True) -> None:
                         "[default: sqlite file OUTPUT/study.db]")
     parser.add_argument("--study_name", default=None, help="the study's name in the storage [default: the output folder's name]")
     parser.add_argument("--n_trials", type=int, default=None, help="trials to finish, over all workers (overrides num_trials)")
+    parser.add_argument("--nproc_per_node", type=int, default=None, metavar="N",
+                        help="train each trial in N processes on this machine (a torchrun launch per trial: DDP, gloo on CPU, "
+                             "NCCL on GPUs) [default: the file's nproc_per_node, else 1]")
     parser.add_argument("--log_level", type=int, default=None, help="0 debug (every trial's own lines) ... 4 critical [default: 1]")
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="check the search file and print the plan; train nothing")
 
@@ -48,6 +51,7 @@ def run_search(config: str, args: argparse.Namespace) -> int:
 
     overrides = {"output_path": args.output_path, "storage": getattr(args, "storage", None),
                  "study_name": getattr(args, "study_name", None), "n_trials": getattr(args, "n_trials", None),
+                 "nproc_per_node": getattr(args, "nproc_per_node", None),
                  "log_level": args.log_level}
     setup_logging(args.log_level if args.log_level is not None else 1)
     plan = load_search(config, overrides)

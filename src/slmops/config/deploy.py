@@ -176,8 +176,9 @@ class ModelExportConfig(Section):
                                     "built-in name or a Hub id.", json_schema_extra={"cli": ["-m"]})
     adapter_path: str | None = Field(None, description="A PEFT LoRA adapter to merge (default: the finetune output's own).",
                                      json_schema_extra={"cli": ["-a"]})
-    format: Literal["merged", "gguf"] = Field("merged", description="merged: a Hugging Face folder; gguf: a GGUF file for "
-                                              "llama.cpp / Ollama (llama-architecture models: SmolLM2, Llama 3.x).")
+    format: Literal["merged", "gguf", "gguf_lora"] = Field(
+        "merged", description="merged: a Hugging Face folder; gguf: one GGUF file for llama.cpp / Ollama (llama-architecture "
+        "models: SmolLM2, Llama 3.x); gguf_lora: the base as GGUF plus the adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER).")
     quantization: str = Field("q8_0", description="GGUF weight type: f32, f16, q8_0 or q4_0 (the norms stay f32). K-quants "
                               "(q4_k_m...): write f16, then llama.cpp's llama-quantize.")
     output_path: str = Field(description="Folder to write (must be new or empty).", json_schema_extra={"cli": ["-o"]})

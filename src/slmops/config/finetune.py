@@ -141,6 +141,9 @@ class TrainingConfig(_Section):
         "(TensorBoard and whichever of W&B/MLflow are installed); none."
     )
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for batching (0: in the main process).")
+    stop_file: str | None = Field(
+        None, description="A file whose appearance stops the run gracefully: it evaluates, checkpoints, writes its outputs "
+        "and ends (its first line, if any, is the reason recorded). How `slmops tune` stops a distributed trial it prunes.")
     resume_from_checkpoint: str | None = Field(
         None, description="Checkpoint folder to resume from, or 'latest' (true) for the newest in OUTPUT/checkpoints."
     )

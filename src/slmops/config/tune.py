@@ -23,7 +23,7 @@ from slmops.config.base import Section, log_level_field, named_log_level
 
 # the keys of a tune file that describe the search; every other key is the run it tunes
 TUNE_KEYS = ("search_strategy", "search_space", "objective", "pruner", "trial_timeout", "storage", "study_name",
-             "heartbeat_interval", "max_retries", "output_path", "log_level")
+             "heartbeat_interval", "max_retries", "nproc_per_node", "output_path", "log_level")
 
 # the seed's (and HF Trainer's) short names for flags
 DIMENSION_ALIASES = {"batch_size": "per_device_train_batch_size", "r": "lora_r", "lr": "learning_rate", "epochs": "num_train_epochs"}
@@ -114,6 +114,8 @@ class TuneConfig(Section):
     heartbeat_interval: int = Field(10, gt=0, description="Seconds between a running trial's heartbeats; a trial silent for "
                                     "3 of them is taken as dead (its worker was killed), failed, and retried.")
     max_retries: int = Field(2, ge=0, description="Times a trial whose worker died (killed, machine lost) is run again.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes each trial trains in: above 1, every trial is a torchrun launch "
+                                "on this machine (DDP; gloo on CPU, NCCL on GPUs) that the worker watches, prunes and times out.")
     output_path: str = Field("tune-output", description="Folder for trials/, trials.csv, best.yaml, the report (and study.db).")
     log_level: int = log_level_field(1)
 

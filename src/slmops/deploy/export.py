@@ -31,6 +31,7 @@ from slmops.inference.adapters import default_adapter_name, trained_template
 from slmops.inference.onnx_backend import default_threads
 from slmops.config.deploy import ExportConfig, ExportOptions, GenerateAdapterConfig
 from slmops.errors import ConfigError, ModelError
+from slmops.logs import phase
 from slmops.outputs import DEPLOY_PACKAGES, check_new_folder, versions
 
 log = logging.getLogger("slmops")
@@ -181,9 +182,12 @@ def export_bundle(plan: ExportPlan, run_parity: bool | None = None) -> dict:
     staging.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        with _builder_output(staging / "builder.log"):
-            template = _write_template_adapter(plan, staging / "template") if plan.lora_targets else None
-            _run_builder(plan, staging, template)
+        size_mb = _weights_mb(plan.model_path)
+        with phase(f"building the {plan.precision} ONNX graph ({size_mb:,.0f} MB of weights; ONNX Runtime GenAI's model builder)",
+                   f"export-build-{plan.precision}-{plan.execution_provider}", size_mb):
+            with _builder_output(staging / "builder.log"):
+                template = _write_template_adapter(plan, staging / "template") if plan.lora_targets else None
+                _run_builder(plan, staging, template)
         if template is not None:
             shutil.rmtree(template)
         shutil.rmtree(staging / "cache", ignore_errors=True)
@@ -210,7 +214,10 @@ def export_bundle(plan: ExportPlan, run_parity: bool | None = None) -> dict:
         if run_parity and plan.execution_provider == "cpu":
             from slmops.deploy.parity import check_parity
 
-            manifest["parity"] = check_parity(staging, plan)
+            checked = ", ".join(["the base", *(name for name, _ in plan.adapters)])
+            with phase(f"checking the bundle against PyTorch (greedy tokens and logits: {checked})",
+                       f"export-parity-{plan.precision}", size_mb * (1 + len(plan.adapters))):
+                manifest["parity"] = check_parity(staging, plan)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         manifest["size_mb"] = round(sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) / 2**20, 1)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -263,6 +270,12 @@ def _lora_node_names(plan: ExportPlan) -> list[str]:
             _, _, layer, block = prefix.split(".")
             names += [f"/model/layers.{layer}/{block}/{proj}/{ab}/MatMul" for proj in projections for ab in ("lora_A", "lora_B")]
     return names
+
+
+def _weights_mb(model_path: Path) -> float:
+    """The model's weight files in MB: what the export's steps take time in proportion to."""
+    files = [f for pattern in ("*.safetensors", "*.bin") for f in Path(model_path).glob(pattern)]
+    return max(sum(f.stat().st_size for f in files) / 2**20, 1.0)
 
 
 def _run_builder(plan: ExportPlan, staging: Path, template: Path | None) -> None:

@@ -19,7 +19,7 @@ from slmops.errors import DataError
 from slmops.evaluate.choices import predict_labels, score_labels
 from slmops.evaluate.metrics import CLASSIFICATION_METRICS, check_labels, get_metrics
 from slmops.inference import Backend, GenerationParams, open_backend
-from slmops.logs import progress_enabled
+from slmops.logs import phase, progress_enabled
 from slmops.outputs import versions
 
 log = logging.getLogger("slmops")
@@ -84,8 +84,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for model_name, adapter in candidates:
         backend = backends.get(model_name)
         if backend is None:
-            backend = open_backend(model_name, [adapter] if adapter and adapter != "base" else [],
-                                   trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.torch_dtype)
+            with phase(f"loading {model_name}"):
+                backend = open_backend(model_name, [adapter] if adapter and adapter != "base" else [],
+                                       trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.torch_dtype)
             backends = {model_name: backend}  # one model in memory at a time; reused for its 'base'
         chosen = adapter  # None: the backend's default adapter
         formatter = build_formatter(cfg.data, list(dataset.column_names), backend.tokenizer)
@@ -120,11 +121,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                     values.update(metric.compute(predictions=predictions, references=references))
             elif metric.needs == "loss":
                 data = tokenize_examples(examples, backend.tokenizer, formatter, cfg.data.max_seq_len, cfg.data.long_examples)
-                loss_sum, count = backend.loss(data, chosen, cfg.batch_size)
+                with phase(f"loss and perplexity over {len(examples)} rows ({_label(backend, adapter)})"):
+                    loss_sum, count = backend.loss(data, chosen, cfg.batch_size)
                 values.update(metric.compute(loss_sum=loss_sum, token_count=count))
             elif metric.needs == "timing":
-                timings = [{**backend.timed(ex.prompt, chosen, cfg.max_new_tokens, formatter.add_special_tokens),
-                            "peak_rss_mb": peak_rss_mb()} for ex in examples[: cfg.latency_samples]]
+                with phase(f"latency on {min(cfg.latency_samples, len(examples))} prompts ({_label(backend, adapter)})"):
+                    timings = [{**backend.timed(ex.prompt, chosen, cfg.max_new_tokens, formatter.add_special_tokens),
+                                "peak_rss_mb": peak_rss_mb()} for ex in examples[: cfg.latency_samples]]
                 values.update(metric.compute(timings=timings))
         if labels is not None and not predictions:
             predictions = label_predictions

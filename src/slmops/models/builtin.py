@@ -57,7 +57,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def cache_root() -> Path:
     """Where fetched models live: $SLMOPS_CACHE, else ~/.cache/slmops."""
-    return Path(os.environ.get("SLMOPS_CACHE", Path.home() / ".cache" / "slmops"))
+    from slmops.machine import cache_root as root
+
+    return root()
 
 
 def builtin_dir(name: str) -> Path:

@@ -78,3 +78,53 @@ def read_metrics(path: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+class TrainingClock:
+    """The time a run has left, with training steps and pauses (evaluation, checkpoint) timed
+    apart: a bar's own rate counts an evaluation's pause into the next steps, so its estimate
+    jumps after each evaluation and drifts back. Here the steps left are priced at the median
+    of the recent training steps, and the pauses left at the mean pause so far."""
+
+    def __init__(self, total_steps: int, pause_every: int | None, start_step: int = 0, window: int = 20):
+        self.total, self.pause_every, self.step = total_steps, pause_every, start_step
+        self.window = window
+        self.first_step: float | None = None  # kept apart: it pays for warm-up (kernels, allocator)
+        self.step_seconds: list[float] = []  # the last `window` training steps after the first
+        self.pause_seconds: list[float] = []
+
+    def stepped(self, seconds: float) -> None:
+        self.step += 1
+        if self.first_step is None:
+            self.first_step = seconds
+        else:
+            self.step_seconds = (self.step_seconds + [seconds])[-self.window :]
+
+    def paused(self, seconds: float) -> None:
+        self.pause_seconds.append(seconds)
+
+    def pauses_left(self) -> int:
+        """Pauses still to come: at each multiple of pause_every after this step, and at the last step."""
+        if not self.pause_every or self.step >= self.total:
+            return 0
+        every = self.pause_every
+        return self.total // every - self.step // every + (1 if self.total % every else 0)
+
+    def remaining(self) -> float | None:
+        """Seconds left, or None before the first training step has been timed."""
+        timed = self.step_seconds or ([self.first_step] if self.first_step is not None else [])
+        if not timed:
+            return None
+        per_step = sorted(timed)[len(timed) // 2]  # the median: one slow step (a GC pause) does not move it
+        per_pause = sum(self.pause_seconds) / len(self.pause_seconds) if self.pause_seconds else 0.0
+        return (self.total - self.step) * per_step + self.pauses_left() * per_pause
+
+    def describe(self) -> str:
+        """'01:23 left' ('+eval' while no evaluation has been timed yet)."""
+        left = self.remaining()
+        if left is None:
+            return "? left"
+        minutes, seconds = divmod(int(round(left)), 60)
+        hours, minutes = divmod(minutes, 60)
+        clock = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+        return clock + (" left" if self.pause_seconds or not self.pauses_left() else " left +eval")

@@ -24,7 +24,7 @@ from slmops.train import checkpoint as ckpt
 from slmops.train.cpu.attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
 from slmops.train.distributed import World, sum_gradients
 from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss
-from slmops.train.monitor import MetricsLog, ResourceMeter
+from slmops.train.monitor import MetricsLog, ResourceMeter, TrainingClock
 
 log = logging.getLogger("slmops")
 
@@ -326,7 +326,11 @@ class Trainer:
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank + self.state.step)
         metrics = MetricsLog(self.setup.log_dir, self.setup.tracking, resume_step) if world.is_main else _NoMetrics()
         meter = ResourceMeter()
-        bar = progress_bar(total=self.steps, initial=self.state.step, desc="finetune", unit="step", enabled=world.is_main)
+        # the time left from the clock (training steps and evaluations timed apart), not from tqdm's rate
+        bar = progress_bar(total=self.steps, initial=self.state.step, desc="finetune", unit="step", enabled=world.is_main,
+                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        clock = TrainingClock(self.steps, self.eval_every if self.data.eval is not None else self.save_every, self.state.step)
+        bar_note = ""  # the last logged loss and throughput, beside the time left
         window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
         window_grad_norm = 0.0  # the largest gradient norm (before clipping) since the last log line
         last_train_loss = None
@@ -340,6 +344,7 @@ class Trainer:
         position = 0  # in `batches`
         try:
             while self.state.step < self.steps:
+                step_started = time.perf_counter()
                 if position >= len(batches):  # next epoch: a new, seeded order
                     self.state.epoch += 1
                     self.state.batch_in_epoch = self.state.examples_in_epoch = 0
@@ -398,6 +403,8 @@ class Trainer:
                 window_inputs += step_inputs
                 last_train_loss = step_loss / step_norm
                 step = self.state.step
+                clock.stepped(time.perf_counter() - step_started)
+                bar.set_postfix_str(f"{clock.describe()}{bar_note}", refresh=False)
                 bar.update(1)
 
                 if step % cfg.logging_steps == 0 or step == self.steps:
@@ -409,15 +416,19 @@ class Trainer:
                                 trained_tokens_per_second=window_tokens / max(seconds, 1e-9), step_seconds=seconds / cfg.logging_steps,
                                 epoch=self.state.epoch + self.state.examples_in_epoch / max(n_examples, 1),
                                 grad_norm=window_grad_norm, **meter.read())
-                    bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tps:,.0f}")
+                    bar_note = f", loss {train_loss:.4f}, {tps:,.0f} tok/s"
+                    bar.set_postfix_str(f"{clock.describe()}{bar_note}")
                     window_loss, window_tokens, window_norm, window_inputs, window_start = 0.0, 0, 0, 0, time.perf_counter()
                     window_grad_norm = 0.0
 
                 paused = time.perf_counter()  # eval and checkpoint time is not training throughput
-                if self.hooks.after_step is not None:
-                    stop_reason = self._agreed(self.hooks.after_step(step))
+                paused_here = False
+                if self.hooks.after_step is not None or cfg.stop_file:  # (the same on every process: _agreed is collective)
+                    reason = self.hooks.after_step(step) if self.hooks.after_step is not None else None
+                    stop_reason = self._agreed(reason or self._stop_file_reason())
                 if self.data.eval is not None and (step % self.eval_every == 0 or step == self.steps or stop_reason):
                     result = self.evaluate()
+                    paused_here = True
                     metrics.log(step, "eval", **result)
                     watched = result[self.best_key]
                     if self._improved(watched):
@@ -428,7 +439,7 @@ class Trainer:
                             self._save("best", weights_only=True)
                     else:
                         self.state.evals_without_improvement += 1
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "perplexity")
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("perplexity", "n"))
                     say(bar, f"step {step}: eval {shown} (best {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step})")
                     if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
                         say(bar, f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
@@ -442,11 +453,14 @@ class Trainer:
                     self.state.elapsed_s = time.perf_counter() - run_start
                     self.state.paused_s = paused_total
                     self._save(f"step-{step:06d}")
+                    paused_here = True
                     ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
                     if self.hooks.on_checkpoint is not None:
                         self.hooks.on_checkpoint()
                 window_start += time.perf_counter() - paused
                 paused_total += time.perf_counter() - paused
+                if paused_here:
+                    clock.paused(time.perf_counter() - paused)
                 if stop_reason:
                     break
         finally:
@@ -465,6 +479,18 @@ class Trainer:
             fast_loss=self.loss_fn is not plain_loss,
             stop_reason=stop_reason,
         )
+
+    def _stop_file_reason(self) -> str | None:
+        """--stop_file: once it exists, the reason written in it (or 'stop_file')."""
+        path = Path(self.cfg.stop_file) if self.cfg.stop_file else None
+        if path is None or not path.exists():
+            return None
+        try:
+            first = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            first = []
+        reason = first[0].strip() if first else ""
+        return "".join(c if c.isalnum() or c == "_" else "_" for c in reason)[:40] or "stop_file"
 
     def _agreed(self, reason: str | None) -> str | None:
         """A hook's stop reason, the same on every process (time limits differ between them):

@@ -89,6 +89,11 @@ def parse_search(data: dict, source: str, overrides: dict[str, Any] | None = Non
     run = _run_of(data, source, base_dir)
     target = make_target(run, source)
     problems: list[str] = []
+    if config.nproc_per_node > 1:
+        if target.kind != "finetune":
+            problems.append(f"{source}: nproc_per_node: distributed trials are for searches over a finetune; a workflow's "
+                            "trials run in one process each")
+        target.processes = config.nproc_per_node
     dimensions: dict[str, str] = {}
     for name, dim in config.search_space.items():
         try:

@@ -16,7 +16,7 @@ from slmops.config.tune import DIMENSION_ALIASES, Dimension
 from slmops.errors import ConfigError, suggest
 
 # set by the search for each trial, not searchable
-RESERVED = {"output_path", "overwrite", "resume_from_checkpoint", "ignore_mismatch", "log_level", "logging_dir"}
+RESERVED = {"output_path", "overwrite", "resume_from_checkpoint", "ignore_mismatch", "log_level", "logging_dir", "stop_file"}
 
 
 def dimension_values(dim: Dimension) -> list[Any]:
@@ -100,10 +100,14 @@ class FinetuneTarget:
 
         plan_finetune(self.trial_config(params, folder))
 
+    processes = 1  # per trial (the search's nproc_per_node)
+
     def run(self, params: dict[str, Any], folder: Path, hooks) -> TrialRun:
         from slmops.finetune_recipe import finetune, replayable_config
 
         config = self.trial_config(params, folder)
+        if self.processes > 1:
+            return run_distributed_trial(config, folder, hooks, self.processes)
         result = finetune(config, hooks)
         return TrialRun(result.train.best_eval_loss, result.train.stop_reason, replayable_config(config))
 
@@ -284,3 +288,72 @@ def make_target(run: dict[str, Any], source: str) -> FinetuneTarget | WorkflowTa
     if any(k in run for k in ("passes", "data_configs", "input_model", "engine", "training_config")) or olive_model:
         return WorkflowTarget(run, source)
     return FinetuneTarget(run, source)
+
+
+def run_distributed_trial(config: FinetuneConfig, folder: Path, hooks, processes: int, poll_seconds: float = 0.5) -> TrialRun:
+    """One trial as a torchrun launch of `slmops finetune` in `processes` processes, watched from
+    this worker: each evaluation the run logs (its metrics.jsonl) goes to the trial's hooks
+    (report, prune), and so does its progress (time limit); a stop they ask for is passed to the
+    run through its --stop_file, which it obeys at its next step (every process together), then
+    evaluates, checkpoints and ends. The study sees exactly what an in-process trial gives it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from slmops.finetune_recipe import replayable_config
+    from slmops.train.distributed import threads_per_process
+    from slmops.train.monitor import read_metrics
+
+    folder = Path(folder)
+    stop_file = folder.parent / f"{folder.name}.stop"
+    stop_file.unlink(missing_ok=True)
+    config = config.model_copy(update={"training": config.training.model_copy(update={"stop_file": str(stop_file)})})
+    trial_file = folder.parent / f"{folder.name}.yaml"
+    trial_file.parent.mkdir(parents=True, exist_ok=True)
+    trial_file.write_text(yaml.safe_dump(replayable_config(config), sort_keys=False))
+    log_file = folder.parent / f"{folder.name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_process(processes)))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "slmops.cli.main", "finetune", "--config", str(trial_file), "--log_level", "2"]
+    metrics_file = folder / "logs" / "metrics.jsonl"
+    seen_evals: set[int] = set()
+    stop_reason = None
+
+    def relay() -> None:
+        nonlocal stop_reason
+        records = read_metrics(metrics_file)
+        for record in records:
+            if record.get("split") == "eval" and record["step"] not in seen_evals:
+                seen_evals.add(record["step"])
+                values = {k: v for k, v in record.items() if k not in ("step", "split", "time") and isinstance(v, (int, float))}
+                if hooks.on_evaluate is not None and stop_reason is None:
+                    stop_reason = hooks.on_evaluate(record["step"], values)
+        steps = [r["step"] for r in records if r.get("split") == "train"]
+        if hooks.after_step is not None and stop_reason is None:
+            stop_reason = hooks.after_step(max(steps, default=0))
+        if stop_reason and not stop_file.exists():
+            stop_file.write_text(stop_reason + "\n")
+
+    with open(log_file, "w") as log_handle:
+        process = subprocess.Popen(command, env=env, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while process.poll() is None:
+                time.sleep(poll_seconds)
+                relay()
+            relay()  # the last evaluation, logged as the run ended
+        except BaseException:  # Ctrl-C or a failure here: the launch goes with it
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+    if process.returncode != 0:
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"the trial's torchrun launch exited with {process.returncode}: {' / '.join(tail)} (log: {log_file})")
+    result = (yaml.safe_load((folder / "run.yaml").read_text()) or {}).get("result") or {}
+    return TrialRun(result.get("best_eval_loss"), result.get("stop_reason"), replayable_config(config))
