@@ -5,8 +5,8 @@ holding a copy of examples/.
 On tiny settings, so that it fits in the suite: the built-in model's name becomes a tiny
 random Llama (in the commands and in the example YAML files they read), step and trial
 counts become 2, the server's port a free one, and `source .venv/bin/activate` becomes the
-test's own environment on PATH. Everything else is the README's text. Commands that name no
-model run the built-in one (a two-step run)."""
+test's own environment on PATH. Everything else is the README's text (so every command there
+names its model: one that named none would train the built-in model here)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, build_tiny_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.needs_default_model]
+pytestmark = pytest.mark.slow
 
 
 def use_section_blocks() -> list[tuple[str, str]]:
@@ -47,7 +47,7 @@ def tiny_settings(text: str, model: Path, port: int) -> str:
     return re.sub(r"\b8000\b", str(port), text)
 
 
-def test_readme_use_section_runs_top_to_bottom(tmp_path, tokenizer_dir, builtin_model):
+def test_readme_use_section_runs_top_to_bottom(tmp_path, tokenizer_dir):
     # hidden 64 / 4 heads: ONNX Runtime's CPU attention needs heads of a multiple of 16
     tiny_llama = build_tiny_model("llama", tokenizer_dir, tmp_path / "tiny-llama", hidden_size=64)
     blocks = use_section_blocks()
