@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from slmops.errors import ConfigError, OutputError
-from slmops.report import _png, _pyplot, _series, eval_metric_names, html_page, html_table
+from slmops.report import _png, _series, eval_metric_names, html_page, html_table, panel_grid
 from slmops.train.monitor import read_metrics
 from slmops.train.tracking import flat_params
 
@@ -87,11 +87,8 @@ def curves_figure(runs: list[Run]) -> bytes | None:
     panels = [p for p in panels if any(_series(run.records, p[1], p[2]) for run in runs)]
     if not panels:
         return None
-    plt = _pyplot()
-    columns = min(len(panels), 3)
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), dpi=110, squeeze=False)
-    for ax, (title, split, key) in zip(axes.flat, panels):
+    fig, axes = panel_grid(len(panels), 3, (4.4, 3.4))
+    for ax, (title, split, key) in zip(axes, panels):
         for run in runs:
             points = _series(run.records, split, key)
             if points:
@@ -99,8 +96,6 @@ def curves_figure(runs: list[Run]) -> bytes | None:
         ax.set(title=title, xlabel="optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     fig.tight_layout()
     return _png(fig)
 

@@ -72,18 +72,24 @@ def training_figure(records: list[dict]) -> bytes | None:
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
-    plt = _pyplot()
-    columns = min(len(panels), 4)
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), dpi=110, squeeze=False)
-    for ax, (name, points) in zip(axes.flat, panels):
+    fig, axes = panel_grid(len(panels), 4, (3.6, 3.0))
+    for ax, (name, points) in zip(axes, panels):
         ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
         ax.set(title=name, xlabel="step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     fig.tight_layout()
     return _png(fig)
+
+
+def panel_grid(count: int, most_columns: int, panel_size: tuple[float, float]):
+    """(figure, the first `count` axes) of a grid of panels, the unused cells blanked."""
+    columns = min(count, most_columns)
+    rows = -(-count // columns)
+    fig, axes = _pyplot().subplots(rows, columns, figsize=(panel_size[0] * columns, panel_size[1] * rows), dpi=110, squeeze=False)
+    cells = list(axes.flat)
+    for ax in cells[count:]:
+        ax.axis("off")
+    return fig, cells[:count]
 
 
 def confusion_figure(confusion: dict[str, dict[str, int]], title: str) -> bytes:

@@ -55,22 +55,42 @@ def template_fields(template: str) -> list[str]:
 def template_inputs(template: str) -> tuple[list[str], str | None]:
     """(the fields a prompt fills, the completion field or None) of a text template, by the
     rule training uses: the last field is the completion when nothing but whitespace follows it."""
-    fields = list(dict.fromkeys(template_fields(template)))
+    fields = template_fields(template)
     if not fields:
         return [], None
-    marker = "{" + fields[-1] + "}"
+    last = fields[-1]
+    marker = "{" + last + "}"
     cut = template.rfind(marker)
+    unique = list(dict.fromkeys(fields))
     if template[cut + len(marker):].strip() == "" and cut > 0:
-        return [f for f in fields if f != fields[-1]], fields[-1]
-    return fields, None
+        return [f for f in unique if f != last], last
+    return unique, None
+
+
+def prompt_head(template: str) -> str:
+    """The part of a text template a model is prompted with: the text before the completion
+    field (the whole template when it has none)."""
+    _, completion = template_inputs(template)
+    return template[: template.rfind("{" + completion + "}")] if completion else template
+
+
+def fill_prompt(head: str, values: dict[str, str]) -> str:
+    """A prompt head filled as training renders it. A prompt ending in a space would tokenize
+    differently from training text, where the space merges into the answer's first token
+    (" joyful"): leave it to the model."""
+    return head.format_map(_BlankIfMissing(values)).rstrip(" \t")
+
+
+class _BlankIfMissing(dict):
+    """Template values where a field not given (the completion, met in the prompt) is empty."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
 
 
 def template_prompt(template: str, values: dict[str, str]) -> str:
-    """The prompt a model trained on `template` is given for `values` (its input fields): the
-    text before the completion field, as training renders it."""
-    inputs, completion = template_inputs(template)
-    head = template[: template.rfind("{" + completion + "}")] if completion else template
-    return head.format(**{f: values.get(f, "") for f in inputs}).rstrip(" \t")
+    """The prompt a model trained on `template` is given for `values` (its input fields)."""
+    return fill_prompt(prompt_head(template), values)
 
 
 def build_formatter(cfg: DataConfig, columns: list[str], tokenizer) -> Formatter:
@@ -141,13 +161,11 @@ def _template(cfg: DataConfig, columns: list[str], tokenizer) -> Formatter:
     if not fields:
         raise DataError("--text_template has no {column} placeholders")
     _require(columns, fields, "--text_template")
-    # The last field is the completion when nothing but whitespace follows it.
+    _, completion = template_inputs(template)
+    has_completion = completion is not None
     last = fields[-1]
-    marker = "{" + last + "}"
-    cut = template.rfind(marker)
-    has_completion = template[cut + len(marker):].strip() == "" and cut > 0
     loss_on_completion = has_completion and not cfg.train_on_inputs
-    prompt_template = template[:cut]
+    head = prompt_head(template)  # parsed once, filled per row
     eos = _eos(tokenizer)
 
     def render(row: dict) -> FormattedExample:
@@ -155,11 +173,9 @@ def _template(cfg: DataConfig, columns: list[str], tokenizer) -> Formatter:
         text = template.format(**values)
         if not has_completion:
             return FormattedExample(text + eos, text, None)
-        # A prompt ending in a space would tokenize differently from training text, where
-        # the space merges into the answer's first token (" joyful"): leave it to the model.
-        prompt = prompt_template.format(**values).rstrip(" \t")
+        prompt = fill_prompt(head, values)
         spans = [(len(prompt), len(text) + len(eos))] if loss_on_completion else []
-        return FormattedExample(text + eos, prompt, values[last], spans)
+        return FormattedExample(text + eos, prompt, values[completion], spans)
 
     what = f"text template over {', '.join(dict.fromkeys(fields))}"
     what += f"; loss on '{{{last}}}' (the completion) only" if loss_on_completion else "; loss on the whole text"

@@ -296,6 +296,7 @@ def run_distributed_trial(config: FinetuneConfig, folder: Path, hooks, processes
     (report, prune), and so does its progress (time limit); a stop they ask for is passed to the
     run through its --stop_file, which it obeys at its next step (every process together), then
     evaluates, checkpoints and ends. The study sees exactly what an in-process trial gives it."""
+    import json
     import os
     import signal
     import subprocess
@@ -306,7 +307,6 @@ def run_distributed_trial(config: FinetuneConfig, folder: Path, hooks, processes
 
     from slmops.finetune_recipe import replayable_config
     from slmops.train.distributed import threads_per_process
-    from slmops.train.monitor import read_metrics
 
     folder = Path(folder)
     stop_file = folder.parent / f"{folder.name}.stop"
@@ -320,21 +320,32 @@ def run_distributed_trial(config: FinetuneConfig, folder: Path, hooks, processes
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "slmops.cli.main", "finetune", "--config", str(trial_file), "--log_level", "2"]
     metrics_file = folder / "logs" / "metrics.jsonl"
-    seen_evals: set[int] = set()
+    read_to, last_step = 0, 0  # how far metrics.jsonl has been read; the last train step seen
     stop_reason = None
 
     def relay() -> None:
-        nonlocal stop_reason
-        records = read_metrics(metrics_file)
-        for record in records:
-            if record.get("split") == "eval" and record["step"] not in seen_evals:
-                seen_evals.add(record["step"])
+        """The lines the run has logged since the last call (only whole ones) to the hooks."""
+        nonlocal stop_reason, read_to, last_step
+        try:
+            with open(metrics_file, "rb") as handle:
+                handle.seek(read_to)
+                new = handle.read()
+        except FileNotFoundError:
+            return
+        whole = new[: new.rfind(b"\n") + 1]
+        read_to += len(whole)
+        for line in whole.decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("split") == "train":
+                last_step = max(last_step, record["step"])
+            elif record.get("split") == "eval" and hooks.on_evaluate is not None and stop_reason is None:
                 values = {k: v for k, v in record.items() if k not in ("step", "split", "time") and isinstance(v, (int, float))}
-                if hooks.on_evaluate is not None and stop_reason is None:
-                    stop_reason = hooks.on_evaluate(record["step"], values)
-        steps = [r["step"] for r in records if r.get("split") == "train"]
+                stop_reason = hooks.on_evaluate(record["step"], values)
         if hooks.after_step is not None and stop_reason is None:
-            stop_reason = hooks.after_step(max(steps, default=0))
+            stop_reason = hooks.after_step(last_step)
         if stop_reason and not stop_file.exists():
             stop_file.write_text(stop_reason + "\n")
 
