@@ -1,15 +1,27 @@
-"""Training throughput on a CPU (or GPU): slmops vs Hugging Face TRL SFTTrainer + PEFT.
+"""Training throughput on a CPU (or GPU): slmops vs Hugging Face TRL SFTTrainer + PEFT, on
+several workloads, each row in its own process, every peer in the same run.
 
-Same work for every row: the built-in SmolLM2-135M-Instruct, the shipped tone data in chat
-form with the loss on the assistant's answer only, LoRA r=16 alpha=32 dropout 0.05 on
-q/k/v/o, batch 8, max length 128, AdamW lr 2e-4. Each row runs in its own process (clean
-peak RSS), rows alternate over --rounds, and the first --warmup steps are not timed.
+Workloads (--workload, or `all`):
+- tone: the built-in SmolLM2-135M-Instruct, the shipped tone data in chat form (one turn, loss
+  on the answer), batch 8, max length 128;
+- chat_qa: the same model on multi-turn conversations (three library Q&A exchanges each, from
+  examples/data/library_qa.json, through the chat template), batch 8, max length 256;
+- codes: the same model on long sequences: tiny-codes Q&A sessions of 512-1024 tokens (several
+  exchanges per document, loss on all of it), batch 16 as in the seed's QLoRA example, max length 1024;
+- llama1b: a 1B-parameter Llama-3.2 shape (random weights, as qlora_memory.py builds it) on the
+  codes documents cut to 256 tokens, batch 8.
+LoRA r=16 alpha=32 dropout 0.05 on q/k/v/o, AdamW lr 2e-4 everywhere. Rows alternate over
+--rounds; the first --warmup steps are not timed. The held-out loss is computed the same way for
+every row after training (mean cross-entropy of the last assistant turn, or of the whole text),
+so rows compare by it.
 
     .venv/bin/pip install -c constraints.txt -r benchmarks/requirements.txt
-    python benchmarks/train_throughput.py                 # ~17 minutes a round on 2 cores (TRL rows are slow)
+    python benchmarks/train_throughput.py                 # tone: ~17 minutes a round on 2 cores (TRL rows are slow)
     python benchmarks/train_throughput.py --steps 20 --rounds 1 --rows slmops,trl_fp32
+    python benchmarks/train_throughput.py --workload all --rows trl_fp32,trl_bf16_nogc,slmops   # hours on 2 cores
 
-Prints a table and ends with `ratio_vs_trl_fp32: X` and `ratio_vs_trl_bf16: Y`.
+Prints the CPU and a table per workload, and ends with `ratio_vs_trl_fp32: X` and
+`ratio_vs_trl_bf16: Y`, each the minimum over the workloads run.
 """
 
 from __future__ import annotations
@@ -17,18 +29,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from common import cpu_name  # (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parents[1]
-TONE = ROOT / "examples" / "data" / "tone.jsonl"
+DATA = ROOT / "examples" / "data"
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-BATCH, MAX_LEN, LR = 8, 128, 2e-4
+LR, FULL_LR = 2e-4, 2e-5
+EVAL_ROWS = 64  # rows held out of each workload's data, scored after training by every row
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str  # "builtin" (SmolLM2-135M-Instruct) or "llama1b" (random weights, built once per run)
+    kind: str  # "chat": rows of messages, loss on the assistant's answers; "text": rows of text, loss on all of it
+    batch: int
+    max_len: int
+    steps: int  # timed steps by default (--steps overrides)
+    warmup: int
+
+
+WORKLOADS = {
+    "tone": Workload("builtin", "chat", 8, 128, 40, 5),
+    "chat_qa": Workload("builtin", "chat", 8, 256, 30, 4),
+    "codes": Workload("builtin", "text", 16, 1024, 6, 2),
+    "llama1b": Workload("llama1b", "text", 8, 256, 4, 1),
+}
 
 # row name -> (runner, options); peers first so the table reads against them
 ROWS = {
@@ -43,67 +78,136 @@ ROWS = {
     "trl_full": ("trl", {"bf16": True, "gradient_checkpointing": False, "method": "full"}),
     "slmops_full": ("slmops", {"method": "full"}),
 }
-FULL_LR = 2e-5
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-EVAL_ROWS = 64  # the last rows: a fixed held-out set, scored after training by every row
+# -- the workloads' data: (train rows, held-out rows), the same for every row -----------------------
 
 
-def rows_as_chat() -> list[dict]:
-    rows = [json.loads(line) for line in TONE.read_text().splitlines()]
-    return [{"phrase": r["phrase"], "tone": r["tone"]} for r in rows]
+def _tone_rows() -> list[dict]:
+    rows = [json.loads(line) for line in (DATA / "tone.jsonl").read_text().splitlines()]
+    return [{"messages": [{"role": "user", "content": r["phrase"]}, {"role": "assistant", "content": r["tone"]}]} for r in rows]
 
 
-def messages(r: dict) -> dict:
-    return {"messages": [{"role": "user", "content": r["phrase"]}, {"role": "assistant", "content": r["tone"]}]}
+def _chat_qa_rows() -> list[dict]:
+    """Conversations of three Q&A exchanges: every ordered triple of distinct questions drawn with
+    a fixed seed (the 40 pairs alone would make too few rows)."""
+    pairs = json.loads((DATA / "library_qa.json").read_text())
+    rng = random.Random(0)
+    rows = []
+    for _ in range(600):
+        conversation = []
+        for pair in rng.sample(pairs, 3):
+            conversation += [{"role": "user", "content": pair["input"]}, {"role": "assistant", "content": pair["output"]}]
+        rows.append({"messages": conversation})
+    return rows
+
+
+def _codes_rows() -> list[dict]:
+    """Programming Q&A sessions: consecutive tiny-codes exchanges joined until a document reaches
+    512-1024 tokens of SmolLM2's tokenizer (6-9 exchanges of ~100 tokens)."""
+    rows = [json.loads(line) for line in (DATA / "tiny_codes.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    rng.shuffle(rows)
+    docs, current, size = [], [], 0
+    target = rng.randint(5, 10) * 100
+    for r in rows:
+        current.append(f"### Language: {r['programming_language']} \n### Question: {r['prompt']} \n### Answer: {r['response']}")
+        size += 100  # (~100 tokens an exchange; max_len cuts the few long ones)
+        if size >= target:
+            docs.append({"text": "\n\n".join(current)})
+            current, size, target = [], 0, rng.randint(5, 10) * 100
+    return docs
+
+
+def workload_rows(name: str) -> tuple[list[dict], list[dict]]:
+    rows = {"tone": _tone_rows, "chat_qa": _chat_qa_rows, "codes": _codes_rows, "llama1b": _codes_rows}[name]()
+    return rows[:-EVAL_ROWS], rows[-EVAL_ROWS:]
+
+
+def heldout_loss(model, tokenizer, rows: list[dict], kind: str, max_len: int) -> float:
+    """Mean cross-entropy per token of each held-out row's last assistant turn (chat) or of its
+    whole text, cut to max_len: one measure for every row of the table."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            if kind == "chat":
+                prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"][:max_len]
+                start = len(prompt)
+            else:
+                ids = tokenizer(row["text"])["input_ids"][:max_len]
+                start = 1
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0, start - 1 : -1].float()
+            target = x[0, start:]
+            total += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += int(target.numel())
+    return total / max(count, 1)
 
 
 # -- workers (each in its own process) ------------------------------------------------------
 
 
-def run_slmops(model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
+def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
     from slmops.config import from_dict
     from slmops.finetune_recipe import finetune
     from slmops.train.monitor import read_metrics
 
+    train_rows, held_out = workload_rows(name)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "chat.jsonl"
-        data.write_text("".join(json.dumps(messages(r)) + "\n" for r in rows_as_chat()))
+        data = Path(tmp) / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
         options = dict(options)
         method = options.pop("method", "lora")
         cfg = from_dict({
             "model": {"model_name_or_path": model_dir},
-            "data": {"data_name": str(data), "max_seq_len": MAX_LEN, "train_split": f"train[:-{EVAL_ROWS}]",
-                     "eval_split": f"train[-{EVAL_ROWS}:]"},
+            "data": {"data_name": str(data), "max_seq_len": work.max_len,
+                     **({"use_chat_template": True} if work.kind == "chat" else {"text_field": "text"})},
             "method": {"method": method, "lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"],
                        "lora_dropout": LORA["lora_dropout"], "target_modules": LORA["target_modules"] if method != "full" else None},
-            "training": {"max_steps": warmup + steps, "per_device_train_batch_size": BATCH,
+            "training": {"max_steps": warmup + steps, "per_device_train_batch_size": work.batch,
                          "learning_rate": FULL_LR if method == "full" else LR,
-                         "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": seed,
-                         "eval_steps": warmup + steps, "early_stopping_patience": 0, "per_device_eval_batch_size": BATCH, **options},
+                         "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": seed, **options},
             "output_path": str(Path(tmp) / "out"),
         })
         result = finetune(cfg)
         logged = read_metrics(Path(tmp) / "out" / "logs" / "metrics.jsonl")
         records = [r for r in logged if r["split"] == "train"]
-        eval_loss = [r["loss"] for r in logged if r["split"] == "eval"][-1]
+        eval_loss = _score_output(Path(tmp) / "out", model_dir, method, held_out, work)
     timed = records[warmup:]
     return {
         "step_seconds": [r["step_seconds"] for r in timed],
         "tokens": [r["tokens_per_second"] * r["step_seconds"] for r in timed],
         "losses": [r["loss"] for r in records],
         "eval_loss": eval_loss,
-        "precision": {"lora": "bf16 base + fp32 LoRA", "qlora": "nf4 base + bf16 compute", "full": "fp32 master + bf16 autocast"}[method]
-        if options.get("bf16", True) else "fp32",
+        "precision": result.plan["precision"]["name"] + ("" if method == "lora" else f" ({method})"),
         "fast_loss": result.train.fast_loss,
     }
 
 
-def run_trl(model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
+def _score_output(out: Path, model_dir: str, method: str, held_out: list[dict], work: Workload) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if method == "full":
+        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), out / "adapter")
+    return heldout_loss(model, tokenizer, held_out, work.kind, work.max_len)
+
+
+def run_trl(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -120,9 +224,11 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict, seed: int) -
         def on_step_end(self, args, state, control, **kwargs):
             step_seconds.append(time.perf_counter() - self.start)
 
-    pairs = [{"prompt": [{"role": "user", "content": r["phrase"]}], "completion": [{"role": "assistant", "content": r["tone"]}]}
-             for r in rows_as_chat()]
-    data, held_out = Dataset.from_list(pairs[:-EVAL_ROWS]), Dataset.from_list(pairs[-EVAL_ROWS:])
+    train_rows, held_out = workload_rows(name)
+    if work.kind == "chat":  # TRL's conversational prompt-completion form: loss on the last assistant turn
+        data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in train_rows])
+    else:  # language modelling on the whole text
+        data = Dataset.from_list(train_rows)
     options = dict(options)
     method = options.pop("method", "lora")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -138,9 +244,10 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict, seed: int) -
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, use_cpu=not torch.cuda.is_available(), max_steps=warmup + steps,
-                         per_device_train_batch_size=BATCH, learning_rate=FULL_LR if method == "full" else LR, logging_steps=1,
-                         save_strategy="no", report_to="none", max_length=MAX_LEN, completion_only_loss=True, seed=seed, **options)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=held_out, processing_class=tokenizer,
+                         per_device_train_batch_size=work.batch, learning_rate=FULL_LR if method == "full" else LR, logging_steps=1,
+                         save_strategy="no", report_to="none", max_length=work.max_len, seed=seed,
+                         **({"completion_only_loss": True} if work.kind == "chat" else {}), **options)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=None if method == "full" else LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[Timer()])
         collator = trainer.data_collator
 
@@ -152,16 +259,15 @@ def run_trl(model_dir: str, steps: int, warmup: int, options: dict, seed: int) -
         trainer.data_collator = counting_collator
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        trainer.data_collator = collator  # not counted: evaluation is not training throughput
-        eval_loss = trainer.evaluate()["eval_loss"]
+        eval_loss = heldout_loss(trainer.model.float() if method == "full" else trainer.model, tokenizer, held_out, work.kind, work.max_len)
     return {"step_seconds": step_seconds[warmup:], "tokens": tokens[warmup : warmup + steps], "losses": losses, "eval_loss": eval_loss,
             "precision": ("nf4 base + " if method == "qlora" else "") + ("bf16 autocast" if options.get("bf16") else "fp32"),
             "gradient_checkpointing": options.get("gradient_checkpointing", args.gradient_checkpointing)}
 
 
-def worker(name: str, model_dir: str, steps: int, warmup: int, out: str, seed: int) -> None:
+def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, out: str, seed: int) -> None:
     runner, options = ROWS[name]
-    result = (run_slmops if runner == "slmops" else run_trl)(model_dir, steps, warmup, options, seed)
+    result = (run_slmops if runner == "slmops" else run_trl)(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed)
     result["peak_rss_mb"] = peak_rss_mb()
     Path(out).write_text(json.dumps(result))
 
@@ -185,84 +291,124 @@ def bf16_matmul_peak_gflops() -> float:
     return 2 * 2048**3 / best / 1e9
 
 
+def non_embedding_parameters(model_dir: str) -> int:
+    """The parameters a token's forward multiplies by (all but the input embedding; a tied output
+    head counts, as it runs once a labelled token)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    total = sum(p.numel() for p in model.parameters())
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    return total if tied else total - model.get_input_embeddings().weight.numel()
+
+
+def model_for(work: Workload, scratch: Path) -> str:
+    from slmops.models.builtin import fetch_builtin
+
+    if work.model == "builtin":
+        return str(fetch_builtin("smollm2-135m-instruct"))
+    folder = scratch / "llama1b"
+    if not folder.exists():
+        sys.path.insert(0, str(Path(__file__).parent))
+        from qlora_memory import build_model
+
+        build_model(folder)
+    return str(folder)
+
+
+def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) -> dict[str, dict]:
+    work = WORKLOADS[name]
+    steps, warmup = args.steps or work.steps, work.warmup if args.warmup is None else args.warmup
+    model_dir = model_for(work, scratch)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for round_index in range(args.rounds):
+        for row in names:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                print(f"{name} round {round_index + 1}/{args.rounds}: {row} ...", file=sys.stderr, flush=True)
+                subprocess.run([sys.executable, __file__, "--worker", row, "--workload", name, "--model_dir", model_dir,
+                                "--steps", str(steps), "--warmup", str(warmup), "--out", out.name, "--seed", str(args.seed + round_index)],
+                               check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                results[row].append(json.loads(Path(out.name).read_text()))
+    # A LoRA step on a frozen base costs ~4 FLOPs per non-embedding parameter per token
+    # (forward 2, input-gradient 2; no weight gradients for the base).
+    flops_per_token = 4 * non_embedding_parameters(model_dir)
+    table = {}
+    for row in names:
+        runs = results[row]
+        tokens = sum(sum(r["tokens"]) for r in runs)
+        seconds = sum(sum(r["step_seconds"]) for r in runs)
+        tps = tokens / seconds
+        table[row] = {
+            "tokens_per_s": tps, "step_median_s": statistics.median(s for r in runs for s in r["step_seconds"]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "loss_last": statistics.mean(statistics.mean(r["losses"][-min(10, len(r["losses"])):]) for r in runs),
+            "eval_loss": statistics.mean(r["eval_loss"] for r in runs),
+            "eval_range": (min(r["eval_loss"] for r in runs), max(r["eval_loss"] for r in runs)),
+            "peak_fraction": tps * flops_per_token / 1e9 / peak,
+            "precision": runs[0].get("precision"),
+        }
+    print(f"\n== workload {name}: {work.kind}, batch {work.batch}, max length {work.max_len}, {steps} timed steps after {warmup}, "
+          f"{args.rounds} round(s)")
+    print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'held-out loss':>22s} {'train loss':>10s} "
+          f"{'% bf16 peak':>11s}  precision")
+    for row, r in table.items():
+        print(f"{row:16s} {r['tokens_per_s']:9.0f} {r['step_median_s']:10.3f} {r['peak_rss_mb']:11.0f} "
+              f"{r['eval_loss']:7.4f} [{r['eval_range'][0]:.3f}-{r['eval_range'][1]:.3f}] {r['loss_last']:10.4f} "
+              f"{100 * r['peak_fraction']:10.1f}%  {r['precision']}")
+    ours = table.get("slmops")
+    if ours:
+        for peer in ("trl_fp32", "trl_bf16", "trl_bf16_nogc"):
+            if peer in table:
+                print(f"{name}: slmops / {peer}: throughput {ours['tokens_per_s'] / table[peer]['tokens_per_s']:.2f}x, "
+                      f"peak RSS {ours['peak_rss_mb'] / table[peer]['peak_rss_mb']:.2f}x")
+    for ours_name, peer in (("slmops_qlora", "trl_qlora"), ("slmops_full", "trl_full")):
+        if ours_name in table and peer in table:
+            a, b = table[ours_name], table[peer]
+            print(f"{name}: {ours_name} / {peer}: throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+                  f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per row")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--workload", default="tone", help=f"comma-separated: {', '.join(WORKLOADS)}, or all")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per row [default: the workload's]")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [default: the workload's]")
     parser.add_argument("--rounds", type=int, default=1, help="times each row runs, alternating")
     parser.add_argument("--rows", default="trl_fp32,trl_bf16,trl_bf16_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full",
-                        help=f"comma-separated: {', '.join(ROWS)}")
+                        help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone workload only)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=42, help="seed of round 1; round i uses seed + i - 1 for every row")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.model_dir, args.steps, args.warmup, args.out, args.seed)
+        worker(args.workload, args.worker, args.model_dir, args.steps, args.warmup, args.out, args.seed)
         return
 
-    from slmops.models.builtin import fetch_builtin
-
-    model_dir = str(fetch_builtin("smollm2-135m-instruct"))
+    workloads = list(WORKLOADS) if args.workload == "all" else [w.strip() for w in args.workload.split(",") if w.strip()]
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
+    unknown = [n for n in names if n not in ROWS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
-        parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    peak_at_start = bf16_matmul_peak_gflops()
-    results: dict[str, list[dict]] = {n: [] for n in names}
-    for round_index in range(args.rounds):
-        for name in names:
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                print(f"round {round_index + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
-                subprocess.run([sys.executable, __file__, "--worker", name, "--model_dir", model_dir, "--steps", str(args.steps),
-                                "--warmup", str(args.warmup), "--out", out.name, "--seed", str(args.seed + round_index)], check=True,
-                               env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-                results[name].append(json.loads(Path(out.name).read_text()))
-    peak = max(peak_at_start, bf16_matmul_peak_gflops())  # the better of two: the machine is shared
-    # A LoRA step on a frozen base costs ~4 FLOPs per non-embedding parameter per token
-    # (forward 2, input-gradient 2; no weight gradients for the base).
-    non_embedding_params = 134.5e6 - 49152 * 576
-    table = []
-    for name in names:
-        runs = results[name]
-        tokens = sum(sum(r["tokens"]) for r in runs)
-        seconds = sum(sum(r["step_seconds"]) for r in runs)
-        tps = tokens / seconds
-        table.append({
-            "row": name, "tokens_per_s": tps, "step_median_s": statistics.median(s for r in runs for s in r["step_seconds"]),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "loss_last10": statistics.mean(statistics.mean(r["losses"][-10:]) for r in runs),
-            "eval_loss": statistics.mean(r["eval_loss"] for r in runs),
-            "eval_range": (min(r["eval_loss"] for r in runs), max(r["eval_loss"] for r in runs)),
-            "peak_fraction": tps * 4 * non_embedding_params / 1e9 / peak,
-            "precision": runs[0].get("precision"),
-        })
-    print(f"\nbf16 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s")
-    print(f"held-out loss: mean completion cross-entropy on the last {EVAL_ROWS} rows after training (same for every row), "
-          f"mean and [min-max] over the {args.rounds} round(s), each round its own seed")
-    print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'held-out loss':>22s} {'train loss(last10)':>18s} "
-          f"{'% bf16 peak':>11s}  precision")
-    for row in table:
-        print(f"{row['row']:16s} {row['tokens_per_s']:9.0f} {row['step_median_s']:10.3f} {row['peak_rss_mb']:11.0f} "
-              f"{row['eval_loss']:7.4f} [{row['eval_range'][0]:.3f}-{row['eval_range'][1]:.3f}] {row['loss_last10']:18.4f} {100 * row['peak_fraction']:10.1f}%  {row['precision']}")
-    by_name = {row["row"]: row for row in table}
-    ours = by_name.get("slmops")
-    if ours:
-        for peer in ("trl_fp32", "trl_bf16", "trl_bf16_nogc"):
-            if peer in by_name:
-                print(f"slmops / {peer}: throughput {ours['tokens_per_s'] / by_name[peer]['tokens_per_s']:.2f}x, "
-                      f"peak RSS {ours['peak_rss_mb'] / by_name[peer]['peak_rss_mb']:.2f}x")
-        for ours_name, peer in (("slmops_qlora", "trl_qlora"), ("slmops_full", "trl_full")):
-            if ours_name in by_name and peer in by_name:
-                a, b = by_name[ours_name], by_name[peer]
-                print(f"{ours_name} / {peer}: throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
-                      f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
-        if "trl_fp32" in by_name:
-            print(f"ratio_vs_trl_fp32: {ours['tokens_per_s'] / by_name['trl_fp32']['tokens_per_s']:.2f}")
-        bf16_peers = [by_name[p] for p in ("trl_bf16", "trl_bf16_nogc") if p in by_name]
-        if bf16_peers:
-            best = max(bf16_peers, key=lambda r: r["tokens_per_s"])
-            print(f"ratio_vs_trl_bf16: {ours['tokens_per_s'] / best['tokens_per_s']:.2f}")
+        parser.error(f"unknown row(s) or workload(s) {', '.join(unknown)}; rows: {', '.join(ROWS)}; workloads: {', '.join(WORKLOADS)}, all")
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
+    peak = bf16_matmul_peak_gflops()
+    print(f"bf16 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s")
+    tables = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in workloads:
+            rows = [n for n in names if name == "tone" or not n.endswith(("_qlora", "_full"))]
+            tables[name] = run_workload(name, rows, args, Path(scratch), peak)
+    print("\nheld-out loss: after training, every row scored the same way on the workload's last "
+          f"{EVAL_ROWS} rows (last assistant turn, or the whole text); mean [min-max] over the rounds, each round its own seed")
+    for label, peers in (("ratio_vs_trl_fp32", ("trl_fp32",)), ("ratio_vs_trl_bf16", ("trl_bf16", "trl_bf16_nogc"))):
+        ratios = {name: t["slmops"]["tokens_per_s"] / max(t[p]["tokens_per_s"] for p in peers if p in t)
+                  for name, t in tables.items() if "slmops" in t and any(p in t for p in peers)}
+        if ratios:
+            print(f"{label} per workload: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+            print(f"{label}: {min(ratios.values()):.2f}")
 
 
 if __name__ == "__main__":

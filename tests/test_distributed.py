@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import TONE
 
@@ -74,7 +75,7 @@ def one_process_curve(tiny_llama, tmp_path_factory) -> dict[int, float]:
     return train_losses(out)
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+@pytest.mark.parametrize("first,then", [(2, 1)], ids=["2-then-1"])  # (1 then 2: the FSDP test below, whose chain has it)
 def test_a_checkpoint_resumes_at_another_world_size_on_the_same_curve(first, then, one_process_curve, tiny_llama, tmp_path):
     out = tmp_path / "run"
     finetune(tiny_llama, out, "--max_steps", "3", "--save_steps", "3", "--per_device_train_batch_size", str(8 // first), nproc=first)
@@ -176,3 +177,119 @@ def test_a_problem_found_by_any_process_stops_all_with_one_message(tiny_llama, t
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert "rank 1 stopped before training" in errors[0] and "no scratch disk on this node" in errors[0], errors
     assert not (tmp_path / "bad1").exists()
+
+
+# -- FSDP: the model sharded over the processes --------------------------------------------------
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_shards_the_model_and_trains_the_curve_of_one_process(tiny_llama, tmp_path):
+    """Each process holds half of every weight; with gradient accumulation, a short last batch (one
+    process's slice empty: it runs a stand-in that counts zero) and an evaluation split that does not
+    divide evenly, the run logs the losses, evaluations and adapter of one process with the same global batch."""
+    data = ["--train_split", "train[:62]", "--eval_split", "train[64:77]", "--per_device_eval_batch_size", "5", "--eval_steps", "4",
+            "--max_steps", "10"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune(tiny_llama, one, *data, "--per_device_train_batch_size", "8")
+    proc = finetune(tiny_llama, two, *data, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                    "--fsdp", "full_shard auto_wrap", nproc=2)  # (Hugging Face's spelling)
+    assert "global batch 8 (2 per process x 2 processes x 2 accumulation)" in proc.stderr
+    held = [line for line in proc.stderr.splitlines() if "fsdp full_shard:" in line]
+    assert len(held) == 1 and "each process holds 19,280 of the 38,560 parameters" in held[0], proc.stderr[-3000:]
+    assert "fast CPU path: off: the model is sharded" in proc.stderr
+    a, b = metrics(one), metrics(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    assert [r["step"] for r in a if r["split"] == "eval"] == [4, 8, 10]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+    train = [r["loss"] for r in a if r["split"] == "train"]
+    assert train[-1] < train[0]
+    wa, wb = adapter(one), adapter(two)
+    assert set(wa) == set(wb)
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 1e-4 * max(1.0, wa[name].abs().max()), name
+    run = yaml.safe_load((two / "run.yaml").read_text())
+    assert run["resolved"]["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch": 8, "fsdp": "full_shard"}
+    # the checkpoints hold whole tensors: the adapter copy in the last one loads in PEFT as the final one
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    last = sorted((two / "checkpoints").glob("step-*"))[-1]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), last / "adapter")
+    state = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert len(state) == len(wb)
+
+
+def test_fsdp_checkpoints_resume_at_any_world_size_with_or_without_sharding(one_process_curve, tiny_llama, tmp_path):
+    """A sharded run's checkpoint (whole tensors, gathered) resumes in one process, whose checkpoint
+    resumes sharded again (each process cuts its piece of the weights and the optimizer state): the curve
+    of one uninterrupted process."""
+    out = tmp_path / "run"
+    finetune(tiny_llama, out, "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "4", "--fsdp", "full_shard", nproc=2)
+    finetune(tiny_llama, out, "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "8", "--resume_from_checkpoint", "latest")
+    finetune(tiny_llama, out, "--max_steps", "6", "--save_steps", "2", "--per_device_train_batch_size", "4", "--fsdp", "full_shard",
+             "--resume_from_checkpoint", "latest", nproc=2)
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(one_process_curve[step], rel=1e-4), (step, one_process_curve[step], resumed[step])
+
+
+def test_accelerate_launch_use_fsdp_shards_full_fine_tuning(tiny_llama, tmp_path):
+    """accelerate's FSDP setting (--use_fsdp, FSDP2, weights kept to the backward) turns sharding on;
+    full fine-tuning trains the curve of one process, the evaluation's label scoring and generation run
+    on the sharded model, and the saved model loads in transformers with one process's weights."""
+    run = ["--method", "full", "--learning_rate", "1e-3", "--max_steps", "3", "--eval_split", "train[64:80]", "--eval_steps", "3",
+           "--eval_metrics", "accuracy,bleu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune(tiny_llama, one, *run, "--per_device_train_batch_size", "8")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(accelerate), "launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "false",
+                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "slmops.cli.main", "finetune", "--model_name_or_path", str(tiny_llama), "--output_path", str(two), *RUN, *run,
+                           "--per_device_train_batch_size", "4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "fsdp shard_grad_op:" in proc.stderr, proc.stderr[-3000:]
+    a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+        assert rb.get("accuracy") == ra.get("accuracy") and rb.get("bleu") == pytest.approx(ra.get("bleu"))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        la, lb = (AutoModelForCausalLM.from_pretrained(out / "model")(input_ids=ids).logits for out in (one, two))
+    assert (la - lb).abs().max() <= 1e-4
+
+
+def test_fsdp_settings_are_checked_before_work(tiny_llama, tmp_path, monkeypatch):
+    from slmops.config import FinetuneConfig
+    from slmops.errors import ConfigError
+    from slmops.finetune_recipe import plan_finetune
+    from slmops.train.fsdp import from_accelerate_env
+
+    assert FinetuneConfig.model_validate({"training": {"fsdp": "full_shard auto_wrap"}}).training.fsdp == "full_shard"
+    assert FinetuneConfig.model_validate({"training": {"fsdp": "shard_grad_op"}}).training.fsdp == "shard_grad_op"
+    assert FinetuneConfig.model_validate({"training": {"fsdp": True}}).training.fsdp == "full_shard"
+    with pytest.raises(ValueError, match="offload .* is not supported"):
+        FinetuneConfig.model_validate({"training": {"fsdp": "full_shard offload"}})
+    with pytest.raises(ValueError, match="unknown --fsdp"):
+        FinetuneConfig.model_validate({"training": {"fsdp": "zero3"}})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert from_accelerate_env() == "full_shard"
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    assert from_accelerate_env() == "shard_grad_op"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert from_accelerate_env() is None
+
+    from helpers import tiny_config
+
+    with pytest.raises(ConfigError, match="--fsdp full_shard with --method qlora: bitsandbytes' 4-bit weights cannot be sharded"):
+        plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", fsdp="full_shard"))
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "one", fsdp="full_shard"))  # one process: nothing to shard
+    assert plan.fsdp is None and "distributed" not in plan.describe()
+    assert not (tmp_path / "q").exists()

@@ -49,6 +49,7 @@ class FinetunePlan:
     custom_loss: object | None = None  # train.custom_loss.CustomLoss for --loss
     world: World = field(default_factory=World)  # the processes of a torchrun launch (train/distributed.py)
     output_note: str | None = None  # (a dry run) why the output folder could not be used as it is
+    fsdp: str | None = None  # full_shard / shard_grad_op: the model sharded over the processes (train/fsdp.py)
 
     def describe(self) -> dict:
         return {
@@ -63,7 +64,8 @@ class FinetunePlan:
             "resume_from": str(self.resume_from) if self.resume_from else None,
             **({"output_path": f"not usable as it is: {self.output_note}"} if self.output_note else {}),
             **({"distributed": {"world_size": self.world.size, "backend": self.world.backend,
-                                "global_batch": global_batch(self.config.training, self.world)}} if self.world.distributed else {}),
+                                "global_batch": global_batch(self.config.training, self.world),
+                                **({"fsdp": self.fsdp} if self.fsdp else {})}} if self.world.distributed else {}),
         }
 
 
@@ -153,13 +155,30 @@ def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) 
             "memory below ~1B parameters; 4-bit pays on larger models", structure.num_parameters / 1e6,
         )
     learning_rate = tcfg.learning_rate or method.default_learning_rate
+    fsdp_mode = _fsdp_mode(tcfg.fsdp, method, world)
     identity = run_identity(config, method, source, targets, data, world)
     if custom_loss is not None:
         identity["loss"] = custom_loss.identity()
     if resume_from is not None:  # before anything is loaded or written
         ckpt.check_belongs(resume_from, identity, tcfg.ignore_mismatch, log)
     return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer,
-                        data_config, identity, custom_loss, world, output_note)
+                        data_config, identity, custom_loss, world, output_note, fsdp_mode)
+
+
+def _fsdp_mode(asked: str, method: Method, world: World) -> str | None:
+    """The sharding this run uses: --fsdp, else accelerate's FSDP setting; None for none."""
+    from slmops.train import fsdp
+
+    mode = asked if asked != "off" else fsdp.from_accelerate_env()
+    if mode is None or mode == "off":
+        return None
+    if method.quantize_base_4bit:
+        raise ConfigError(f"--fsdp {mode} with --method qlora: bitsandbytes' 4-bit weights cannot be sharded; train QLoRA "
+                          "data-parallel instead (leave --fsdp off: each process holds the 4-bit base, a quarter of its bf16 size)")
+    if not world.distributed:
+        log.info("fsdp: one process, nothing to shard: training as without --fsdp (launch with torchrun or --nproc_per_node N)")
+        return None
+    return mode
 
 
 def _fit_context(data: DataConfig, max_positions: int | None) -> DataConfig:
@@ -252,8 +271,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(plan: FinetunePlan):
-    """Load the base with the dtype policy, merge a source adapter, attach the method."""
+def build_model(plan: FinetunePlan, for_outputs: bool = False):
+    """Load the base with the dtype policy, merge a source adapter, attach the method.
+    `for_outputs`: again on rank 0 alone, after a sharded run (the merged base is written already)."""
     cfg = plan.config
     precision = plan.precision
     _seed_everything(cfg.training.seed)
@@ -263,10 +283,11 @@ def build_model(plan: FinetunePlan):
 
         base = load_model(plan.source.path, torch.float32, precision.device, cfg.model.trust_remote_code)
         base = PeftModel.from_pretrained(base, plan.source.adapter_path).merge_and_unload()
-        if plan.world.is_main:  # one writer; the others read it below (QLoRA) once it is there
-            base.save_pretrained(plan.layout.model)
-            plan.tokenizer.save_pretrained(plan.layout.model)
-        plan.world.barrier()
+        if not for_outputs:
+            if plan.world.is_main:  # one writer; the others read it below (QLoRA) once it is there
+                base.save_pretrained(plan.layout.model)
+                plan.tokenizer.save_pretrained(plan.layout.model)
+            plan.world.barrier()
         if precision.weights != torch.float32 and not plan.method.quantize_base_4bit:
             base.to(precision.weights)
         model = base
@@ -338,10 +359,17 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log.info("method: %s; trainable parameters %s of %s (%.2f%%)", plan.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+        if plan.fsdp:
+            from slmops.train import fsdp
+
+            sharded = fsdp.shard(model, plan.fsdp)
+            log.info("fsdp %s: %d units (one per decoder layer, and the rest); each process holds %s of the %s parameters",
+                     plan.fsdp, sharded["units"], f"{sharded['parameters_held']:,}", f"{sharded['parameters']:,}")
 
         from slmops.train.cpu import FastPath, decide
 
-        off = decide(tcfg.cpu_fast_path, plan.method.cpu_fast_path, plan.method.name, plan.precision.device)
+        off = "the model is sharded (--fsdp): it trains through its own forward" if plan.fsdp else \
+            decide(tcfg.cpu_fast_path, plan.method.cpu_fast_path, plan.method.name, plan.precision.device)
         with (FastPath.disabled(off) if off else FastPath.install(model)) as fast_path:
             log.info("fast CPU path: %s", fast_path.describe())
             from slmops.evaluate.metrics import LOWER_IS_BETTER
@@ -353,7 +381,12 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
                               _generation_eval(plan), TrainingHooks(on_checkpoint=folder.commit).merged(hooks))
             if plan.resume_from is not None:
                 trainer.resume(plan.resume_from)
-            trainer.prepare()  # the start-up checks (fast path, a custom loss's first call) before run.yaml is written
+            failed = None
+            try:  # the start-up checks (fast path, a custom loss's first call) before run.yaml is written
+                trainer.prepare()
+            except Exception as exc:  # every process checked the same: one message for the run
+                failed = exc
+            world.agree(failed)
             if world.is_main:
                 _write_run_yaml(plan, status="running")
                 setup.tracking = _open_tracking(plan, setup.log_dir, trainer.resumed_step)
@@ -363,9 +396,15 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
                 if setup.tracking is not None:
                     setup.tracking.finish({}, {}, failed=True)
                 raise
+            if plan.fsdp:  # every process: the trained weights gathered whole (rank 0 keeps them)
+                trained = ckpt.trainable_state(model, keep=world.is_main)
             if not world.is_main:  # the outputs are rank 0's to write
                 return FinetuneResult(layout.root, layout.adapter if plan.method.is_adapter else None, layout.model, result,
                                       plan.describe())
+            if plan.fsdp:  # the outputs come from a whole copy: the base again, with the trained weights
+                model = build_model(plan, for_outputs=True)
+                ckpt.load_trainable_state(model, trained)
+                trainer.model = model
             if data.eval is not None and tcfg.load_best_model_at_end and result.best_step is not None:
                 trainer.restore_best()
                 log.info("kept the best weights: step %d, eval %s %.4f", result.best_step, tcfg.metric_for_best_model, result.best_eval_loss)

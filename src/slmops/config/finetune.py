@@ -140,6 +140,11 @@ class TrainingConfig(_Section):
         ["tensorboard"], description="Where metrics go besides metrics.jsonl, a comma list: tensorboard, wandb, mlflow; all "
         "(TensorBoard and whichever of W&B/MLflow are installed); none."
     )
+    fsdp: Literal["off", "full_shard", "shard_grad_op"] = Field(
+        "off", description="In several processes (torchrun, --nproc_per_node), shard the model with PyTorch FSDP: each process "
+        "keeps 1/N of the weights, gradients and optimizer state. full_shard: weights gathered per layer for its forward and "
+        "backward (least memory); shard_grad_op: kept from forward to backward. Hugging Face's spelling 'full_shard auto_wrap' "
+        "works; accelerate launch --use_fsdp turns it on too. Off: each process keeps a whole copy (data parallel).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for batching (0: in the main process).")
     stop_file: str | None = Field(
         None, description="A file whose appearance stops the run gracefully: it evaluates, checkpoints, writes its outputs "
@@ -187,6 +192,27 @@ class TrainingConfig(_Section):
     )
 
     _metrics_csv = field_validator("eval_metrics", mode="before")(_split_csv)
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_mode(cls, value):
+        """Hugging Face TrainingArguments' --fsdp words ('full_shard auto_wrap'): the sharding word
+        is the mode; auto_wrap is what slmops always does (one unit per decoder layer)."""
+        if isinstance(value, bool) or value is None:
+            return "full_shard" if value else "off"
+        words = str(value).lower().replace(",", " ").split()
+        if not words or words in (["false"], ["none"], ["no"]):
+            return "off"
+        if "offload" in words:
+            raise ValueError("--fsdp offload (parameters kept in CPU memory between uses) is not supported; on a CPU they are "
+                             "there already: use --fsdp full_shard")
+        if "hybrid_shard" in words or "hybrid_shard_zero2" in words:
+            raise ValueError("--fsdp hybrid_shard is not supported: use full_shard or shard_grad_op")
+        modes = [w for w in words if w in ("off", "full_shard", "shard_grad_op", "true")]
+        unknown = [w for w in words if w not in ("off", "full_shard", "shard_grad_op", "true", "auto_wrap")]
+        if unknown or len(modes) > 1:
+            raise ValueError(f"unknown --fsdp {value!r}: choose full_shard or shard_grad_op (optionally with auto_wrap), or off")
+        return "full_shard" if not modes or modes[0] == "true" else modes[0]
 
     @field_validator("report_to", mode="before")
     @classmethod

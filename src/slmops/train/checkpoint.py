@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from slmops.errors import ConfigError, OutputError
 from slmops.outputs import free_mb, is_disk_full
+from slmops.train import fsdp
 
 FORMAT = 2  # 1: the pickled .pt files of slmops 0.1 (read with weights_only=True only)
 MANIFEST = "manifest.json"
@@ -61,9 +62,18 @@ class TrainState:
         return cls(**data)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable tensors, whole. Of a sharded model (--fsdp) every process must call this
+    (each tensor is gathered from all of them); `keep` False: a process that only helps gather
+    (not the writer), which holds one whole tensor at a time and returns nothing."""
     # named_parameters() skips tied duplicates, so each tensor is stored once.
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = fsdp.full(p.detach())
+            if keep:
+                state[name] = whole.to("cpu").contiguous()
+    return state
 
 
 def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -81,7 +91,8 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
                           "resume with the same --lora_r and target modules")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            param = params[name]
+            param.copy_(fsdp.shard_like(tensor.to(param.device, param.dtype), param))  # (a sharded parameter: its piece)
 
 
 # ---- state without pickle ------------------------------------------------------------------
@@ -162,12 +173,18 @@ def _optimizer_bytes(optimizer) -> int:
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, save_adapter: bool,
-                    identity: dict | None = None) -> Path:
+                    identity: dict | None = None, writer: bool = True) -> Path | None:
     """Write a checkpoint atomically. `identity` (the run's fingerprints) goes into the
-    manifest so that a resume can tell whether the checkpoint is its own."""
+    manifest so that a resume can tell whether the checkpoint is its own. A sharded model
+    (--fsdp): every process calls this, the tensors are gathered whole, and only the `writer`
+    writes them, in the format of any other run (so it resumes at any world size)."""
     folder = Path(folder)
     staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    trainable = trainable_state(model)
+    sharded = fsdp.is_sharded(model)
+    trainable = trainable_state(model, keep=writer)
+    optimizer_state = fsdp.full_state(optimizer.state_dict(), keep=writer) if optimizer is not None else None
+    if not writer:
+        return None
     weights = sum(t.numel() * t.element_size() for t in trainable.values())
     # weights, optimizer state, and the PEFT copy of the adapter; plus room for the JSON files
     needed_mb = (weights * (2 if save_adapter else 1) + _optimizer_bytes(optimizer)) / 2**20 + 1
@@ -179,14 +196,14 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
     try:
         staging.mkdir(parents=True)
         save_file(trainable, staging / "trainable.safetensors")
-        if optimizer is not None:
-            _save_state(optimizer.state_dict(), staging, "optimizer")
+        if optimizer_state is not None:
+            _save_state(optimizer_state, staging, "optimizer")
         if scheduler is not None:
             _save_state(scheduler.state_dict(), staging, "scheduler")
         (staging / "rng.json").write_text(json.dumps(rng_states()))
         if save_adapter:
             # A PEFT-format copy, so any checkpoint can be loaded or exported on its own.
-            model.save_pretrained(staging / "adapter")
+            model.save_pretrained(staging / "adapter", **({"state_dict": trainable} if sharded else {}))
         (staging / "state.json").write_text(json.dumps(asdict(state), indent=2))
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         from slmops.about import __version__
@@ -343,6 +360,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
         else:
             if optimizer is not None and (folder / "optimizer.json").is_file():
                 optimizer.load_state_dict(_load_state(folder, "optimizer"))
+                fsdp.reshard_optimizer_state(optimizer)  # (a sharded model: each process its piece)
             if scheduler is not None and (folder / "scheduler.json").is_file():
                 scheduler.load_state_dict(_load_state(folder, "scheduler"))
             rng = json.loads((folder / "rng.json").read_text())

@@ -114,8 +114,12 @@ class CustomLoss:
 
 
 def _decoder_of(model):
+    """(the transformers model, its decoder to call alone); no decoder for a sharded model
+    (--fsdp), whose weights are gathered on the model's own forward."""
+    from slmops.train import fsdp
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") and not fsdp.is_sharded(model) else None
     return inner, decoder
 
 

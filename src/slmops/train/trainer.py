@@ -21,6 +21,7 @@ from slmops.data.tokenize import IGNORE, TokenizedData
 from slmops.logs import progress_bar, say
 from slmops.models.precision import Precision
 from slmops.train import checkpoint as ckpt
+from slmops.train import fsdp
 from slmops.train.cpu.attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
 from slmops.train.distributed import World, sum_gradients
 from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss
@@ -148,6 +149,7 @@ class Trainer:
         self.resumed_step: int | None = None
         self.best_key = cfg.metric_for_best_model
         self.world = setup.world
+        self.sharded = fsdp.is_sharded(model)  # --fsdp: every process runs the same forwards (train/fsdp.py)
         # one micro-batch over every process (rank r trains on its r-th slice); an optimizer step
         # takes gradient_accumulation_steps of them
         self.batch_over_ranks = cfg.per_device_train_batch_size * self.world.size
@@ -249,6 +251,10 @@ class Trainer:
             self.loss_fn = self.setup.custom_loss
             log.info("loss: custom, %s", self.setup.custom_loss.name)
             return
+        if self.sharded:  # the root unit gathers its weights on the model's forward: the head cannot run alone
+            self.loss_fn = plain_loss
+            log.info("loss: full logits (model's own forward: the model is sharded)")
+            return
         with self._autocast():
             fast = check_fast_path(self.model, probe)
         self.loss_fn = selective_loss if fast else plain_loss
@@ -275,12 +281,17 @@ class Trainer:
         size = self.cfg.per_device_eval_batch_size
         batches = [order[start : start + size] for start in range(0, len(order), size)]
         total, count = 0.0, 0
-        for indices in batches[self.world.rank :: self.world.size]:  # each process its share, summed below
-            batch = self._to_device(collate(eval_data, indices, self.data.pad_id))
+        mine = batches[self.world.rank :: self.world.size]  # each process its share, summed below
+        # sharded: as many forwards on every process (each gathers with all); a share one short
+        # runs the first batch again and counts nothing from it
+        rounds = math.ceil(len(batches) / self.world.size) if self.sharded else len(mine)
+        for k in range(rounds):
+            batch = self._to_device(collate(eval_data, mine[k] if k < len(mine) else batches[0], self.data.pad_id))
             with self._autocast():
                 loss_sum, n = self.loss_fn(self.model, batch)
-            total += float(loss_sum)
-            count += n
+            if k < len(mine):
+                total += float(loss_sum)
+                count += n
         if self.world.distributed:
             total, count = self.world.sum_(torch.tensor([total, float(count)], dtype=torch.float64)).tolist()
         loss = total / max(count, 1)
@@ -297,10 +308,13 @@ class Trainer:
         return value < best - threshold if self.setup.lower_is_better else value > best + threshold
 
     def _save(self, name: str, weights_only: bool = False) -> None:
+        """Rank 0 writes; a sharded model's tensors are gathered by every process first."""
+        if not (self.world.is_main or self.sharded):
+            return
         # 'best' only needs weights; step checkpoints carry everything needed to resume.
         optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
         ckpt.save_checkpoint(self.checkpoint_dir / name, self.model, optimizer, scheduler, self.state, self.setup.save_adapter,
-                             self.setup.identity)
+                             self.setup.identity, writer=self.world.is_main)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -354,7 +368,11 @@ class Trainer:
                     position = 0
                 n_micro = min(cfg.gradient_accumulation_steps, len(batches) - position)
                 step_examples = sum(len(b) for b in batches[position : position + n_micro])
-                collated = [b for b in (next(micro_batches) for _ in range(n_micro)) if b is not None]
+                pulled = [next(micro_batches) for _ in range(n_micro)]
+                collated = [b for b in pulled if b is not None]
+                # sharded: every process runs n_micro forwards; an empty slice (a short last batch) runs
+                # a stand-in whose loss counts zero
+                fillers = n_micro - len(collated) if self.sharded else 0
                 # Normalise by the labelled tokens of the whole optimizer step (every process's), so
                 # gradient accumulation and N processes give the same update as one big batch.
                 counts = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in collated),
@@ -365,24 +383,29 @@ class Trainer:
                 # the loss is a sum over labelled tokens (normalised by them), or a custom loss's mean per micro-batch
                 step_norm = step_micro if self.setup.custom_loss is not None else step_tokens
                 step_loss = 0.0
-                for batch in collated:
+                passes = [(b, 1.0) for b in collated] + [(self._probe_batch(), 0.0)] * fillers
+                for k, (batch, weight) in enumerate(passes):
                     batch = self._to_device(batch)
+                    if self.sharded:  # reduce-scatter the gradients after the step's last backward only
+                        fsdp.sync_gradients(self.model, k == len(passes) - 1)
                     # backward inside the kernel choice too: gradient checkpointing recomputes
                     # attention there and must pick the same kernel as the forward did
                     with self._attention_kernel(batch):
                         with self._autocast():
                             loss_sum, _ = self.loss_fn(self.model, batch)
-                        loss = loss_sum / step_norm
+                        loss = loss_sum * weight / step_norm
                         (self.scaler.scale(loss) if self.scaler else loss).backward()
-                    step_loss += float(loss_sum.detach())
-                if world.distributed:  # the gradients (and loss) of the whole global step, on every process
+                    step_loss += weight * float(loss_sum.detach())
+                if self.sharded:  # the gradients are summed by the backward already (reduce-scatter)
+                    step_loss = float(world.sum_(torch.tensor([step_loss], dtype=torch.float64))[0])
+                elif world.distributed:  # the gradients (and loss) of the whole global step, on every process
                     step_loss = float(sum_gradients(self.trainable, world, torch.tensor([step_loss], dtype=torch.float64))[0])
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
                 # the norm before clipping, for the log
                 grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else
                              torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
-                window_grad_norm = max(window_grad_norm, float(grad_norm))
+                window_grad_norm = max(window_grad_norm, float(fsdp.full(grad_norm)))
                 if self.scaler:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -435,8 +458,7 @@ class Trainer:
                         self.state.best_metric, self.state.best_step = watched, step
                         self.state.evals_without_improvement = 0
                         self.state.elapsed_s = time.perf_counter() - run_start
-                        if world.is_main:
-                            self._save("best", weights_only=True)
+                        self._save("best", weights_only=True)
                     else:
                         self.state.evals_without_improvement += 1
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("perplexity", "n"))
@@ -449,14 +471,15 @@ class Trainer:
                 if stop_reason and stop_reason != "early_stopping":
                     say(bar, f"stopped at step {step}: {stop_reason.replace('_', ' ')}")
 
-                if (step % self.save_every == 0 or step == self.steps or stop_reason) and world.is_main:  # one writer
+                if (step % self.save_every == 0 or step == self.steps or stop_reason) and (world.is_main or self.sharded):
                     self.state.elapsed_s = time.perf_counter() - run_start
                     self.state.paused_s = paused_total
-                    self._save(f"step-{step:06d}")
+                    self._save(f"step-{step:06d}")  # (one writer: rank 0)
                     paused_here = True
-                    ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
-                    if self.hooks.on_checkpoint is not None:
-                        self.hooks.on_checkpoint()
+                    if world.is_main:
+                        ckpt.prune_checkpoints(self.checkpoint_dir, cfg.save_total_limit)
+                        if self.hooks.on_checkpoint is not None:
+                            self.hooks.on_checkpoint()
                 window_start += time.perf_counter() - paused
                 paused_total += time.perf_counter() - paused
                 if paused_here:
