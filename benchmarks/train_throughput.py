@@ -60,9 +60,9 @@ class Workload:
 
 WORKLOADS = {
     "tone": Workload("builtin", "chat", 8, 128, 40, 5),
-    "chat_qa": Workload("builtin", "chat", 8, 256, 30, 4),
-    "codes": Workload("builtin", "text", 16, 1024, 6, 2),
-    "llama1b": Workload("llama1b", "text", 8, 256, 4, 1),
+    "chat_qa": Workload("builtin", "chat", 8, 256, 20, 3),
+    "codes": Workload("builtin", "text", 16, 1024, 4, 1),  # ~12k tokens a step: minutes a step on 2 cores
+    "llama1b": Workload("llama1b", "text", 8, 256, 3, 1),
 }
 
 # row name -> (runner, options); peers first so the table reads against them
@@ -275,11 +275,17 @@ def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, ou
 # -- driver ---------------------------------------------------------------------------------
 
 
-def bf16_matmul_peak_gflops() -> float:
+def matmul_peak_gflops() -> tuple[float, str]:
+    """The best 2048x2048 matmul rate in the dtype this machine trains fastest in: bf16 where the
+    CPU computes it natively (AMX, AVX512-BF16) or on a GPU, else fp32 (a bf16 matmul takes
+    a minute on an AVX2-only CPU)."""
     import torch
 
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    from slmops.models.precision import cpu_has_fast_bf16
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -288,20 +294,18 @@ def bf16_matmul_peak_gflops() -> float:
         for _ in range(5):
             a @ b
         best = min(best, (time.perf_counter() - start) / 5)
-    return 2 * 2048**3 / best / 1e9
+    return 2 * 2048**3 / best / 1e9, "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def non_embedding_parameters(model_dir: str) -> int:
-    """The parameters a token's forward multiplies by (all but the input embedding; a tied output
-    head counts, as it runs once a labelled token)."""
+    """The parameters every token's forward multiplies by: all but the input embedding (a tied
+    output head, shared with it, is left out too: slmops runs it on labelled tokens only)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    total = sum(p.numel() for p in model.parameters())
-    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    return total if tied else total - model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
 
 
 def model_for(work: Workload, scratch: Path) -> str:
@@ -318,9 +322,19 @@ def model_for(work: Workload, scratch: Path) -> str:
     return str(folder)
 
 
+def per_workload(value: str | None, name: str, default: int) -> int:
+    """--steps/--warmup: N for every workload, or NAME=N,... (the rest keep their defaults)."""
+    if not value:
+        return default
+    if "=" not in value:
+        return int(value)
+    given = dict(item.split("=", 1) for item in value.split(",") if item.strip())
+    return int(given.get(name, default))
+
+
 def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) -> dict[str, dict]:
     work = WORKLOADS[name]
-    steps, warmup = args.steps or work.steps, work.warmup if args.warmup is None else args.warmup
+    steps, warmup = per_workload(args.steps, name, work.steps), per_workload(args.warmup, name, work.warmup)
     model_dir = model_for(work, scratch)
     results: dict[str, list[dict]] = {n: [] for n in names}
     for round_index in range(args.rounds):
@@ -352,7 +366,7 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
     print(f"\n== workload {name}: {work.kind}, batch {work.batch}, max length {work.max_len}, {steps} timed steps after {warmup}, "
           f"{args.rounds} round(s)")
     print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'held-out loss':>22s} {'train loss':>10s} "
-          f"{'% bf16 peak':>11s}  precision")
+          f"{'% peak':>11s}  precision")
     for row, r in table.items():
         print(f"{row:16s} {r['tokens_per_s']:9.0f} {r['step_median_s']:10.3f} {r['peak_rss_mb']:11.0f} "
               f"{r['eval_loss']:7.4f} [{r['eval_range'][0]:.3f}-{r['eval_range'][1]:.3f}] {r['loss_last']:10.4f} "
@@ -374,8 +388,10 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="tone", help=f"comma-separated: {', '.join(WORKLOADS)}, or all")
-    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per row [default: the workload's]")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [default: the workload's]")
+    parser.add_argument("--steps", default=None, help="timed optimizer steps per row: N, or per workload (tone=20,codes=2) "
+                        f"[default: {', '.join(f'{k}={w.steps}' for k, w in WORKLOADS.items())}]")
+    parser.add_argument("--warmup", default=None, help="untimed steps first: N, or per workload "
+                        f"[default: {', '.join(f'{k}={w.warmup}' for k, w in WORKLOADS.items())}]")
     parser.add_argument("--rounds", type=int, default=1, help="times each row runs, alternating")
     parser.add_argument("--rows", default="trl_fp32,trl_bf16,trl_bf16_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full",
                         help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone workload only)")
@@ -385,7 +401,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of round 1; round i uses seed + i - 1 for every row")
     args = parser.parse_args()
     if args.worker:
-        worker(args.workload, args.worker, args.model_dir, args.steps, args.warmup, args.out, args.seed)
+        worker(args.workload, args.worker, args.model_dir, int(args.steps), int(args.warmup), args.out, args.seed)
         return
 
     workloads = list(WORKLOADS) if args.workload == "all" else [w.strip() for w in args.workload.split(",") if w.strip()]
@@ -394,8 +410,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown row(s) or workload(s) {', '.join(unknown)}; rows: {', '.join(ROWS)}; workloads: {', '.join(WORKLOADS)}, all")
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
-    peak = bf16_matmul_peak_gflops()
-    print(f"bf16 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s")
+    peak, peak_dtype = matmul_peak_gflops()
+    print(f"{peak_dtype} 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s (the '% peak' column)")
     tables = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in workloads:

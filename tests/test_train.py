@@ -36,6 +36,61 @@ def test_selective_loss_equals_plain_loss(tiny_models, tmp_path):
         assert check_fast_path(model, batch)
 
 
+@pytest.mark.parametrize("with_bias,weighted,trains_head", [(False, False, False), (True, True, True)])
+def test_chunked_head_loss_equals_the_head_then_cross_entropy(with_bias, weighted, trains_head, monkeypatch):
+    """The chunked head (long sequences: no tokens x vocabulary tensors) gives the loss and the
+    gradients of hidden states, weight and bias that the head followed by cross-entropy gives."""
+    import torch.nn.functional as F
+
+    from slmops.train import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 7 * 50)  # chunks of 7 tokens over 50 words: 37 tokens -> 6 chunks
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=with_bias).requires_grad_(trains_head)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.rand(37) + 0.5 if weighted else None
+    chunked = loss_module.ChunkedHeadLoss.apply(hidden, head.weight, head.bias, targets, weights)
+    chunked.backward()
+    got = [hidden.grad.clone()] + ([head.weight.grad.clone()] + ([head.bias.grad.clone()] if with_bias else []) if trains_head else [])
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    per_token = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    reference = (per_token * weights).sum() if weighted else per_token.sum()
+    reference.backward()
+    want = [hidden.grad] + ([head.weight.grad] + ([head.bias.grad] if with_bias else []) if trains_head else [])
+    assert float(chunked) == pytest.approx(float(reference), rel=1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_selective_loss_takes_the_chunked_head_on_long_batches(tiny_llama, tmp_path, monkeypatch):
+    """Past the logits limit the training loss (a LoRA model, its head frozen) is the same value with
+    the same adapter gradients as the model's own forward."""
+    from slmops.train import loss as loss_module
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "run"))
+    model = build_model(plan).eval()
+    batch = _batch(plan, 8)
+    grads = {}
+    for limit in (10**12, 64):  # (the tiny model's vocabulary is larger than 64: every token its own chunk)
+        monkeypatch.setattr(loss_module, "CHUNK_LOGITS", limit)
+        calls = []
+        monkeypatch.setattr(loss_module.ChunkedHeadLoss, "apply", lambda *a, _apply=loss_module.ChunkedHeadLoss.apply: calls.append(1) or _apply(*a))
+        model.zero_grad(set_to_none=True)
+        loss, n = selective_loss(model, batch)
+        loss.backward()
+        grads[limit] = (float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+        assert bool(calls) == (limit == 64)
+    (a, ga), (b, gb) = grads[10**12], grads[64]
+    assert b == pytest.approx(a, rel=1e-5)
+    for name in ga:
+        assert (ga[name] - gb[name]).abs().max() <= 1e-5 * ga[name].abs().max(), name  # (float summation order)
+    model.zero_grad(set_to_none=True)
+    plain, _ = plain_loss(model, batch)
+    assert float(plain) == pytest.approx(b, rel=1e-5)
+
+
 def test_bf16_fast_path_matches_fp32_loss(tiny_llama, tmp_path):
     """The default CPU fast path (bf16 base, fp32 adapters) and the plain fp32 path give the
     same loss within bf16 tolerance."""
@@ -253,3 +308,23 @@ def test_time_left_prices_steps_and_evaluations_apart():
     resumed = TrainingClock(total_steps=12, pause_every=5, start_step=5)  # a resumed run: evaluations at 10 and 12 left
     resumed.stepped(2.0)
     assert resumed.pauses_left() == 2 and resumed.describe() == "00:12 left +eval"
+
+
+def test_gradient_checkpointing_turns_itself_on_when_activations_would_not_fit(tiny_llama, tmp_path, monkeypatch, caplog):
+    """Unasked, checkpointing is on only when one micro-batch's activations would pass half the memory
+    available, and the log and run.yaml say so; asked, it is as asked."""
+    import slmops.machine
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "roomy"))
+    assert plan.gradient_checkpointing[0] is False and plan.gradient_checkpointing[1].startswith("off: ~")
+    model = build_model(plan)
+    assert not model.is_gradient_checkpointing
+
+    monkeypatch.setattr(slmops.machine, "available_memory", lambda: 2 * 2**20)  # 2 MB left on this machine
+    with caplog.at_level("INFO", logger="slmops"):
+        plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "tight"))
+    assert plan.gradient_checkpointing[0] is True and "gradient checkpointing: on: a micro-batch of 8 x" in caplog.text
+    assert plan.describe()["gradient_checkpointing"]["on"] is True
+    assert build_model(plan).is_gradient_checkpointing
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "asked", gradient_checkpointing=False))
+    assert plan.gradient_checkpointing == (False, "--gradient_checkpointing false")

@@ -15,3 +15,15 @@ def cache_root() -> Path:
     """slmops' own cache on this machine (fetched models, measured step times): $SLMOPS_CACHE,
     else ~/.cache/slmops."""
     return Path(os.environ.get("SLMOPS_CACHE", Path.home() / ".cache" / "slmops"))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give without swapping (MemAvailable; None off Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -116,7 +116,9 @@ class TrainingConfig(_Section):
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per evaluation batch.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward: less memory, ~30% slower. Default: on when one micro-batch's "
+        "activations would take over half the memory available (long sequences, large batches), and said so.")
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate. Default: the method's own (2e-4 adapters, 2e-5 full).")
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"

@@ -42,12 +42,78 @@ def plain_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     return _summed(selected, targets[mask], None if weights is None else weights[mask]), int(mask.sum())
 
 
+CHUNK_LOGITS = 1 << 24  # logits (tokens x vocabulary) computed at once by the chunked head: 64 MB in fp32
+
+
 def _head_loss(inner, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum of token losses, count): the output head and cross-entropy on the positions of
-    `hidden` whose target is not IGNORE only (each loss times its weight, where given)."""
+    `hidden` whose target is not IGNORE only (each loss times its weight, where given).
+    When those logits would be large (long sequences with the loss on all of it: 16 x 1024
+    tokens x SmolLM2's 49k vocabulary is 3.2 GB in fp32, and cross-entropy keeps two more such
+    tensors for the backward), a plain linear head runs in chunks (ChunkedHeadLoss)."""
     mask = targets != IGNORE
-    logits = inner.get_output_embeddings()(hidden[mask]).float()  # (N, V)
-    return _summed(logits, targets[mask], None if weights is None else weights[mask]), int(mask.sum())
+    head = inner.get_output_embeddings()
+    selected = hidden[mask]  # (N, H)
+    chosen_weights = None if weights is None else weights[mask]
+    if selected.shape[0] * head.weight.shape[0] > CHUNK_LOGITS and type(head) is torch.nn.Linear:
+        loss = ChunkedHeadLoss.apply(selected, head.weight, head.bias, targets[mask], chosen_weights)
+        return loss, int(mask.sum())
+    logits = head(selected).float()  # (N, V)
+    return _summed(logits, targets[mask], chosen_weights), int(mask.sum())
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """sum_i w_i * cross_entropy(h_i @ W^T + b, t_i), a chunk of tokens at a time: each chunk's
+    logits live only while its loss and its gradients (softmax - one-hot, times w_i) are
+    computed, in the forward; the backward scales the kept gradients of h (N x H, small) and of
+    W and b (only when they train). The same numbers as the head followed by cross-entropy
+    (logits in the head's dtype, then fp32, as nn.Linear under autocast would give them),
+    without the N x V tensors."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, token_weights):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(1, CHUNK_LOGITS // vocab)
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.to(compute)
+        b = None if bias is None else bias.to(compute)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                h = hidden[start : start + chunk].to(compute)
+                logits = torch.nn.functional.linear(h, w, b).float()  # (c, V)
+                t = targets[start : start + chunk]
+                log_z = torch.logsumexp(logits, dim=-1)
+                losses = log_z - logits.gather(1, t[:, None])[:, 0]
+                # d loss / d logits = softmax - one-hot, each row times its weight
+                probs = logits.sub_(log_z[:, None]).exp_()
+                probs[torch.arange(probs.shape[0], device=probs.device), t] -= 1.0
+                if token_weights is not None:
+                    tw = token_weights[start : start + chunk].float()
+                    losses = losses * tw
+                    probs.mul_(tw[:, None])
+                total += losses.sum()
+                grad_hidden[start : start + chunk] = (probs.to(compute) @ w).float()
+                if grad_weight is not None:
+                    grad_weight += (probs.to(compute).t() @ h).float()
+                if grad_bias is not None:
+                    grad_bias += probs.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        return ((grad_hidden * grad_output).to(hidden_dtype) if ctx.needs_input_grad[0] else None,
+                (grad_weight * grad_output).to(weight_dtype) if grad_weight is not None else None,
+                (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None else None,
+                None, None)
 
 
 def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmops.machine import available_memory
 from slmops.train.cpu import attention, compat, mlp, norm
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.lora import LinearGroup
@@ -49,18 +50,6 @@ def decide(mode: str, method_takes_it: bool, method_name: str, device: torch.dev
 def _packable(weight: torch.Tensor) -> bool:
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous() and not weight.requires_grad
             and weight.shape[1] % 2 == 0)
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None off Linux)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _fusable(module: nn.Module, lora_type: type) -> bool:
@@ -161,7 +150,7 @@ class FastPath:
         groups = [g for g in self.groups if g.weight is not None and _packable(g.weight)]
         mlps = {m: w for m in self.mlps if (w := mlp._frozen_weights(m)) is not None and all(_packable(t) for t in w)}
         needed = sum(g.weight.numel() * 2 for g in groups) + sum(t.numel() * 2 for w in mlps.values() for t in w)
-        available = _available_memory()
+        available = available_memory()
         if not needed or available is None or needed > available // 4:
             if needed:
                 log.info("AMX weight packing skipped: %d MB of packed weights, %s MB of memory available", needed >> 20,
@@ -297,7 +286,7 @@ class FastPath:
         if (not low and not autocast) or any(hasattr(m, "quant_state") or type(m).__name__.endswith("4bit") for m in model.modules()):
             return None
         needed = sum(p.numel() for p in low) * 4
-        available = _available_memory()
+        available = available_memory()
         if available is not None and needed > available // 2:
             return None
         saved = [(p, p.data) for p in low]
