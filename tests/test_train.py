@@ -60,6 +60,8 @@ def test_chunked_head_loss_equals_the_head_then_cross_entropy(with_bias, weighte
     reference.backward()
     want = [hidden.grad] + ([head.weight.grad] + ([head.bias.grad] if with_bias else []) if trains_head else [])
     assert float(chunked) == pytest.approx(float(reference), rel=1e-5)
+    with torch.no_grad():  # evaluation: the loss alone, no gradients computed
+        assert float(loss_module.ChunkedHeadLoss.apply(hidden, head.weight, head.bias, targets, weights)) == pytest.approx(float(reference), rel=1e-5)
     for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
 

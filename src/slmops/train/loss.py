@@ -79,7 +79,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         w = weight.to(compute)
         b = None if bias is None else bias.to(compute)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
+        # (evaluation, no gradients asked: the loss alone)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
@@ -97,7 +98,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     losses = losses * tw
                     probs.mul_(tw[:, None])
                 total += losses.sum()
-                grad_hidden[start : start + chunk] = (probs.to(compute) @ w).float()
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = (probs.to(compute) @ w).float()
                 if grad_weight is not None:
                     grad_weight += (probs.to(compute).t() @ h).float()
                 if grad_bias is not None:
@@ -110,7 +112,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        return ((grad_hidden * grad_output).to(hidden_dtype) if ctx.needs_input_grad[0] else None,
+        return ((grad_hidden * grad_output).to(hidden_dtype) if grad_hidden is not None else None,
                 (grad_weight * grad_output).to(weight_dtype) if grad_weight is not None else None,
                 (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None else None,
                 None, None)
