@@ -107,8 +107,9 @@ def _chat_qa_rows() -> list[dict]:
 
 
 def _codes_rows() -> list[dict]:
-    """Programming Q&A sessions: consecutive tiny-codes exchanges joined until a document reaches
-    512-1024 tokens of SmolLM2's tokenizer (6-9 exchanges of ~100 tokens)."""
+    """Programming Q&A sessions: tiny-codes exchanges (in a seeded order) joined until a document
+    reaches its drawn size of 5-10 exchanges of ~100 tokens (460-1,145 tokens of SmolLM2's
+    tokenizer, median 760; max length 1024 cuts the longest)."""
     rows = [json.loads(line) for line in (DATA / "tiny_codes.jsonl").read_text().splitlines()]
     rng = random.Random(0)
     rng.shuffle(rows)
@@ -315,8 +316,7 @@ def model_for(work: Workload, scratch: Path) -> str:
         return str(fetch_builtin("smollm2-135m-instruct"))
     folder = scratch / "llama1b"
     if not folder.exists():
-        sys.path.insert(0, str(Path(__file__).parent))
-        from qlora_memory import build_model
+        from qlora_memory import build_model  # (benchmarks/qlora_memory.py: the script's folder is on the path)
 
         build_model(folder)
     return str(folder)

@@ -18,7 +18,7 @@ from slmops.data.prepare import PreparedData, load_splits, prepare_data
 from slmops.errors import ConfigError, ModelError, OutputError
 from slmops.methods import Method, get_method, resolve_target_modules
 from slmops.models import choose_precision, inspect_model, load_model, load_tokenizer, resolve_model
-from slmops.models.load import check_safetensors, check_weight_files
+from slmops.models.load import ModelStructure, check_safetensors, check_weight_files
 from slmops.models.precision import Precision
 from slmops.models.resolve import ModelSource, source_description
 from slmops.outputs import OutputLayout, RunFolder, check_output_folder, copy_model_folder, versions
@@ -158,8 +158,7 @@ def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) 
         )
     learning_rate = tcfg.learning_rate or method.default_learning_rate
     fsdp_mode = _fsdp_mode(tcfg.fsdp, method, world)
-    checkpointing = _choose_checkpointing(tcfg.gradient_checkpointing, source.path, config.model.trust_remote_code, data, data_config,
-                                          tcfg.per_device_train_batch_size, precision)
+    checkpointing = _choose_checkpointing(tcfg.gradient_checkpointing, structure, data, tcfg.per_device_train_batch_size, precision)
     identity = run_identity(config, method, source, targets, data, world)
     if custom_loss is not None:
         identity["loss"] = custom_loss.identity()
@@ -172,25 +171,18 @@ def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) 
 ACTIVATION_SHARE = 0.5  # of the memory available, past which activations are recomputed instead of kept
 
 
-def _choose_checkpointing(asked: bool | None, model_path: Path, trust_remote_code: bool, data: PreparedData, data_config: DataConfig,
-                          batch_size: int, precision) -> tuple[bool, str]:
+def _choose_checkpointing(asked: bool | None, structure: ModelStructure, data: PreparedData, batch_size: int,
+                          precision: Precision) -> tuple[bool, str]:
     """Gradient checkpointing, as asked, else on when the activations one micro-batch keeps for
     the backward would pass ACTIVATION_SHARE of the memory available. The estimate: per token and
     decoder layer, 10 hidden-sized and 5 MLP-sized fp32 vectors (measured on SmolLM2-135M, 16 x 1024
     tokens: 19.7 GB peak, ~40 KB a token a layer; the estimate gives 54 KB)."""
     if asked is not None:
         return asked, f"--gradient_checkpointing {str(asked).lower()}"
-    from slmops.models.load import load_config
-
-    config = load_config(model_path, trust_remote_code)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if not hidden or not layers:
+    if not (structure.hidden_size and structure.num_layers and structure.mlp_size):
         return False, "default (the model's size is not known)"
-    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    longest = min(max(data.train.lengths, default=0), data_config.max_seq_len)
-    tokens = batch_size * longest
-    needed = tokens * layers * (10 * hidden + 5 * mlp) * 4
+    longest = max(data.train.lengths, default=0)  # (tokenized rows are cut to --max_seq_len already)
+    needed = batch_size * longest * structure.num_layers * (10 * structure.hidden_size + 5 * structure.mlp_size) * 4
     if precision.device.type == "cuda":
         available = torch.cuda.mem_get_info(precision.device)[0]
     else:

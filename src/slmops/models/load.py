@@ -78,6 +78,9 @@ class ModelStructure:
     attention_projections: list[str]  # leaf names of linears directly inside attention blocks
     num_parameters: int
     max_positions: int | None = None  # the longest sequence the model's position embeddings cover
+    hidden_size: int | None = None  # of the residual stream (None: the config does not say)
+    num_layers: int | None = None  # decoder layers
+    mlp_size: int | None = None  # of a layer's MLP
 
     def leaf_names(self) -> list[str]:
         return sorted({name.rsplit(".", 1)[-1] for name in self.linear_layers})
@@ -101,8 +104,11 @@ def inspect_model(path: Path, trust_remote_code: bool = False) -> ModelStructure
         if classes.get(parent, "").endswith("Attention") and leaf not in projections:
             projections.append(leaf)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or (4 * hidden if hidden else None)
     return ModelStructure(config.model_type, linear, projections, sum(p.numel() for p in model.parameters()),
-                          int(positions) if positions else None)
+                          int(positions) if positions else None, hidden, layers, mlp)
 
 
 def _is_linear(module: nn.Module) -> bool:

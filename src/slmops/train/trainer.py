@@ -471,7 +471,7 @@ class Trainer:
                 if stop_reason and stop_reason != "early_stopping":
                     say(bar, f"stopped at step {step}: {stop_reason.replace('_', ' ')}")
 
-                if (step % self.save_every == 0 or step == self.steps or stop_reason) and (world.is_main or self.sharded):
+                if step % self.save_every == 0 or step == self.steps or stop_reason:
                     self.state.elapsed_s = time.perf_counter() - run_start
                     self.state.paused_s = paused_total
                     self._save(f"step-{step:06d}")  # (one writer: rank 0)
