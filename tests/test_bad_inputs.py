@@ -108,7 +108,7 @@ def _adapter_of(base_key: str):
 
 
 FT = ["finetune", "-m", "{model}", "-d", "{data}", "--text_template", TONE_TEMPLATE, "-o", "{out}", "--report_to", "none"]
-FT_RUN = [*FT, "--train_split", "train[:32]", "--max_seq_len", "64", "--lora_r", "8"]  # the settings of world["run"]
+FT_RUN = [*FT, "--train_split", "train[:32]", "--max_seq_len", "64", "--lora_r", "8", "--eval_split", "none"]  # world["run"]'s settings
 EV = ["evaluate", "-m", "{model}", "-d", "{data}", "--text_template", TONE_TEMPLATE, "--eval_split", "train[:4]"]
 EVB = ["evaluate", "-m", "{bundle}", "-d", "{data}", "--text_template", TONE_TEMPLATE, "--eval_split", "train[:4]", "--metrics", "accuracy"]
 AO = ["auto-opt", "-m", "{model64}", "-o", "{out}", "--no_parity"]

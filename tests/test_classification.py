@@ -68,6 +68,41 @@ def test_eval_split_auto_holds_out_a_stratified_tenth_of_train(tiny_llama, tmp_p
     assert not any(prompt in text for prompt in eval_prompts for text in train_texts)  # held out, not also trained on
 
 
+def test_classification_defaults_fill_only_what_was_left_unset(tiny_llama, tmp_path, caplog):
+    """A classification task without an eval split gets a stratified held-out tenth and
+    CLASSIFICATION_DEFAULTS (said in the log, recorded for a replay); a flag given wins; a
+    generation task and `--eval_split none` keep the plain defaults."""
+    from slmops.config import FinetuneConfig
+    from slmops.finetune_recipe import CLASSIFICATION_DEFAULTS, plan_finetune, replayable_config
+
+    caplog.set_level(logging.INFO, logger="slmops")
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "a", train_split="train[:200]", learning_rate=None, eval_split=None))
+    assert len(plan.data.eval) == 20 and plan.config.data.eval_split == "auto"
+    assert "20 of 200 training rows held out (--eval_split auto), stratified by label" in caplog.text
+    training, method = plan.config.training, plan.config.method
+    for name, value in CLASSIFICATION_DEFAULTS.items():
+        assert getattr(training if name in FinetuneConfig.model_fields["training"].annotation.model_fields else method, name) == value
+    assert plan.learning_rate == CLASSIFICATION_DEFAULTS.get("learning_rate", plan.learning_rate)
+    assert "classification defaults: --metric_for_best_model macro_f1" in caplog.text
+    assert "f1" in training.eval_metrics  # macro-F1 measured at each evaluation
+    replay = replayable_config(plan.config)
+    assert replay["data"]["eval_split"] == "auto" and replay["training"]["metric_for_best_model"] == "macro_f1"
+
+    given = plan_finetune(tiny_config(tiny_llama, tmp_path / "b", train_split="train[:200]", metric_for_best_model="loss",
+                                      target_modules="q_proj", learning_rate=1e-3, eval_split="train[200:240]"))
+    assert (given.config.training.metric_for_best_model, given.target_modules, given.learning_rate) == ("loss", ["q_proj"], 1e-3)
+    assert len(given.data.eval) == 40
+    no_eval = plan_finetune(tiny_config(tiny_llama, tmp_path / "c", train_split="train[:200]", eval_split="none"))
+    assert no_eval.data.eval is None and len(no_eval.data.train) == 200
+    assert no_eval.config.training.metric_for_best_model == "loss"
+    free = tmp_path / "free.jsonl"
+    free.write_text("".join(json.dumps({"q": f"question {i}", "a": f"answer number {i}"}) + "\n" for i in range(40)))
+    caplog.clear()
+    plain = plan_finetune(tiny_config(tiny_llama, tmp_path / "d", data_name=str(free), train_split="train", text_template="Q: {q}\\nA: {a}",
+                                      eval_split=None))
+    assert plain.data.eval is None and "classification defaults" not in caplog.text
+
+
 def test_an_eval_split_missing_a_class_is_warned_about(tiny_llama, tmp_path, caplog):
     from slmops.finetune_recipe import plan_finetune
 

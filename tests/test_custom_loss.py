@@ -29,7 +29,8 @@ def test_label_smoothed_cross_entropy_trains_exactly_like_pytorch_by_hand(tiny_l
     from slmops.train.trainer import build_optimizer
 
     steps = 6
-    flags = dict(max_steps=steps, lora_dropout=0.0, logging_steps=1, learning_rate=1e-2, train_split="train[:48]")
+    flags = dict(max_steps=steps, lora_dropout=0.0, logging_steps=1, learning_rate=1e-2, train_split="train[:48]",
+                 lr_scheduler_type="linear", warmup_ratio=0.0, target_modules="q_proj,k_proj,v_proj,o_proj")  # (what the loop runs)
     with caplog.at_level("INFO", logger="slmops"):
         finetune(tiny_config(tiny_llama, tmp_path / "custom", loss=f"{EXAMPLES}:LabelSmoothedCrossEntropy",
                              loss_kwargs="smoothing=0.1", **flags))

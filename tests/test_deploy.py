@@ -149,9 +149,9 @@ def test_int4_keeps_lora_in_float_and_tracks_fp32(onnx_models, llama_adapters, l
 
     out = tmp_path / "int4"
     plan = plan_export(str(onnx_models["llama"]), [str(llama_adapters["a"])], str(out), precision="int4", accuracy_level=1,
-                       block_size=16, quant_algo="rtn")
+                       block_size=16, quant_algo="rtn", int8_layers="none")
     manifest = export_bundle(plan, run_parity=False)
-    assert manifest["quantization"] == {"block_size": 16, "accuracy_level": 1, "algorithm": "rtn"}
+    assert manifest["quantization"] == {"block_size": 16, "accuracy_level": 1, "algorithm": "rtn", "int8_layers": "none"}
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) >= 2 * 4  # the base projections are int4 ...
@@ -323,3 +323,99 @@ def test_bundle_remembers_the_template_each_adapter_was_trained_on(onnx_models, 
     bundle = OnnxBundle(out, adapters=["tone"])
     assert bundle.trained_template("tone") == TONE_TEMPLATE.replace("\\n", "\n") and bundle.trained_template(None) == bundle.trained_template("tone")
     assert bundle.trained_template("a") is None and bundle.trained_template("base") is None
+
+
+def _bits(model_file: Path) -> dict[str, int]:
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_int4_keeps_sensitive_layers_at_int8(onnx_models, tmp_path):
+    """--int8_layers: sensitive (default) keeps the output head and the mixed strategy's
+    projections at int8, head the output head alone, none nothing."""
+    bits = {}
+    for choice in ("sensitive", "head", "none"):
+        out = tmp_path / choice
+        export_bundle(plan_export(str(onnx_models["llama"]), None, str(out), precision="int4", **({} if choice == "sensitive" else
+                                                                                                 {"int8_layers": choice})),
+                      run_parity=False)
+        bits[choice] = _bits(out / "model.onnx")
+    assert {name for name, b in bits["none"].items() if b == 8} == set()
+    assert {name for name, b in bits["head"].items() if b == 8} == {"/lm_head/MatMul_Q8"} or \
+        [name for name, b in bits["head"].items() if b == 8] == [n for n in bits["head"] if "lm_head" in n]
+    sensitive = {name for name, b in bits["sensitive"].items() if b == 8}
+    assert any("lm_head" in name for name in sensitive) and any("layers." in name for name in sensitive)
+    assert len(sensitive) < len(bits["sensitive"])  # the rest stays int4
+
+
+def test_quantized_base_is_what_the_bundle_computes_with(onnx_models, tmp_path):
+    """deploy.quantized_base reads the int4 export's weights back: a PyTorch model holding them
+    gives the int4 bundle's logits (fp32 activations), much closer than the float model does."""
+    from slmops.deploy import quantized_base
+
+    model_dir = onnx_models["llama"]
+    model = _torch(model_dir)
+    float_logits = _torch_logits(model, PROMPT_IDS)
+    weights = quantized_base.torch_names(quantized_base.quantized_weights(model_dir, "int4"), model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert set(weights) == set(linears)  # every projection and the (tied) head
+    levels = {}
+    for name, weight in weights.items():  # (q - zero point) x scale: 16 levels a block of 32 (256 at int8)
+        levels[name] = len(torch.unique(weight[0, :32]))
+        assert levels[name] <= 256 and not torch.equal(weight, dict(model.named_modules())[name].weight)
+    assert sum(count <= 16 for count in levels.values()) > len(levels) / 2, levels
+    quantized_base.load_quantized_weights(model, weights)
+    assert torch.equal(model.model.embed_tokens.weight, weights["lm_head"])  # tied: the bundle's embedding reads the head
+    out = tmp_path / "int4"
+    export_bundle(plan_export(str(model_dir), None, str(out), precision="int4", accuracy_level=1), run_parity=False)
+    onnx_logits = OnnxBundle(out).logits(PROMPT_IDS, None)
+    torch_logits = _torch_logits(model, PROMPT_IDS)
+    scale = np.abs(onnx_logits).max()
+    assert np.abs(torch_logits - onnx_logits).max() < 2e-3 * scale
+    assert np.abs(float_logits - onnx_logits).max() > 20 * np.abs(torch_logits - onnx_logits).max()
+
+
+def test_quantization_aware_adapter_trains_over_the_bundles_weights(onnx_models, tmp_path, caplog):
+    """finetune --deploy_precision int4: the adapter trains over the int4 export's weights
+    (run.yaml says which), its int4 bundle gives the logits of that adapter on those weights,
+    and an export with other settings says the adapter was trained for another."""
+    import logging
+
+    import yaml
+    from helpers import tiny_config
+    from peft import PeftModel
+
+    from slmops.deploy import quantized_base
+    from slmops.finetune_recipe import finetune
+
+    model_dir = onnx_models["llama"]
+    finetune(tiny_config(model_dir, tmp_path / "ft", max_steps=4, deploy_precision="int4"))
+    resolved = yaml.safe_load((tmp_path / "ft" / "run.yaml").read_text())["resolved"]
+    assert resolved["deploy_precision"] == {"precision": "int4", "block_size": 32, "algorithm": "k_quant", "int8_layers": "sensitive"}
+    with caplog.at_level(logging.INFO, logger="slmops"):
+        export_bundle(plan_export(str(tmp_path / "ft"), None, str(tmp_path / "int4"), precision="int4", accuracy_level=1,
+                                  adapter_names=["qa"]), run_parity=False)
+    assert "trained over these very weights" in caplog.text
+    base = _torch(model_dir)
+    read = quantized_base.quantized_weights(model_dir, "int4", resolved["target_modules"])  # slots on q/k/v/o: q/k/v apart
+    quantized_base.load_quantized_weights(base, quantized_base.torch_names(read, base))
+    tuned = PeftModel.from_pretrained(base, tmp_path / "ft" / "adapter").eval()
+    onnx_logits = OnnxBundle(tmp_path / "int4").logits(PROMPT_IDS, "qa")
+    assert np.abs(_torch_logits(tuned, PROMPT_IDS) - onnx_logits).max() < 2e-3 * np.abs(onnx_logits).max()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="slmops"):
+        plan_export(str(tmp_path / "ft"), None, str(tmp_path / "fp32"))
+    assert "trained over the int4 export's weights" in caplog.text and "precision fp32 (trained over int4)" in caplog.text
+
+
+def test_deploy_precision_refused_where_it_cannot_apply(onnx_models, tmp_path):
+    from helpers import tiny_config
+
+    from slmops.finetune_recipe import plan_finetune
+
+    for method, words in (("full", "changes the base weights themselves"), ("qlora", "bitsandbytes' 4-bit base")):
+        with pytest.raises(ConfigError, match=words):
+            plan_finetune(tiny_config(onnx_models["llama"], tmp_path / method, method=method, deploy_precision="int4"))
+        assert not (tmp_path / method).exists()

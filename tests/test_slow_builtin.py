@@ -88,7 +88,8 @@ def test_demo_tuned_accuracy_beats_base(tmp_path, builtin_model):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("accuracy")]
     assert len(rows) == 2 and float(re.findall(r"\d+\.\d+", rows[1])[0]) >= 0.8, proc.stdout  # the int4 bundle + tone
     manifest = json.loads((tmp_path / "demo" / "onnx-int4" / "slmops_bundle.json").read_text())
-    assert manifest["size_mb"] < 130, manifest["size_mb"]  # int4 MatMuls (the fp32 bundle of this 135M model: ~520 MB)
+    # int4 MatMuls, the sensitive layers int8, LoRA slots on every projection (the fp32 bundle of this 135M model: ~520 MB)
+    assert manifest["size_mb"] < 150, manifest["size_mb"]
 
 
 def test_seed_qlora_commands(tmp_path, builtin_model):

@@ -183,7 +183,8 @@ def test_eval_early_stopping_and_best_adapter(tiny_llama, tmp_path):
     out = tmp_path / "es"
     # A huge learning rate makes eval loss rise after a few steps, so patience triggers.
     result = finetune(tiny_config(tiny_llama, out, eval_split="train[64:96]", max_steps=60, eval_steps=2,
-                                  learning_rate=0.3, early_stopping_patience=2, lr_scheduler_type="constant"))
+                                  learning_rate=0.3, early_stopping_patience=2, lr_scheduler_type="constant",
+                                  metric_for_best_model="loss"))
     evals = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "eval"]
     assert result.train.stopped_early and result.train.steps < 60
     best = min(evals, key=lambda r: r["loss"])

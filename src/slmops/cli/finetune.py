@@ -116,7 +116,8 @@ def _run(args: argparse.Namespace, config: FinetuneConfig) -> int:
     print(
         f"slmops: finished {train.steps} steps in {train.train_seconds:.0f} s ({train.tokens_per_second:.0f} tokens/s); "
         f"final train loss {train.final_train_loss:.4f}"
-        + (f", best eval loss {train.best_eval_loss:.4f} at step {train.best_step}" if train.best_eval_loss is not None else ""),
+        + (f", best eval {plan.config.training.metric_for_best_model} {train.best_eval_loss:.4f} at step {train.best_step}"
+           if train.best_eval_loss is not None else ""),
         file=sys.stderr,
     )
     print(f"slmops: outputs in {result.output_path}: model/, {'adapter/, ' if result.adapter_path else ''}checkpoints/, logs/, run.yaml; "

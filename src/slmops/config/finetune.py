@@ -44,7 +44,8 @@ class DataConfig(_Section):
     train_split: str = Field("train", description="Training split, with slicing: 'train', 'train[:4096]', 'train[:90%]'.")
     eval_split: str | None = Field(
         None, description="Evaluation split, e.g. 'train[4096:4224]', or 'auto': 10% of the training rows held out (stratified "
-        "by label for classification). Turns on validation, early stopping and best-adapter selection.")
+        "by label for classification). Turns on validation, early stopping and best-adapter selection. Default: none, except "
+        "auto for a classification task; 'none' trains on every row without validation.")
     task: Literal["auto", "classification", "generation"] = Field(
         "auto", description="classification: the completions are a few one-line labels (scored by each label's likelihood at "
         "evaluation, stratified --eval_split auto). auto: classification when the training completions look like a label set "
@@ -74,6 +75,11 @@ class DataConfig(_Section):
 
     _csv = field_validator("data_files", mode="before")(_split_csv)
 
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _no_eval(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in {"none", "off", ""} else value
+
 
 class MethodConfig(_Section):
     method: str = Field("lora", description="lora | qlora | dora | loha | lokr | full  (`slmops methods` lists them).")
@@ -86,6 +92,10 @@ class MethodConfig(_Section):
     )
     modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved with the adapter.")
     adapter_path: str | None = Field(None, description="Start from this existing PEFT adapter instead of a fresh one.")
+    deploy_precision: Literal["none", "int4", "int8"] = Field(
+        "none", description="Quantization-aware adapter: train over the base weights `slmops optimize --precision int4|int8` will "
+        "write (exported once before training and read back), so the deployed bundle scores what training measured. "
+        "Adapter methods on a float base (lora, dora, loha, lokr); none: train over the base as it is.")
 
     _csv = field_validator("target_modules", "modules_to_save", mode="before")(_split_csv)
 

@@ -121,14 +121,16 @@ def check_rows(split: LoadedSplit, cfg: DataConfig) -> None:
 
 
 def prepare_data(cfg: DataConfig, tokenizer, splits: RawSplits | None = None, need_eval_examples: bool = False,
-                 seed: int = 42) -> PreparedData:
+                 seed: int = 42, hold_out_for_labels: bool = False) -> PreparedData:
+    """Format and tokenize the splits. `hold_out_for_labels`: no eval split was asked for, and a
+    classification task gets one anyway (--eval_split auto: what picks its best weights)."""
     splits = splits or load_splits(cfg)
     train_split = splits.train
     formatter = build_formatter(cfg, list(train_split.dataset.column_names), tokenizer)
     train_examples = format_rows(train_split.dataset, formatter)
     labels = find_labels(cfg, [ex.completion for ex in train_examples])
     eval_split, eval_examples = splits.eval, None
-    if cfg.eval_split == "auto":
+    if cfg.eval_split == "auto" or (hold_out_for_labels and labels is not None and eval_split is None):
         train_split, eval_split, train_examples, eval_examples = hold_out(train_split, train_examples, labels, seed)
     train = tokenize_examples(train_examples, tokenizer, formatter, cfg.max_seq_len, cfg.long_examples)
     if len(train) == 0:

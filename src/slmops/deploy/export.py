@@ -79,7 +79,7 @@ class ExportPlan:
         if self.precision not in ("int4", "int8"):
             return None
         return {"block_size": self.options.block_size, "accuracy_level": self.options.resolved_accuracy_level,
-                "algorithm": self.options.quant_algo}
+                "algorithm": self.options.quant_algo, **({"int8_layers": self.options.int8_layers} if self.precision == "int4" else {})}
 
 
 def plan_export(options: ExportConfig | GenerateAdapterConfig) -> ExportPlan:
@@ -125,11 +125,34 @@ def plan_export(options: ExportConfig | GenerateAdapterConfig) -> ExportPlan:
         _check_adapter_base(lora, structure, str(path))
         adapters.append((name, path))
         targets.update(lora.targets)
+    for name, path in adapters:
+        _check_trained_precision(name, path, options)
     available = sorted({key.rsplit(".", 1)[-1] for key in structure} & set(SUPPORTED_TARGETS))
     if options.lora_slots == "all":
         targets = set(available)
     return ExportPlan(options, source.path, model_name_or_path, architecture, adapters, sorted(targets), output,
                       options.threads or default_threads(), parity_prompts, 16, structure)
+
+
+def _check_trained_precision(name: str, path: Path, options) -> None:
+    """A quantization-aware adapter (finetune --deploy_precision) fits the export it was trained
+    over; another precision or quantization still works, without that agreement: said."""
+    from slmops.inference.adapters import trained_for_precision
+
+    trained = trained_for_precision(path)
+    if trained is None:
+        return
+    here = {"precision": options.precision}
+    if options.precision in ("int4", "int8"):
+        here.update(block_size=options.block_size, algorithm=options.quant_algo,
+                    **({"int8_layers": options.int8_layers} if options.precision == "int4" else {}))
+    differ = {key: (value, here.get(key)) for key, value in trained.items() if here.get(key) != value}
+    if differ:
+        log.warning("adapter %s was trained over the %s export's weights (--deploy_precision); this export differs in %s: its "
+                    "scores may move from what training measured (export with the same settings to keep them)", name,
+                    trained.get("precision"), ", ".join(f"{key} {new} (trained over {old})" for key, (old, new) in differ.items()))
+    else:
+        log.info("adapter %s was trained over these very weights (--deploy_precision %s)", name, trained["precision"])
 
 
 def _source(options) -> tuple[str, list[str] | None]:
@@ -278,6 +301,10 @@ def _weights_mb(model_path: Path) -> float:
     return max(sum(f.stat().st_size for f in files) / 2**20, 1.0)
 
 
+# --int8_layers -> the model builder's matmul_mixed_precision selectors
+INT8_LAYERS = {"head": "last_matmul:int8", "sensitive": "last_matmul:int8,mixed_layers:int8"}
+
+
 def _run_builder(plan: ExportPlan, staging: Path, template: Path | None) -> None:
     try:
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
@@ -289,6 +316,8 @@ def _run_builder(plan: ExportPlan, staging: Path, template: Path | None) -> None
     if plan.precision in ("int4", "int8"):
         options += [f"block_size={plan.options.block_size}", f"accuracy_level={plan.options.resolved_accuracy_level}",
                     f"algo_config={plan.options.quant_algo}"]
+        if plan.precision == "int4" and plan.options.int8_layers != "none":
+            options.append("matmul_mixed_precision=" + INT8_LAYERS[plan.options.int8_layers])
         if template is not None:  # LoRA weights become inputs: their MatMuls must stay float
             options.append("nodes_to_exclude=" + ",".join(_lora_node_names(plan)))
     if plan.options.trust_remote_code:

@@ -42,24 +42,40 @@ class AdapterSource:
     path: Path
 
 
-def trained_template(adapter_dir: Path) -> str | None:
-    """The text template an adapter was trained on, from the run.yaml of the slmops finetune
-    output that holds it (OUT/adapter beside OUT/run.yaml); None for chat-format training, an
-    adapter from elsewhere, or a run.yaml that cannot be read (the chat template then applies)."""
+def run_record(adapter_dir: Path) -> dict:
+    """The run.yaml of the slmops finetune output that holds an adapter (OUT/adapter beside
+    OUT/run.yaml), or {} for an adapter from elsewhere or a run.yaml that cannot be read."""
     import yaml
 
     adapter_dir = Path(adapter_dir)
     run_yaml = adapter_dir / "run.yaml" if (adapter_dir / "run.yaml").is_file() else adapter_dir.parent / "run.yaml"
     try:
-        data = (yaml.safe_load(run_yaml.read_text()) or {}).get("config", {}).get("data", {})
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return None
+        record = yaml.safe_load(run_yaml.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def trained_template(adapter_dir: Path) -> str | None:
+    """The text template an adapter was trained on (its run.yaml); None for chat-format
+    training, an adapter from elsewhere, or a run.yaml that cannot be read (the chat template
+    then applies)."""
+    data = run_record(adapter_dir).get("config", {})
+    data = data.get("data", {}) if isinstance(data, dict) else {}
     template = data.get("text_template") if isinstance(data, dict) else None
     if not isinstance(template, str) or data.get("use_chat_template"):
         return None
     from slmops.data.format import unescape
 
     return unescape(template)
+
+
+def trained_for_precision(adapter_dir: Path) -> dict | None:
+    """The quantized export a quantization-aware adapter was trained over (--deploy_precision:
+    precision, block size, algorithm...), from its run.yaml; None for any other adapter."""
+    resolved = run_record(adapter_dir).get("resolved", {})
+    settings = resolved.get("deploy_precision") if isinstance(resolved, dict) else None
+    return settings if isinstance(settings, dict) else None
 
 
 def split_reference(reference: str) -> tuple[str | None, str]:

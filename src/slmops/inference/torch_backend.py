@@ -335,8 +335,10 @@ def check_adapter_fits(model, path: Path) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = config.target_modules
     if isinstance(targets, (list, set)):
-        leaves = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-        missing = [t for t in targets if t not in leaves]
+        # a layer name ("q_proj") or, as PEFT saves an all-linear adapter's, a module's full name
+        names = {name for name, _ in base.named_modules()}
+        leaves = {name.rsplit(".", 1)[-1] for name in names}
+        missing = [t for t in targets if t not in leaves and t not in names and not any(n.endswith("." + t) for n in names)]
         if missing:
             raise ModelError(f"adapter {str(path)!r} targets {', '.join(sorted(missing))}, which this model does not have: it was "
                              "trained on another base")
