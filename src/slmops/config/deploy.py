@@ -105,6 +105,16 @@ class ExportOptions(Section):
         """The model builder's name for the provider: cpu, cuda, dml, webgpu."""
         return PROVIDERS[self.provider]
 
+    def weight_quantization(self) -> dict:
+        """The settings that decide the exported weights (not how they are multiplied): what a
+        quantization-aware adapter is trained over and what an export is compared with."""
+        settings: dict = {"precision": self.precision}
+        if self.precision in ("int4", "int8"):
+            settings.update(block_size=self.block_size, algorithm=self.quant_algo)
+        if self.precision == "int4":
+            settings["int8_layers"] = self.int8_layers
+        return settings
+
     @property
     def resolved_accuracy_level(self) -> int:
         if self.accuracy_level is not None:

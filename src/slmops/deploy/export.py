@@ -78,8 +78,8 @@ class ExportPlan:
     def quantization(self) -> dict | None:
         if self.precision not in ("int4", "int8"):
             return None
-        return {"block_size": self.options.block_size, "accuracy_level": self.options.resolved_accuracy_level,
-                "algorithm": self.options.quant_algo, **({"int8_layers": self.options.int8_layers} if self.precision == "int4" else {})}
+        weights = {k: v for k, v in self.options.weight_quantization().items() if k != "precision"}
+        return {"accuracy_level": self.options.resolved_accuracy_level, **weights}
 
 
 def plan_export(options: ExportConfig | GenerateAdapterConfig) -> ExportPlan:
@@ -142,10 +142,7 @@ def _check_trained_precision(name: str, path: Path, options) -> None:
     trained = trained_for_precision(path)
     if trained is None:
         return
-    here = {"precision": options.precision}
-    if options.precision in ("int4", "int8"):
-        here.update(block_size=options.block_size, algorithm=options.quant_algo,
-                    **({"int8_layers": options.int8_layers} if options.precision == "int4" else {}))
+    here = options.weight_quantization()
     differ = {key: (value, here.get(key)) for key, value in trained.items() if here.get(key) != value}
     if differ:
         log.warning("adapter %s was trained over the %s export's weights (--deploy_precision); this export differs in %s: its "

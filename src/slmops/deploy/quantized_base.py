@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ from slmops.errors import ModelError
 
 log = logging.getLogger("slmops")
 
-QUANTIZED_PRECISIONS = ("int4", "int8")
 # the builder's fused MatMuls -> the model's projections they hold, rows in this order
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _NAME = re.compile(r"^model\.layers\.(\d+)\.\w+\.(\w+)\.MatMul\.weight_Q\d+G\d+$")
@@ -36,9 +34,7 @@ def export_settings(precision: str) -> dict:
     adapter is trained against, recorded in run.yaml and compared at export."""
     from slmops.config import ExportConfig
 
-    options = ExportConfig(model_name_or_path="-", output_path="-", precision=precision)
-    return {"precision": precision, "block_size": options.block_size, "algorithm": options.quant_algo,
-            **({"int8_layers": options.int8_layers} if precision == "int4" else {})}
+    return ExportConfig(model_name_or_path="-", output_path="-", precision=precision).weight_quantization()
 
 
 def quantized_weights(model_path: Path, precision: str, lora_targets: list[str] | str | None = None,
@@ -64,7 +60,6 @@ def quantized_weights(model_path: Path, precision: str, lora_targets: list[str] 
             plan = dataclasses.replace(plan, lora_targets=sorted(wanted))
         export_bundle(plan, run_parity=False)
         weights = read_quantized_weights(Path(scratch) / "bundle" / "model.onnx")
-        shutil.rmtree(scratch, ignore_errors=True)
     log.info("quantization-aware: the %s export's weights of %d layers read back in %.0f s", precision, len(weights),
              time.perf_counter() - started)
     return weights
@@ -81,21 +76,18 @@ def read_quantized_weights(model_file: Path) -> dict[str, np.ndarray]:
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     weights = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
+        # MatMulNBits(x, weight, scales, zero points); GatherBlockQuantized(weight, ids, scales, zero points)
+        first = {"MatMulNBits": 1, "GatherBlockQuantized": 0}.get(node.op_type)
+        if first is None or node.input[first] not in initializers:  # (a tied embedding reads the head's weight)
             continue
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        packed, scales = (numpy_helper.to_array(initializers[name]) for name in node.input[1:3])
+        packed, scales = numpy_helper.to_array(initializers[node.input[first]]), numpy_helper.to_array(initializers[node.input[2]])
         zero_points = numpy_helper.to_array(initializers[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-        weights[node.input[1]] = dequantize_nbits(packed, scales, zero_points, attributes["bits"], attributes["block_size"],
-                                                  attributes["K"], attributes["N"])
-    for node in model.graph.node:
-        if node.op_type == "GatherBlockQuantized" and node.input[0] in initializers:
-            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            data, scales = numpy_helper.to_array(initializers[node.input[0]]), numpy_helper.to_array(initializers[node.input[2]])
-            zero_points = numpy_helper.to_array(initializers[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-            rows, width = data.shape[0], scales.shape[-1] * attributes["block_size"]
-            weights["embed_tokens"] = dequantize_nbits(data, scales, zero_points, attributes["bits"], attributes["block_size"],
-                                                       width, rows)
+        if node.op_type == "MatMulNBits":
+            name, k, n = node.input[1], attributes["K"], attributes["N"]
+        else:
+            name, k, n = "embed_tokens", scales.shape[-1] * attributes["block_size"], packed.shape[0]
+        weights[name] = dequantize_nbits(packed, scales, zero_points, attributes["bits"], attributes["block_size"], k, n)
     return weights
 
 
