@@ -143,6 +143,45 @@ def test_in_training_f1_by_likelihood_equals_evaluate_on_the_saved_adapter(tiny_
     assert measured["macro_f1"] == pytest.approx(best["macro_f1"]) and measured["unparseable"] == 0
 
 
+def test_label_scoring_gives_the_eval_loss_without_a_second_pass(tiny_llama, tmp_path, monkeypatch):
+    """Scoring every label scores the gold one, whose log-likelihood is minus the eval loss:
+    the evaluation takes its loss from there (the loss pass does not run) and it equals the
+    loss pass's value, fast path on; a custom loss keeps its own pass."""
+    import torch
+
+    from conftest import ROOT
+    from slmops.finetune_recipe import _generation_eval, build_model, plan_finetune
+    from slmops.train.cpu import FastPath
+    from slmops.train.trainer import Trainer, TrainingData, TrainingSetup
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "a", train_split="train[:120]", eval_split="auto",
+                                     metric_for_best_model="macro_f1", per_device_eval_batch_size=5))
+    model = build_model(plan)
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter that changes the answers (LoRA B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    with FastPath.install(model) as path:
+        setup = TrainingSetup(plan.precision, plan.learning_rate, tmp_path / "c", tmp_path / "l", True)
+        data = TrainingData(plan.data.train, plan.data.eval, plan.tokenizer.pad_token_id)
+        trainer = Trainer(model, data, plan.config.training, setup, path, _generation_eval(plan))
+        trainer.prepare()
+        assert trainer.fast_path is not None
+        passes = []
+        own_pass = Trainer._eval_loss
+        monkeypatch.setattr(Trainer, "_eval_loss", lambda self, d: passes.append(1) or own_pass(self, d))
+        result = trainer.evaluate()
+        assert passes == [] and {"loss", "perplexity", "macro_f1"} <= set(result)
+        model.eval()  # (as the evaluation had it: no dropout)
+        assert result["loss"] == pytest.approx(own_pass(trainer, plan.data.eval), rel=1e-5)
+
+    with_custom = plan_finetune(tiny_config(tiny_llama, tmp_path / "b", train_split="train[:120]", eval_split="auto",
+                                            metric_for_best_model="macro_f1",
+                                            loss=f"{ROOT / 'examples' / 'custom_loss.py'}:LabelSmoothedCrossEntropy"))
+    assert with_custom.custom_loss is not None and "loss" not in _generation_eval(with_custom)(build_model(with_custom))
+
+
 def test_class_weights_balance_the_labels_and_weigh_each_token_loss(tiny_llama, tmp_path, caplog):
     """--class_weights auto: n / (k * n_label) per example (mean 1); the loss, on every path
     (the model's own forward, the labelled-positions head, padding-free packed batches), is

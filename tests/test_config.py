@@ -57,3 +57,15 @@ def test_example_configs_parse():
     assert files, "examples/configs should ship at least one config"
     for file in files:
         from_dict(yaml.safe_load(file.read_text()), source=str(file))
+
+
+def test_eval_steps_is_a_step_count_or_a_fraction_of_the_run():
+    """As in transformers: below 1, a fraction of the run (0.2: five evaluations); the default,
+    ten a run, rounds up so none falls a few steps before the last step's."""
+    from slmops.config.finetune import interval
+
+    assert from_flat({"eval_steps": "0.2"}).training.eval_steps == 0.2
+    assert from_flat({"eval_steps": "50", "save_steps": "25.0"}).training.save_steps == 25
+    with pytest.raises(ConfigError, match="eval_steps: a number of steps .* or a fraction of the run below 1"):
+        from_flat({"eval_steps": "1.5"})
+    assert [interval(0.2, 367), interval(None, 367), interval(None, 100), interval(61, 367), interval(0.1, 3)] == [74, 37, 10, 61, 1]

@@ -8,6 +8,7 @@ across sections, which lets the CLI expose them as flat `--flags`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -144,8 +145,11 @@ class TrainingConfig(_Section):
     fp16: bool = Field(False, description="Train in float16 (CUDA only).")
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")
     logging_steps: int = Field(10, gt=0, description="Log train loss every N steps.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps. Default: ten times a run.")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps. Default: as --eval_steps, or ten times a run.")
+    eval_steps: int | float | None = Field(
+        None, gt=0, description="Evaluate every N steps, or (below 1) every such fraction of the run, as in transformers: 0.2 is "
+        "five times a run. Default: ten times a run.")
+    save_steps: int | float | None = Field(
+        None, gt=0, description="Checkpoint every N steps, or (below 1) every such fraction of the run. Default: as --eval_steps.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most N step checkpoints (the best one is always kept).")
     logging_dir: str | None = Field(None, description="TensorBoard and metrics.jsonl folder. Default: OUTPUT/logs.")
     report_to: list[str] = Field(
@@ -247,6 +251,15 @@ class TrainingConfig(_Section):
             return out
         return value
 
+    @field_validator("eval_steps", "save_steps")
+    @classmethod
+    def _steps_or_fraction(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"a number of steps (an integer) or a fraction of the run below 1 (0.2: five times a run); got {value}")
+            return int(value)
+        return value
+
     @field_validator("max_steps")
     @classmethod
     def _steps(cls, value: int) -> int:
@@ -299,3 +312,14 @@ class FinetuneConfig(_Section):
     log_level: int = log_level_field(1)
 
     _level = field_validator("log_level", mode="before")(named_log_level)
+
+
+def interval(every: int | float | None, steps: int) -> int:
+    """Steps between evaluations (or checkpoints) of a `steps`-step run: `every` steps, or that
+    fraction of the run when below 1 (transformers' convention), or ten times a run by default,
+    rounded up: no evaluation falls a few steps before the one every run ends with."""
+    if every is None:
+        every = 0.1
+    if every < 1:
+        return max(1, math.ceil(every * steps))
+    return int(every)

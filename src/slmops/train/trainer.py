@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from slmops.config import TrainingConfig
+from slmops.config.finetune import interval
 from slmops.data.batching import collate, epoch_batches
 from slmops.data.tokenize import IGNORE, TokenizedData
 from slmops.logs import progress_bar, say
@@ -50,10 +51,6 @@ def total_steps(cfg: TrainingConfig, n_examples: int, world_size: int = 1) -> in
         return cfg.max_steps
     micro_per_epoch = math.ceil(n_examples / (cfg.per_device_train_batch_size * world_size))
     return max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.gradient_accumulation_steps))
-
-
-def default_interval(steps: int) -> int:
-    return max(1, steps // 10)
 
 
 def build_optimizer(model, cfg: TrainingConfig, learning_rate: float):
@@ -133,7 +130,8 @@ class TrainingHooks:
 class Trainer:
     """The loop. `fast_path`: the CPU fast path installed on the model (train/cpu), verified
     here against the model's own forward before the first step. `extra_eval(model)` adds
-    metrics to each evaluation (generation metrics, from the recipe). `hooks`: see TrainingHooks."""
+    metrics to each evaluation (generation metrics, from the recipe); when they include the
+    eval loss (its pass covered the loss's tokens), the loss pass is skipped. `hooks`: see TrainingHooks."""
 
     def __init__(self, model, data: TrainingData, cfg: TrainingConfig, setup: TrainingSetup, fast_path=None,
                  extra_eval: Callable[[object], dict[str, float]] | None = None, hooks: TrainingHooks | None = None):
@@ -154,8 +152,8 @@ class Trainer:
         # takes gradient_accumulation_steps of them
         self.batch_over_ranks = cfg.per_device_train_batch_size * self.world.size
         self.steps = total_steps(cfg, len(data.train), self.world.size)
-        self.eval_every = cfg.eval_steps or default_interval(self.steps)
-        self.save_every = cfg.save_steps or self.eval_every
+        self.eval_every = interval(cfg.eval_steps, self.steps)
+        self.save_every = interval(cfg.save_steps, self.steps) if cfg.save_steps else self.eval_every
         self.optimizer = build_optimizer(model, cfg, setup.learning_rate)
         # what the optimizer updates, listed once: walking a PEFT model's parameters for it
         # took 4 ms a step (SmolLM2-135M)
@@ -277,6 +275,15 @@ class Trainer:
         eval_data = self.data.eval
         assert eval_data is not None
         self.model.eval()
+        extra = self.extra_eval(self.model) if self.extra_eval is not None else {}
+        loss = extra.pop("loss", None)  # the extra evaluation's own pass gave it (classification scoring)
+        if loss is None:
+            loss = self._eval_loss(eval_data)
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **extra}
+        self.model.train()
+        return result
+
+    def _eval_loss(self, eval_data) -> float:
         order = sorted(range(len(eval_data)), key=lambda i: eval_data.lengths[i])
         size = self.cfg.per_device_eval_batch_size
         batches = [order[start : start + size] for start in range(0, len(order), size)]
@@ -294,12 +301,7 @@ class Trainer:
                 count += n
         if self.world.distributed:
             total, count = self.world.sum_(torch.tensor([total, float(count)], dtype=torch.float64)).tolist()
-        loss = total / max(count, 1)
-        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        if self.extra_eval is not None:
-            result.update(self.extra_eval(self.model))
-        self.model.train()
-        return result
+        return total / max(count, 1)
 
     def _improved(self, value: float) -> bool:
         best, threshold = self.state.best_metric, self.cfg.early_stopping_threshold

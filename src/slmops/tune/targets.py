@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.config import FinetuneConfig, flag_index, from_flat
+from slmops.config.finetune import interval
 from slmops.config.tune import DIMENSION_ALIASES, Dimension
 from slmops.errors import ConfigError, suggest
 
@@ -87,8 +88,7 @@ class FinetuneTarget:
         training = self.base.training
         if training.max_steps <= 0:
             return None
-        every = training.eval_steps or max(1, training.max_steps // 10)
-        return math.ceil(training.max_steps / every)
+        return math.ceil(training.max_steps / interval(training.eval_steps, training.max_steps))
 
     def trial_config(self, params: dict[str, Any], folder: Path) -> FinetuneConfig:
         return self._build(params, str(folder), self.extra)
@@ -223,7 +223,7 @@ class WorkflowTarget:
                 training = planned.spec.finetune.training
                 if training.max_steps <= 0:
                     return None
-                counts.append(math.ceil(training.max_steps / (training.eval_steps or max(1, training.max_steps // 10))))
+                counts.append(math.ceil(training.max_steps / interval(training.eval_steps, training.max_steps)))
         return min(counts) if counts else 0
 
     def preflight(self, params: dict[str, Any], folder: Path) -> None:
