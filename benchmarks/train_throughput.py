@@ -19,9 +19,19 @@ so rows compare by it.
     python benchmarks/train_throughput.py                 # tone: ~17 minutes a round on 2 cores (TRL rows are slow)
     python benchmarks/train_throughput.py --steps 20 --rounds 1 --rows slmops,trl_fp32
     python benchmarks/train_throughput.py --workload all --rows trl_fp32,trl_bf16_nogc,slmops   # hours on 2 cores
+    python benchmarks/train_throughput.py --workload all --rows slmops --profile   # where a step's time goes, per workload
+    python benchmarks/train_throughput.py --setup_olive                           # Olive in its own virtualenv, once
+    python benchmarks/train_throughput.py --rows olive,slmops --steps 20          # slmops against `olive finetune`
 
-Prints the CPU and a table per workload, and ends with `ratio_vs_trl_fp32: X` and
-`ratio_vs_trl_bf16: Y`, each the minimum over the workloads run.
+The `olive` row runs Microsoft Olive 0.13's `olive finetune` (its defaults: bf16 weights, gradient
+checkpointing, examples packed into max-length blocks with the loss on every token, constant
+learning rate after a 3% warm-up) with the same LoRA, batch, length and steps, in its own
+virtualenv (it pins onnxruntime-genai 0.13.2, slmops a newer one): `--setup_olive` builds it
+under ~/.cache/slmops/olive-venv, or set OLIVE_PYTHON to another one's python.
+
+Prints the CPU and a table per workload, and ends with `ratio_vs_trl_fp32: X`,
+`ratio_vs_trl_bf16: Y` (and `ratio_vs_olive: Z` with the olive row), each the minimum over the
+workloads run.
 """
 
 from __future__ import annotations
@@ -70,6 +80,7 @@ ROWS = {
     "trl_fp32": ("trl", {"bf16": False}),  # TRL's CPU defaults, fp32 (gradient checkpointing on, as its default)
     "trl_bf16": ("trl", {"bf16": True}),  # TRL's CPU defaults: bf16 autocast + gradient checkpointing
     "trl_bf16_nogc": ("trl", {"bf16": True, "gradient_checkpointing": False}),  # TRL's best flags here
+    "olive": ("olive", {}),  # `olive finetune` with its defaults (chat workloads only: it packs rows; see the top)
     "slmops": ("slmops", {}),
     "slmops_fp32": ("slmops", {"bf16": False}),
     # QLoRA (4-bit NF4 base via bitsandbytes) and full fine-tuning, each against its own peer
@@ -157,7 +168,8 @@ def heldout_loss(model, tokenizer, rows: list[dict], kind: str, max_len: int) ->
 # -- workers (each in its own process) ------------------------------------------------------
 
 
-def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
+def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int,
+               profile: bool = False) -> dict:
     from slmops.config import from_dict
     from slmops.finetune_recipe import finetune
     from slmops.train.monitor import read_metrics
@@ -170,7 +182,9 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
         method = options.pop("method", "lora")
         cfg = from_dict({
             "model": {"model_name_or_path": model_dir},
-            "data": {"data_name": str(data), "max_seq_len": work.max_len,
+            # task generation: the tone answers are labels, and a classification task would take the
+            # classification defaults (held-out split, cosine schedule, early stopping) that TRL's rows lack
+            "data": {"data_name": str(data), "max_seq_len": work.max_len, "task": "generation",
                      **({"use_chat_template": True} if work.kind == "chat" else {"text_field": "text"})},
             "method": {"method": method, "lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"],
                        "lora_dropout": LORA["lora_dropout"], "target_modules": LORA["target_modules"] if method != "full" else None},
@@ -179,10 +193,12 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
                          "logging_steps": 1, "report_to": "none", "save_steps": 10**9, "seed": seed, **options},
             "output_path": str(Path(tmp) / "out"),
         })
-        result = finetune(cfg)
+        profiler = StepProfiler(warmup, warmup + steps) if profile else None
+        result = finetune(cfg, profiler.hooks() if profiler else None)
         logged = read_metrics(Path(tmp) / "out" / "logs" / "metrics.jsonl")
         records = [r for r in logged if r["split"] == "train"]
-        eval_loss = _score_output(Path(tmp) / "out", model_dir, method, held_out, work)
+        # (a profiling run measures where the time goes, not the result)
+        eval_loss = None if profile else _score_output(Path(tmp) / "out", model_dir, method, held_out, work)
     timed = records[warmup:]
     return {
         "step_seconds": [r["step_seconds"] for r in timed],
@@ -191,21 +207,91 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
         "eval_loss": eval_loss,
         "precision": result.plan["precision"]["name"] + ("" if method == "lora" else f" ({method})"),
         "fast_loss": result.train.fast_loss,
+        **({"profile": profiler.shares()} if profiler else {}),
     }
 
 
+# Where a training step's time goes, by the operators PyTorch's profiler sees (self time, so
+# nothing counts twice); the fused C kernels are called through ctypes, which the profiler does
+# not see: their time is in "outside PyTorch operators", with the Python between operators.
+PROFILE_GROUPS = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int4", "aten::linear")),
+    ("attention", ("scaled_dot_product", "flash_attention", "attention", "aten::_softmax", "softmax_backward")),
+    ("output head + loss", ("cross_entropy", "log_softmax", "nll_loss", "ChunkedHeadLoss")),
+    ("optimizer", ("adam", "Optimizer", "_foreach", "clip_grad", "aten::norm")),
+]
+
+
+class StepProfiler:
+    """torch.profiler over steps (first, last] of a run, through the loop's after_step hook.
+    The shares are read as the profiler stops and the profiler is dropped there: a profiler
+    still alive when the run's teardown frees its hooks crashed the worker."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last = first, last
+        self.profile = None
+        self.started = 0.0
+        self.result: dict[str, float] | None = None
+
+    def hooks(self):
+        from slmops.train.trainer import TrainingHooks
+
+        return TrainingHooks(after_step=self._after_step)
+
+    def _after_step(self, step: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.first:
+            self.profile = profile(activities=[ProfilerActivity.CPU])
+            self.profile.start()
+            self.started = time.perf_counter()
+        elif step == self.last and self.profile is not None:
+            wall = time.perf_counter() - self.started
+            self.profile.stop()
+            self.result = self._shares(self.profile.key_averages(), wall)
+            self.profile = None
+
+    @staticmethod
+    def _shares(events, wall: float) -> dict[str, float]:
+        """Each group's share of the profiled steps' wall time."""
+        other = "other PyTorch operators (elementwise, norms, copies)"
+        seconds = {group: 0.0 for group, _ in PROFILE_GROUPS} | {other: 0.0}
+        others = {}
+        for event in events:
+            group = next((g for g, keys in PROFILE_GROUPS if any(k.lower() in event.key.lower() for k in keys)), other)
+            seconds[group] += event.self_cpu_time_total / 1e6
+            if group == other:
+                others[event.key] = event.self_cpu_time_total / 1e6
+        seconds["outside PyTorch operators (fused C kernels, Python)"] = max(0.0, wall - sum(seconds.values()))
+        shares = {group: value / wall for group, value in seconds.items()}
+        # the largest of the "other" operators, by name: what the next kernel would fuse
+        for key, value in sorted(others.items(), key=lambda kv: -kv[1])[:4]:
+            shares[f"  of which {key}"] = value / wall
+        return shares
+
+    def shares(self) -> dict[str, float]:
+        if self.result is None:
+            raise RuntimeError(f"the run ended before step {self.last}: nothing was profiled")
+        return self.result
+
+
 def _score_output(out: Path, model_dir: str, method: str, held_out: list[dict], work: Workload) -> float:
+    if method != "full":
+        return _score_adapter(out / "adapter", model_dir, held_out, work)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if method == "full":
-        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
-    else:
-        from peft import PeftModel
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    return heldout_loss(model, AutoTokenizer.from_pretrained(model_dir), held_out, work.kind, work.max_len)
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), out / "adapter")
-    return heldout_loss(model, tokenizer, held_out, work.kind, work.max_len)
+
+def _score_adapter(adapter: Path, model_dir: str, held_out: list[dict], work: Workload) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter)
+    return heldout_loss(model, AutoTokenizer.from_pretrained(model_dir), held_out, work.kind, work.max_len)
 
 
 def run_trl(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
@@ -266,10 +352,109 @@ def run_trl(work: Workload, name: str, model_dir: str, steps: int, warmup: int, 
             "gradient_checkpointing": options.get("gradient_checkpointing", args.gradient_checkpointing)}
 
 
-def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, out: str, seed: int) -> None:
+OLIVE_VENV = Path.home() / ".cache" / "slmops" / "olive-venv"
+OLIVE_PINS = ["olive-ai==0.13.0", "onnxruntime-genai==0.13.2", "requests"]
+OLIVE_SHARED = ("torch", "transformers", "peft", "datasets", "accelerate")  # at slmops' pins (constraints.txt)
+
+
+def olive_python() -> Path:
+    python = Path(os.environ.get("OLIVE_PYTHON") or OLIVE_VENV / "bin" / "python")
+    if not python.exists():
+        sys.exit(f"the olive row needs Olive's virtualenv: {python} is missing. Build it with "
+                 f"`python benchmarks/train_throughput.py --setup_olive`, or set OLIVE_PYTHON to a python that has olive-ai 0.13")
+    return python
+
+
+def setup_olive() -> None:
+    """Olive 0.13 in its own virtualenv: it pins onnxruntime-genai 0.13.2; the libraries both
+    share (torch, transformers, peft...) at slmops' pins, so the rows differ by the trainer only."""
+    pins = [line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line.strip().lower().startswith(tuple(f"{name}==" for name in OLIVE_SHARED))]
+    subprocess.run([sys.executable, "-m", "venv", str(OLIVE_VENV)], check=True)
+    pip = [str(OLIVE_VENV / "bin" / "pip"), "install", "--quiet"]
+    subprocess.run([*pip, next(p for p in pins if p.startswith("torch=="))], check=True)  # the CPU wheel first (see README)
+    subprocess.run([*pip, *pins, *OLIVE_PINS], check=True)
+    print(f"olive: {OLIVE_VENV / 'bin' / 'olive'}")
+
+
+# Runs inside Olive's virtualenv: `olive finetune` in this process, its transformers.Trainer
+# timed per step by a callback as TRL's is, the tokens of each batch counted.
+OLIVE_DRIVER = """
+import json, sys, time
+import transformers
+result_path, argv = sys.argv[1], sys.argv[2:]
+record = {"step_seconds": [], "tokens": [], "losses": []}
+trainers = []
+
+class Timer(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+    def on_step_end(self, args, state, control, **kwargs):
+        record["step_seconds"].append(time.perf_counter() - self.start)
+
+init = transformers.Trainer.__init__
+def timed_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.add_callback(Timer())
+    collate = self.data_collator
+    def counting(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        record["tokens"].append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+    self.data_collator = counting
+    trainers.append(self)
+transformers.Trainer.__init__ = timed_init
+
+from olive.cli.launcher import main
+try:
+    main(argv)
+except SystemExit as stop:
+    if stop.code:
+        raise
+record["losses"] = [h["loss"] for h in trainers[-1].state.log_history if "loss" in h]
+with open(result_path, "w") as f:
+    json.dump(record, f)
+"""
+
+
+def run_olive(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
+    if work.kind != "chat":
+        raise SystemExit(f"the olive row runs on the chat workloads (tone, chat_qa), not {name}")
+    train_rows, held_out = workload_rows(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train.jsonl"
+        data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in train_rows))
+        out, result = Path(tmp) / "out", Path(tmp) / "result.json"
+        argv = ["finetune", "-m", model_dir, "-d", "json", "--data_files", str(data), "--train_split", "train",
+                "--use_chat_template", "--max_seq_len", str(work.max_len), "--method", "lora", "--lora_r", str(LORA["r"]),
+                "--lora_alpha", str(LORA["lora_alpha"]), "--target_modules", ",".join(LORA["target_modules"]),
+                "-o", str(out), "--disable_telemetry",
+                # passed through to transformers.TrainingArguments
+                "--max_steps", str(warmup + steps), "--per_device_train_batch_size", str(work.batch), "--learning_rate", str(LR),
+                "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
+                "--output_dir", str(Path(tmp) / "trainer")]
+        subprocess.run([str(olive_python()), "-c", OLIVE_DRIVER, str(result), *argv], check=True,
+                       env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        record = json.loads(result.read_text())
+        adapter = next(out.rglob("adapter_config.json")).parent
+        eval_loss = _score_adapter(adapter, model_dir, held_out, work)
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"step_seconds": record["step_seconds"][warmup:], "tokens": record["tokens"][warmup : warmup + steps],
+            "losses": record["losses"], "eval_loss": eval_loss, "precision": "bf16 weights (olive default)",
+            "peak_rss_mb_children": children_peak}
+
+
+def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, out: str, seed: int, profile: bool) -> None:
     runner, options = ROWS[name]
-    result = (run_slmops if runner == "slmops" else run_trl)(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed)
-    result["peak_rss_mb"] = peak_rss_mb()
+    if runner == "slmops":
+        result = run_slmops(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed, profile)
+    elif runner == "olive":
+        result = run_olive(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed)
+    else:
+        result = run_trl(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed)
+    # (the olive row trains in a child process: its peak is the child's)
+    result["peak_rss_mb"] = result.pop("peak_rss_mb_children", None) or peak_rss_mb()
     Path(out).write_text(json.dumps(result))
 
 
@@ -342,7 +527,8 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 print(f"{name} round {round_index + 1}/{args.rounds}: {row} ...", file=sys.stderr, flush=True)
                 subprocess.run([sys.executable, __file__, "--worker", row, "--workload", name, "--model_dir", model_dir,
-                                "--steps", str(steps), "--warmup", str(warmup), "--out", out.name, "--seed", str(args.seed + round_index)],
+                                "--steps", str(steps), "--warmup", str(warmup), "--out", out.name, "--seed", str(args.seed + round_index),
+                                *(["--profile"] if args.profile else [])],
                                check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
                 results[row].append(json.loads(Path(out.name).read_text()))
     # A LoRA step on a frozen base costs ~4 FLOPs per non-embedding parameter per token
@@ -358,10 +544,11 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
             "tokens_per_s": tps, "step_median_s": statistics.median(s for r in runs for s in r["step_seconds"]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "loss_last": statistics.mean(statistics.mean(r["losses"][-min(10, len(r["losses"])):]) for r in runs),
-            "eval_loss": statistics.mean(r["eval_loss"] for r in runs),
-            "eval_range": (min(r["eval_loss"] for r in runs), max(r["eval_loss"] for r in runs)),
+            "eval_loss": statistics.mean(r["eval_loss"] for r in runs) if runs[0]["eval_loss"] is not None else float("nan"),
+            "eval_range": (min(r["eval_loss"] or 0.0 for r in runs), max(r["eval_loss"] or 0.0 for r in runs)),
             "peak_fraction": tps * flops_per_token / 1e9 / peak,
             "precision": runs[0].get("precision"),
+            "profile": runs[0].get("profile"),
         }
     print(f"\n== workload {name}: {work.kind}, batch {work.batch}, max length {work.max_len}, {steps} timed steps after {warmup}, "
           f"{args.rounds} round(s)")
@@ -371,9 +558,13 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
         print(f"{row:16s} {r['tokens_per_s']:9.0f} {r['step_median_s']:10.3f} {r['peak_rss_mb']:11.0f} "
               f"{r['eval_loss']:7.4f} [{r['eval_range'][0]:.3f}-{r['eval_range'][1]:.3f}] {r['loss_last']:10.4f} "
               f"{100 * r['peak_fraction']:10.1f}%  {r['precision']}")
+    for row, r in table.items():
+        if r["profile"]:
+            print(f"{name}: where a {row} step's time goes (torch.profiler over the timed steps of round 1): "
+                  + ", ".join(f"{group} {100 * share:.0f}%" for group, share in r["profile"].items()))
     ours = table.get("slmops")
     if ours:
-        for peer in ("trl_fp32", "trl_bf16", "trl_bf16_nogc"):
+        for peer in ("trl_fp32", "trl_bf16", "trl_bf16_nogc", "olive"):
             if peer in table:
                 print(f"{name}: slmops / {peer}: throughput {ours['tokens_per_s'] / table[peer]['tokens_per_s']:.2f}x, "
                       f"peak RSS {ours['peak_rss_mb'] / table[peer]['peak_rss_mb']:.2f}x")
@@ -395,13 +586,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="times each row runs, alternating")
     parser.add_argument("--rows", default="trl_fp32,trl_bf16,trl_bf16_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full",
                         help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone workload only)")
+    parser.add_argument("--profile", action="store_true", help="slmops rows run their timed steps under torch.profiler and "
+                        "print where the time goes (the profiler's overhead slows them: time and profile in separate runs)")
+    parser.add_argument("--setup_olive", action="store_true", help=f"build Olive 0.13's virtualenv for the olive row ({OLIVE_VENV}) and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=42, help="seed of round 1; round i uses seed + i - 1 for every row")
     args = parser.parse_args()
+    if args.setup_olive:
+        setup_olive()
+        return
     if args.worker:
-        worker(args.workload, args.worker, args.model_dir, int(args.steps), int(args.warmup), args.out, args.seed)
+        worker(args.workload, args.worker, args.model_dir, int(args.steps), int(args.warmup), args.out, args.seed, args.profile)
         return
 
     workloads = list(WORKLOADS) if args.workload == "all" else [w.strip() for w in args.workload.split(",") if w.strip()]
@@ -415,11 +612,13 @@ def main() -> None:
     tables = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in workloads:
-            rows = [n for n in names if name == "tone" or not n.endswith(("_qlora", "_full"))]
+            rows = [n for n in names if (name == "tone" or not n.endswith(("_qlora", "_full")))
+                    and (n != "olive" or WORKLOADS[name].kind == "chat")]  # (Olive's packing is for chat rows here)
             tables[name] = run_workload(name, rows, args, Path(scratch), peak)
     print("\nheld-out loss: after training, every row scored the same way on the workload's last "
           f"{EVAL_ROWS} rows (last assistant turn, or the whole text); mean [min-max] over the rounds, each round its own seed")
-    for label, peers in (("ratio_vs_trl_fp32", ("trl_fp32",)), ("ratio_vs_trl_bf16", ("trl_bf16", "trl_bf16_nogc"))):
+    for label, peers in (("ratio_vs_trl_fp32", ("trl_fp32",)), ("ratio_vs_trl_bf16", ("trl_bf16", "trl_bf16_nogc")),
+                         ("ratio_vs_olive", ("olive",))):
         ratios = {name: t["slmops"]["tokens_per_s"] / max(t[p]["tokens_per_s"] for p in peers if p in t)
                   for name, t in tables.items() if "slmops" in t and any(p in t for p in peers)}
         if ratios:
