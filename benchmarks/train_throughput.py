@@ -434,7 +434,8 @@ def run_olive(work: Workload, name: str, model_dir: str, steps: int, warmup: int
                 "--max_steps", str(warmup + steps), "--per_device_train_batch_size", str(work.batch), "--learning_rate", str(LR),
                 "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
                 "--output_dir", str(Path(tmp) / "trainer")]
-        subprocess.run([str(olive_python()), "-c", OLIVE_DRIVER, str(result), *argv], check=True,
+        # cwd: Olive writes its cache (.olive-cache) into the working directory
+        subprocess.run([str(olive_python()), "-c", OLIVE_DRIVER, str(result), *argv], check=True, cwd=tmp,
                        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         record = json.loads(result.read_text())
         adapter = next(out.rglob("adapter_config.json")).parent
@@ -606,6 +607,14 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown row(s) or workload(s) {', '.join(unknown)}; rows: {', '.join(ROWS)}; workloads: {', '.join(WORKLOADS)}, all")
+    # the peers' libraries, checked before anything runs (a missing one would end the run hours in)
+    if any(ROWS[n][0] == "trl" for n in names):
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            sys.exit("the trl rows need TRL: .venv/bin/pip install -c constraints.txt -r benchmarks/requirements.txt")
+    if "olive" in names:
+        olive_python()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
     peak, peak_dtype = matmul_peak_gflops()
     print(f"{peak_dtype} 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s (the '% peak' column)")

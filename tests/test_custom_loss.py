@@ -63,8 +63,11 @@ def test_label_smoothed_cross_entropy_trains_exactly_like_pytorch_by_hand(tiny_l
 
     saved = load_file(tmp_path / "custom" / "adapter" / "adapter_model.safetensors")
     mine = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    # Adam divides by the root of the squared gradients, so an element whose gradients are at
+    # float noise level moves by up to lr per step either way: 1e-5 absolute (a thousandth of
+    # lr) is float drift, a wrong loss or gradient moves weights by lr-sized amounts
     for key, value in saved.items():
-        torch.testing.assert_close(value, mine[key.replace("base_model.model.", "base_model.model.")], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(value, mine[key], rtol=1e-4, atol=1e-5)
 
 
 def test_contrastive_loss_on_pairs_pulls_same_tone_together(tiny_llama, tmp_path):

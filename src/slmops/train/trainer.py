@@ -283,6 +283,7 @@ class Trainer:
         self.model.train()
         return result
 
+    @torch.no_grad()
     def _eval_loss(self, eval_data) -> float:
         order = sorted(range(len(eval_data)), key=lambda i: eval_data.lengths[i])
         size = self.cfg.per_device_eval_batch_size
