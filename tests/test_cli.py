@@ -117,13 +117,17 @@ def test_a_long_phase_says_its_expected_time_from_the_last_run_here(tmp_path, mo
     with phase("building the graph", "build", size=100):
         pass
     assert "building the graph ...\n" in caplog.text + "\n" and "building the graph: done in" in caplog.text
-    json.loads((tmp_path / "phase_seconds.json").read_text())["build"]  # seconds per unit, kept for next time
-    (tmp_path / "phase_seconds.json").write_text(json.dumps({"build": 0.5}))
+    json.loads((tmp_path / "phase_seconds.json").read_text())["build@2^7"]  # seconds per unit at ~100 units, kept for next time
+    (tmp_path / "phase_seconds.json").write_text(json.dumps({"build@2^7": 0.5}))
     caplog.clear()
-    with phase("building the graph", "build", size=100):
+    with phase("building the graph", "build", size=120):
         pass
-    assert "building the graph ... (about 50 s, from the last time on this machine)" in caplog.text
+    assert "building the graph ... (about 60 s, from the last time on this machine)" in caplog.text
+    caplog.clear()  # a rate measured on a small size (fixed costs over few units) does not price a large one
+    with phase("building the graph", "build", size=2000):
+        pass
+    assert "building the graph ...\n" in caplog.text + "\n"
     (tmp_path / "phase_seconds.json").write_text("not json")  # a damaged cache costs the estimate, nothing else
     with phase("building the graph", "build", size=100):
         pass
-    assert json.loads((tmp_path / "phase_seconds.json").read_text())["build"] >= 0
+    assert json.loads((tmp_path / "phase_seconds.json").read_text())["build@2^7"] >= 0

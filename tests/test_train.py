@@ -331,3 +331,25 @@ def test_gradient_checkpointing_turns_itself_on_when_activations_would_not_fit(t
     assert build_model(plan).is_gradient_checkpointing
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "asked", gradient_checkpointing=False))
     assert plan.gradient_checkpointing == (False, "--gradient_checkpointing false")
+
+
+def test_early_stopping_ends_the_run_once_the_best_score_cannot_be_beaten(tiny_llama, tmp_path):
+    """A classification metric at its ceiling (macro-F1 1.0) cannot be beaten by a later
+    evaluation (a tie keeps the earlier weights), so with early stopping on the run ends there
+    instead of waiting out its patience; the kept adapter is that evaluation's. With early
+    stopping off, the run goes on to --max_steps."""
+    rows = [{"phrase": f"{word} number {i}", "tone": tone} for i in range(40) for word, tone in (("sunny", "joyful"), ("stormy", "angry"))]
+    easy = tmp_path / "easy.jsonl"
+    easy.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = dict(data_name=str(easy), train_split="train", eval_split="auto", metric_for_best_model="macro_f1",
+                    max_steps=40, eval_steps=4, learning_rate=2e-2)
+    out = tmp_path / "stops"
+    result = finetune(tiny_config(tiny_llama, out, **settings))
+    evals = [r for r in read_metrics(out / "logs" / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals[-1]["macro_f1"] == pytest.approx(1.0) and all(r["macro_f1"] < 1.0 for r in evals[:-1]), evals
+    assert result.train.stopped_early and result.train.steps == evals[-1]["step"] < 40
+    assert result.train.best_step == evals[-1]["step"]
+    assert json.loads((out / "checkpoints" / "best" / "state.json").read_text())["best_step"] == evals[-1]["step"]
+
+    patient = finetune(tiny_config(tiny_llama, tmp_path / "runs-on", early_stopping_patience=0, **settings))
+    assert patient.train.steps == 40 and not patient.train.stopped_early

@@ -156,6 +156,11 @@ CLASSIFICATION_METRICS = ("accuracy", "f1")
 # Metrics where a smaller value is better (for best-model selection and early stopping).
 LOWER_IS_BETTER = {"loss", "perplexity", "unparseable", "ttft_p50_s", "ttft_p95_s", "peak_rss_mb"}
 
+# The best value a metric can take: once the best model scores it, no later evaluation can
+# improve on it (a tie keeps the earlier weights), so early stopping need not wait out its patience.
+BEST_POSSIBLE = {"accuracy": 1.0, "macro_f1": 1.0, "micro_f1": 1.0, "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "bleu": 100.0,
+                 "unparseable": 0.0}
+
 
 def check_labels(references: list[str | None]) -> None:
     """Classification metrics compare one-line labels: refuse gold answers that a generated

@@ -310,6 +310,15 @@ class Trainer:
             return True
         return value < best - threshold if self.setup.lower_is_better else value > best + threshold
 
+    def _best_is_unbeatable(self) -> bool:
+        from slmops.evaluate.metrics import BEST_POSSIBLE
+
+        ceiling, best = BEST_POSSIBLE.get(self.best_key), self.state.best_metric
+        if ceiling is None or best is None:
+            return False
+        margin = 1e-9 * max(1.0, abs(ceiling))  # a score computed as a float sum (macro-F1) may land a hair off
+        return best <= ceiling + margin if self.setup.lower_is_better else best >= ceiling - margin
+
     def _save(self, name: str, weights_only: bool = False) -> None:
         """Rank 0 writes; a sharded model's tensors are gathered by every process first."""
         if not (self.world.is_main or self.sharded):
@@ -468,6 +477,11 @@ class Trainer:
                     say(bar, f"step {step}: eval {shown} (best {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step})")
                     if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
                         say(bar, f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
+                        stop_reason = stop_reason or "early_stopping"
+                    elif cfg.early_stopping_patience and cfg.load_best_model_at_end and self._best_is_unbeatable():
+                        # the kept weights are the best's, and nothing can beat it: the rest of the run would change nothing kept
+                        say(bar, f"early stopping: eval {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step} "
+                                 "is the best it can be")
                         stop_reason = stop_reason or "early_stopping"
                     if self.hooks.on_evaluate is not None:
                         stop_reason = self._agreed(self.hooks.on_evaluate(step, result)) or stop_reason
