@@ -477,11 +477,12 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
             decide(tcfg.cpu_fast_path, plan.method.cpu_fast_path, plan.method.name, plan.precision.device)
         with (FastPath.disabled(off) if off else FastPath.install(model)) as fast_path:
             log.info("fast CPU path: %s", fast_path.describe())
-            from slmops.evaluate.metrics import LOWER_IS_BETTER
+            from slmops.evaluate.metrics import BEST_POSSIBLE, LOWER_IS_BETTER
 
             setup = TrainingSetup(plan.precision, plan.learning_rate, layout.checkpoints,
                                   Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.method.is_adapter, plan.identity,
-                                  tcfg.metric_for_best_model in LOWER_IS_BETTER, plan.custom_loss, world)
+                                  tcfg.metric_for_best_model in LOWER_IS_BETTER, BEST_POSSIBLE.get(tcfg.metric_for_best_model),
+                                  plan.custom_loss, world)
             trainer = Trainer(model, TrainingData(data.train, data.eval, plan.tokenizer.pad_token_id), tcfg, setup, fast_path,
                               _generation_eval(plan), TrainingHooks(on_checkpoint=folder.commit).merged(hooks))
             if plan.resume_from is not None:

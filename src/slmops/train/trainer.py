@@ -91,6 +91,7 @@ class TrainingSetup:
     save_adapter: bool  # a PEFT copy of the adapter in each checkpoint (adapter methods)
     identity: dict = field(default_factory=dict)  # the run's fingerprints, in each checkpoint's manifest
     lower_is_better: bool = True  # of cfg.metric_for_best_model
+    best_possible: float | None = None  # of cfg.metric_for_best_model, where it has one (accuracy 1.0): reached, nothing beats it
     custom_loss: object | None = None  # train.custom_loss.CustomLoss (--loss), else cross-entropy on the labelled tokens
     world: World = field(default_factory=World)  # the processes training together (train/distributed.py)
     tracking: object | None = None  # train.tracking.Tracking (--report_to), opened and finished by the recipe
@@ -311,9 +312,7 @@ class Trainer:
         return value < best - threshold if self.setup.lower_is_better else value > best + threshold
 
     def _best_is_unbeatable(self) -> bool:
-        from slmops.evaluate.metrics import BEST_POSSIBLE
-
-        ceiling, best = BEST_POSSIBLE.get(self.best_key), self.state.best_metric
+        ceiling, best = self.setup.best_possible, self.state.best_metric
         if ceiling is None or best is None:
             return False
         margin = 1e-9 * max(1.0, abs(ceiling))  # a score computed as a float sum (macro-F1) may land a hair off
