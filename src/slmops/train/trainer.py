@@ -311,12 +311,19 @@ class Trainer:
             return True
         return value < best - threshold if self.setup.lower_is_better else value > best + threshold
 
-    def _best_is_unbeatable(self) -> bool:
-        ceiling, best = self.setup.best_possible, self.state.best_metric
-        if ceiling is None or best is None:
-            return False
-        margin = 1e-9 * max(1.0, abs(ceiling))  # a score computed as a float sum (macro-F1) may land a hair off
-        return best <= ceiling + margin if self.setup.lower_is_better else best >= ceiling - margin
+    def _early_stopping_reason(self) -> str | None:
+        """Why to stop after this evaluation, if early stopping is on: its patience ran out, or
+        not even the metric's best possible value would count as an improvement now (the kept
+        weights being the best's, the rest of the run would change nothing that is kept)."""
+        patience, state = self.cfg.early_stopping_patience, self.state
+        if not patience:
+            return None
+        if state.evals_without_improvement >= patience:
+            return f"no improvement in {patience} evaluations"
+        ceiling = self.setup.best_possible
+        if self.cfg.load_best_model_at_end and ceiling is not None and state.best_metric is not None and not self._improved(ceiling):
+            return f"eval {self.best_key} {state.best_metric:.4f} at step {state.best_step} is the best it can be"
+        return None
 
     def _save(self, name: str, weights_only: bool = False) -> None:
         """Rank 0 writes; a sharded model's tensors are gathered by every process first."""
@@ -474,13 +481,9 @@ class Trainer:
                         self.state.evals_without_improvement += 1
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("perplexity", "n"))
                     say(bar, f"step {step}: eval {shown} (best {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step})")
-                    if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
-                        say(bar, f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
-                        stop_reason = stop_reason or "early_stopping"
-                    elif cfg.early_stopping_patience and cfg.load_best_model_at_end and self._best_is_unbeatable():
-                        # the kept weights are the best's, and nothing can beat it: the rest of the run would change nothing kept
-                        say(bar, f"early stopping: eval {self.best_key} {self.state.best_metric:.4f} at step {self.state.best_step} "
-                                 "is the best it can be")
+                    why = self._early_stopping_reason()
+                    if why:
+                        say(bar, f"early stopping: {why}")
                         stop_reason = stop_reason or "early_stopping"
                     if self.hooks.on_evaluate is not None:
                         stop_reason = self._agreed(self.hooks.on_evaluate(step, result)) or stop_reason
