@@ -22,11 +22,16 @@ system-packages:
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
 
+# Two workers, one thread each (tests/conftest.py): much of a test is single-threaded
+# (imports, subprocess start-up, ONNX building), so two side by side use both cores.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: setup system-packages
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup system-packages
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -18,6 +18,11 @@ CHAT_TEMPLATE = (
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers run side by side (`pytest -n 2`): one thread each, so that two of them share the
+    # cores instead of thrashing each other's OpenMP threads; subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("SLMOPS_NUM_THREADS", "1")
 
 
 def _corpus() -> list[str]:
@@ -102,3 +107,17 @@ def builtin_model() -> Path:
     from slmops.models.builtin import fetch_builtin
 
     return fetch_builtin("smollm2-135m-instruct")
+
+
+# Tests that share a module-scoped run of the real model: one worker runs them all (`pytest -n 2
+# --dist loadgroup`), else each worker would train its own copy.
+SHARED_RUNS = ("seed_tone_run",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    # the long end-to-end tests first: with two workers, a long one started last would run alone
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -261,7 +261,17 @@ def test_dropout_positions_with_the_kernel_come_from_torchs_generator(kernels):
 
 
 def test_large_tensors_use_both_threads_and_agree(kernels):
-    """Above PARALLEL_MIN elements the loops run on OpenMP threads: same results."""
+    """Above PARALLEL_MIN elements the loops run on OpenMP threads: same results (two threads
+    asked for: under `pytest -n 2` a worker runs on one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_large_tensors(kernels)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_large_tensors(kernels):
     torch.manual_seed(1)
     gate, up = torch.randn(64, 1536), torch.randn(64, 1536)
     torch.testing.assert_close(kernels.swiglu_forward(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)

@@ -42,7 +42,7 @@ def test_builtin_model_answers_like_smollm2(builtin_model):
     assert source["sha256"] == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept while other modules' tests run between its users
 def seed_tone_run(tmp_path_factory, builtin_model) -> Path:
     """Seed command 1, as written (model and data pointed at local sources)."""
     cwd = tmp_path_factory.mktemp("seed1")

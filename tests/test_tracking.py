@@ -165,14 +165,20 @@ def test_one_run_reports_to_tensorboard_wandb_and_mlflow(tiny_llama, tmp_path, m
     for step, loss in evals.items():
         assert f"| {step} | {loss:.4f} |" in report
     assert "| learning rate | 0.01 |" in report and "| task | classification: " in report and "torch " in report
-    # three eval prompts answered greedily by the saved adapter and by the base under it
-    from slmops.inference import GenerationParams, open_backend
+    # three eval prompts answered by the saved adapter and by the base under it: a classifier's
+    # answer is its most likely label (as evaluation scores it)
+    from slmops.evaluate.choices import predict_labels, score_labels
+    from slmops.finetune_recipe import plan_finetune
+    from slmops.inference import open_backend
 
-    answers = report.split("## Sample answers (eval prompts, greedy)")[1].split("##")[0].strip().splitlines()
+    answers = report.split("## Sample answers (eval prompts, most likely label)")[1].split("##")[0].strip().splitlines()
     assert answers[0] == "| prompt (end) | expected | tuned | base |" and len(answers) == 5
+    data = plan_finetune(tiny_config(tiny_llama, tmp_path / "again", eval_split="train[64:80]")).data
+    example = data.eval_examples[0]  # the first row of the table
+    assert example.prompt == "Phrase: Thinking of our garden just makes me want to stay in bed.\nTone:"
     backend = open_backend(str(out))
-    first_prompt = "Phrase: Thinking of our garden just makes me want to stay in bed.\nTone:"
-    tuned, base = (" ".join(backend.generate_text(first_prompt, a, GenerationParams(max_new_tokens=16)).split()) for a in (None, "base"))
+    tuned, base = (predict_labels(score_labels(backend, [example], data.labels, a, data.formatter.add_special_tokens), data.labels)[0]
+                   for a in (None, "base"))
     assert answers[2] == f"| Phrase: Thinking of our garden just makes me want to stay in bed. Tone: | sad | {tuned} | {base} |"
     page = (out / "report.html").read_text()
     assert "Configuration (run.yaml)" in page and "lora_r: 4" in page and page.count("data:image/png;base64,") == 2

@@ -533,12 +533,16 @@ SAMPLE_PROMPTS = 3  # eval examples the report shows answered by the tuned model
 
 
 def _sample_answers(plan: FinetunePlan, model) -> list[dict]:
-    """A few eval prompts with the expected answer and the greedy answers of the saved (best)
-    weights and, for adapter methods, of the base (the adapter switched off): the report's
-    'what changed' at a glance. Empty without an eval split with answers."""
+    """A few eval prompts with the expected answer and the answers of the saved (best) weights
+    and, for adapter methods, of the base (the adapter switched off): the report's 'what
+    changed' at a glance. Empty without an eval split with answers. A classifier's answer is
+    its most likely label, as evaluation scores it (one pass; generating up to
+    --eval_max_new_tokens from an untuned base took longer than a short run's training);
+    other tasks answer greedily."""
     examples = [ex for ex in (plan.data.eval_examples or []) if ex.completion is not None][:SAMPLE_PROMPTS]
     if not examples:
         return []
+    from slmops.evaluate.choices import predict_labels, score_labels
     from slmops.inference import GenerationParams
     from slmops.inference.torch_backend import TorchBackend
 
@@ -546,11 +550,19 @@ def _sample_answers(plan: FinetunePlan, model) -> list[dict]:
     params = GenerationParams(max_new_tokens=plan.config.training.eval_max_new_tokens)
     prompts = [ex.prompt for ex in examples]
     special = plan.data.formatter.add_special_tokens
+    labels = plan.data.labels
+
+    def answers(adapter: str | None) -> list[str]:
+        if labels is not None:
+            return predict_labels(score_labels(backend, examples, labels, adapter, special), labels)
+        return backend.generate_batch(prompts, adapter, params, special)
+
     was_training = model.training
     model.eval()
     try:
-        tuned = backend.generate_batch(prompts, None, params, special)
-        base = backend.generate_batch(prompts, "base", params, special) if plan.method.is_adapter else [None] * len(prompts)
+        with torch.no_grad():
+            tuned = answers(None)
+            base = answers("base") if plan.method.is_adapter else [None] * len(prompts)
     finally:
         model.train(was_training)
     return [{"prompt": ex.prompt, "expected": ex.completion, "tuned": t, "base": b} for ex, t, b in zip(examples, tuned, base)]

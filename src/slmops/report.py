@@ -173,8 +173,9 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
     if evals:
         lines += ["", "## Evaluations", "", markdown_table(*evals)]
     answers = sample_table(samples or [])
+    how = "most likely label" if (plan["data"].get("task") or {}).get("kind") == "classification" else "greedy"
     if answers:
-        lines += ["", "## Sample answers (eval prompts, greedy)", "", markdown_table(*answers)]
+        lines += ["", f"## Sample answers (eval prompts, {how})", "", markdown_table(*answers)]
     chosen = chosen_settings(plan)
     lines += ["", "## Chosen for this run", "", markdown_table(["setting", "value"], chosen)]
     if versions:
@@ -189,7 +190,7 @@ def write_training_report(layout: OutputLayout, log_dir: Path, plan: dict, resul
     if evals:
         blocks += ["<h2>Evaluations</h2>", html_table(*evals)]
     if answers:
-        blocks += ["<h2>Sample answers (eval prompts, greedy)</h2>", html_table(*answers)]
+        blocks += [f"<h2>Sample answers (eval prompts, {how})</h2>", html_table(*answers)]
     blocks += ["<h2>Chosen for this run</h2>", html_table(["setting", "value"], chosen)]
     if config:
         import yaml
