@@ -23,9 +23,10 @@ demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
 
 # Two workers, one thread each (tests/conftest.py): much of a test is single-threaded
-# (imports, subprocess start-up, ONNX building), so two side by side use both cores.
+# (imports, subprocess start-up, ONNX building), so two side by side use both cores. Whole
+# files per worker: a module's shared run of the real model is trained once.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: setup system-packages
 	$(PYTEST)

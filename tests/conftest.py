@@ -109,15 +109,7 @@ def builtin_model() -> Path:
     return fetch_builtin("smollm2-135m-instruct")
 
 
-# Tests that share a module-scoped run of the real model: one worker runs them all (`pytest -n 2
-# --dist loadgroup`), else each worker would train its own copy.
-SHARED_RUNS = ("seed_tone_run",)
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-    # the long end-to-end tests first: with two workers, a long one started last would run alone
+    # the long end-to-end tests first: with two workers (`make test`), a long one started last
+    # would run alone at the end
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
