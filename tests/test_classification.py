@@ -142,6 +142,17 @@ def test_in_training_f1_by_likelihood_equals_evaluate_on_the_saved_adapter(tiny_
     measured = json.loads((tmp_path / "eval" / "results.json").read_text())["models"][0]["metrics"]
     assert measured["macro_f1"] == pytest.approx(best["macro_f1"]) and measured["unparseable"] == 0
 
+    # --eval_split auto in evaluate: the same rows, held out again from the same train split and seed
+    code, text = run_cli(capsys, "evaluate", "-m", str(out), "--data_name", str(TONE), "--train_split", "train[:96]",
+                         "--eval_split", "auto", "--text_template", "Phrase: {phrase}\\nTone: {tone}", "--metrics", "accuracy,f1",
+                         "-o", str(tmp_path / "eval-auto"), "--log_level", "3")
+    assert code == 0, text
+    auto = json.loads((tmp_path / "eval-auto" / "results.json").read_text())
+    assert auto["data"]["rows"] == len(plan.data.eval_examples) and "the rows training held out" in auto["data"]["split"]
+    assert auto["models"][0]["metrics"]["macro_f1"] == pytest.approx(best["macro_f1"])
+    predictions = [json.loads(line) for line in (tmp_path / "eval-auto" / "predictions-0.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in predictions] == [ex.prompt for ex in plan.data.eval_examples]
+
 
 def test_label_scoring_gives_the_eval_loss_without_a_second_pass(tiny_llama, tmp_path, monkeypatch):
     """Scoring every label scores the gold one, whose log-likelihood is minus the eval loss:

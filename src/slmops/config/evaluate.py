@@ -40,6 +40,8 @@ class EvaluateConfig(Section):
         None, description="The label set for likelihood scoring, comma-separated (default: the distinct gold answers of the split; "
         "name them when the split may miss one)."
     )
+    seed: int = Field(42, description="With --eval_split auto: the training run's --seed, which chose the rows it held out of "
+                                      "train (the same rows are scored).")
     max_new_tokens: int = Field(32, gt=0, description="Most tokens generated per example.")
     batch_size: int = Field(16, gt=0, description="Examples per generation / loss batch.")
     latency_samples: int = Field(8, gt=0, description="Examples timed one at a time for the latency metric.")

@@ -53,7 +53,9 @@ def prompts_for_adapter(adapter_path: Path | None, tokenizer, limit: int = 3) ->
             from slmops.data.load import load_split
             from slmops.data.prepare import format_rows
 
-            split = load_split(cfg.data.data_name, cfg.data.eval_split or cfg.data.train_split, cfg.data.data_files,
+            # (a run's --eval_split auto was held out of its train split: its train rows are prompts in the same format)
+            name = cfg.data.train_split if cfg.data.eval_split in (None, "auto") else cfg.data.eval_split
+            split = load_split(cfg.data.data_name, name, cfg.data.data_files,
                                cfg.data.eval_subset or cfg.data.train_subset)
             dataset = split.dataset.select(range(min(limit, len(split.dataset))))
             formatter = build_formatter(cfg.data, list(dataset.column_names), tokenizer)
@@ -83,6 +85,7 @@ def metric_change(bundle_dir: Path, adapter_name: str, adapter_path: Path, rows:
         data.update(eval_split=run.data.eval_split or run.data.train_split, max_samples=rows)
         probe = EvaluateConfig.model_validate({"model": {"model_name_or_path": str(bundle_dir)}, "adapter": adapter_name,
                                                "compare_to": [str(adapter_path.parent)], "data": data,
+                                               "seed": run.training.seed,  # --eval_split auto: the rows the run held out
                                                "metrics": ["accuracy", "f1", "rouge"], "max_new_tokens": 32})
         if _trained_as_classification(adapter_path):  # each label's likelihood: no generation
             report, metric = evaluate(probe.model_copy(update={"metrics": ["accuracy", "f1"]})), "accuracy"

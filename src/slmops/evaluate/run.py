@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import resource
@@ -11,9 +13,9 @@ from pathlib import Path
 
 from slmops.config import EvaluateConfig
 from slmops.data.format import build_formatter
-from slmops.data.labels import MAX_LABELS, LabelSet, label_set
+from slmops.data.labels import MAX_LABELS, LabelSet, holdout_rows, label_set
 from slmops.data.load import load_split
-from slmops.data.prepare import format_rows
+from slmops.data.prepare import find_labels, format_rows
 from slmops.data.tokenize import tokenize_examples
 from slmops.errors import DataError
 from slmops.evaluate.choices import predict_labels, score_labels
@@ -49,7 +51,25 @@ def _label_set_for(cfg: EvaluateConfig, references: list[str]) -> LabelSet | Non
 
 
 def _split_of(cfg: EvaluateConfig) -> str:
+    if cfg.data.eval_split == "auto":  # held out of the train split (below, once the completions are known)
+        return cfg.data.train_split
     return cfg.data.eval_split or cfg.data.train_split
+
+
+def _held_out_rows(cfg: EvaluateConfig, examples) -> list[int]:
+    """--eval_split auto: the rows `slmops finetune --eval_split auto` held out of the same train
+    split with the same --seed (10%, stratified by label where the completions are labels,
+    as training decided from the same completions)."""
+    completions = [ex.completion for ex in examples]
+    labels = find_labels(cfg.data, completions)
+    _, rows = holdout_rows(completions, labels is not None, cfg.seed)
+    log.info("data: the %d rows --eval_split auto holds out of %s (seed %d%s)", len(rows), cfg.data.train_split, cfg.seed,
+             ", stratified by label" if labels is not None else "")
+    return rows
+
+
+def _first(dataset, count: int | None):
+    return dataset.select(range(count)) if count is not None and count < len(dataset) else dataset
 
 
 def peak_rss_mb() -> float:
@@ -66,8 +86,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         check_writable(Path(cfg.output_path), "--output_path")
     split = load_split(cfg.data.data_name, _split_of(cfg), cfg.data.data_files, cfg.data.eval_subset or cfg.data.train_subset)
     dataset = split.dataset
-    if cfg.data.max_samples is not None and cfg.data.max_samples < len(dataset):
-        dataset = dataset.select(range(cfg.data.max_samples))
+    held_out = cfg.data.eval_split == "auto"  # rows chosen once the first model's formatter gives the completions
+    if not held_out:
+        dataset = _first(dataset, cfg.data.max_samples)
 
     # (model, adapter): the adapter None is the model's default (an slmops output's own adapter);
     # 'base' compares the same loaded model with its adapter off
@@ -90,6 +111,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             backends = {model_name: backend}  # one model in memory at a time; reused for its 'base'
         chosen = adapter  # None: the backend's default adapter
         formatter = build_formatter(cfg.data, list(dataset.column_names), backend.tokenizer)
+        if held_out:
+            dataset, held_out = _first(dataset.select(_held_out_rows(cfg, format_rows(dataset, formatter))), cfg.data.max_samples), False
+            split = dataclasses.replace(split, split=f"{split.split} (auto: the rows training held out, seed {cfg.seed})")
         examples = format_rows(dataset, formatter)
         references = [ex.completion for ex in examples]
         needs_generation = any(m.needs == "generation" for m in metrics)
