@@ -51,11 +51,11 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _config(arch: str, vocab: int, hidden_size: int = 32):
+def _config(arch: str, vocab: int, hidden_size: int = 32, max_positions: int = 256):
     from transformers import GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=2,
+                  num_key_value_heads=2, max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=0, eos_token_id=2,
                   # A wide init gives the frozen output head a usable logit range, as a
                   # pretrained head has; with the default 0.02, adapters barely move the loss.
                   initializer_range=0.3)
@@ -70,13 +70,14 @@ def _config(arch: str, vocab: int, hidden_size: int = 32):
     raise ValueError(arch)
 
 
-def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0, hidden_size: int = 32) -> Path:
+def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0, hidden_size: int = 32,
+                     max_positions: int = 256) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer), hidden_size))
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer), hidden_size, max_positions))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
