@@ -148,7 +148,8 @@ def test_in_training_f1_by_likelihood_equals_evaluate_on_the_saved_adapter(tiny_
                          "-o", str(tmp_path / "eval-auto"), "--log_level", "3")
     assert code == 0, text
     auto = json.loads((tmp_path / "eval-auto" / "results.json").read_text())
-    assert auto["data"]["rows"] == len(plan.data.eval_examples) and "the rows training held out" in auto["data"]["split"]
+    assert auto["data"]["rows"] == len(plan.data.eval_examples) == 10
+    assert auto["data"]["split"] == "train[:96] (auto: 10 rows held out, stratified)"
     assert auto["models"][0]["metrics"]["macro_f1"] == pytest.approx(best["macro_f1"])
     predictions = [json.loads(line) for line in (tmp_path / "eval-auto" / "predictions-0.jsonl").read_text().splitlines()]
     assert [p["prompt"] for p in predictions] == [ex.prompt for ex in plan.data.eval_examples]

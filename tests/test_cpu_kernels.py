@@ -2,6 +2,7 @@
 precision), their autograd functions give PyTorch's gradients, and without a compiler
 everything falls back to PyTorch."""
 
+import contextlib
 import json
 import os
 import platform
@@ -182,20 +183,16 @@ def test_sparse_lora_dropout_kernels_give_the_same_on_one_thread_and_two(kernels
     on one thread (each element's terms in the same order); da runs on one thread either way."""
     k, n, features, rank = 3, 96, 576, 16
     results = {}
-    previous = torch.get_num_threads()
     for threads in (1, 2, 1, 2):
         torch.manual_seed(5)
         x, a_t = torch.randn(n, features).bfloat16(), torch.randn(features, k * rank).bfloat16()
         d_pre = torch.randn(n, k * rank).bfloat16()
         dropped = drop_positions(k * n * features, 0.05, kernels=kernels)
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             h, da, dx = x @ a_t, (x.t() @ d_pre).float(), d_pre @ a_t.t()
             kernels.lora_drop_h(h, x, a_t, dropped, k)
             kernels.lora_drop_da(da, x, d_pre, dropped, k)
             kernels.lora_drop_dx(dx, d_pre, a_t, dropped, k)
-        finally:
-            torch.set_num_threads(previous)
         if threads in results:  # run to run, same threads: identical
             assert all(torch.equal(got, was) for got, was in zip((h, da, dx), results[threads]))
         results[threads] = (h, da, dx)
@@ -263,21 +260,24 @@ def test_dropout_positions_with_the_kernel_come_from_torchs_generator(kernels):
 def test_large_tensors_use_both_threads_and_agree(kernels):
     """Above PARALLEL_MIN elements the loops run on OpenMP threads: same results (two threads
     asked for: under `pytest -n 2` a worker runs on one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check_large_tensors(kernels)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _check_large_tensors(kernels):
     torch.manual_seed(1)
     gate, up = torch.randn(64, 1536), torch.randn(64, 1536)
-    torch.testing.assert_close(kernels.swiglu_forward(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
     x, weight = torch.randn(400, 576), torch.rand(576)
-    y, _ = kernels.rmsnorm_forward(x, weight, 1e-6)
+    with torch_threads(2):
+        torch.testing.assert_close(kernels.swiglu_forward(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+        y, _ = kernels.rmsnorm_forward(x, weight, 1e-6)
     torch.testing.assert_close(y.double(), _reference_rmsnorm(x, weight, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """PyTorch's (and so the kernels' OpenMP) thread count for the block; restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_unsupported_inputs_take_pytorch_ops(kernels):

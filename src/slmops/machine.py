@@ -11,6 +11,13 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def threads_setting() -> int | None:
+    """SLMOPS_NUM_THREADS, where set: the threads each slmops process uses (training and ONNX
+    Runtime alike), e.g. to share a machine between jobs."""
+    value = os.environ.get("SLMOPS_NUM_THREADS")
+    return int(value) if value else None
+
+
 def cache_root() -> Path:
     """slmops' own cache on this machine (fetched models, measured step times): $SLMOPS_CACHE,
     else ~/.cache/slmops."""

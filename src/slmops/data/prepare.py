@@ -64,6 +64,12 @@ class RawSplits:
     eval: LoadedSplit | None
 
 
+def rows_split(cfg: DataConfig) -> str:
+    """The split a scoring of a run reads its rows from: --eval_split, else train (auto: the
+    rows are then held out of train, by hold_out)."""
+    return cfg.train_split if cfg.eval_split in (None, "", "auto") else cfg.eval_split
+
+
 def load_splits(cfg: DataConfig) -> RawSplits:
     """Read the splits and check what can be checked without a tokenizer (columns used by
     a template or text field), so data mistakes surface before a model is fetched."""

@@ -51,11 +51,10 @@ def prompts_for_adapter(adapter_path: Path | None, tokenizer, limit: int = 3) ->
         try:
             from slmops.data.format import build_formatter
             from slmops.data.load import load_split
-            from slmops.data.prepare import format_rows
+            from slmops.data.prepare import format_rows, rows_split
 
             # (a run's --eval_split auto was held out of its train split: its train rows are prompts in the same format)
-            name = cfg.data.train_split if cfg.data.eval_split in (None, "auto") else cfg.data.eval_split
-            split = load_split(cfg.data.data_name, name, cfg.data.data_files,
+            split = load_split(cfg.data.data_name, rows_split(cfg.data), cfg.data.data_files,
                                cfg.data.eval_subset or cfg.data.train_subset)
             dataset = split.dataset.select(range(min(limit, len(split.dataset))))
             formatter = build_formatter(cfg.data, list(dataset.column_names), tokenizer)

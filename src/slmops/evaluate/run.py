@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import logging
 import resource
@@ -13,9 +11,9 @@ from pathlib import Path
 
 from slmops.config import EvaluateConfig
 from slmops.data.format import build_formatter
-from slmops.data.labels import MAX_LABELS, LabelSet, holdout_rows, label_set
+from slmops.data.labels import MAX_LABELS, LabelSet, label_set
 from slmops.data.load import load_split
-from slmops.data.prepare import find_labels, format_rows
+from slmops.data.prepare import find_labels, format_rows, hold_out, rows_split
 from slmops.data.tokenize import tokenize_examples
 from slmops.errors import DataError
 from slmops.evaluate.choices import predict_labels, score_labels
@@ -50,24 +48,6 @@ def _label_set_for(cfg: EvaluateConfig, references: list[str]) -> LabelSet | Non
     return labels
 
 
-def _split_of(cfg: EvaluateConfig) -> str:
-    if cfg.data.eval_split == "auto":  # held out of the train split (below, once the completions are known)
-        return cfg.data.train_split
-    return cfg.data.eval_split or cfg.data.train_split
-
-
-def _held_out_rows(cfg: EvaluateConfig, examples) -> list[int]:
-    """--eval_split auto: the rows `slmops finetune --eval_split auto` held out of the same train
-    split with the same --seed (10%, stratified by label where the completions are labels,
-    as training decided from the same completions)."""
-    completions = [ex.completion for ex in examples]
-    labels = find_labels(cfg.data, completions)
-    _, rows = holdout_rows(completions, labels is not None, cfg.seed)
-    log.info("data: the %d rows --eval_split auto holds out of %s (seed %d%s)", len(rows), cfg.data.train_split, cfg.seed,
-             ", stratified by label" if labels is not None else "")
-    return rows
-
-
 def _first(dataset, count: int | None):
     return dataset.select(range(count)) if count is not None and count < len(dataset) else dataset
 
@@ -84,7 +64,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         from slmops.outputs import check_writable
 
         check_writable(Path(cfg.output_path), "--output_path")
-    split = load_split(cfg.data.data_name, _split_of(cfg), cfg.data.data_files, cfg.data.eval_subset or cfg.data.train_subset)
+    split = load_split(cfg.data.data_name, rows_split(cfg.data), cfg.data.data_files, cfg.data.eval_subset or cfg.data.train_subset)
     dataset = split.dataset
     held_out = cfg.data.eval_split == "auto"  # rows chosen once the first model's formatter gives the completions
     if not held_out:
@@ -111,9 +91,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             backends = {model_name: backend}  # one model in memory at a time; reused for its 'base'
         chosen = adapter  # None: the backend's default adapter
         formatter = build_formatter(cfg.data, list(dataset.column_names), backend.tokenizer)
-        if held_out:
-            dataset, held_out = _first(dataset.select(_held_out_rows(cfg, format_rows(dataset, formatter))), cfg.data.max_samples), False
-            split = dataclasses.replace(split, split=f"{split.split} (auto: the rows training held out, seed {cfg.seed})")
+        if held_out:  # --eval_split auto: the rows `slmops finetune` held out of this train split with this --seed
+            train_examples = format_rows(dataset, formatter)
+            _, split, _, _ = hold_out(split, train_examples, find_labels(cfg.data, [ex.completion for ex in train_examples]), cfg.seed)
+            dataset, held_out = _first(split.dataset, cfg.data.max_samples), False
         examples = format_rows(dataset, formatter)
         references = [ex.completion for ex in examples]
         needs_generation = any(m.needs == "generation" for m in metrics)

@@ -17,13 +17,13 @@ import numpy as np
 from slmops.deploy.adapters import check_adapter_file, convert_adapter
 from slmops.deploy.bundle import genai_config, is_bundle, read_manifest
 from slmops.errors import ModelError, suggest
-from slmops.machine import available_cores
+from slmops.machine import available_cores, threads_setting
 from slmops.inference.adapters import resolve_adapter, split_reference, trained_template
 from slmops.inference.base import BASE, Backend, GenerationParams, common_prefix, token_logprobs
 
 
 def default_threads() -> int:
-    return available_cores()
+    return threads_setting() or available_cores()
 
 
 class OnnxBackend(Backend):

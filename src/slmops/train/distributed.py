@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from slmops.errors import ConfigError, SlmopsError
-from slmops.machine import available_cores
+from slmops.machine import available_cores, threads_setting
 
 log = logging.getLogger("slmops")
 
@@ -184,7 +184,7 @@ def threads_per_process(local_size: int) -> int:
     """N processes on one machine share its cores: each takes cores / N threads (torchrun's
     own default is 1 thread each, which leaves most of a large machine idle).
     SLMOPS_NUM_THREADS sets another number."""
-    return int(os.environ.get("SLMOPS_NUM_THREADS") or max(1, available_cores() // max(local_size, 1)))
+    return threads_setting() or max(1, available_cores() // max(local_size, 1))
 
 
 def _share_cores(local_size: int) -> int:
