@@ -133,6 +133,47 @@ def test_a_killed_rank_ends_the_run_with_a_clear_message(tiny_llama, tmp_path):
     assert "--resume_from_checkpoint latest" in output
 
 
+BLOCKED_RANK = """
+import sys, time, torch.distributed as dist
+from slmops.train import distributed
+world = distributed.world()
+print("joined", flush=True)
+if world.rank == 0:
+    dist.barrier()  # rank 1 never comes: blocked in C++, where Python's own handler cannot run
+else:
+    time.sleep(120)
+"""
+
+
+def test_sigterm_stops_a_rank_blocked_in_a_collective_with_the_message(tmp_path):
+    """torchrun SIGKILLs 30 s after its SIGTERM: a rank waiting on a peer inside gloo must say why and
+    go before that, although Python runs signal handlers only between bytecodes of the main thread."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "PYTHONUNBUFFERED": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", BLOCKED_RANK], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        for rank in ranks:
+            assert rank.stdout.readline().strip() == "joined", rank.stderr.read()
+        time.sleep(1.0)  # rank 0 inside the barrier
+        started = time.monotonic()
+        ranks[0].send_signal(signal.SIGTERM)
+        _, errors = ranks[0].communicate(timeout=25)
+        assert time.monotonic() - started < 20
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert ranks[0].returncode != 0
+    assert "slmops: error: the run stopped: another process of it failed or was killed (the launcher stopped this process (SIGTERM))" in errors, errors
+    assert "--resume_from_checkpoint latest" in errors
+
+
 def test_nproc_per_node_relaunches_under_torchrun_and_accelerate_launch_runs_it_too(tiny_llama, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "slmops.cli.main", "finetune", "--model_name_or_path", str(tiny_llama),

@@ -166,18 +166,53 @@ def _join() -> World:
     return joined
 
 
+SIGTERM_GRACE_S = 5.0  # torchrun waits 30 s after its SIGTERM before it kills
+
+
 def _stop_on_sigterm() -> None:
-    """torchrun ends the other processes with SIGTERM when one fails: say so, in one line."""
+    """torchrun ends the other processes with SIGTERM when one fails: say so, in one line.
+
+    Python runs a signal handler only between bytecodes of the main thread, so a process blocked
+    in a C++ call (a gloo collective waiting on the dead peer, a long kernel) would not react
+    before torchrun's SIGKILL and its user would see no reason. The C-level handler also writes
+    the signal's number to a pipe (signal.set_wakeup_fd); a watcher thread reads it and, if the
+    main thread has not stopped the process within SIGTERM_GRACE_S, says why and exits itself."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
+    handled = threading.Event()
 
     def stop(signum, frame):
+        handled.set()
         raise DistributedError(stopped_message("the launcher stopped this process (SIGTERM)"))
 
     signal.signal(signal.SIGTERM, stop)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    if signal.set_wakeup_fd(write_end, warn_on_full_buffer=False) != -1:  # someone else's wakeup fd: leave it
+        signal.set_wakeup_fd(-1)
+        os.close(read_end), os.close(write_end)
+        return
+    threading.Thread(target=_exit_if_stuck_after_sigterm, args=(read_end, handled), daemon=True,
+                     name="slmops-sigterm-watch").start()
+
+
+def _exit_if_stuck_after_sigterm(read_end: int, handled) -> None:
+    import signal
+    import time
+
+    while signal.SIGTERM not in (received := os.read(read_end, 64)):
+        if not received:
+            return
+    deadline = time.monotonic() + SIGTERM_GRACE_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not handled.is_set():  # the main thread never got to say it
+        sys.stderr.write(f"slmops: error: {stopped_message('the launcher stopped this process (SIGTERM)')}\n")
+        sys.stderr.flush()
+    os._exit(1)
 
 
 def threads_per_process(local_size: int) -> int:
