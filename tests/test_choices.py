@@ -89,6 +89,34 @@ def test_label_scores_are_the_training_log_likelihood_of_each_label(tuned, chat)
     assert len(set(np.round(expected[0], 3))) == len(LABELS)  # the labels really differ
 
 
+def test_output_head_gets_a_contiguous_input_when_scoring_and_generating(tuned):
+    """transformers hands the head a strided view of the last positions (logits_to_keep=1);
+    torch's CPU linear is ~150x slower on that for a frozen bf16 weight, so the backend copies
+    it contiguous (the scores do not change: same values, another memory layout)."""
+    from slmops.data.labels import label_set
+    from slmops.evaluate.choices import score_labels
+    from slmops.inference import GenerationParams, open_backend
+
+    backend = open_backend(str(tuned["model"]), [str(tuned["adapter"])], dtype="bfloat16")
+    backend.model.requires_grad_(False)  # frozen, as the base is in training's evaluations
+    formatter, examples = _examples(backend.tokenizer, _rows())
+    labels = label_set([ex.completion for ex in examples], LABELS)
+    head = backend.model.get_output_embeddings()
+    seen = []
+    watcher = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    try:
+        scores = score_labels(backend, examples, labels, None, formatter.add_special_tokens)
+        backend.generate_batch([ex.prompt for ex in examples], None, GenerationParams(max_new_tokens=2), True, 4)
+        assert seen and all(seen), seen
+        head.slmops_contiguous_input.remove()  # as transformers gives it: strided, same scores
+        seen.clear()
+        strided = score_labels(backend, examples, labels, None, formatter.add_special_tokens)
+        assert not all(seen)
+    finally:
+        watcher.remove()
+    assert np.array_equal(scores, strided)
+
+
 def test_onnx_bundle_scores_labels_as_pytorch_does(tuned):
     from slmops.data.labels import label_set
     from slmops.evaluate.choices import score_labels

@@ -30,6 +30,7 @@ class TorchBackend(Backend):
         self.tokenizer = tokenizer
         self.name = name
         self.device = next(model.parameters()).device
+        _keep_head_input_contiguous(model)
         self._names: dict[str, str] = {}  # adapter name -> PEFT's name for it
         self._paths: dict[str, Path] = {}  # adapter name -> its folder
         self._lock = threading.RLock()
@@ -308,6 +309,20 @@ class TorchBackend(Backend):
                 total += float(loss_sum)
                 count += n
         return total, count
+
+
+def _keep_head_input_contiguous(model) -> None:
+    """Hand the output head a contiguous input. transformers gives it the last position's
+    hidden states as a strided view (`logits_to_keep=1`: label scoring's prompt pass and the
+    first step of every generation), and torch's CPU linear takes a path about 150x slower for
+    a strided bf16 input than for a contiguous one (torch 2.13: 517 ms against 3.4 ms for 8 rows
+    through SmolLM2's 49,152-word head), which was 90% of an in-training evaluation on TweetEval.
+    The copy is one row per sequence; on a contiguous input `.contiguous()` is free. Once per
+    module: a training model gets a backend at every evaluation."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "slmops_contiguous_input", None) is not None:
+        return
+    head.slmops_contiguous_input = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else None)
 
 
 def _cache_argument(model) -> str:
