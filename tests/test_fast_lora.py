@@ -110,6 +110,36 @@ def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_grad
     assert _loss_and_grads(model, batch)[0] == pytest.approx(ref_loss, rel=1e-6)
 
 
+def test_amx_forward_on_packed_weights_only_for_short_micro_batches(tiny_llama, tmp_path, monkeypatch):
+    """Where the CPU has AMX the frozen bf16 base weights are packed and a micro-batch of at most
+    AMX_LINEAR_MAX_ROWS tokens takes the AMX forward on them; a longer one takes oneDNN's linear
+    on the same weights (faster there), with the same loss and gradients to bf16 rounding."""
+    from slmops.train.cpu import kernels as cpu_kernels
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "amx", bf16=True, lora_dropout=0.0))
+    torch.manual_seed(0)
+    model = _trained_a_little(plan).train()
+    path = FastPath.install(model)
+    kernels, batch = path.kernels, _batch(plan, 8)
+    amx = kernels is not None and kernels.amx
+    assert (path.packed_bytes > 0) == amx
+    calls = []
+    if amx:
+        original = kernels.amx_linear
+        monkeypatch.setattr(kernels, "amx_linear", lambda *args, **kw: calls.append(args[0].shape[0]) or original(*args, **kw))
+    short = _loss_and_grads(model, batch)
+    assert bool(calls) == amx and all(rows <= cpu_kernels.AMX_LINEAR_MAX_ROWS for rows in calls)
+    calls.clear()
+    monkeypatch.setattr(cpu_kernels, "AMX_LINEAR_MAX_ROWS", 0)  # every micro-batch "long"
+    long = _loss_and_grads(model, batch)
+    assert not calls
+    assert long[0] == pytest.approx(short[0], rel=1e-2)
+    for key in short[1]:
+        cosine = torch.nn.functional.cosine_similarity(long[1][key].flatten().float(), short[1][key].flatten().float(), dim=0)
+        assert cosine > 0.99, key
+    path.remove()
+
+
 def test_bf16_fast_path_matches_plain_fp32_path(tiny_llama, tmp_path):
     """The default CPU fast path (bf16 base, bf16 adapter compute, fp32 master weights) gives
     the plain fp32 PEFT loss and gradients within bf16 tolerance."""

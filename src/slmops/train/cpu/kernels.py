@@ -296,6 +296,11 @@ class Kernels:
         self.lib.amx_pack_weight(weight.data_ptr(), out_features, in_features, packed.data_ptr())
         return PackedWeight(packed, out_features, in_features)
 
+    @staticmethod
+    def amx_linear_pays(rows: int) -> bool:
+        """Whether `amx_linear` beats oneDNN's linear for an input of this many rows (AMX_LINEAR_MAX_ROWS)."""
+        return rows <= AMX_LINEAR_MAX_ROWS
+
     def amx_linear(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = None,
                    accumulate: bool = False) -> torch.Tensor:
         """x (m, in) @ W^T (+ out when accumulate), bf16, W packed by `pack_weight`; x with unit column stride."""
@@ -393,6 +398,15 @@ def _rope_args(cos: torch.Tensor | None, sin_swapped: torch.Tensor | None) -> tu
     if cos is None:
         return None, None, 0
     return cos.data_ptr(), sin_swapped.data_ptr(), 0 if cos.shape[0] == 1 else cos.shape[1] * cos.shape[2]
+
+
+# Past this many input rows (tokens of a micro-batch) oneDNN's linear is faster than amx_linear
+# on packed weights: `python benchmarks/amx_linear.py` on the 2-core AMX Xeon, 2026-12-03, gave
+# amx_linear / oneDNN 1.09-2.03x at 320 rows (SmolLM2's products), 0.82-1.56x at 1,024, and
+# 0.52-0.95x at 2,048 and 8,192 rows (SmolLM2's and a 1B Llama's), where oneDNN's own blocking
+# over many rows wins. Short batches (tone, classification) keep the AMX forward; long documents
+# and large batches go to oneDNN.
+AMX_LINEAR_MAX_ROWS = 1024
 
 
 @functools.lru_cache(maxsize=1)

@@ -108,7 +108,7 @@ class LinearGroupFunction(torch.autograd.Function):
         offsets = [0]
         for size in spec.sizes:
             offsets.append(offsets[-1] + size)
-        if spec.packed_weight is not None and x2.dtype == torch.bfloat16:
+        if spec.packed_weight is not None and x2.dtype == torch.bfloat16 and spec.kernels.amx_linear_pays(n):
             out = spec.kernels.amx_linear(x2, spec.packed_weight)
             if bias is not None:
                 out.add_(bias)

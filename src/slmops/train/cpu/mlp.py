@@ -53,7 +53,7 @@ class FrozenMLPFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, kernels: Kernels,
                 packed: tuple[PackedWeight, PackedWeight, PackedWeight] | None = None):
         rows = x.reshape(-1, x.shape[-1]).to(w_gate.dtype)
-        if packed is not None:  # the weights packed for AMX (FastLoraPath): the forward's products on them
+        if packed is not None and kernels.amx_linear_pays(rows.shape[0]):  # the weights packed for AMX (FastPath): the forward's products on them
             gate, up = kernels.amx_linear(rows, packed[0]), kernels.amx_linear(rows, packed[1])
             out = kernels.amx_linear(kernels.swiglu_forward(gate, up), packed[2])
         else:
