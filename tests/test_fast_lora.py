@@ -346,7 +346,7 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
     packed = 2 * (64 * 32 + 32 * 32 + 3 * 64 * 32) * 2
     assert ("fast CPU path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms, 2 fused SwiGLUs, "
             "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
-            "padding-free batches where padding is over 10%, "
+            "padding-free batches where padding is over 10% (long ones: each sequence's causal attention alone), "
             + (f"AMX forward products on packed base weights ({packed / 2**20:.2f} MB), LoRA products on AMX in bf16, " if amx else "")
             + "C kernels") in text, text
 
@@ -393,10 +393,18 @@ def test_only_attention_modules_that_compute_the_same_function_are_taken_over():
     assert not fast_attention.matches(Qwen3Attention(qwen3, layer_idx=0))  # q/k norms: keeps its own forward
 
 
-def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp_path):
+@pytest.mark.parametrize("long", [False, True])
+def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp_path, monkeypatch, long):
     """packed_loss runs a batch's real tokens as one sequence (rows rounded up to a multiple
-    of 16), the fused attention keeping examples apart: same loss and gradients as the
-    padded batch; batches it should not pack take the padded path."""
+    of 16), the fast path's attention keeping examples apart — the fused function in the
+    padded layout for short batches, each sequence's causal SDPA for long ones (forced here by
+    a lower length limit): same loss and gradients as the padded batch; batches it should not
+    pack take the padded path."""
+    if long:
+        monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
+    long_calls = []
+    own_long_packed = fast_attention._long_packed
+    monkeypatch.setattr(fast_attention, "_long_packed", lambda *a: long_calls.append(1) or own_long_packed(*a))
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, target_modules="all-linear"))
     model = _trained_a_little(plan).train()
     path = FastPath.install(model)
@@ -404,8 +412,11 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     batch = _much_padding(plan)
     packing = fast_attention.Packing.of(batch["attention_mask"])
     assert packing is not None and packing.rows % 16 == 0 and packing.tokens == int(batch["attention_mask"].sum())
+    assert packing.long == long and packing.rows > packing.tokens  # some rows round the count up: they must carry nothing
     padded_loss, padded_grads = _loss_and_grads(model, batch)
+    assert not long_calls
     loss, grads = _loss_and_grads(model, batch, loss_fn=packed_loss)
+    assert len(long_calls) == (model.config.num_hidden_layers if long else 0)
     assert loss == pytest.approx(padded_loss, rel=1e-5)
     for key in padded_grads:
         torch.testing.assert_close(grads[key], padded_grads[key], rtol=1e-4, atol=5e-6)

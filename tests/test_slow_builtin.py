@@ -70,8 +70,11 @@ REAL_DATA = {
     "tone": {"data_name": TONE, "text_template": "Classify the tone of the phrase as joyful, angry, sad, fearful or neutral.\\nPhrase: "
                                                   "{phrase}\\nTone: {tone}"},
     "library_qa_chat": {"data_name": str(ROOT / "examples" / "data" / "library_qa.json"), "use_chat_template": "true"},
-    "tiny_codes_1024": {"data_name": CODES, "text_template": CODES_TEMPLATE, "train_split": "train[:64]", "max_seq_len": "1024",
-                        "per_device_train_batch_size": "4"},
+    "tiny_codes": {"data_name": CODES, "text_template": CODES_TEMPLATE, "train_split": "train[:64]", "max_seq_len": "1024",
+                   "per_device_train_batch_size": "4"},
+    # long documents (each exchange is under 140 tokens): sessions of 5-9 tiny-codes exchanges, 600-1,024 tokens, as the
+    # training benchmark's codes workload builds them; written by the test (SESSIONS marks the path)
+    "tiny_codes_sessions": {"data_name": "SESSIONS", "text_field": "text", "max_seq_len": "1024", "per_device_train_batch_size": "4"},
     **({"tweeteval": {"data_name": str(SHARED_TWEETS), "train_split": "train[:64]",
                       "text_template": "Classify the emotion of the tweet as anger, joy, optimism or sadness.\\nTweet: {text}\\nEmotion: {label}"}}
        if SHARED_TWEETS.is_dir() else {}),
@@ -92,7 +95,18 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
     from slmops.train.loss import packed_loss
     from slmops.train.trainer import Trainer, TrainingData, TrainingSetup
 
-    config = from_flat({**REAL_DATA[dataset], "max_steps": "1", "output_path": str(tmp_path / "o")})
+    options = dict(REAL_DATA[dataset])
+    if options["data_name"] == "SESSIONS":
+        exchanges = [json.loads(line) for line in open(CODES)][:200]
+        sessions, start = [], 0
+        for size in [5, 9, 7, 6, 8] * 5:
+            text = "\n\n".join(f"### Language: {r['programming_language']} \n### Question: {r['prompt']} \n### Answer: {r['response']}"
+                                for r in exchanges[start : start + size])
+            sessions.append(json.dumps({"text": text}) + "\n")
+            start += size
+        options["data_name"] = str(tmp_path / "sessions.jsonl")
+        (tmp_path / "sessions.jsonl").write_text("".join(sessions))
+    config = from_flat({**options, "max_steps": "1", "output_path": str(tmp_path / "o")})
     plan = plan_finetune(config)
     model = build_model(plan)
     with FastPath.install(model) as path:
@@ -104,9 +118,10 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
             trainer._choose_loss(probe)
             trainer._verify_fast_path(probe)
             assert trainer.fast_path is not None and path.active, path.off_reason
-            packable = probe["input_ids"].shape[1] <= attention.SHORT_ATTENTION_MAX_LEN
-            assert (trainer.loss_fn is packed_loss) == packable  # the packing check passed where packing applies
-            assert (attention.Packing.of(probe["attention_mask"]) is not None) == (packable and pack_below > 1)  # what was verified
+            assert trainer.loss_fn is packed_loss  # the packing check passed
+            if dataset == "tiny_codes_sessions":  # long sequences: checked on the per-sequence attention
+                assert attention.Packing.of(probe["attention_mask"], only_if_it_pays=False).long
+            assert (attention.Packing.of(probe["attention_mask"]) is not None) == (pack_below > 1)  # what was verified
 
 
 def test_seed_search_file_prunes_and_best_yaml_reproduces_the_best_trial(tmp_path, builtin_model):

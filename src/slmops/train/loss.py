@@ -128,10 +128,9 @@ def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Same value as selective_loss, without computing on padding: the batch's real tokens
-    run as one packed sequence (1, N) with per-example position ids, and the fused
+    run as one packed sequence (1, N) with per-example position ids, and the fast path's
     attention (cpu/attention.Packing) keeps each example to itself. Batches it cannot or
-    need not pack (left padding, too long for the fused attention, little padding, no
-    gradients) take selective_loss."""
+    need not pack (left padding, little padding, no gradients) take selective_loss."""
     from slmops.train.cpu.attention import Packing
 
     packing = Packing.of(batch["attention_mask"]) if torch.is_grad_enabled() else None

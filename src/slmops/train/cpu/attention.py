@@ -20,11 +20,19 @@ else: Llama, SmolLM2, Qwen2, Mistral) go one step further (`install_modules`): t
 forward runs RotaryAttentionFunction, which also applies the rotary embedding and the
 head reshapes inside the function — from the projections' (B, T, heads * D) outputs to
 o_proj's input — instead of a dozen recorded ops (rotate_half's slices, negation and
-concatenation, the transposes) and their backward nodes."""
+concatenation, the transposes) and their backward nodes.
+
+Padding-free batches (Packing) of such modules: short ones run the fused function in the
+padded layout; longer ones (`_long_packed`) run each sequence's causal attention through
+SDPA's flash kernel with no mask, so attention does no work on padding or above the
+diagonal, and keeps O(T) memory for the backward."""
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slmops.train.cpu import compat
@@ -280,16 +288,28 @@ class Packing:
         self.tokens = len(self.index)
         self.rows = _rounded_rows(self.tokens)
         self.rows_index = torch.cat([self.index, self.index[:1].expand(self.rows - self.tokens)])
-        causal = torch.ones(self.length, self.length, dtype=torch.bool, device=valid.device).tril_()
-        self.mask = causal[None, None] & valid[:, None, None, :]  # (B, 1, T, T): causal over real keys
+        self.lengths = valid.sum(1).tolist()  # each example's tokens, in packed order
+        self._valid = valid
         self._rope_key: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, causal over each example's real keys: the fused function's mask
+        (short batches; long ones need none)."""
+        causal = torch.ones(self.length, self.length, dtype=torch.bool, device=self._valid.device).tril_()
+        return causal[None, None] & self._valid[:, None, None, :]
+
+    @property
+    def long(self) -> bool:
+        """Longer than the fused function takes: attention runs per sequence (_long_packed)."""
+        return self.length > SHORT_ATTENTION_MAX_LEN
+
     @staticmethod
     def of(attention_mask: torch.Tensor, only_if_it_pays: bool = True) -> Packing | None:
-        """The packing of a right-padded batch short enough for the fused attention (and,
-        with only_if_it_pays, with enough padding to remove: PACK_BELOW), else None."""
-        if attention_mask.dim() != 2 or attention_mask.shape[1] > SHORT_ATTENTION_MAX_LEN:
+        """The packing of a right-padded batch (with only_if_it_pays, one with enough padding
+        to remove: PACK_BELOW), else None."""
+        if attention_mask.dim() != 2:
             return None
         valid = attention_mask.bool()
         lengths = valid.sum(1, keepdim=True)
@@ -326,8 +346,9 @@ def _module_forward(module, own_forward, hidden_states, position_embeddings=None
     """A Llama-style attention module's forward on RotaryAttentionFunction, where it applies."""
     state: AttentionState = module._slmops_attention
     packing: Packing | None = kwargs.pop("slmops_packing", None)
-    # a packed batch uses its own padded-layout mask; transformers' (1, 1, N, N) one is for the fallback
-    mask = packing.mask if packing is not None else attention_mask
+    long_packed = packing is not None and packing.long
+    # a short packed batch uses its own padded-layout mask; transformers' (1, 1, N, N) one is for the fallback
+    mask = None if long_packed else packing.mask if packing is not None else attention_mask
     length = packing.length if packing is not None else (hidden_states.shape[1] if hidden_states.dim() == 3 else 0)
     plain = (
         args
@@ -336,11 +357,13 @@ def _module_forward(module, own_forward, hidden_states, position_embeddings=None
         or position_embeddings is None
         or any(kwargs.get(name) is not None for name in _CACHE_ARGS)
         or (module.training and module.attention_dropout > 0)
-        or not 0 < length <= SHORT_ATTENTION_MAX_LEN
+        or not (0 < length <= SHORT_ATTENTION_MAX_LEN or long_packed)
         or (mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1))
     )
     if plain:  # a packed batch is right here too: transformers' mask keeps its sequences apart
         return own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    if long_packed:
+        return _long_packed(module, hidden_states, position_embeddings, packing), None
     return _fused(module, hidden_states, position_embeddings, mask, length, module._slmops_kernels, state.rope, state.bias,
                   packing), None
 
@@ -357,6 +380,38 @@ def _fused(module, hidden_states, position_embeddings, mask, length: int, kernel
     bias = biases.get(mask, length, heads // kv_heads, hidden_states.device)
     out = RotaryAttentionFunction.apply(q, k, v, cos, sin_swapped, bias, module.scaling, heads, kv_heads, kernels)
     return module.o_proj(packing.pack(out) if packing is not None else out)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packing: Packing) -> torch.Tensor:
+    """o_proj(attention) of a Llama-style module on a packed batch longer than the fused
+    function takes: hidden_states (1, rows, F) and position embeddings (1, rows, D) are in the
+    packed layout already, so q, k and v are rotated there, and each example's causal attention
+    runs alone in SDPA (flash on a CPU) with is_causal and no mask. The rows past the real
+    tokens attend nothing (zeros: no loss reads them). In the projections' dtype, as the
+    model's own SDPA forward computes it."""
+    rows, dim = hidden_states.shape[1], module.head_dim
+    q = module.q_proj(hidden_states).view(rows, -1, dim)
+    k = module.k_proj(hidden_states).view(rows, -1, dim)
+    v = module.v_proj(hidden_states).view(rows, -1, dim)
+    cos, sin = (t[0, :, None, :].to(q.dtype) for t in position_embeddings)  # (rows, 1, D): shared by the heads
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    sizes = [*packing.lengths, rows - packing.tokens]
+    # split, not slicing: its backward concatenates the pieces instead of adding full-size zeros per piece
+    pieces = zip(q.split(sizes), k.split(sizes), v.split(sizes))
+    outputs = []
+    for (q_i, k_i, v_i), _ in zip(pieces, packing.lengths):  # (L, heads, D) each -> (1, heads, L, D) views
+        out = F.scaled_dot_product_attention(q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None],
+                                             is_causal=True, scale=module.scaling, enable_gqa=heads != kv_heads)
+        outputs.append(out[0].transpose(0, 1))
+    outputs.append(q.new_zeros(rows - packing.tokens, heads, dim))
+    return module.o_proj(torch.cat(outputs).view(1, rows, heads * dim))
 
 
 def _looks_llama_style(module: nn.Module) -> bool:

@@ -197,7 +197,7 @@ class FastPath:
             rotary = f" ({len(self.attention_modules)} with the rotary embedding inside)" if self.attention_modules else ""
             parts.append(f"short-batch attention in {attention.NAME}{rotary}")
         if self.packs_sequences:
-            parts.append("padding-free batches where padding is over 10%")
+            parts.append("padding-free batches where padding is over 10% (long ones: each sequence's causal attention alone)")
         if self.packed_bytes:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
