@@ -36,18 +36,20 @@ def test_selective_loss_equals_plain_loss(tiny_models, tmp_path):
         assert check_fast_path(model, batch)
 
 
-@pytest.mark.parametrize("with_bias,weighted,trains_head", [(False, False, False), (True, True, True)])
-def test_chunked_head_loss_equals_the_head_then_cross_entropy(with_bias, weighted, trains_head, monkeypatch):
+@pytest.mark.parametrize("with_bias,weighted,trains_head,dtype", [(False, False, False, torch.float32), (True, True, True, torch.float32),
+                                                                  (False, False, False, torch.bfloat16), (True, True, True, torch.bfloat16)])
+def test_chunked_head_loss_equals_the_head_then_cross_entropy(with_bias, weighted, trains_head, dtype, monkeypatch):
     """The chunked head (long sequences: no tokens x vocabulary tensors) gives the loss and the
-    gradients of hidden states, weight and bias that the head followed by cross-entropy gives."""
+    gradients of hidden states, weight and bias that the head followed by cross-entropy gives
+    (in bf16: logits rounded to bf16 and then taken to fp32, as the head's own output is)."""
     import torch.nn.functional as F
 
     from slmops.train import loss as loss_module
 
     monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 7 * 50)  # chunks of 7 tokens over 50 words: 37 tokens -> 6 chunks
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=with_bias).requires_grad_(trains_head)
-    hidden = torch.randn(37, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=with_bias).to(dtype).requires_grad_(trains_head)
+    hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
     weights = torch.rand(37) + 0.5 if weighted else None
     chunked = loss_module.ChunkedHeadLoss.apply(hidden, head.weight, head.bias, targets, weights)
@@ -63,7 +65,11 @@ def test_chunked_head_loss_equals_the_head_then_cross_entropy(with_bias, weighte
     with torch.no_grad():  # evaluation: the loss alone, no gradients computed
         assert float(loss_module.ChunkedHeadLoss.apply(hidden, head.weight, head.bias, targets, weights)) == pytest.approx(float(reference), rel=1e-5)
     for g, w in zip(got, want, strict=True):
-        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+        assert g.dtype == w.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+        else:  # both products round to bf16 (the weight's gradient sums chunks in fp32 here, in bf16 there)
+            assert (g.float() - w.float()).abs().max() <= 1e-2 * w.float().abs().max()
 
 
 def test_selective_loss_takes_the_chunked_head_on_long_batches(tiny_llama, tmp_path, monkeypatch):
