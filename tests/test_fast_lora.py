@@ -138,6 +138,29 @@ def test_amx_forward_on_packed_weights_only_for_short_micro_batches(tiny_llama, 
         cosine = torch.nn.functional.cosine_similarity(long[1][key].flatten().float(), short[1][key].flatten().float(), dim=0)
         assert cosine > 0.99, key
     path.remove()
+    # micro-batches that would all take oneDNN's products: no packed copies at all (memory)
+    monkeypatch.setattr(cpu_kernels, "AMX_LINEAR_MAX_ROWS", 1024)
+    for tokens, packs in ((1024, amx), (1025, False), (None, amx)):
+        path = FastPath.install(model, micro_batch_tokens=tokens)
+        assert (path.packed_bytes > 0) == packs, tokens
+        if amx and not packs:
+            assert all(g.packed is None for g in path.groups) and not any(hasattr(m, "_slmops_packed") for m in path.mlps)
+        path.remove()
+
+
+def test_finetune_installs_the_fast_path_with_the_typical_micro_batch(tiny_llama, tmp_path, monkeypatch):
+    """finetune tells the fast path how many tokens a micro-batch typically holds (batch size x the
+    median example length): what decides whether the AMX copies of the weights are made."""
+    from slmops.finetune_recipe import finetune
+
+    seen = []
+    install = FastPath.install.__func__
+    monkeypatch.setattr(FastPath, "install", classmethod(lambda cls, model, tokens=None: seen.append(tokens) or install(cls, model, tokens)))
+    config = tiny_config(tiny_llama, tmp_path / "run", bf16=True, max_steps=1, per_device_train_batch_size=4)
+    plan = plan_finetune(config)
+    lengths = sorted(plan.data.train.lengths)
+    finetune(config)
+    assert seen == [4 * lengths[len(lengths) // 2]]
 
 
 def test_bf16_fast_path_matches_plain_fp32_path(tiny_llama, tmp_path):
@@ -245,10 +268,13 @@ def test_group_with_adapters_on_some_members(members):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, packed):
+@pytest.mark.parametrize("packed", [False, True, "long"])
+def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, monkeypatch, packed):
     """Recomputed layers draw the same dropout masks; a packed (padding-free) batch too, its
-    packing handed down to the recomputed layers again."""
+    packing handed down to the recomputed layers again (short, and long: per-sequence attention,
+    forced by a lower length limit)."""
+    if packed == "long":
+        monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
     results = []
     for checkpointing in (False, True):
         plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
@@ -257,7 +283,8 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, p
         model = _trained_a_little(plan).train()
         FastPath.install(model)
         batch, loss_fn = (_much_padding(plan), packed_loss) if packed else (_batch(plan), selective_loss)
-        assert (fast_attention.Packing.of(batch["attention_mask"]) is not None) == packed
+        packing = fast_attention.Packing.of(batch["attention_mask"])
+        assert (packing is not None) == bool(packed) and (packing is None or packing.long == (packed == "long"))
         results.append(_loss_and_grads(model, batch, seed=5, loss_fn=loss_fn))
     (loss, grads), (loss_ckpt, grads_ckpt) = results
     assert loss_ckpt == pytest.approx(loss, rel=1e-5)

@@ -475,7 +475,9 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
 
         off = "the model is sharded (--fsdp): it trains through its own forward" if plan.fsdp else \
             decide(tcfg.cpu_fast_path, plan.method.cpu_fast_path, plan.method.name, plan.precision.device)
-        with (FastPath.disabled(off) if off else FastPath.install(model)) as fast_path:
+        lengths = sorted(data.train.lengths)
+        typical_tokens = tcfg.per_device_train_batch_size * lengths[len(lengths) // 2] if lengths else None  # (median length)
+        with (FastPath.disabled(off) if off else FastPath.install(model, typical_tokens)) as fast_path:
             log.info("fast CPU path: %s", fast_path.describe())
             from slmops.evaluate.metrics import BEST_POSSIBLE, LOWER_IS_BETTER
 

@@ -81,6 +81,7 @@ class FastPath:
         self.replaced_attention: str | None = None
         self.packed_bytes = 0
         self.packs_sequences = False
+        self._micro_batch_tokens: int | None = None
         self.kernels: kernels_module.Kernels | None = None
         self._attention = attention.AttentionState()
 
@@ -90,8 +91,12 @@ class FastPath:
         return cls(None, reason)
 
     @classmethod
-    def install(cls, model: nn.Module) -> "FastPath":
+    def install(cls, model: nn.Module, micro_batch_tokens: int | None = None) -> "FastPath":
+        """Install the path on `model`. `micro_batch_tokens`, the tokens a typical training
+        micro-batch holds (where known), decides whether packing the base weights for the AMX
+        forward pays: over kernels.AMX_LINEAR_MAX_ROWS those products take oneDNN anyway."""
         path = cls(model)
+        path._micro_batch_tokens = micro_batch_tokens
         try:
             path._install()
         except BaseException:
@@ -150,6 +155,12 @@ class FastPath:
         groups = [g for g in self.groups if g.weight is not None and _packable(g.weight)]
         mlps = {m: w for m in self.mlps if (w := mlp._frozen_weights(m)) is not None and all(_packable(t) for t in w)}
         needed = sum(g.weight.numel() * 2 for g in groups) + sum(t.numel() * 2 for w in mlps.values() for t in w)
+        tokens = self._micro_batch_tokens
+        if needed and tokens is not None and not kernels.amx_linear_pays(tokens):
+            # (a 1B model's copies are ~2 GB that would only raise the peak memory)
+            log.info("AMX weight packing skipped: micro-batches of ~%d tokens take oneDNN's products (the AMX forward pays up to "
+                     "%d), and %d MB of copies would go unused", tokens, kernels_module.AMX_LINEAR_MAX_ROWS, needed >> 20)
+            return 0
         available = available_memory()
         if not needed or available is None or needed > available // 4:
             if needed:
