@@ -147,8 +147,10 @@ class FastPath:
     def _pack_frozen_weights(self) -> int:
         """Pack the frozen bf16 base weights of the groups and MLPs once for the AMX forward
         products of short micro-batches (kernels.amx_linear, ~1.35x oneDNN's linear there; longer
-        ones and the backward keep oneDNN: kernels.AMX_LINEAR_MAX_ROWS), where the CPU has AMX and the copies (one more of the base's linear weights)
-        fit in a quarter of the memory available now. Returns the bytes packed."""
+        ones and the backward keep oneDNN: kernels.AMX_LINEAR_MAX_ROWS), where the CPU has AMX, a
+        typical micro-batch (install's micro_batch_tokens, where known) is short enough to use
+        them, and the copies (one more of the base's linear weights) fit in a quarter of the
+        memory available now. Returns the bytes packed."""
         kernels = self.kernels
         if kernels is None or not kernels.amx:
             return 0
