@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -475,8 +476,7 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
 
         off = "the model is sharded (--fsdp): it trains through its own forward" if plan.fsdp else \
             decide(tcfg.cpu_fast_path, plan.method.cpu_fast_path, plan.method.name, plan.precision.device)
-        lengths = sorted(data.train.lengths)
-        typical_tokens = tcfg.per_device_train_batch_size * lengths[len(lengths) // 2] if lengths else None  # (median length)
+        typical_tokens = tcfg.per_device_train_batch_size * statistics.median_low(data.train.lengths) if data.train.lengths else None
         with (FastPath.disabled(off) if off else FastPath.install(model, typical_tokens)) as fast_path:
             log.info("fast CPU path: %s", fast_path.describe())
             from slmops.evaluate.metrics import BEST_POSSIBLE, LOWER_IS_BETTER

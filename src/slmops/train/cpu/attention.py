@@ -248,9 +248,10 @@ class _Rope:
         self.key: torch.Tensor | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if cos is not self.key:
-            compute = torch.float64 if cos.dtype == torch.float64 else torch.float32
+    def get(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin_swapped) in `dtype` (default fp32, fp64 for fp64 embeddings)."""
+        compute = dtype or (torch.float64 if cos.dtype == torch.float64 else torch.float32)
+        if cos is not self.key or self.value[0].dtype != compute:
             sin_swapped = sin.to(compute, copy=True)
             sin_swapped[..., sin.shape[-1] // 2 :].neg_()
             self.key, self.value = cos, (cos.to(compute), sin_swapped)
@@ -363,7 +364,7 @@ def _module_forward(module, own_forward, hidden_states, position_embeddings=None
     if plain:  # a packed batch is right here too: transformers' mask keeps its sequences apart
         return own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     if long_packed:
-        return _long_packed(module, hidden_states, position_embeddings, packing), None
+        return _long_packed(module, hidden_states, position_embeddings, packing, state.rope), None
     return _fused(module, hidden_states, position_embeddings, mask, length, module._slmops_kernels, state.rope, state.bias,
                   packing), None
 
@@ -382,13 +383,7 @@ def _fused(module, hidden_states, position_embeddings, mask, length: int, kernel
     return module.o_proj(packing.pack(out) if packing is not None else out)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packing: Packing) -> torch.Tensor:
+def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packing: Packing, rope: _Rope) -> torch.Tensor:
     """o_proj(attention) of a Llama-style module on a packed batch longer than the fused
     function takes: hidden_states (1, rows, F) and position embeddings (1, rows, D) are in the
     packed layout already, so q, k and v are rotated there, and each example's causal attention
@@ -399,17 +394,16 @@ def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packi
     q = module.q_proj(hidden_states).view(rows, -1, dim)
     k = module.k_proj(hidden_states).view(rows, -1, dim)
     v = module.v_proj(hidden_states).view(rows, -1, dim)
-    cos, sin = (t[0, :, None, :].to(q.dtype) for t in position_embeddings)  # (rows, 1, D): shared by the heads
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    cos, sin_swapped = (t[0, :, None, :] for t in rope.get(*position_embeddings, q.dtype))  # (rows, 1, D): shared by the heads
+    q, k = _rope(q, cos, sin_swapped), _rope(k, cos, sin_swapped)
     heads, kv_heads = q.shape[1], k.shape[1]
-    sizes = [*packing.lengths, rows - packing.tokens]
     # split, not slicing: its backward concatenates the pieces instead of adding full-size zeros per piece
-    pieces = zip(q.split(sizes), k.split(sizes), v.split(sizes))
+    sizes = packing.lengths  # the real tokens; the rows after them are left out
     outputs = []
-    for (q_i, k_i, v_i), _ in zip(pieces, packing.lengths):  # (L, heads, D) each -> (1, heads, L, D) views
+    for q_i, k_i, v_i in zip(q[: packing.tokens].split(sizes), k[: packing.tokens].split(sizes), v[: packing.tokens].split(sizes)):
         out = F.scaled_dot_product_attention(q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None],
                                              is_causal=True, scale=module.scaling, enable_gqa=heads != kv_heads)
-        outputs.append(out[0].transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))  # (1, heads, L, D) -> (L, heads, D)
     outputs.append(q.new_zeros(rows - packing.tokens, heads, dim))
     return module.o_proj(torch.cat(outputs).view(1, rows, heads * dim))
 

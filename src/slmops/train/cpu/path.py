@@ -81,7 +81,6 @@ class FastPath:
         self.replaced_attention: str | None = None
         self.packed_bytes = 0
         self.packs_sequences = False
-        self._micro_batch_tokens: int | None = None
         self.kernels: kernels_module.Kernels | None = None
         self._attention = attention.AttentionState()
 
@@ -96,15 +95,14 @@ class FastPath:
         micro-batch holds (where known), decides whether packing the base weights for the AMX
         forward pays: over kernels.AMX_LINEAR_MAX_ROWS those products take oneDNN anyway."""
         path = cls(model)
-        path._micro_batch_tokens = micro_batch_tokens
         try:
-            path._install()
+            path._install(micro_batch_tokens)
         except BaseException:
             path.patches.undo()
             raise
         return path
 
-    def _install(self) -> None:
+    def _install(self, micro_batch_tokens: int | None) -> None:
         model, patches = self.model, self.patches
         lora_type = compat.lora_linear_type()
         self.kernels = kernels_module.get()
@@ -132,7 +130,7 @@ class FastPath:
             elif self.kernels is not None and mlp.matches(module):
                 mlp.install(patches, module, lambda: self.enabled, self.kernels)
                 self.mlps.append(module)
-        self.packed_bytes = self._pack_frozen_weights()
+        self.packed_bytes = self._pack_frozen_weights(micro_batch_tokens)
         self.replaced_attention = attention.install(patches, model, self._attention)
         if self.replaced_attention:
             self.attention_modules = attention.install_modules(patches, model, self._attention, self.kernels)
@@ -144,11 +142,11 @@ class FastPath:
         if not len(patches):
             self.off_reason = "nothing in this model it knows how to take over"
 
-    def _pack_frozen_weights(self) -> int:
+    def _pack_frozen_weights(self, micro_batch_tokens: int | None) -> int:
         """Pack the frozen bf16 base weights of the groups and MLPs once for the AMX forward
         products of short micro-batches (kernels.amx_linear, ~1.35x oneDNN's linear there; longer
         ones and the backward keep oneDNN: kernels.AMX_LINEAR_MAX_ROWS), where the CPU has AMX, a
-        typical micro-batch (install's micro_batch_tokens, where known) is short enough to use
+        typical micro-batch (micro_batch_tokens, where known) is short enough to use
         them, and the copies (one more of the base's linear weights) fit in a quarter of the
         memory available now. Returns the bytes packed."""
         kernels = self.kernels
@@ -157,11 +155,10 @@ class FastPath:
         groups = [g for g in self.groups if g.weight is not None and _packable(g.weight)]
         mlps = {m: w for m in self.mlps if (w := mlp._frozen_weights(m)) is not None and all(_packable(t) for t in w)}
         needed = sum(g.weight.numel() * 2 for g in groups) + sum(t.numel() * 2 for w in mlps.values() for t in w)
-        tokens = self._micro_batch_tokens
-        if needed and tokens is not None and not kernels.amx_linear_pays(tokens):
+        if needed and micro_batch_tokens is not None and not kernels.amx_linear_pays(micro_batch_tokens):
             # (a 1B model's copies are ~2 GB that would only raise the peak memory)
             log.info("AMX weight packing skipped: micro-batches of ~%d tokens take oneDNN's products (the AMX forward pays up to "
-                     "%d), and %d MB of copies would go unused", tokens, kernels_module.AMX_LINEAR_MAX_ROWS, needed >> 20)
+                     "%d), and %d MB of copies would go unused", micro_batch_tokens, kernels_module.AMX_LINEAR_MAX_ROWS, needed >> 20)
             return 0
         available = available_memory()
         if not needed or available is None or needed > available // 4:
