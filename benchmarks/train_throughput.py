@@ -12,8 +12,10 @@ Workloads (--workload, or `all`):
   codes documents cut to 256 tokens, batch 8.
 LoRA r=16 alpha=32 dropout 0.05 on q/k/v/o, AdamW lr 2e-4 everywhere. Rows alternate over
 --rounds; the first --warmup steps are not timed. The held-out loss is computed the same way for
-every row after training (mean cross-entropy of the last assistant turn, or of the whole text),
-so rows compare by it.
+every row after training (mean cross-entropy of the last assistant turn, or of the whole text;
+an adapter on the base it trained against, fp32 or NF4), so rows compare by it. Peak RSS is each
+row's process high-water mark at the end of training (model loading, training, the tool's own
+outputs), read before that scoring loads its model.
 
     .venv/bin/pip install -c constraints.txt -r benchmarks/requirements.txt
     python benchmarks/train_throughput.py                 # tone: ~17 minutes a round on 2 cores (TRL rows are slow)
@@ -196,6 +198,7 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
         })
         profiler = StepProfiler(warmup, warmup + steps) if profile else None
         result = finetune(cfg, profiler.hooks() if profiler else None)
+        training_peak = peak_rss_mb()  # (before the scoring below loads its own model)
         logged = read_metrics(Path(tmp) / "out" / "logs" / "metrics.jsonl")
         records = [r for r in logged if r["split"] == "train"]
         # (a profiling run measures where the time goes, not the result)
@@ -208,6 +211,7 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
         "eval_loss": eval_loss,
         "precision": result.plan["precision"]["name"] + ("" if method == "lora" else f" ({method})"),
         "fast_loss": result.train.fast_loss,
+        "peak_rss_mb": training_peak,
         **({"profile": profiler.shares()} if profiler else {}),
     }
 
@@ -360,6 +364,7 @@ def run_trl(work: Workload, name: str, model_dir: str, steps: int, warmup: int, 
 
         trainer.data_collator = counting_collator
         trainer.train()
+        training_peak = peak_rss_mb()  # (before the scoring below loads its own model)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if method == "full":
             eval_loss = heldout_loss(trainer.model.float(), tokenizer, held_out, work.kind, work.max_len)
@@ -368,7 +373,7 @@ def run_trl(work: Workload, name: str, model_dir: str, steps: int, warmup: int, 
             eval_loss = _score_adapter(Path(tmp) / "adapter", model_dir, held_out, work, method)
     return {"step_seconds": step_seconds[warmup:], "tokens": tokens[warmup : warmup + steps], "losses": losses, "eval_loss": eval_loss,
             "precision": ("nf4 base + " if method == "qlora" else "") + ("bf16 autocast" if options.get("bf16") else "fp32"),
-            "gradient_checkpointing": options.get("gradient_checkpointing", args.gradient_checkpointing)}
+            "gradient_checkpointing": options.get("gradient_checkpointing", args.gradient_checkpointing), "peak_rss_mb": training_peak}
 
 
 OLIVE_VENV = Path.home() / ".cache" / "slmops" / "olive-venv"
@@ -473,8 +478,9 @@ def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, ou
         result = run_olive(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed)
     else:
         result = run_trl(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed)
+    # the peak while training: each runner reads it before its held-out scoring loads another model
     # (the olive row trains in a child process: its peak is the child's)
-    result["peak_rss_mb"] = result.pop("peak_rss_mb_children", None) or peak_rss_mb()
+    result["peak_rss_mb"] = result.pop("peak_rss_mb_children", None) or result["peak_rss_mb"]
     Path(out).write_text(json.dumps(result))
 
 
