@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmops.machine import available_memory
-from slmops.train.cpu import attention, compat, mlp, norm
+from slmops.train.cpu import allocator, attention, compat, mlp, norm
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.lora import LinearGroup
 from slmops.train.cpu.patches import Patches
@@ -81,6 +81,7 @@ class FastPath:
         self.replaced_attention: str | None = None
         self.packed_bytes = 0
         self.packs_sequences = False
+        self.keeps_freed_blocks = False
         self.kernels: kernels_module.Kernels | None = None
         self._attention = attention.AttentionState()
 
@@ -106,6 +107,7 @@ class FastPath:
         model, patches = self.model, self.patches
         lora_type = compat.lora_linear_type()
         self.kernels = kernels_module.get()
+        self.keeps_freed_blocks = allocator.keep_freed_blocks()  # (process-wide, for good: allocator.py)
         grouped: set[int] = set()
         for parent in model.modules():
             for names in SHARED_INPUT_GROUPS:
@@ -213,6 +215,8 @@ class FastPath:
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
             parts.append("LoRA products on AMX in bf16")
         parts.append("C kernels" if self.kernels is not None else "PyTorch ops only (C kernels unavailable)")
+        if self.keeps_freed_blocks:
+            parts.append("large blocks kept by malloc between steps")
         if compat.unknown_versions():
             parts.append("on untested library versions (--cpu_fast_path on)")
         return ", ".join(parts)
