@@ -31,7 +31,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 TRIM_THRESHOLD = 256 << 20  # freed heap kept mapped, at most
-MMAP_THRESHOLD = 64 << 20  # blocks below this come from the heap (glibc accepts up to its heap size, 64 MB)
+MMAP_THRESHOLD = 64 << 20  # blocks below this come from the heap (mallopt's return says whether glibc took it)
 
 # the user's own malloc settings, which win
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
