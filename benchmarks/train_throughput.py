@@ -480,7 +480,8 @@ def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, ou
         result = run_trl(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed)
     # the peak while training: each runner reads it before its held-out scoring loads another model
     # (the olive row trains in a child process: its peak is the child's)
-    result["peak_rss_mb"] = result.pop("peak_rss_mb_children", None) or result["peak_rss_mb"]
+    if runner == "olive":
+        result["peak_rss_mb"] = result.pop("peak_rss_mb_children")
     Path(out).write_text(json.dumps(result))
 
 
