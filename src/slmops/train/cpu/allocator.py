@@ -43,35 +43,42 @@ def keep_freed_blocks() -> bool:
     """Raise glibc's trim and mmap thresholds (see the module docstring); True when they are
     in effect after the call. Idempotent."""
     global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
-    why_not = _why_not()
-    if why_not:
-        log.debug("malloc thresholds left as they are: %s", why_not)
-        return False
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # the trim threshold first: setting either one ends glibc's own adjustment of the mmap
-    # threshold, and with only the mmap threshold raised each freed top block is trimmed again
-    _applied = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    log.debug("malloc: blocks under %d MB from the heap, %d MB of freed heap kept: %s", MMAP_THRESHOLD >> 20,
-              TRIM_THRESHOLD >> 20, "in effect" if _applied else "refused by this libc")
+    if _applied is None:
+        _applied = _apply()
     return _applied
 
 
+def _apply() -> bool:
+    why_not = _why_not()
+    libc = None if why_not else _glibc()
+    if libc is None:
+        log.debug("malloc thresholds left as they are: %s", why_not or "not glibc")
+        return False
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # the trim threshold first: setting either one ends glibc's own adjustment of the mmap
+    # threshold, and with only the mmap threshold raised each freed top block is trimmed again
+    applied = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    log.debug("malloc: blocks under %d MB from the heap, %d MB of freed heap kept: %s", MMAP_THRESHOLD >> 20,
+              TRIM_THRESHOLD >> 20, "in effect" if applied else "refused by this libc")
+    return applied
+
+
 def _why_not() -> str | None:
+    """Why the user's setting, not ours, holds (None: nothing stands in the way)."""
     if os.environ.get("SLMOPS_MALLOC_TUNING", "1") == "0":
         return "SLMOPS_MALLOC_TUNING=0"
-    if not sys.platform.startswith("linux"):
-        return f"not glibc ({sys.platform})"
     users = [name for name in USER_SETTINGS if name in os.environ]
     if users or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return f"the environment sets malloc's own ({', '.join(users) or 'GLIBC_TUNABLES'})"
+    return None
+
+
+def _glibc():
+    """The process's C library when it is glibc (musl has mallopt as a no-op); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl has mallopt as a no-op
-        libc.mallopt
-    except (OSError, AttributeError):
-        return "not glibc"
-    return None
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
