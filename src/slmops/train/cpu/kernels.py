@@ -37,7 +37,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 7  # slmops_kernels_version() in the C file
+VERSION = 8  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -191,6 +191,10 @@ class Kernels:
         lib.amx_pack_weight.restype = None
         lib.amx_linear.argtypes = [p, i64, p, p, i64, i64, i64, i64, ctypes.c_int]
         lib.amx_linear.restype = ctypes.c_int
+        lib.fa_forward_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, f32, p, p]
+        lib.fa_forward_bf16.restype = ctypes.c_int
+        lib.fa_backward_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, p, p, p]
+        lib.fa_backward_bf16.restype = ctypes.c_int
         lib.lora_operands_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, p, p]
         lib.lora_operands_bf16.restype = None
         for suffix in _SUFFIX.values():
@@ -286,6 +290,40 @@ class Kernels:
                                    out.data_ptr(), out.stride(0), m, n, k, alpha, int(accumulate), mode):
             raise ValueError(f"amx_matmul needs an even inner size, got {k}")
         return out
+
+    @staticmethod
+    def packed_attention_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether packed_attention_forward takes these (N, heads, D) operands: bf16, contiguous,
+        D a multiple of 32 (the tiles' inner step), query heads a multiple of key/value heads."""
+        return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 3 and t.is_contiguous() for t in (q, k, v))
+                and q.shape[2] % 32 == 0 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]
+                and q.shape[1] % k.shape[1] == 0)
+
+    def packed_attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention of packed sequences on AMX tiles (`self.amx` only): q (N, H, D), k and v
+        (N, Hkv, D) bf16 (see packed_attention_takes), sequence s in rows offsets[s] .. offsets[s + 1]
+        (int64, ascending, ending at N), each attending to itself only. Returns the output (N, H, D)
+        bf16 and each query row's log-sum-exp of the scaled scores (N, H) fp32, for the backward."""
+        if not self.amx:
+            raise RuntimeError("packed attention: this library or CPU has no AMX tiles (check `Kernels.amx` first)")
+        tokens, heads, dim = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(tokens, heads, dtype=torch.float32)
+        if not self.lib.fa_forward_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), offsets.numel() - 1, heads,
+                                        k.shape[1], dim, scale, out.data_ptr(), lse.data_ptr()):
+            raise MemoryError("packed attention: its buffers could not be allocated")
+        return out, lse
+
+    def packed_attention_backward(self, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                                  lse: torch.Tensor, offsets: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+        """dq, dk, dv (bf16, shaped as q, k, v) from grad = dL/d out (contiguous bf16, out's shape)."""
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if not self.lib.fa_backward_bf16(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                         offsets.data_ptr(), offsets.numel() - 1, q.shape[1], k.shape[1], q.shape[2], scale,
+                                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr()):
+            raise MemoryError("packed attention: its buffers could not be allocated")
+        return dq, dk, dv
 
     def pack_weight(self, weight: torch.Tensor) -> PackedWeight:
         """A frozen bf16 linear weight (out, in), contiguous, packed once for `amx_linear` (`self.amx` only)."""

@@ -209,7 +209,8 @@ class FastPath:
             rotary = f" ({len(self.attention_modules)} with the rotary embedding inside)" if self.attention_modules else ""
             parts.append(f"short-batch attention in {attention.NAME}{rotary}")
         if self.packs_sequences:
-            parts.append("padding-free batches where padding is over 10% (long ones: each sequence's causal attention alone)")
+            alone = "each sequence's causal attention alone" + (", on AMX tiles" if self.kernels is not None and self.kernels.amx else "")
+            parts.append(f"padding-free batches where padding is over 10% (long ones: {alone})")
         if self.packed_bytes:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:

@@ -1,0 +1,84 @@
+"""Causal attention of a packed batch on AMX tiles (`PackedAttentionFunction`, the CPU fast
+path's attention for long padding-free batches) against its peer, SDPA called once per sequence
+(flash on a CPU: what the path ran before, and what it runs without AMX), forward and backward
+on the shapes of the training benchmark's long workloads: codes (SmolLM2-135M's 9 heads over 3
+key/value heads, 16 documents of 512-1,023 tokens) and llama1b (32 heads over 8, 8 sequences of
+~200-256 tokens), head size 64. Needs a CPU with AMX.
+
+    python benchmarks/packed_attention.py      # ~1 minute on 2 cores
+
+Prints the CPU and, per shape, the milliseconds of one layer's forward + backward (median of 5),
+the GFLOP/s they make (causal: half the square), and the ratio SDPA / tiles, measured twice,
+alternating; and the largest difference between the two outputs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from common import cpu_name  # (benchmarks/common.py)
+
+from slmops.train.cpu import kernels as cpu_kernels
+from slmops.train.cpu.attention import PackedAttentionFunction
+
+SHAPES = {  # name: (sequence lengths, heads, key/value heads, head size)
+    "codes": ([512 + (i * 37) % 512 for i in range(16)], 9, 3, 64),
+    "llama1b": ([256 - (i * 13) % 60 for i in range(8)], 32, 8, 64),
+}
+
+
+def sdpa_per_sequence(q, k, v, lengths, scale):
+    outputs = []
+    for q_i, k_i, v_i in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        out = F.scaled_dot_product_attention(q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None],
+                                             is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def median_seconds(run, repeats: int = 5) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    kernels = cpu_kernels.get()
+    if kernels is None or not kernels.amx:
+        raise SystemExit("this CPU (or build) has no AMX tiles: nothing to compare")
+    print(f"cpu: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'shape':>8} {'SDPA ms':>8} {'GFLOP/s':>8} {'tiles ms':>9} {'GFLOP/s':>8} {'ratio (twice)':>14} {'max diff':>9}")
+    torch.manual_seed(0)
+    for name, (lengths, heads, kv_heads, dim) in SHAPES.items():
+        tokens, scale = sum(lengths), dim**-0.5
+        offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        q, k, v = (torch.randn(tokens, h, dim, dtype=torch.bfloat16, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+        grad = torch.randn(tokens, heads, dim, dtype=torch.bfloat16)
+
+        def sdpa():
+            sdpa_per_sequence(q, k, v, lengths, scale).backward(grad)
+
+        def tiles():
+            PackedAttentionFunction.apply(q, k, v, offsets, scale, kernels).backward(grad)
+
+        ratios = []
+        for _ in range(2):
+            sdpa_s, tiles_s = median_seconds(sdpa), median_seconds(tiles)
+            ratios.append(sdpa_s / tiles_s)
+        with torch.no_grad():
+            diff = float((sdpa_per_sequence(q, k, v, lengths, scale).float()
+                          - PackedAttentionFunction.apply(q, k, v, offsets, scale, kernels).float()).abs().max())
+        # forward: 2 products of L x L/2 x D multiply-adds per head; backward 5 (one of them the recomputed scores)
+        flops = sum(7 * 2 * length * length / 2 * dim * heads for length in lengths)
+        print(f"{name:>8} {sdpa_s * 1e3:8.1f} {flops / sdpa_s / 1e9:8.0f} {tiles_s * 1e3:9.1f} {flops / tiles_s / 1e9:8.0f} "
+              f"{ratios[0]:6.2f} {ratios[1]:6.2f} {diff:9.4f}")
+
+
+if __name__ == "__main__":
+    main()
