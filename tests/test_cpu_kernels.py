@@ -520,3 +520,31 @@ def test_a_cache_folder_others_can_write_is_refused(monkeypatch, tmp_path, caplo
         assert not list((cache / "kernels").iterdir())
     finally:
         cpu_kernels.get.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rows_matches_the_pytorch_rotation_and_its_transpose(kernels, dtype):
+    """The packed batch's rotary embedding (long padding-free batches): forward and backward
+    (the transpose) equal attention._rope's in float64, to one rounding of the dtype; the
+    input may be a column slice of a wider matrix (a fused q/k/v output)."""
+    from slmops.train.cpu.attention import RopeRowsFunction, _Rope, _rope
+
+    torch.manual_seed(0)
+    rows, heads, dim = 37, 3, 64
+    x = torch.randn(rows, 3 * heads * dim, dtype=dtype)[:, heads * dim : 2 * heads * dim].view(rows, heads, dim)
+    angles = torch.randn(1, rows, dim // 2) * 3
+    cos, sin_swapped = _Rope().get(torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
+    cos, sin_swapped = cos[0], sin_swapped[0]
+    exact = x.double().requires_grad_()
+    want = _rope(exact, cos[:, None].double(), sin_swapped[:, None].double())
+    grad = torch.randn(rows, heads, dim, dtype=dtype)
+    (want_grad,) = torch.autograd.grad(want, exact, grad.double())
+    ours = x.detach().requires_grad_()
+    got = RopeRowsFunction.apply(ours, cos, sin_swapped, kernels)
+    (got_grad,) = torch.autograd.grad(got, ours, grad)
+    assert got.dtype == dtype and got.is_contiguous()
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=2**-8)
+    torch.testing.assert_close(got.double(), want.detach(), **tolerance)
+    torch.testing.assert_close(got_grad.double(), want_grad, **tolerance)
+    with pytest.raises(ValueError, match="side by side"):
+        kernels.rope_rows(x.transpose(1, 2), cos, sin_swapped)

@@ -174,9 +174,10 @@ class Kernels:
             getattr(lib, f"swiglu_bwd_{suffix}").argtypes = [p, p, p, p, p, i64]
             getattr(lib, f"rope_heads_first_{suffix}").argtypes = [p, i64, p, p, i64, p, i64, i64, i64, i64, f32]
             getattr(lib, f"rope_tokens_first_{suffix}").argtypes = [p, p, p, i64, p, i64, i64, i64, i64, f32]
+            getattr(lib, f"rope_rows_{suffix}").argtypes = [p, i64, p, p, p, i64, i64, i64, f32]
             for name in ("lora_drop_h", "lora_drop_da", "lora_drop_dx"):
                 getattr(lib, f"{name}_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
-            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_heads_first", "rope_tokens_first",
+            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_heads_first", "rope_tokens_first", "rope_rows",
                          "lora_drop_h", "lora_drop_da", "lora_drop_dx"):
                 getattr(lib, f"{name}_{suffix}").restype = None
         lib.drop_positions_seeded.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_double, i64, i64, p]
@@ -397,6 +398,19 @@ class Kernels:
         slice of a contiguous matrix qualifies), in a supported dtype."""
         return (x.dim() == 3 and x.device.type == "cpu" and x.dtype in _SUFFIX and x.stride(2) == 1
                 and x.stride(0) == x.shape[1] * x.stride(1))
+
+    def rope_rows(self, x: torch.Tensor, cos: torch.Tensor, sin_swapped: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x (rows, heads, D), bf16 or fp32, each row's heads side by side (any stride between rows),
+        rotated per row by cos and sin_swapped ((rows, D) fp32 contiguous; see attention._rope):
+        x * cos + swap(x * sin_swapped), or its transpose with `inverse`; a new contiguous tensor
+        of x's shape and dtype."""
+        rows, heads, dim = x.shape
+        if x.stride(2) != 1 or x.stride(1) != dim:
+            raise ValueError("rope_rows: each row's heads must be side by side")
+        y = torch.empty(rows, heads, dim, dtype=x.dtype)
+        getattr(self.lib, f"rope_rows_{_SUFFIX[x.dtype]}")(x.data_ptr(), x.stride(0), cos.data_ptr(), sin_swapped.data_ptr(), y.data_ptr(),
+                                                          rows, heads, dim, -1.0 if inverse else 1.0)
+        return y
 
     def rope_heads_first(self, x: torch.Tensor, cos: torch.Tensor | None, sin_swapped: torch.Tensor | None, heads: int,
                          scale: float = 1.0) -> torch.Tensor:
