@@ -373,7 +373,7 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
     packed = 2 * (64 * 32 + 32 * 32 + 3 * 64 * 32) * 2
     assert ("fast CPU path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms, 2 fused SwiGLUs, "
             "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
-            "padding-free batches where padding is over 10% (long ones: each sequence's causal attention alone"
+            "padding-free batches: short ones where padding is over 10%, long ones always (each sequence's causal attention alone"
             + (", on AMX tiles" if amx else "") + "), "
             + (f"AMX forward products on packed base weights ({packed / 2**20:.2f} MB), LoRA products on AMX in bf16, " if amx else "")
             + "C kernels") in text, text
@@ -457,8 +457,8 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
 
     left = batch["attention_mask"].flip(1)  # left padding: positions would differ
     assert fast_attention.Packing.of(left) is None
-    full = torch.ones(4, 10, dtype=torch.long)  # nothing to remove
-    assert fast_attention.Packing.of(full) is None
+    full = torch.ones(4, 10, dtype=torch.long)  # nothing to remove: a short batch stays padded, a long one packs all the same
+    assert (fast_attention.Packing.of(full) is None) == (not long)
 
 
 

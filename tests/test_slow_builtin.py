@@ -119,9 +119,10 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
             trainer._verify_fast_path(probe)
             assert trainer.fast_path is not None and path.active, path.off_reason
             assert trainer.loss_fn is packed_loss  # the packing check passed
-            if dataset == "tiny_codes_sessions":  # long sequences: checked on the per-sequence attention
-                assert attention.Packing.of(probe["attention_mask"], only_if_it_pays=False).long
-            assert (attention.Packing.of(probe["attention_mask"]) is not None) == (pack_below > 1)  # what was verified
+            long = attention.Packing.of(probe["attention_mask"], only_if_it_pays=False).long
+            assert long == (dataset == "tiny_codes_sessions")  # long sequences: checked on the per-sequence attention
+            # what was verified: packed where it pays (long batches always)
+            assert (attention.Packing.of(probe["attention_mask"]) is not None) == (pack_below > 1 or long)
 
 
 def test_seed_search_file_prunes_and_best_yaml_reproduces_the_best_trial(tmp_path, builtin_model):

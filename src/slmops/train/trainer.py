@@ -262,7 +262,8 @@ class Trainer:
         if packed:
             self.loss_fn = packed_loss
         log.info("loss: %s%s", "output head on labelled positions only" if fast else "full logits (model's own forward)",
-                 "; padding-free batches (real tokens only) where padding is over 10%" if packed else "")
+                 "; padding-free batches (real tokens only) where padding is over 10%, and all batches over "
+                 f"{SHORT_ATTENTION_MAX_LEN} tokens" if packed else "")
 
     def _verify_fast_path(self, probe: dict[str, torch.Tensor]) -> None:
         with self._attention_kernel(probe), self._autocast():

@@ -210,7 +210,7 @@ class FastPath:
             parts.append(f"short-batch attention in {attention.NAME}{rotary}")
         if self.packs_sequences:
             alone = "each sequence's causal attention alone" + (", on AMX tiles" if self.kernels is not None and self.kernels.amx else "")
-            parts.append(f"padding-free batches where padding is over 10% (long ones: {alone})")
+            parts.append(f"padding-free batches: short ones where padding is over 10%, long ones always ({alone})")
         if self.packed_bytes:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
