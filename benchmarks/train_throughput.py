@@ -43,6 +43,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -544,6 +545,15 @@ def per_workload(value: str | None, name: str, default: int) -> int:
     return int(given.get(name, default))
 
 
+def _death(returncode: int) -> str:
+    """How a row's process ended, for the table."""
+    if returncode == -signal.SIGKILL:
+        return "killed (SIGKILL: out of memory, most likely; see dmesg)"
+    if returncode < 0:
+        return f"died of {signal.Signals(-returncode).name}"
+    return f"failed (exit status {returncode}; its error is printed above)"
+
+
 def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) -> dict[str, dict]:
     work = WORKLOADS[name]
     steps, warmup = per_workload(args.steps, name, work.steps), per_workload(args.warmup, name, work.warmup)
@@ -553,17 +563,24 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
         for row in names:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 print(f"{name} round {round_index + 1}/{args.rounds}: {row} ...", file=sys.stderr, flush=True)
-                subprocess.run([sys.executable, __file__, "--worker", row, "--workload", name, "--model_dir", model_dir,
-                                "--steps", str(steps), "--warmup", str(warmup), "--out", out.name, "--seed", str(args.seed + round_index),
-                                *(["--profile"] if args.profile else [])],
-                               check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-                results[row].append(json.loads(Path(out.name).read_text()))
+                done = subprocess.run([sys.executable, __file__, "--worker", row, "--workload", name, "--model_dir", model_dir,
+                                       "--steps", str(steps), "--warmup", str(warmup), "--out", out.name, "--seed",
+                                       str(args.seed + round_index), *(["--profile"] if args.profile else [])],
+                                      env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                # A row that dies is a result too (TRL without gradient checkpointing on 16 x 1,024 tokens
+                # outgrows 24 GB and the kernel kills it): reported as such, the other rows still run.
+                results[row].append(json.loads(Path(out.name).read_text()) if done.returncode == 0
+                                    else {"failed": _death(done.returncode)})
     # A LoRA step on a frozen base costs ~4 FLOPs per non-embedding parameter per token
     # (forward 2, input-gradient 2; no weight gradients for the base).
     flops_per_token = 4 * non_embedding_parameters(model_dir)
     table = {}
     for row in names:
         runs = results[row]
+        failed = next((r["failed"] for r in runs if "failed" in r), None)
+        if failed:
+            table[row] = {"failed": failed}
+            continue
         tokens = sum(sum(r["tokens"]) for r in runs)
         seconds = sum(sum(r["step_seconds"]) for r in runs)
         tps = tokens / seconds
@@ -582,22 +599,26 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
     print(f"{'row':16s} {'tokens/s':>9s} {'step med s':>10s} {'peak RSS MB':>11s} {'held-out loss':>22s} {'train loss':>10s} "
           f"{'% peak':>11s}  precision")
     for row, r in table.items():
+        if "failed" in r:
+            print(f"{row:16s} {'-':>9s} {'-':>10s} {'-':>11s}  {r['failed']}")
+            continue
         print(f"{row:16s} {r['tokens_per_s']:9.0f} {r['step_median_s']:10.3f} {r['peak_rss_mb']:11.0f} "
               f"{r['eval_loss']:7.4f} [{r['eval_range'][0]:.3f}-{r['eval_range'][1]:.3f}] {r['loss_last']:10.4f} "
               f"{100 * r['peak_fraction']:10.1f}%  {r['precision']}")
-    for row, r in table.items():
+    ran = {row: r for row, r in table.items() if "failed" not in r}
+    for row, r in ran.items():
         if r["profile"]:
             print(f"{name}: where a {row} step's time goes (torch.profiler over the timed steps of round 1): "
                   + ", ".join(f"{group} {100 * share:.0f}%" for group, share in r["profile"].items()))
-    ours = table.get("slmops")
+    ours = ran.get("slmops")
     if ours:
         for peer in ("trl_fp32", "trl_bf16", "trl_bf16_nogc", "olive"):
-            if peer in table:
-                print(f"{name}: slmops / {peer}: throughput {ours['tokens_per_s'] / table[peer]['tokens_per_s']:.2f}x, "
-                      f"peak RSS {ours['peak_rss_mb'] / table[peer]['peak_rss_mb']:.2f}x")
+            if peer in ran:
+                print(f"{name}: slmops / {peer}: throughput {ours['tokens_per_s'] / ran[peer]['tokens_per_s']:.2f}x, "
+                      f"peak RSS {ours['peak_rss_mb'] / ran[peer]['peak_rss_mb']:.2f}x")
     for ours_name, peer in (("slmops_qlora", "trl_qlora"), ("slmops_full", "trl_full")):
-        if ours_name in table and peer in table:
-            a, b = table[ours_name], table[peer]
+        if ours_name in ran and peer in ran:
+            a, b = ran[ours_name], ran[peer]
             print(f"{name}: {ours_name} / {peer}: throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
                   f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
     return table
@@ -654,8 +675,9 @@ def main() -> None:
           f"{EVAL_ROWS} rows (last assistant turn, or the whole text); mean [min-max] over the rounds, each round its own seed")
     for label, peers in (("ratio_vs_trl_fp32", ("trl_fp32",)), ("ratio_vs_trl_bf16", ("trl_bf16", "trl_bf16_nogc")),
                          ("ratio_vs_olive", ("olive",))):
+        ran = {name: {row: r for row, r in t.items() if "failed" not in r} for name, t in tables.items()}  # (a row that died has no rate)
         ratios = {name: t["slmops"]["tokens_per_s"] / max(t[p]["tokens_per_s"] for p in peers if p in t)
-                  for name, t in tables.items() if "slmops" in t and any(p in t for p in peers)}
+                  for name, t in ran.items() if "slmops" in t and any(p in t for p in peers)}
         if ratios:
             print(f"{label} per workload: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
             print(f"{label}: {min(ratios.values()):.2f}")

@@ -19,16 +19,17 @@ from conftest import build_tiny_model
 from helpers import tiny_config
 
 
-def _cpu_has_amx() -> bool:
+def _cpu_has(flag: str) -> bool:
     with open("/proc/cpuinfo") as cpuinfo:
-        return " amx_bf16" in cpuinfo.read()
+        return f" {flag}" in cpuinfo.read()
 
 
 @pytest.fixture(scope="module")
 def kernels():
     built = cpu_kernels.get()
     assert built is not None, "this machine has gcc: the kernels must build"
-    assert built.amx == _cpu_has_amx(), "AMX exactly where the CPU has it"
+    assert built.amx == _cpu_has("amx_bf16"), "AMX tiles exactly where the CPU has them"
+    assert built.packed_attention == _cpu_has("avx512_bf16"), "the packed attention exactly where the CPU has AVX512-BF16"
     return built
 
 
@@ -47,16 +48,22 @@ def _sdpa_per_sequence(q, k, v, lengths, scale):
 SHAPES = [([1, 5, 33], 4, 2, 64), ([700, 17, 256], 9, 3, 64), ([100, 64], 8, 8, 128), ([31, 32, 65], 32, 8, 32)]
 
 
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "avx512_bf16"])
 @pytest.mark.parametrize("lengths,heads,kv_heads,dim", SHAPES)
-def test_packed_attention_matches_an_fp32_reference(kernels, lengths, heads, kv_heads, dim):
+def test_packed_attention_matches_an_fp64_reference(kernels, lengths, heads, kv_heads, dim, tiles, monkeypatch):
+    """On the AMX tiles and on AVX512-BF16 dot products (what CPUs without tiles run), where the
+    CPU has them."""
     torch.manual_seed(0)
     tokens = sum(lengths)
     q, k, v = (torch.randn(tokens, h, dim, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     grad = torch.randn(tokens, heads, dim, dtype=torch.bfloat16)
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     scale = dim**-0.5
-    if not kernels.amx:
-        with pytest.raises(RuntimeError, match="no AMX tiles"):
+    if tiles and not kernels.amx:  # (the fixture checked that this CPU has none)
+        return
+    monkeypatch.setattr(kernels, "amx", tiles)
+    if not kernels.packed_attention:
+        with pytest.raises(RuntimeError, match="without AVX512-BF16"):
             kernels.packed_attention_forward(q, k, v, offsets, scale)
         return
     assert cpu_kernels.Kernels.packed_attention_takes(q, k, v)

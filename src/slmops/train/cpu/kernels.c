@@ -542,34 +542,8 @@ void lora_operands_bf16(const float *const *a, const float *const *b, const floa
 TRANSPOSE(bf16, uint16_t)
 TRANSPOSE(f32, float)
 
-/* ---- The LoRA products on AMX tiles -------------------------------------------------------------
- * oneDNN's bf16 matmul takes 60-250 us a call on the shapes of a LoRA step (384 x 576 x 48,
- * 384 x 48 x 960, the weight gradients 48 x 384 x 960...), where the tile arithmetic takes a few
- * microseconds: per-call setup, and blocking made for large products. A step makes six such
- * products per adapter group. amx_matmul computes C (m, n) = alpha * A (m, k) @ B (k, n) (+ C)
- * with A row-major bf16 (any row stride) and B bf16 with any strides, packed on the fly into the
- * tiles' pair-interleaved layout; C is bf16 (rounded once from the fp32 tiles) or fp32, optionally
- * stored transposed.
- * Work split: where B is large (an activation: the weight gradients, whose inner size is the
- * batch's rows), each thread takes a range of C's 32-column panel pairs, packs just those columns
- * of B and computes them for all rows of A (a thread reading columns another thread packed
- * measured 2x slower, 126 vs 65 us for 48 x 384 x 960). A small B (an adapter matrix) each thread
- * packs whole into its own scratch, and takes a range of A's 16-row blocks, C's rows in order. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && AVX512_BF16_bf16
-#include <sys/syscall.h>
-#include <unistd.h>
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
-
-/* Linux grants the AMX register state per process on request (oneDNN asks too; asking again is harmless). */
-int amx_available(void) {
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-}
-
+/* B (k, n) in the pair layout of bf16 dot products, both the AMX tiles' and AVX512-BF16's. */
+#if AVX512_BF16_bf16
 /* Panels [first, last) of B (k, n), element (i, j) at src[i * sk + j * sn]: panel p holds
  * round_up(k, 32) / 2 rows, row r the 16 pairs (B[2r][16p + j], B[2r + 1][16p + j]); zero beyond k, n. */
 static void amx_pack(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int64_t n, int64_t first, int64_t last,
@@ -598,6 +572,35 @@ static void amx_pack(const uint16_t *src, int64_t sk, int64_t sn, int64_t k, int
             _mm512_storeu_si512((uint32_t *)out + (p * kp + r) * 16, pairs);
         }
     }
+}
+#endif
+
+/* ---- The LoRA products on AMX tiles -------------------------------------------------------------
+ * oneDNN's bf16 matmul takes 60-250 us a call on the shapes of a LoRA step (384 x 576 x 48,
+ * 384 x 48 x 960, the weight gradients 48 x 384 x 960...), where the tile arithmetic takes a few
+ * microseconds: per-call setup, and blocking made for large products. A step makes six such
+ * products per adapter group. amx_matmul computes C (m, n) = alpha * A (m, k) @ B (k, n) (+ C)
+ * with A row-major bf16 (any row stride) and B bf16 with any strides, packed on the fly into the
+ * tiles' pair-interleaved layout; C is bf16 (rounded once from the fp32 tiles) or fp32, optionally
+ * stored transposed.
+ * Work split: where B is large (an activation: the weight gradients, whose inner size is the
+ * batch's rows), each thread takes a range of C's 32-column panel pairs, packs just those columns
+ * of B and computes them for all rows of A (a thread reading columns another thread packed
+ * measured 2x slower, 126 vs 65 us for 48 x 384 x 960). A small B (an adapter matrix) each thread
+ * packs whole into its own scratch, and takes a range of A's 16-row blocks, C's rows in order. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && AVX512_BF16_bf16
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* Linux grants the AMX register state per process on request (oneDNN asks too; asking again is harmless). */
+int amx_available(void) {
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
 
 /* Tiles: 0, 1 accumulators (16 rows x 16 fp32: two column panels); 2 A (16 rows x 32 k);
@@ -801,298 +804,8 @@ int amx_linear(const uint16_t *x, int64_t ldx, const uint16_t *packed, uint16_t 
     return 1;
 }
 
-/* ---- Causal attention of packed sequences on AMX tiles ------------------------------------------
- * Training on long documents (512-1,024 tokens) spent ~45% of a step in attention, most of it in
- * PyTorch's CPU flash backward (~130 GFLOP/s on 2 cores, where the tiles reach ~2,000 on the
- * projections). Here both directions on the tiles, for a padding-free batch: rows of q (N, H, D),
- * k and v (N, Hkv, D) bf16, sequence s in rows [offsets[s], offsets[s + 1]), each attending
- * causally to itself only. The unit of work is one (sequence, key/value head): its K and V are
- * packed into the tiles' layout once and serve every query head of the group (grouped-query
- * attention), and the backward accumulates that head's dK and dV without sharing them.
- * Queries go in blocks of FA_BQ rows against all the keys they see (the causal prefix), so the
- * softmax is exact per block (no running rescale) and no score past the diagonal's block is
- * computed; the block's scores (FA_BQ x length fp32) stay in cache. The forward keeps each row's
- * log-sum-exp; the backward recomputes P from it (as flash attention does) and needs O for
- * D = rowsum(dO * O). P and dS are rounded to bf16 for their products, as GPUs' flash kernels
- * do; every product accumulates in fp32. Needs D a multiple of 32 (the tiles' k step).
- * What is not a product (the exponentials, the masks, the layouts) costs about as much as the
- * products here, so it is done in as few passes as possible: scores and dP leave the tiles
- * straight into their buffers (the scale is applied in the exponential), dV^T and dK^T
- * accumulate in the tiles, and the backward writes P directly in the tiles' pair layout. */
-#define FA_BQ 32
-
-static inline int64_t fa_round32(int64_t x) { return (x + 31) / 32 * 32; }
-static inline __mmask16 fa_mask(int64_t left) { return left <= 0 ? 0 : left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
-
-/* C (rows, n) fp32 (+)= A (rows, k) @ B: B packed by amx_pack with kp pair rows a panel, of which
- * the first k / 2 are used (a prefix of B's rows); k and n multiples of 32. C holds whole 16-row
- * tiles (row stride ldc), and past `rows` of A (the last block of a sequence) its rows are
- * garbage: A's rows there are copied into `tail` (16 x k) so nothing past them is read. */
-static void fa_product_f32(const uint16_t *a, int64_t lda, int64_t rows, const uint16_t *packed, int64_t kp, int64_t k,
-                           int64_t n, float *c, int64_t ldc, int accumulate, uint16_t *tail) {
-    for (int64_t row = 0; row < rows; row += 16) {
-        const uint16_t *ar = a + row * lda;
-        int64_t stride = lda * 2;
-        if (rows - row < 16) {
-            for (int64_t r = 0; r < rows - row; r++) memcpy(tail + r * k, ar + r * lda, (size_t)k * 2);
-            ar = tail;
-            stride = k * 2;
-        }
-        for (int64_t p = 0; p < n / 16; p += 2) {
-            float *cp = c + row * ldc + p * 16;
-            const uint16_t *b0 = packed + p * kp * 32, *b1 = b0 + kp * 32;
-            if (accumulate) {
-                _tile_loadd(0, cp, ldc * 4);
-                _tile_loadd(1, cp + 16, ldc * 4);
-            } else {
-                _tile_zero(0);
-                _tile_zero(1);
-            }
-            for (int64_t kk = 0; kk < k; kk += 32) {
-                _tile_loadd(2, ar + kk, stride);
-                _tile_loadd(4, b0 + kk * 16, 64);
-                _tile_loadd(5, b1 + kk * 16, 64);
-                _tile_dpbf16ps(0, 2, 4);
-                _tile_dpbf16ps(1, 2, 5);
-            }
-            _tile_stored(0, cp, ldc * 4);
-            _tile_stored(1, cp + 16, ldc * 4);
-        }
-    }
-}
-
-/* C (rows, n) bf16 = alpha * A @ B, as fa_product_f32 but rounded into C's first `rows` rows only
- * (an output tensor's rows: past them is the next sequence). */
-static void fa_product_bf16(const uint16_t *a, int64_t lda, int64_t rows, const uint16_t *packed, int64_t kp, int64_t k,
-                            int64_t n, uint16_t *c, int64_t ldc, float alpha, uint16_t *tail, float *acc) {
-    for (int64_t row = 0; row < rows; row += 16)
-        for (int64_t p = 0; p < n / 16; p += 2)
-            amx_block(a, lda, packed, kp, k, p, 1, row, rows - row < 16 ? rows - row : 16, c, ldc, n, alpha, 0, AMX_OUT_BF16,
-                      tail, acc);
-}
-
-/* B = X^T (k = dim, n = length) for S = Q K^T and dP = dO V^T: panels up to round32(length) / 16,
- * the one past the last row's panel zero. */
-static void fa_pack_transposed(const uint16_t *x, int64_t stride, int64_t dim, int64_t length, uint16_t *out) {
-    int64_t used = (length + 15) / 16, panels = fa_round32(length) / 16, kp = dim / 2;
-    amx_pack(x, 1, stride, dim, length, 0, used, out);
-    if (panels > used) memset(out + used * kp * 32, 0, (size_t)kp * 32 * sizeof(uint16_t));
-}
-
-/* out (dim, FA_BQ) = the block's rows (rows of x, row stride `stride`, zero past `rows`) transposed:
- * two output rows per pair of 32-bit gathers (elements d and d + 1 of 16 rows each), split by
- * truncating and shifting conversions. */
-static void fa_transpose_block(const uint16_t *x, int64_t stride, int64_t rows, int64_t dim, uint16_t *out) {
-    __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                       _mm512_set1_epi32((int)(stride * 2)));
-    __mmask16 m0 = fa_mask(rows), m1 = fa_mask(rows - 16);
-    for (int64_t d = 0; d < dim; d += 2) {
-        __m512i lo = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, index, x + d, 1);
-        __m512i hi = m1 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, index, x + 16 * stride + d, 1)
-                        : _mm512_setzero_si512();
-        _mm256_storeu_si256((__m256i *)(out + d * FA_BQ), _mm512_cvtepi32_epi16(lo));
-        _mm256_storeu_si256((__m256i *)(out + d * FA_BQ + 16), _mm512_cvtepi32_epi16(hi));
-        _mm256_storeu_si256((__m256i *)(out + (d + 1) * FA_BQ), _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16)));
-        _mm256_storeu_si256((__m256i *)(out + (d + 1) * FA_BQ + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16)));
-    }
-}
-
-/* Per-thread buffers, for sequences up to `lp` (a multiple of 32) tokens and head size `dim`. */
-typedef struct {
-    uint16_t *kt, *vt, *kn, *vn, *p, *ds, *pk, *dsk, *dot, *qt, *tail;
-    float *s, *dp, *dkt, *dvt, *acc;
-} fa_scratch;
-
-static int fa_alloc(fa_scratch *w, int64_t lp, int64_t dim) {
-    memset(w, 0, sizeof *w);
-    size_t kv = (size_t)(lp * dim), blk = (size_t)(FA_BQ * lp);
-    w->kt = aligned_alloc(64, kv * 2), w->vt = aligned_alloc(64, kv * 2);
-    w->kn = aligned_alloc(64, kv * 2), w->vn = aligned_alloc(64, kv * 2);
-    w->p = aligned_alloc(64, blk * 2), w->ds = aligned_alloc(64, blk * 2);
-    w->pk = aligned_alloc(64, blk * 2), w->dsk = aligned_alloc(64, blk * 2);
-    w->dot = aligned_alloc(64, (size_t)(dim * FA_BQ) * 2), w->qt = aligned_alloc(64, (size_t)(dim * FA_BQ) * 2);
-    w->tail = calloc((size_t)(16 * (lp > dim ? lp : dim)), 2);
-    w->s = aligned_alloc(64, blk * 4), w->dp = aligned_alloc(64, blk * 4);
-    w->dkt = aligned_alloc(64, kv * 4), w->dvt = aligned_alloc(64, kv * 4);
-    w->acc = aligned_alloc(64, 256 * 4);
-    return w->kt && w->vt && w->kn && w->vn && w->p && w->ds && w->pk && w->dsk && w->dot && w->qt && w->tail && w->s
-           && w->dp && w->dkt && w->dvt && w->acc;
-}
-
-static void fa_free(fa_scratch *w) {
-    void *all[] = {w->kt, w->vt, w->kn, w->vn, w->p, w->ds, w->pk, w->dsk, w->dot, w->qt, w->tail, w->s, w->dp, w->dkt, w->dvt, w->acc};
-    for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
-}
-
-static int64_t fa_longest(const int64_t *offsets, int64_t sequences) {
-    int64_t longest = 0;
-    for (int64_t s = 0; s < sequences; s++)
-        if (offsets[s + 1] - offsets[s] > longest) longest = offsets[s + 1] - offsets[s];
-    return longest;
-}
-
-/* out (N, H, D) bf16 and lse (N, H) fp32 (the scaled scores' log-sum-exp per query row). 0 on a
- * failed allocation or a head size the tiles do not take. */
-int fa_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *offsets, int64_t sequences,
-                    int64_t heads, int64_t kv_heads, int64_t dim, float scale, uint16_t *out, float *lse) {
-    if (dim % 32 || dim <= 0 || heads % kv_heads) return 0;
-    int64_t lp = fa_round32(fa_longest(offsets, sequences)), group = heads / kv_heads;
-    int64_t sq = heads * dim, skv = kv_heads * dim, units = sequences * kv_heads;
-    int failed = 0;
-    #pragma omp parallel reduction(| : failed)
-    {
-        fa_scratch w;
-        int ready = fa_alloc(&w, lp, dim);
-        if (ready) amx_configure(0); else failed = 1;
-        __m512 vscale = _mm512_set1_ps(scale);
-        #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
-        for (int64_t unit = 0; unit < units; unit++) {
-            int64_t seq = unit / kv_heads, g = unit % kv_heads, first = offsets[seq], length = offsets[seq + 1] - first;
-            if (!ready || length <= 0) continue;
-            fa_pack_transposed(k + first * skv + g * dim, skv, dim, length, w.kt);
-            amx_pack(v + first * skv + g * dim, skv, 1, length, dim, 0, dim / 16, w.vn);
-            int64_t kp_rows = fa_round32(length) / 2;
-            for (int64_t h = g * group; h < (g + 1) * group; h++)
-                for (int64_t r0 = 0; r0 < length; r0 += FA_BQ) {
-                    int64_t rows = length - r0 < FA_BQ ? length - r0 : FA_BQ, keys = fa_round32(r0 + rows);
-                    fa_product_f32(q + (first + r0) * sq + h * dim, sq, rows, w.kt, dim / 2, dim, keys, w.s, lp, 0, w.tail);
-                    float inv[FA_BQ];
-                    for (int64_t r = 0; r < rows; r++) { /* exp(scores - max), unnormalized, zero past the diagonal */
-                        int64_t seen = r0 + r + 1; /* keys 0 .. r0 + r */
-                        const float *srow = w.s + r * lp;
-                        uint16_t *prow = w.p + r * lp;
-                        __m512 vmax = _mm512_set1_ps(-INFINITY);
-                        for (int64_t j = 0; j < seen; j += 16)
-                            vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), fa_mask(seen - j), srow + j));
-                        float top = _mm512_reduce_max_ps(vmax) * scale; /* (scale > 0) */
-                        __m512 vtop = _mm512_set1_ps(top), vsum = _mm512_setzero_ps();
-                        for (int64_t j = 0; j < keys; j += 16) {
-                            __mmask16 m = fa_mask(seen - j);
-                            __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, srow + j), vscale, vtop)));
-                            storen_bf16(prow + j, 0xffff, e);
-                            vsum = _mm512_add_ps(vsum, e);
-                        }
-                        float sum = _mm512_reduce_add_ps(vsum);
-                        inv[r] = 1.0f / sum;
-                        lse[(first + r0 + r) * heads + h] = top + logf(sum);
-                    }
-                    /* O = (exp P) V, each row divided by its sum on the way out */
-                    fa_product_f32(w.p, lp, rows, w.vn, kp_rows, keys, dim, w.dp, lp, 0, w.tail);
-                    for (int64_t r = 0; r < rows; r++) {
-                        uint16_t *orow = out + (first + r0 + r) * sq + h * dim;
-                        __m512 vinv = _mm512_set1_ps(inv[r]);
-                        for (int64_t d = 0; d < dim; d += 16) storen_bf16(orow + d, 0xffff, _mm512_mul_ps(_mm512_loadu_ps(w.dp + r * lp + d), vinv));
-                    }
-                }
-        }
-        if (ready) _tile_release();
-        fa_free(&w);
-    }
-    return !failed;
-}
-
-/* dq (N, H, D), dk and dv (N, Hkv, D) bf16 from grad (N, H, D) = dL/d out and the forward's
- * q, k, v, out and lse. 0 as fa_forward_bf16. */
-int fa_backward_bf16(const uint16_t *grad, const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *out,
-                     const float *lse, const int64_t *offsets, int64_t sequences, int64_t heads, int64_t kv_heads,
-                     int64_t dim, float scale, uint16_t *dq, uint16_t *dk, uint16_t *dv) {
-    if (dim % 32 || dim <= 0 || heads % kv_heads) return 0;
-    int64_t lp = fa_round32(fa_longest(offsets, sequences)), group = heads / kv_heads;
-    int64_t sq = heads * dim, skv = kv_heads * dim, units = sequences * kv_heads;
-    /* P's pairs of rows into the tiles' layout: (p_r[0..15], p_r+1[0..15]) -> (p_r[0], p_r+1[0], p_r[1], ...) */
-    __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-                                          4, 19, 3, 18, 2, 17, 1, 16, 0);
-    int failed = 0;
-    #pragma omp parallel reduction(| : failed)
-    {
-        fa_scratch w;
-        int ready = fa_alloc(&w, lp, dim);
-        if (ready) amx_configure(0); else failed = 1;
-        __m512 vscale = _mm512_set1_ps(scale);
-        #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
-        for (int64_t unit = 0; unit < units; unit++) {
-            int64_t seq = unit / kv_heads, g = unit % kv_heads, first = offsets[seq], length = offsets[seq + 1] - first;
-            if (!ready || length <= 0) continue;
-            int64_t kp_rows = fa_round32(length) / 2;
-            fa_pack_transposed(k + first * skv + g * dim, skv, dim, length, w.kt);
-            fa_pack_transposed(v + first * skv + g * dim, skv, dim, length, w.vt);
-            amx_pack(k + first * skv + g * dim, skv, 1, length, dim, 0, dim / 16, w.kn);
-            memset(w.dkt, 0, (size_t)(dim * lp) * 4);
-            memset(w.dvt, 0, (size_t)(dim * lp) * 4);
-            for (int64_t h = g * group; h < (g + 1) * group; h++)
-                for (int64_t r0 = 0; r0 < length; r0 += FA_BQ) {
-                    int64_t rows = length - r0 < FA_BQ ? length - r0 : FA_BQ, keys = fa_round32(r0 + rows);
-                    const uint16_t *qb = q + (first + r0) * sq + h * dim, *gb = grad + (first + r0) * sq + h * dim;
-                    fa_product_f32(qb, sq, rows, w.kt, dim / 2, dim, keys, w.s, lp, 0, w.tail);
-                    fa_product_f32(gb, sq, rows, w.vt, dim / 2, dim, keys, w.dp, lp, 0, w.tail);
-                    /* per pair of rows: P (straight into the pair layout, for dV) and dS (row-major for dQ, and
-                     * into the pair layout for dK); rows past the sequence are zero */
-                    for (int64_t r = 0; r < FA_BQ; r += 2) {
-                        __m512 dsum[2], vl[2];
-                        int64_t seen[2];
-                        for (int i = 0; i < 2; i++) {
-                            int64_t row = r + i, t = first + r0 + row;
-                            seen[i] = row < rows ? r0 + row + 1 : 0;
-                            if (!seen[i]) { dsum[i] = vl[i] = _mm512_setzero_ps(); continue; }
-                            const uint16_t *orow = out + t * sq + h * dim, *grow = grad + t * sq + h * dim;
-                            __m512 vd = _mm512_setzero_ps();
-                            for (int64_t d = 0; d < dim; d += 16)
-                                vd = _mm512_fmadd_ps(loadn_bf16(orow + d, 0xffff), loadn_bf16(grow + d, 0xffff), vd);
-                            dsum[i] = _mm512_set1_ps(_mm512_reduce_add_ps(vd));
-                            vl[i] = _mm512_set1_ps(lse[t * heads + h]);
-                        }
-                        for (int64_t j = 0; j < keys; j += 16) {
-                            __m512 p[2], ds[2];
-                            for (int i = 0; i < 2; i++) {
-                                __mmask16 m = fa_mask(seen[i] - j);
-                                const float *srow = w.s + (r + i) * lp, *dprow = w.dp + (r + i) * lp;
-                                p[i] = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, srow + j), vscale, vl[i])));
-                                ds[i] = _mm512_mul_ps(p[i], _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dprow + j), dsum[i]));
-                                storen_bf16(w.ds + (r + i) * lp + j, 0xffff, ds[i]);
-                            }
-                            /* panel j / 16, pair row r / 2 of a (k = FA_BQ, n = keys) B: 16 pair rows a panel */
-                            int64_t at = ((j / 16) * (FA_BQ / 2) + r / 2) * 32;
-                            _mm512_storeu_si512(w.pk + at, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0])));
-                            _mm512_storeu_si512(w.dsk + at, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0])));
-                        }
-                    }
-                    /* dQ = scale dS K */
-                    fa_product_bf16(w.ds, lp, rows, w.kn, kp_rows, keys, dim, dq + (first + r0) * sq + h * dim, sq, scale, w.tail,
-                                    w.acc);
-                    /* dV^T += dO^T P and dK^T += Q^T dS (scaled at the end): the block's rows are the inner size */
-                    fa_transpose_block(gb, sq, rows, dim, w.dot);
-                    fa_transpose_block(qb, sq, rows, dim, w.qt);
-                    fa_product_f32(w.dot, FA_BQ, dim, w.pk, FA_BQ / 2, FA_BQ, keys, w.dvt, lp, 1, w.tail);
-                    fa_product_f32(w.qt, FA_BQ, dim, w.dsk, FA_BQ / 2, FA_BQ, keys, w.dkt, lp, 1, w.tail);
-                }
-            for (int64_t j = 0; j < length; j++) {
-                uint16_t *dkr = dk + (first + j) * skv + g * dim, *dvr = dv + (first + j) * skv + g * dim;
-                for (int64_t d = 0; d < dim; d++) {
-                    dkr[d] = f32_to_bf16(scale * w.dkt[d * lp + j]);
-                    dvr[d] = f32_to_bf16(w.dvt[d * lp + j]);
-                }
-            }
-        }
-        if (ready) _tile_release();
-        fa_free(&w);
-    }
-    return !failed;
-}
 #else
 int amx_available(void) { return 0; }
-int fa_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *offsets, int64_t sequences,
-                    int64_t heads, int64_t kv_heads, int64_t dim, float scale, uint16_t *out, float *lse) {
-    (void)q, (void)k, (void)v, (void)offsets, (void)sequences, (void)heads, (void)kv_heads, (void)dim, (void)scale, (void)out,
-        (void)lse;
-    return 0;
-}
-int fa_backward_bf16(const uint16_t *grad, const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *out,
-                     const float *lse, const int64_t *offsets, int64_t sequences, int64_t heads, int64_t kv_heads,
-                     int64_t dim, float scale, uint16_t *dq, uint16_t *dk, uint16_t *dv) {
-    (void)grad, (void)q, (void)k, (void)v, (void)out, (void)lse, (void)offsets, (void)sequences, (void)heads, (void)kv_heads,
-        (void)dim, (void)scale, (void)dq, (void)dk, (void)dv;
-    return 0;
-}
 int64_t amx_packed_weight_elements(int64_t out, int64_t in) {
     (void)out, (void)in;
     return 0;
@@ -1116,4 +829,7 @@ int amx_matmul(const uint16_t *a, int64_t sam, int64_t sak, const uint16_t *b, i
 }
 #endif
 
-int slmops_kernels_version(void) { return 8; }
+/* The causal attention of packed sequences (long padding-free batches): its own file, this translation unit. */
+#include "packed_attention.c"
+
+int slmops_kernels_version(void) { return 9; }

@@ -37,7 +37,8 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 8  # slmops_kernels_version() in the C file
+SOURCES = (SOURCE, SOURCE.with_name("packed_attention.c"))  # (kernels.c includes the others: one library)
+VERSION = 9  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -105,7 +106,7 @@ def library_path(compiler: str, flags: list[str] = FLAGS) -> Path:
     """Where the library for this source, compiler, flags and CPU lives in the cache. Keyed
     on the CPU's features too: -march=native code built on one CPU dies with SIGILL on another
     (a home folder shared over NFS, a container image built elsewhere)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + _compiler_version(compiler).encode() + " ".join(flags).encode()
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + _compiler_version(compiler).encode() + " ".join(flags).encode()
                          + cpu_features().encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_kernels-{key}.so"
 
@@ -192,9 +193,10 @@ class Kernels:
         lib.amx_pack_weight.restype = None
         lib.amx_linear.argtypes = [p, i64, p, p, i64, i64, i64, i64, ctypes.c_int]
         lib.amx_linear.restype = ctypes.c_int
-        lib.fa_forward_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, f32, p, p]
+        lib.fa_available.restype = ctypes.c_int
+        lib.fa_forward_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, f32, ctypes.c_int, p, p]
         lib.fa_forward_bf16.restype = ctypes.c_int
-        lib.fa_backward_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, p, p, p]
+        lib.fa_backward_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, ctypes.c_int, p, p, p]
         lib.fa_backward_bf16.restype = ctypes.c_int
         lib.lora_operands_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, p, p]
         lib.lora_operands_bf16.restype = None
@@ -203,6 +205,8 @@ class Kernels:
             getattr(lib, f"transpose_{suffix}").restype = None
         # AMX tiles: built with them (-march=native on a CPU that has them) and granted by the kernel
         self.amx = bool(lib.amx_available())
+        # the packed attention: on the tiles where there are, else on AVX512-BF16 dot products (built with them)
+        self.packed_attention = bool(lib.fa_available())
         self._scratch = threading.local()
 
     @staticmethod
@@ -302,17 +306,18 @@ class Kernels:
 
     def packed_attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal attention of packed sequences on AMX tiles (`self.amx` only): q (N, H, D), k and v
-        (N, Hkv, D) bf16 (see packed_attention_takes), sequence s in rows offsets[s] .. offsets[s + 1]
-        (int64, ascending, ending at N), each attending to itself only. Returns the output (N, H, D)
-        bf16 and each query row's log-sum-exp of the scaled scores (N, H) fp32, for the backward."""
-        if not self.amx:
-            raise RuntimeError("packed attention: this library or CPU has no AMX tiles (check `Kernels.amx` first)")
+        """Causal attention of packed sequences (`self.packed_attention` only; on AMX tiles where the
+        CPU has them, else AVX512-BF16 dot products): q (N, H, D), k and v (N, Hkv, D) bf16 (see
+        packed_attention_takes), sequence s in rows offsets[s] .. offsets[s + 1] (int64, ascending,
+        ending at N), each attending to itself only. Returns the output (N, H, D) bf16 and each query
+        row's log-sum-exp of the scaled scores (N, H) fp32, for the backward."""
+        if not self.packed_attention:
+            raise RuntimeError("packed attention: this library was built without AVX512-BF16 (check `Kernels.packed_attention` first)")
         tokens, heads, dim = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(tokens, heads, dtype=torch.float32)
         if not self.lib.fa_forward_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), offsets.numel() - 1, heads,
-                                        k.shape[1], dim, scale, out.data_ptr(), lse.data_ptr()):
+                                        k.shape[1], dim, scale, int(self.amx), out.data_ptr(), lse.data_ptr()):
             raise MemoryError("packed attention: its buffers could not be allocated")
         return out, lse
 
@@ -322,7 +327,7 @@ class Kernels:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if not self.lib.fa_backward_bf16(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                          offsets.data_ptr(), offsets.numel() - 1, q.shape[1], k.shape[1], q.shape[2], scale,
-                                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr()):
+                                         int(self.amx), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()):
             raise MemoryError("packed attention: its buffers could not be allocated")
         return dq, dk, dv
 
