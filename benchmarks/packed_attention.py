@@ -3,9 +3,12 @@ path's attention for long padding-free batches) against its peer, SDPA called on
 (flash on a CPU: what the path ran before, and what it runs without AMX), forward and backward
 on the shapes of the training benchmark's long workloads: codes (SmolLM2-135M's 9 heads over 3
 key/value heads, 16 documents of 512-1,023 tokens) and llama1b (32 heads over 8, 8 sequences of
-~200-256 tokens), head size 64. Needs a CPU with AMX.
+~200-256 tokens), head size 64. The kernel runs on AMX tiles where the CPU has them, else on
+AVX512-BF16 dot products; needs one of the two.
 
     python benchmarks/packed_attention.py      # ~1 minute on 2 cores
+    # the AVX512-BF16 products on an AMX CPU, against SDPA with oneDNN held to the same ISA (as on an AMD EPYC):
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/packed_attention.py --no_tiles
 
 Prints the CPU and, per shape, the milliseconds of one layer's forward + backward (median of 5),
 the GFLOP/s they make (causal: half the square), and the ratio SDPA / tiles, measured twice,
@@ -14,6 +17,8 @@ alternating; and the largest difference between the two outputs.
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 
 import torch
@@ -49,11 +54,16 @@ def median_seconds(run, repeats: int = 5) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no_tiles", action="store_true", help="the AVX512-BF16 products even where the CPU has AMX tiles")
+    args = parser.parse_args()
     kernels = cpu_kernels.get()
-    if kernels is None or not kernels.amx:
-        raise SystemExit("this CPU (or build) has no AMX tiles: nothing to compare")
-    print(f"cpu: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'shape':>8} {'SDPA ms':>8} {'GFLOP/s':>8} {'tiles ms':>9} {'GFLOP/s':>8} {'ratio (twice)':>14} {'max diff':>9}")
+    if kernels is None or not kernels.packed_attention:
+        raise SystemExit("this CPU (or build) has neither AMX tiles nor AVX512-BF16: nothing to compare")
+    kernels.amx = kernels.amx and not args.no_tiles
+    print(f"cpu: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; the kernel on "
+          f"{'AMX tiles' if kernels.amx else 'AVX512-BF16'}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}")
+    print(f"{'shape':>8} {'SDPA ms':>8} {'GFLOP/s':>8} {'ours ms':>9} {'GFLOP/s':>8} {'ratio (twice)':>14} {'max diff':>9}")
     torch.manual_seed(0)
     for name, (lengths, heads, kv_heads, dim) in SHAPES.items():
         tokens, scale = sum(lengths), dim**-0.5

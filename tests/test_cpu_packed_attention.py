@@ -1,8 +1,8 @@
-"""The causal attention of packed sequences on AMX tiles (kernels.c, PackedAttentionFunction)
-computes what SDPA computes sequence by sequence: outputs and gradients against an fp32
-reference, the same loss and gradients as the SDPA path in training, and a wrong kernel makes
-the fast path's start-up check turn the path off. On a CPU without AMX the SDPA path runs
-instead, and these tests check that it does."""
+"""The causal attention of packed sequences (packed_attention.c, PackedAttentionFunction), on
+AMX tiles and on AVX512-BF16 dot products, computes what SDPA computes sequence by sequence:
+outputs and gradients against an fp64 reference, the same loss and gradients as the SDPA path
+in training, and a wrong kernel makes the fast path's start-up check turn the path off. On a
+CPU without AVX512-BF16 the SDPA path runs instead, and these tests check that it does."""
 
 import logging
 
@@ -129,18 +129,21 @@ def _loss_and_grads(model, batch):
     return float(loss) / count, torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
 
 
-def test_long_packed_batches_on_the_tiles_train_as_on_sdpa(llama_head_32, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "avx512_bf16"])
+def test_long_packed_batches_on_the_kernel_train_as_on_sdpa(llama_head_32, tmp_path, monkeypatch, tiles):
     model, path, batch = _long_packed_run(llama_head_32, tmp_path, monkeypatch)
+    monkeypatch.setattr(path.kernels, "amx", path.kernels.amx and tiles)
     calls = []
     own_apply = fast_attention.PackedAttentionFunction.apply
     monkeypatch.setattr(fast_attention.PackedAttentionFunction, "apply", lambda *a: calls.append(1) or own_apply(*a))
     loss, grads = _loss_and_grads(model, batch)
-    tiles = path.kernels is not None and path.kernels.amx
-    assert len(calls) == (model.config.num_hidden_layers if tiles else 0), "the tiles exactly where the CPU has them"
-    assert ("on AMX tiles" in path.describe()) == tiles
-    monkeypatch.setattr(path.kernels, "amx", False)  # the SDPA path, per sequence
+    kernel = path.kernels.packed_attention
+    assert len(calls) == (model.config.num_hidden_layers if kernel else 0), "the kernel exactly where the CPU takes it"
+    assert ("in one C kernel on AMX tiles" in path.describe()) == path.kernels.amx
+    assert ("in one C kernel on AVX512-BF16" in path.describe()) == (kernel and not path.kernels.amx)
+    monkeypatch.setattr(path.kernels, "packed_attention", False)  # the SDPA path, per sequence
     sdpa_loss, sdpa_grads = _loss_and_grads(model, batch)
-    assert len(calls) == (model.config.num_hidden_layers if tiles else 0)
+    assert len(calls) == (model.config.num_hidden_layers if kernel else 0)
     # Both run the whole model in bf16 (gradient cosine with its fp32 forward ~0.985 either way), so
     # they agree to bf16 noise (a head or sequence mixed up is far off); against the model's own
     # forward in fp32, the tiles are no further from it than SDPA (measured: loss 0.032 vs 0.041 off,
@@ -165,10 +168,10 @@ def test_a_wrong_packed_attention_turns_the_path_off(llama_head_32, tmp_path, mo
         return out.roll(1, dims=1).contiguous(), lse
 
     monkeypatch.setattr(cpu_kernels.Kernels, "packed_attention_forward", off_by_one_head)
-    tiles = path.kernels is not None and path.kernels.amx
+    kernel = path.kernels is not None and path.kernels.packed_attention
     with caplog.at_level(logging.WARNING, logger="slmops"):
         verified = path.verify(model, packed_loss, batch)
-    if tiles:
+    if kernel:
         assert broken and not verified and "disagrees with the model's own forward" in caplog.text
-    else:  # no tiles: the SDPA path ran, never the (broken) kernel
+    else:  # no AVX512-BF16: the SDPA path ran, never the (broken) kernel
         assert verified and not broken

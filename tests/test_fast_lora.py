@@ -374,7 +374,8 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
     assert ("fast CPU path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms, 2 fused SwiGLUs, "
             "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
             "padding-free batches: short ones where padding is over 10%, long ones always (each sequence's causal attention alone"
-            + (", on AMX tiles" if amx else "") + "), "
+            + (", in one C kernel on AMX tiles" if amx else ", in one C kernel on AVX512-BF16" if cpu_kernels.get().packed_attention
+               else "") + "), "
             + (f"AMX forward products on packed base weights ({packed / 2**20:.2f} MB), LoRA products on AMX in bf16, " if amx else "")
             + "C kernels") in text, text
 

@@ -24,8 +24,8 @@ concatenation, the transposes) and their backward nodes.
 
 Padding-free batches (Packing) of such modules: short ones run the fused function in the
 padded layout; longer ones (`_long_packed`) run each sequence's causal attention alone with no
-mask — all of them in one PackedAttentionFunction on AMX tiles where the CPU has them, else
-through SDPA's flash kernel sequence by sequence — so attention does no work on padding or
+mask — all of them in one PackedAttentionFunction (a C kernel on AMX tiles, or AVX512-BF16 dot
+products) where the CPU has either, else through SDPA's flash kernel sequence by sequence — so attention does no work on padding or
 above the diagonal, and keeps O(T) memory for the backward."""
 
 from __future__ import annotations
@@ -399,8 +399,8 @@ def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packi
     function takes: hidden_states (1, rows, F) and position embeddings (1, rows, D) are in the
     packed layout already, so q, k and v are rotated there, and each example's causal attention
     runs alone, with no mask: all sequences in one call of PackedAttentionFunction where the CPU
-    has AMX tiles (bf16, head size a multiple of 32), else one SDPA call (flash on a CPU) per
-    sequence with is_causal. The rows past the real tokens attend nothing (zeros: no loss reads
+    has AMX tiles or AVX512-BF16 (bf16, head size a multiple of 32), else one SDPA call (flash on
+    a CPU) per sequence with is_causal. The rows past the real tokens attend nothing (zeros: no loss reads
     them). In the projections' dtype, as the model's own SDPA forward computes it."""
     rows, dim = hidden_states.shape[1], module.head_dim
     q = module.q_proj(hidden_states).view(rows, -1, dim)
@@ -413,7 +413,7 @@ def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packi
         cos, sin_swapped = (t[0, :, None, :] for t in rope.get(*position_embeddings, q.dtype))  # (rows, 1, D): shared by the heads
         q, k = _rope(q, cos, sin_swapped), _rope(k, cos, sin_swapped)
     heads, kv_heads = q.shape[1], k.shape[1]
-    if kernels is not None and kernels.amx:
+    if kernels is not None and kernels.packed_attention:
         tokens = packing.tokens
         q_real, k_real, v_real = q[:tokens], k[:tokens], v[:tokens].contiguous()  # (v: a view of the projection's output)
         if Kernels.packed_attention_takes(q_real, k_real, v_real):
@@ -449,12 +449,13 @@ class RopeRowsFunction(torch.autograd.Function):
 
 
 class PackedAttentionFunction(torch.autograd.Function):
-    """The causal attention of every sequence of a packed batch, each on its own, on AMX tiles
-    (kernels.c, "Causal attention of packed sequences"): q (N, H, D), k and v (N, Hkv, D) bf16,
-    sequence s in rows offsets[s] .. offsets[s + 1]; returns (N, H, D). It replaces one SDPA
-    call per sequence, whose CPU flash backward ran at ~130 GFLOP/s on 2 cores: forward and
-    backward 3.3-3.8x faster on the long-document shape, 4.8-5.0x on the 1B Llama's
-    (`python benchmarks/packed_attention.py`, AMX Xeon).
+    """The causal attention of every sequence of a packed batch, each on its own, in one C call
+    (packed_attention.c): q (N, H, D), k and v (N, Hkv, D) bf16, sequence s in rows
+    offsets[s] .. offsets[s + 1]; returns (N, H, D). It replaces one SDPA call per sequence,
+    whose CPU flash backward ran at ~130 GFLOP/s on 2 cores. `python benchmarks/packed_attention.py`
+    on the AMX Xeon: forward and backward 3.3-3.8x faster on the long-document shape, 4.8-5.0x on
+    the 1B Llama's; without the tiles (AVX512-BF16 dot products, against SDPA with oneDNN held to
+    AVX512-BF16 as on an AMD EPYC) 1.9x and 2.1x.
     Saves q, k, v, the output and each row's log-sum-exp, as flash attention does."""
 
     @staticmethod

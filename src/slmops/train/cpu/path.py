@@ -66,6 +66,13 @@ def _agree(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor], loss_rt
     return abs(a[0] - b[0]) <= loss_rtol * max(1.0, abs(b[0])) and _cosine(a[1], b[1]) > min_cosine
 
 
+def _packed_attention_products(kernels: kernels_module.Kernels | None) -> str:
+    """Where long packed batches' attention runs, for describe()."""
+    if kernels is None or not kernels.packed_attention:
+        return ""
+    return ", in one C kernel on AMX tiles" if kernels.amx else ", in one C kernel on AVX512-BF16"
+
+
 class FastPath:
     """The groups, fused norms, MLPs and attention on a model (PEFT LoRA/QLoRA; for full
     fine-tuning only the weight-free parts apply: SwiGLU, attention, packing)."""
@@ -209,7 +216,7 @@ class FastPath:
             rotary = f" ({len(self.attention_modules)} with the rotary embedding inside)" if self.attention_modules else ""
             parts.append(f"short-batch attention in {attention.NAME}{rotary}")
         if self.packs_sequences:
-            alone = "each sequence's causal attention alone" + (", on AMX tiles" if self.kernels is not None and self.kernels.amx else "")
+            alone = "each sequence's causal attention alone" + _packed_attention_products(self.kernels)
             parts.append(f"padding-free batches: short ones where padding is over 10%, long ones always ({alone})")
         if self.packed_bytes:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
