@@ -12,26 +12,14 @@ measured twice, alternating.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
-from common import cpu_name  # (benchmarks/common.py)
+from common import cpu_name, median_seconds  # (benchmarks/common.py)
 
 from slmops.train.cpu import kernels as cpu_kernels
 
 SHAPES = [(rows, shape) for rows in (320, 1024, 2048, 8192) for shape in [(1536, 576), (576, 1536), (192, 576), (576, 576)]] + \
     [(2048, (8192, 2048)), (2048, (2048, 8192)), (2048, (2048, 2048))]
-
-
-def median_seconds(run, repeats: int = 8) -> float:
-    run(), run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

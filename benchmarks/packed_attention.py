@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
-from common import cpu_name  # (benchmarks/common.py)
+from common import cpu_name, median_seconds  # (benchmarks/common.py)
 
 from slmops.train.cpu import kernels as cpu_kernels
 from slmops.train.cpu.attention import PackedAttentionFunction
@@ -41,16 +40,6 @@ def sdpa_per_sequence(q, k, v, lengths, scale):
                                              is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs)
-
-
-def median_seconds(run, repeats: int = 5) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -79,7 +68,7 @@ def main() -> None:
 
         ratios = []
         for _ in range(2):
-            sdpa_s, tiles_s = median_seconds(sdpa), median_seconds(tiles)
+            sdpa_s, tiles_s = median_seconds(sdpa, repeats=5, warmup=1), median_seconds(tiles, repeats=5, warmup=1)
             ratios.append(sdpa_s / tiles_s)
         with torch.no_grad():
             diff = float((sdpa_per_sequence(q, k, v, lengths, scale).float()

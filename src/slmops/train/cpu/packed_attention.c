@@ -210,6 +210,25 @@ static void fa_free(fa_scratch *w) {
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
 }
 
+/* A thread's start and end in fa_forward_bf16 / fa_backward_bf16: its buffers, and the tiles'
+ * configuration where they are used. Returns 0 where the buffers could not be allocated. */
+static int fa_thread_begin(fa_scratch *w, int64_t lp, int64_t dim, int tiles) {
+    int ready = fa_alloc(w, lp, dim);
+#if FA_TILES
+    if (ready && tiles) amx_configure(0);
+#endif
+    (void)tiles;
+    return ready;
+}
+
+static void fa_thread_end(fa_scratch *w, int ready, int tiles) {
+#if FA_TILES
+    if (ready && tiles) _tile_release();
+#endif
+    (void)ready, (void)tiles;
+    fa_free(w);
+}
+
 static int64_t fa_longest(const int64_t *offsets, int64_t sequences) {
     int64_t longest = 0;
     for (int64_t s = 0; s < sequences; s++)
@@ -232,11 +251,8 @@ int fa_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, con
     #pragma omp parallel reduction(| : failed)
     {
         fa_scratch w;
-        int ready = fa_alloc(&w, lp, dim);
-        if (!ready) failed = 1;
-#if FA_TILES
-        if (ready && tiles) amx_configure(0);
-#endif
+        int ready = fa_thread_begin(&w, lp, dim, tiles);
+        failed |= !ready;
         __m512 vscale = _mm512_set1_ps(scale);
         #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
         for (int64_t unit = 0; unit < units; unit++) {
@@ -278,10 +294,7 @@ int fa_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, con
                     }
                 }
         }
-#if FA_TILES
-        if (ready && tiles) _tile_release();
-#endif
-        fa_free(&w);
+        fa_thread_end(&w, ready, tiles);
     }
     return !failed;
 }
@@ -301,11 +314,8 @@ int fa_backward_bf16(const uint16_t *grad, const uint16_t *q, const uint16_t *k,
     #pragma omp parallel reduction(| : failed)
     {
         fa_scratch w;
-        int ready = fa_alloc(&w, lp, dim);
-        if (!ready) failed = 1;
-#if FA_TILES
-        if (ready && tiles) amx_configure(0);
-#endif
+        int ready = fa_thread_begin(&w, lp, dim, tiles);
+        failed |= !ready;
         __m512 vscale = _mm512_set1_ps(scale);
         #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
         for (int64_t unit = 0; unit < units; unit++) {
@@ -371,10 +381,7 @@ int fa_backward_bf16(const uint16_t *grad, const uint16_t *q, const uint16_t *k,
                 }
             }
         }
-#if FA_TILES
-        if (ready && tiles) _tile_release();
-#endif
-        fa_free(&w);
+        fa_thread_end(&w, ready, tiles);
     }
     return !failed;
 }
