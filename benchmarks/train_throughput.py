@@ -555,6 +555,8 @@ def _death(returncode: int) -> str:
 
 
 def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) -> dict[str, dict]:
+    """Run each row of one workload in its own process, `args.rounds` times alternating; print the
+    table and the ratios; return the rows that ran, by name."""
     work = WORKLOADS[name]
     steps, warmup = per_workload(args.steps, name, work.steps), per_workload(args.warmup, name, work.warmup)
     model_dir = model_for(work, scratch)
@@ -621,7 +623,7 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
             a, b = ran[ours_name], ran[peer]
             print(f"{name}: {ours_name} / {peer}: throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
                   f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
-    return table
+    return ran  # the rows that ran (one that died has no rate; it was printed above)
 
 
 def main() -> None:
@@ -675,9 +677,8 @@ def main() -> None:
           f"{EVAL_ROWS} rows (last assistant turn, or the whole text); mean [min-max] over the rounds, each round its own seed")
     for label, peers in (("ratio_vs_trl_fp32", ("trl_fp32",)), ("ratio_vs_trl_bf16", ("trl_bf16", "trl_bf16_nogc")),
                          ("ratio_vs_olive", ("olive",))):
-        ran = {name: {row: r for row, r in t.items() if "failed" not in r} for name, t in tables.items()}  # (a row that died has no rate)
         ratios = {name: t["slmops"]["tokens_per_s"] / max(t[p]["tokens_per_s"] for p in peers if p in t)
-                  for name, t in ran.items() if "slmops" in t and any(p in t for p in peers)}
+                  for name, t in tables.items() if "slmops" in t and any(p in t for p in peers)}
         if ratios:
             print(f"{label} per workload: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
             print(f"{label}: {min(ratios.values()):.2f}")

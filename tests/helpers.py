@@ -52,3 +52,26 @@ def run_cli(capsys, *args) -> tuple[int, str]:
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+def trained_a_little(plan):
+    """The plan's model with non-zero LoRA B matrices, so every adapter term matters."""
+    import torch
+
+    from slmops.finetune_recipe import build_model
+
+    model = build_model(plan)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def much_padding(plan):
+    """The 3 shortest and 3 longest training examples: a batch worth packing."""
+    from slmops.data.batching import collate
+
+    lengths = plan.data.train.lengths
+    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)

@@ -16,7 +16,7 @@ from slmops.train.cpu.path import FastPath
 from slmops.train.loss import packed_loss
 
 from conftest import build_tiny_model
-from helpers import tiny_config
+from helpers import much_padding, tiny_config, trained_a_little
 
 
 def _cpu_has(flag: str) -> bool:
@@ -109,13 +109,11 @@ def llama_head_32(tokenizer_dir, tmp_path_factory):
 def _long_packed_run(model_dir, tmp_path, monkeypatch):
     """A bf16 LoRA model on the fast path and a padded batch it packs as a long one (the
     short-attention limit lowered to 4 tokens)."""
-    from test_fast_lora import _much_padding, _trained_a_little
-
     monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
     plan = plan_finetune(tiny_config(model_dir, tmp_path / "m", lora_dropout=0.0, bf16=True, target_modules="all-linear"))
-    model = _trained_a_little(plan).train()
+    model = trained_a_little(plan).train()
     path = FastPath.install(model)
-    batch = _much_padding(plan)
+    batch = much_padding(plan)
     packing = fast_attention.Packing.of(batch["attention_mask"])
     assert path.packs_sequences and packing is not None and packing.long
     assert packing.offsets.tolist() == [0, *torch.tensor(packing.lengths).cumsum(0).tolist()]

@@ -17,7 +17,7 @@ from slmops.train.cpu.lora import LinearGroupFunction, _Spec, drop_positions
 from slmops.train.cpu.path import FastPath
 from slmops.train.loss import check_packing, packed_loss, selective_loss
 
-from helpers import tiny_config
+from helpers import much_padding, tiny_config, trained_a_little
 
 
 def _loss_and_grads(model, batch, seed=0, loss_fn=selective_loss):
@@ -28,24 +28,8 @@ def _loss_and_grads(model, batch, seed=0, loss_fn=selective_loss):
     return float(loss) / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def _trained_a_little(plan):
-    model = build_model(plan)
-    with torch.no_grad():  # non-zero B so every adapter term matters
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
-
-
 def _batch(plan, rows=6):
     return collate(plan.data.train, list(range(rows)), plan.tokenizer.pad_token_id)
-
-
-def _much_padding(plan):
-    """The 3 shortest and 3 longest training examples: a batch worth packing."""
-    lengths = plan.data.train.lengths
-    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)
 
 
 def _untouched(module) -> bool:
@@ -58,7 +42,7 @@ def _untouched(module) -> bool:
 def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, arch, targets):
     """(LoRA on some of q/k/v: the group still fuses the three base weights, with adapters on some members.)"""
     plan = plan_finetune(tiny_config(tiny_models[arch], tmp_path / arch, lora_dropout=0.0, target_modules=targets))
-    model = _trained_a_little(plan).train()
+    model = trained_a_little(plan).train()
     batch = _batch(plan)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
     path = FastPath.install(model)
@@ -89,7 +73,7 @@ def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_grad
     from peft.tuners.lora.bnb import Linear4bit
 
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16))
-    model = _trained_a_little(plan).train()
+    model = trained_a_little(plan).train()
     batch = _batch(plan)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
     path = FastPath.install(model)
@@ -118,7 +102,7 @@ def test_amx_forward_on_packed_weights_only_for_short_micro_batches(tiny_llama, 
 
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "amx", bf16=True, lora_dropout=0.0))
     torch.manual_seed(0)
-    model = _trained_a_little(plan).train()
+    model = trained_a_little(plan).train()
     path = FastPath.install(model)
     kernels, batch = path.kernels, _batch(plan, 8)
     amx = kernels is not None and kernels.amx
@@ -170,7 +154,7 @@ def test_bf16_fast_path_matches_plain_fp32_path(tiny_llama, tmp_path):
     for bf16 in (False, True):
         plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(bf16), bf16=bf16, lora_dropout=0.0))
         torch.manual_seed(0)
-        model = _trained_a_little(plan).train()
+        model = trained_a_little(plan).train()
         if bf16:
             FastPath.install(model)
         results[bf16] = _loss_and_grads(model, _batch(plan, 8))
@@ -280,9 +264,9 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, m
         plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
                                          gradient_checkpointing=checkpointing))
         torch.manual_seed(0)
-        model = _trained_a_little(plan).train()
+        model = trained_a_little(plan).train()
         FastPath.install(model)
-        batch, loss_fn = (_much_padding(plan), packed_loss) if packed else (_batch(plan), selective_loss)
+        batch, loss_fn = (much_padding(plan), packed_loss) if packed else (_batch(plan), selective_loss)
         packing = fast_attention.Packing.of(batch["attention_mask"])
         assert (packing is not None) == bool(packed) and (packing is None or packing.long == (packed == "long"))
         results.append(_loss_and_grads(model, batch, seed=5, loss_fn=loss_fn))
@@ -345,7 +329,7 @@ def test_rotary_attention_matches_hf_rope_and_sdpa_with_padding_and_grouped_head
 
 def test_verify_removes_a_path_that_disagrees_with_peft(tiny_llama, tmp_path, monkeypatch, caplog):
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0))
-    model = _trained_a_little(plan).train()
+    model = trained_a_little(plan).train()
     path = FastPath.install(model)
     assert path.verify(model, selective_loss, _batch(plan)) and path.groups
     original_run = fast_lora.LinearGroup.run
@@ -435,10 +419,10 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     own_long_packed = fast_attention._long_packed
     monkeypatch.setattr(fast_attention, "_long_packed", lambda *a: long_calls.append(1) or own_long_packed(*a))
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, target_modules="all-linear"))
-    model = _trained_a_little(plan).train()
+    model = trained_a_little(plan).train()
     path = FastPath.install(model)
     assert path.packs_sequences and "padding-free batches" in path.describe()
-    batch = _much_padding(plan)
+    batch = much_padding(plan)
     packing = fast_attention.Packing.of(batch["attention_mask"])
     assert packing is not None and packing.rows % 16 == 0 and packing.tokens == int(batch["attention_mask"].sum())
     assert packing.long == long and packing.rows > packing.tokens  # some rows round the count up: they must carry nothing
@@ -568,7 +552,7 @@ def test_a_bf16_disagreement_is_arbitrated_in_fp32(tiny_llama, tmp_path, monkeyp
     from slmops.train.cpu import path as path_module
 
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, bf16=True))
-    model = _trained_a_little(plan).train()
+    model = trained_a_little(plan).train()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     fast = FastPath.install(model)
     monkeypatch.setattr(path_module, "_agree", lambda *args, **kwargs: False)  # as if bf16 noise had split them

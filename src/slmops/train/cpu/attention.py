@@ -268,8 +268,8 @@ ROW_MULTIPLE = 16  # packed rows are rounded up to this: oneDNN's AMX matmuls ru
 # tokens); it pays when it removes more than that. Measured on the tone data (6% padding):
 # 0.98x with packing, so short batches with less than 10% padding stay padded. Long batches
 # (over SHORT_ATTENTION_MAX_LEN) always pack: they stay packed through every layer (no scatter
-# or gather), and their attention then runs per sequence with no mask — on AMX tiles, 5x SDPA's
-# (the 1B shape, 8 x 256 tokens without padding: 301 -> 328 tokens/s in training).
+# or gather), and their attention then runs per sequence with no mask — in PackedAttentionFunction,
+# 4.2-5.0x SDPA's on the 1B shape (8 x 256 tokens without padding: 301 -> 328 tokens/s in training).
 PACK_BELOW = 0.9  # pack a short batch when the packed rows are fewer than this fraction of B * T
 
 
@@ -453,7 +453,7 @@ class PackedAttentionFunction(torch.autograd.Function):
     (packed_attention.c): q (N, H, D), k and v (N, Hkv, D) bf16, sequence s in rows
     offsets[s] .. offsets[s + 1]; returns (N, H, D). It replaces one SDPA call per sequence,
     whose CPU flash backward ran at ~130 GFLOP/s on 2 cores. `python benchmarks/packed_attention.py`
-    on the AMX Xeon: forward and backward 3.3-3.8x faster on the long-document shape, 4.8-5.0x on
+    on the AMX Xeon: forward and backward 3.3-3.9x faster on the long-document shape, 4.2-5.0x on
     the 1B Llama's; without the tiles (AVX512-BF16 dot products, against SDPA with oneDNN held to
     AVX512-BF16 as on an AMD EPYC) 1.9x and 2.1x.
     Saves q, k, v, the output and each row's log-sum-exp, as flash attention does."""

@@ -189,20 +189,26 @@ typedef struct {
     float *s, *dp, *dkt, *dvt, *acc;
 } fa_scratch;
 
-static int fa_alloc(fa_scratch *w, int64_t lp, int64_t dim) {
+/* The buffers one direction uses (the rest stay NULL); 0 where one could not be allocated. */
+static int fa_alloc(fa_scratch *w, int64_t lp, int64_t dim, int backward) {
     memset(w, 0, sizeof *w);
     size_t kv = (size_t)(lp * dim), blk = (size_t)(FA_BQ * lp);
-    w->kt = aligned_alloc(64, kv * 2), w->vt = aligned_alloc(64, kv * 2);
-    w->kn = aligned_alloc(64, kv * 2), w->vn = aligned_alloc(64, kv * 2);
-    w->p = aligned_alloc(64, blk * 2), w->ds = aligned_alloc(64, blk * 2);
-    w->pk = aligned_alloc(64, blk * 2), w->dsk = aligned_alloc(64, blk * 2);
-    w->dot = aligned_alloc(64, (size_t)(dim * FA_BQ) * 2), w->qt = aligned_alloc(64, (size_t)(dim * FA_BQ) * 2);
-    w->tail = calloc((size_t)(16 * (lp > dim ? lp : dim)), 2);
+    /* both: K^T for the scores, the block's scores and a second fp32 block (O, or dP), A's partial rows */
+    w->kt = aligned_alloc(64, kv * 2);
     w->s = aligned_alloc(64, blk * 4), w->dp = aligned_alloc(64, blk * 4);
+    w->tail = calloc((size_t)(16 * (lp > dim ? lp : dim)), 2);
+    int ready = w->kt && w->s && w->dp && w->tail;
+    if (!backward) { /* V for O = P V, and P */
+        w->vn = aligned_alloc(64, kv * 2), w->p = aligned_alloc(64, blk * 2);
+        return ready && w->vn && w->p;
+    }
+    /* V^T for dP, K for dQ, dS, P and dS in the pair layout, the block transposes, dK^T and dV^T, a tile */
+    w->vt = aligned_alloc(64, kv * 2), w->kn = aligned_alloc(64, kv * 2);
+    w->ds = aligned_alloc(64, blk * 2), w->pk = aligned_alloc(64, blk * 2), w->dsk = aligned_alloc(64, blk * 2);
+    w->dot = aligned_alloc(64, (size_t)(dim * FA_BQ) * 2), w->qt = aligned_alloc(64, (size_t)(dim * FA_BQ) * 2);
     w->dkt = aligned_alloc(64, kv * 4), w->dvt = aligned_alloc(64, kv * 4);
     w->acc = aligned_alloc(64, 256 * 4);
-    return w->kt && w->vt && w->kn && w->vn && w->p && w->ds && w->pk && w->dsk && w->dot && w->qt && w->tail && w->s
-           && w->dp && w->dkt && w->dvt && w->acc;
+    return ready && w->vt && w->kn && w->ds && w->pk && w->dsk && w->dot && w->qt && w->dkt && w->dvt && w->acc;
 }
 
 static void fa_free(fa_scratch *w) {
@@ -212,8 +218,8 @@ static void fa_free(fa_scratch *w) {
 
 /* A thread's start and end in fa_forward_bf16 / fa_backward_bf16: its buffers, and the tiles'
  * configuration where they are used. Returns 0 where the buffers could not be allocated. */
-static int fa_thread_begin(fa_scratch *w, int64_t lp, int64_t dim, int tiles) {
-    int ready = fa_alloc(w, lp, dim);
+static int fa_thread_begin(fa_scratch *w, int64_t lp, int64_t dim, int backward, int tiles) {
+    int ready = fa_alloc(w, lp, dim, backward);
 #if FA_TILES
     if (ready && tiles) amx_configure(0);
 #endif
@@ -251,7 +257,7 @@ int fa_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, con
     #pragma omp parallel reduction(| : failed)
     {
         fa_scratch w;
-        int ready = fa_thread_begin(&w, lp, dim, tiles);
+        int ready = fa_thread_begin(&w, lp, dim, 0, tiles);
         failed |= !ready;
         __m512 vscale = _mm512_set1_ps(scale);
         #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
@@ -314,7 +320,7 @@ int fa_backward_bf16(const uint16_t *grad, const uint16_t *q, const uint16_t *k,
     #pragma omp parallel reduction(| : failed)
     {
         fa_scratch w;
-        int ready = fa_thread_begin(&w, lp, dim, tiles);
+        int ready = fa_thread_begin(&w, lp, dim, 1, tiles);
         failed |= !ready;
         __m512 vscale = _mm512_set1_ps(scale);
         #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
