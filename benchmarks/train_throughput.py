@@ -31,9 +31,14 @@ learning rate after a 3% warm-up) with the same LoRA, batch, length and steps, i
 virtualenv (it pins onnxruntime-genai 0.13.2, slmops a newer one): `--setup_olive` builds it
 under ~/.cache/slmops/olive-venv, or set OLIVE_PYTHON to another one's python.
 
+On a CPU without fast bf16 (AVX2 only: no AMX, no AVX512-BF16) the rows that train in bf16 are
+not run (a bf16 matmul there is tens of times slower than fp32: 1.2 vs 90 GFLOP/s on a 2-core
+Zen 3 EPYC; the run prints both rates), TRL's fastest flags are `trl_fp32_nogc`, and the olive
+row passes Olive's own `--torch_dtype float32`; slmops picks fp32 there by itself.
+
 Prints the CPU and a table per workload, and ends with `ratio_vs_trl_fp32: X`,
-`ratio_vs_trl_bf16: Y` (and `ratio_vs_olive: Z` with the olive row), each the minimum over the
-workloads run.
+`ratio_vs_trl_bf16: Y`, `ratio_vs_trl_fastest: Z` (against the fastest TRL LoRA row of each
+workload) and `ratio_vs_olive: W` with the olive row, each the minimum over the workloads run.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ ROWS = {
     "trl_fp32": ("trl", {"bf16": False}),  # TRL's CPU defaults, fp32 (gradient checkpointing on, as its default)
     "trl_bf16": ("trl", {"bf16": True}),  # TRL's CPU defaults: bf16 autocast + gradient checkpointing
     "trl_bf16_nogc": ("trl", {"bf16": True, "gradient_checkpointing": False}),  # TRL's best flags here
+    # TRL's best flags on a CPU without fast bf16 (AVX2 only), where its bf16 rows are not run
+    "trl_fp32_nogc": ("trl", {"bf16": False, "gradient_checkpointing": False}),
     "olive": ("olive", {}),  # `olive finetune` with its defaults (chat workloads only: it packs rows; see the top)
     "slmops": ("slmops", {}),
     "slmops_fp32": ("slmops", {"bf16": False}),
@@ -93,6 +100,13 @@ ROWS = {
     "trl_full": ("trl", {"bf16": True, "gradient_checkpointing": False, "method": "full"}),
     "slmops_full": ("slmops", {"method": "full"}),
 }
+
+
+# The rows of a run without --rows: every peer and method, or on a CPU without fast bf16 the
+# ones that run there (see `bf16_rows_unsuited`).
+DEFAULT_ROWS = "trl_fp32,trl_bf16,trl_bf16_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full"
+DEFAULT_ROWS_WITHOUT_BF16 = "trl_fp32,trl_fp32_nogc,slmops"
+TRL_LORA_ROWS = ("trl_fp32", "trl_fp32_nogc", "trl_bf16", "trl_bf16_nogc")
 
 
 def peak_rss_mb() -> float:
@@ -455,6 +469,8 @@ def run_olive(work: Workload, name: str, model_dir: str, steps: int, warmup: int
                 "--use_chat_template", "--max_seq_len", str(work.max_len), "--method", "lora", "--lora_r", str(LORA["r"]),
                 "--lora_alpha", str(LORA["lora_alpha"]), "--target_modules", ",".join(LORA["target_modules"]),
                 "-o", str(out), "--disable_telemetry",
+                # Olive's bf16 default on a CPU without fast bf16 would take hours: its own fp32 option there
+                *([] if options.get("bf16", True) else ["--torch_dtype", "float32"]),
                 # passed through to transformers.TrainingArguments
                 "--max_steps", str(warmup + steps), "--per_device_train_batch_size", str(work.batch), "--learning_rate", str(LR),
                 "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
@@ -467,12 +483,15 @@ def run_olive(work: Workload, name: str, model_dir: str, steps: int, warmup: int
         eval_loss = _score_adapter(adapter, model_dir, held_out, work)
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"step_seconds": record["step_seconds"][warmup:], "tokens": record["tokens"][warmup : warmup + steps],
-            "losses": record["losses"], "eval_loss": eval_loss, "precision": "bf16 weights (olive default)",
+            "losses": record["losses"], "eval_loss": eval_loss,
+            "precision": "bf16 weights (olive default)" if options.get("bf16", True) else "fp32 (--torch_dtype float32)",
             "peak_rss_mb_children": children_peak}
 
 
 def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, out: str, seed: int, profile: bool) -> None:
     runner, options = ROWS[name]
+    if runner == "olive" and not fast_bf16_here():
+        options = {**options, "bf16": False}
     if runner == "slmops":
         result = run_slmops(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed, profile)
     elif runner == "olive":
@@ -509,6 +528,37 @@ def matmul_peak_gflops() -> tuple[float, str]:
             a @ b
         best = min(best, (time.perf_counter() - start) / 5)
     return 2 * 2048**3 / best / 1e9, "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def fast_bf16_here() -> bool:
+    """Whether this machine computes bf16 natively (a GPU, or a CPU with AMX / AVX512-BF16)."""
+    import torch
+
+    from slmops.models.precision import cpu_has_fast_bf16
+
+    return torch.cuda.is_available() or cpu_has_fast_bf16()
+
+
+def bf16_rows_unsuited(names: list[str]) -> tuple[list[str], str]:
+    """The rows that train in bf16, and why they are not run, on a CPU without fast bf16: there
+    oneDNN has no bf16 kernels and a bf16 matmul is tens of times slower than fp32 (such a row would
+    take hours and measure nothing a user would choose). ([], "") where bf16 is fast."""
+    if fast_bf16_here():
+        return [], ""
+    unsuited = [n for n in names if ROWS[n][1].get("bf16") is True]
+    if not unsuited:
+        return [], ""
+    import torch
+
+    rates = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(256, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        a @ b
+        rates[dtype] = 2 * 256**3 / (time.perf_counter() - start) / 1e9
+    return unsuited, (f"not run on this CPU (no AMX or AVX512-BF16: a bf16 matmul runs at {rates[torch.bfloat16]:.1f} "
+                      f"GFLOP/s here, fp32 at {rates[torch.float32]:.0f}); TRL's fastest flags here: trl_fp32_nogc")
 
 
 def non_embedding_parameters(model_dir: str) -> int:
@@ -614,7 +664,7 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
                   + ", ".join(f"{group} {100 * share:.0f}%" for group, share in r["profile"].items()))
     ours = ran.get("slmops")
     if ours:
-        for peer in ("trl_fp32", "trl_bf16", "trl_bf16_nogc", "olive"):
+        for peer in (*TRL_LORA_ROWS, "olive"):
             if peer in ran:
                 print(f"{name}: slmops / {peer}: throughput {ours['tokens_per_s'] / ran[peer]['tokens_per_s']:.2f}x, "
                       f"peak RSS {ours['peak_rss_mb'] / ran[peer]['peak_rss_mb']:.2f}x")
@@ -634,8 +684,8 @@ def main() -> None:
     parser.add_argument("--warmup", default=None, help="untimed steps first: N, or per workload "
                         f"[default: {', '.join(f'{k}={w.warmup}' for k, w in WORKLOADS.items())}]")
     parser.add_argument("--rounds", type=int, default=1, help="times each row runs, alternating")
-    parser.add_argument("--rows", default="trl_fp32,trl_bf16,trl_bf16_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full",
-                        help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone workload only)")
+    parser.add_argument("--rows", default=None, help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone "
+                        f"workload only) [default: {DEFAULT_ROWS}; on a CPU without fast bf16: {DEFAULT_ROWS_WITHOUT_BF16}]")
     parser.add_argument("--profile", action="store_true", help="slmops rows run their timed steps under torch.profiler and "
                         "print where the time goes (the profiler's overhead slows them: time and profile in separate runs)")
     parser.add_argument("--setup_olive", action="store_true", help=f"build Olive 0.13's virtualenv for the olive row ({OLIVE_VENV}) and exit")
@@ -652,10 +702,15 @@ def main() -> None:
         return
 
     workloads = list(WORKLOADS) if args.workload == "all" else [w.strip() for w in args.workload.split(",") if w.strip()]
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    rows_asked = args.rows or (DEFAULT_ROWS if fast_bf16_here() else DEFAULT_ROWS_WITHOUT_BF16)
+    names = [n.strip() for n in rows_asked.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown row(s) or workload(s) {', '.join(unknown)}; rows: {', '.join(ROWS)}; workloads: {', '.join(WORKLOADS)}, all")
+    unsuited, why = bf16_rows_unsuited(names)
+    if unsuited:
+        print(f"{', '.join(unsuited)}: {why}", flush=True)
+        names = [n for n in names if n not in unsuited]
     # the peers' libraries, checked before anything runs (a missing one would end the run hours in)
     if any(ROWS[n][0] == "trl" for n in names):
         import importlib.util
@@ -676,7 +731,7 @@ def main() -> None:
     print("\nheld-out loss: after training, every row scored the same way on the workload's last "
           f"{EVAL_ROWS} rows (last assistant turn, or the whole text); mean [min-max] over the rounds, each round its own seed")
     for label, peers in (("ratio_vs_trl_fp32", ("trl_fp32",)), ("ratio_vs_trl_bf16", ("trl_bf16", "trl_bf16_nogc")),
-                         ("ratio_vs_olive", ("olive",))):
+                         ("ratio_vs_trl_fastest", TRL_LORA_ROWS), ("ratio_vs_olive", ("olive",))):
         ratios = {name: t["slmops"]["tokens_per_s"] / max(t[p]["tokens_per_s"] for p in peers if p in t)
                   for name, t in tables.items() if "slmops" in t and any(p in t for p in peers)}
         if ratios:
