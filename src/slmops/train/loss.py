@@ -163,7 +163,10 @@ def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
 def _packed(model, batch: dict[str, torch.Tensor], packing) -> tuple[torch.Tensor, int]:
     inner = _inner(model)
     input_ids = packing.pack(batch["input_ids"])
-    hidden = inner.get_decoder()(input_ids=input_ids, position_ids=packing.position_ids(), slmops_packing=packing).last_hidden_state
+    # a long batch's attention needs no mask on the fast path: transformers is kept from building one
+    mask = packing.skip_mask if packing.long else None
+    hidden = inner.get_decoder()(input_ids=input_ids, position_ids=packing.position_ids(), attention_mask=mask,
+                                 slmops_packing=packing).last_hidden_state
     # each token's target is the next token of its own example (IGNORE after its last)
     labels = batch["labels"]
     targets = packing.pack(torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], 1))[0]

@@ -307,6 +307,23 @@ class Packing:
         return causal[None, None] & self._valid[:, None, None, :]
 
     @cached_property
+    def skip_mask(self) -> torch.Tensor:
+        """A long batch's stand-in for transformers' mask, passed as the decoder's attention_mask
+        (loss._packed): transformers returns a 4D mask as it is given, so it skips building the
+        (1, 1, rows, rows) one that only a layer falling back to the model's own attention would
+        read (1.8% of a codes step, ~150 MB at 12k tokens); such a layer reads `block_mask`
+        instead (_module_forward). Expanded from one element: no memory."""
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.index.device).expand(1, 1, self.rows, self.rows)
+
+    @cached_property
+    def block_mask(self) -> torch.Tensor:
+        """(1, 1, rows, rows) bool, as transformers builds it from the packed position ids: each
+        token sees its own example's tokens up to itself, each extra row only itself."""
+        sequence = (self.position_ids()[0] == 0).cumsum(0)
+        causal = torch.ones(self.rows, self.rows, dtype=torch.bool, device=self.index.device).tril_()
+        return (causal & (sequence[:, None] == sequence[None, :]))[None, None]
+
+    @cached_property
     def offsets(self) -> torch.Tensor:
         """(B + 1,) int64: example i's tokens are packed rows offsets[i] .. offsets[i + 1]."""
         return torch.tensor([0, *itertools.accumulate(self.lengths)], dtype=torch.int64)
@@ -371,7 +388,9 @@ def _module_forward(module, own_forward, hidden_states, position_embeddings=None
         or not (0 < length <= SHORT_ATTENTION_MAX_LEN or long_packed)
         or (mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1))
     )
-    if plain:  # a packed batch is right here too: transformers' mask keeps its sequences apart
+    if plain:  # a packed batch is right here too: its block mask keeps its sequences apart
+        if long_packed:  # (transformers was handed packing.skip_mask and built none)
+            attention_mask = packing.block_mask
         return own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     if long_packed:
         return _long_packed(module, hidden_states, position_embeddings, packing, state.rope, module._slmops_kernels), None
