@@ -514,9 +514,7 @@ def matmul_peak_gflops() -> tuple[float, str]:
     a minute on an AVX2-only CPU)."""
     import torch
 
-    from slmops.models.precision import cpu_has_fast_bf16
-
-    dtype = torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
+    dtype = torch.bfloat16 if fast_bf16_here() else torch.float32
     a = torch.randn(2048, 2048, dtype=dtype)
     b = torch.randn(2048, 2048, dtype=dtype)
     for _ in range(3):

@@ -433,19 +433,19 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     masks = []  # what transformers made of the attention_mask it was handed: a long batch's is passed through
     own_mask = modeling_llama.create_causal_mask
     monkeypatch.setattr(modeling_llama, "create_causal_mask", lambda **kw: masks.append(own_mask(**kw)) or masks[-1])
-    loss, grads = _loss_and_grads(model, batch, loss_fn=packed_loss)
+    def assert_packed_gives_the_padded_loss_and_gradients():
+        loss, grads = _loss_and_grads(model, batch, loss_fn=packed_loss)
+        assert loss == pytest.approx(padded_loss, rel=1e-5)
+        for key in padded_grads:
+            torch.testing.assert_close(grads[key], padded_grads[key], rtol=1e-4, atol=5e-6)
+
+    assert_packed_gives_the_padded_loss_and_gradients()
     assert len(long_calls) == (model.config.num_hidden_layers if long else 0)
-    assert loss == pytest.approx(padded_loss, rel=1e-5)
-    for key in padded_grads:
-        torch.testing.assert_close(grads[key], padded_grads[key], rtol=1e-4, atol=5e-6)
     if long:  # no (1, 1, N, N) mask built for it; a layer falling back (the path off, here) reads the block mask
         assert masks and all(m.untyped_storage().nbytes() == 1 for m in masks)
         path.enabled = False
-        off_loss, off_grads = _loss_and_grads(model, batch, loss_fn=packed_loss)
+        assert_packed_gives_the_padded_loss_and_gradients()
         path.enabled = True
-        assert off_loss == pytest.approx(padded_loss, rel=1e-5)
-        for key in padded_grads:
-            torch.testing.assert_close(off_grads[key], padded_grads[key], rtol=1e-4, atol=5e-6)
     assert check_packing(model, batch)
     probe = _batch(plan, 2)  # the trainer's start-up check packs its probe even with little padding
     assert fast_attention.Packing.of(probe["attention_mask"], only_if_it_pays=False) is not None
