@@ -1,17 +1,19 @@
-"""Causal attention of a packed batch on AMX tiles (`PackedAttentionFunction`, the CPU fast
+"""Causal attention of a packed batch in one C kernel (`PackedAttentionFunction`, the CPU fast
 path's attention for long padding-free batches) against its peer, SDPA called once per sequence
-(flash on a CPU: what the path ran before, and what it runs without AMX), forward and backward
-on the shapes of the training benchmark's long workloads: codes (SmolLM2-135M's 9 heads over 3
-key/value heads, 16 documents of 512-1,023 tokens) and llama1b (32 heads over 8, 8 sequences of
-~200-256 tokens), head size 64. The kernel runs on AMX tiles where the CPU has them, else on
-AVX512-BF16 dot products; needs one of the two.
+(flash on a CPU: what the path runs without the kernel), forward and backward on the shapes of the
+training benchmark's long workloads: codes (SmolLM2-135M's 9 heads over 3 key/value heads, 16
+documents of 512-1,023 tokens) and llama1b (32 heads over 8, 8 sequences of ~200-256 tokens), head
+size 64. In the dtype the fast path trains in on this CPU (--dtype auto): bf16 on AMX tiles where
+the CPU has them, else on AVX512-BF16 dot products; fp32 (packed_attention_f32.c, AVX2 + FMA) on a
+CPU with neither, against SDPA in fp32.
 
     python benchmarks/packed_attention.py      # ~1 minute on 2 cores
     # the AVX512-BF16 products on an AMX CPU, against SDPA with oneDNN held to the same ISA (as on an AMD EPYC):
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/packed_attention.py --no_tiles
+    python benchmarks/packed_attention.py --dtype fp32   # the fp32 kernel, on any CPU with AVX2
 
 Prints the CPU and, per shape, the milliseconds of one layer's forward + backward (median of 5),
-the GFLOP/s they make (causal: half the square), and the ratio SDPA / tiles, measured twice,
+the GFLOP/s they make (causal: half the square), and the ratio SDPA / kernel, measured twice,
 alternating; and the largest difference between the two outputs.
 """
 
@@ -45,37 +47,45 @@ def sdpa_per_sequence(q, k, v, lengths, scale):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no_tiles", action="store_true", help="the AVX512-BF16 products even where the CPU has AMX tiles")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 where the CPU has its kernel (AMX or AVX512-BF16), else fp32")
     args = parser.parse_args()
     kernels = cpu_kernels.get()
-    if kernels is None or not kernels.packed_attention:
-        raise SystemExit("this CPU (or build) has neither AMX tiles nor AVX512-BF16: nothing to compare")
+    if kernels is None:
+        raise SystemExit("the C kernels did not build here (no C compiler?): nothing to compare")
+    use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and kernels.packed_attention)
+    if not (kernels.packed_attention if use_bf16 else kernels.packed_attention_f32):
+        raise SystemExit(f"this CPU (or build) has no {'bf16 (AMX or AVX512-BF16)' if use_bf16 else 'fp32 (AVX2 + FMA)'} "
+                         "packed attention kernel: nothing to compare")
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
     kernels.amx = kernels.amx and not args.no_tiles
-    print(f"cpu: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; the kernel on "
-          f"{'AMX tiles' if kernels.amx else 'AVX512-BF16'}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}")
+    where = ("AMX tiles" if kernels.amx else "AVX512-BF16") if use_bf16 else "AVX2 + FMA"
+    print(f"cpu: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {dtype}, the kernel on "
+          f"{where}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}")
     print(f"{'shape':>8} {'SDPA ms':>8} {'GFLOP/s':>8} {'ours ms':>9} {'GFLOP/s':>8} {'ratio (twice)':>14} {'max diff':>9}")
     torch.manual_seed(0)
     for name, (lengths, heads, kv_heads, dim) in SHAPES.items():
         tokens, scale = sum(lengths), dim**-0.5
         offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-        q, k, v = (torch.randn(tokens, h, dim, dtype=torch.bfloat16, requires_grad=True) for h in (heads, kv_heads, kv_heads))
-        grad = torch.randn(tokens, heads, dim, dtype=torch.bfloat16)
+        q, k, v = (torch.randn(tokens, h, dim, dtype=dtype, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+        grad = torch.randn(tokens, heads, dim, dtype=dtype)
 
         def sdpa():
             sdpa_per_sequence(q, k, v, lengths, scale).backward(grad)
 
-        def tiles():
+        def kernel():
             PackedAttentionFunction.apply(q, k, v, offsets, scale, kernels).backward(grad)
 
         ratios = []
         for _ in range(2):
-            sdpa_s, tiles_s = median_seconds(sdpa, repeats=5, warmup=1), median_seconds(tiles, repeats=5, warmup=1)
-            ratios.append(sdpa_s / tiles_s)
+            sdpa_s, kernel_s = median_seconds(sdpa, repeats=5, warmup=1), median_seconds(kernel, repeats=5, warmup=1)
+            ratios.append(sdpa_s / kernel_s)
         with torch.no_grad():
             diff = float((sdpa_per_sequence(q, k, v, lengths, scale).float()
                           - PackedAttentionFunction.apply(q, k, v, offsets, scale, kernels).float()).abs().max())
         # forward: 2 products of L x L/2 x D multiply-adds per head; backward 5 (one of them the recomputed scores)
         flops = sum(7 * 2 * length * length / 2 * dim * heads for length in lengths)
-        print(f"{name:>8} {sdpa_s * 1e3:8.1f} {flops / sdpa_s / 1e9:8.0f} {tiles_s * 1e3:9.1f} {flops / tiles_s / 1e9:8.0f} "
+        print(f"{name:>8} {sdpa_s * 1e3:8.1f} {flops / sdpa_s / 1e9:8.0f} {kernel_s * 1e3:9.1f} {flops / kernel_s / 1e9:8.0f} "
               f"{ratios[0]:6.2f} {ratios[1]:6.2f} {diff:9.4f}")
 
 

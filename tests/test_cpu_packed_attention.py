@@ -1,8 +1,9 @@
-"""The causal attention of packed sequences (packed_attention.c, PackedAttentionFunction), on
-AMX tiles and on AVX512-BF16 dot products, computes what SDPA computes sequence by sequence:
-outputs and gradients against an fp64 reference, the same loss and gradients as the SDPA path
-in training, and a wrong kernel makes the fast path's start-up check turn the path off. On a
-CPU without AVX512-BF16 the SDPA path runs instead, and these tests check that it does."""
+"""The causal attention of packed sequences (packed_attention.c on AMX tiles and on AVX512-BF16
+dot products, packed_attention_f32.c in fp32 on AVX2; PackedAttentionFunction) computes what SDPA
+computes sequence by sequence: outputs and gradients against an fp64 reference, the same loss and
+gradients as the SDPA path in training, and a wrong kernel makes the fast path's start-up check
+turn the path off. Where the CPU lacks a kernel's instructions the SDPA path runs instead, and
+these tests check that it does."""
 
 import logging
 
@@ -30,6 +31,7 @@ def kernels():
     assert built is not None, "this machine has gcc: the kernels must build"
     assert built.amx == _cpu_has("amx_bf16"), "AMX tiles exactly where the CPU has them"
     assert built.packed_attention == _cpu_has("avx512_bf16"), "the packed attention exactly where the CPU has AVX512-BF16"
+    assert built.packed_attention_f32 == (_cpu_has("avx2") and _cpu_has("fma")), "its fp32 kernel exactly where it has AVX2 + FMA"
     return built
 
 
@@ -48,35 +50,50 @@ def _sdpa_per_sequence(q, k, v, lengths, scale):
 SHAPES = [([1, 5, 33], 4, 2, 64), ([700, 17, 256], 9, 3, 64), ([100, 64], 8, 8, 128), ([31, 32, 65], 32, 8, 32)]
 
 
-@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "avx512_bf16"])
+# the kernels: bf16 on AMX tiles, bf16 on AVX512-BF16 dot products (CPUs without tiles), fp32 on AVX2 + FMA
+# (CPUs without fast bf16: they train in fp32); each runs where the CPU has its instructions
+KERNELS = {"tiles": (torch.bfloat16, True), "avx512_bf16": (torch.bfloat16, False), "avx2_fp32": (torch.float32, False)}
+
+
+def _kernel_here(kernels, name: str) -> bool:
+    dtype, tiles = KERNELS[name]
+    return kernels.amx if tiles else kernels.packed_attention if dtype == torch.bfloat16 else kernels.packed_attention_f32
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("lengths,heads,kv_heads,dim", SHAPES)
-def test_packed_attention_matches_an_fp64_reference(kernels, lengths, heads, kv_heads, dim, tiles, monkeypatch):
-    """On the AMX tiles and on AVX512-BF16 dot products (what CPUs without tiles run), where the
-    CPU has them."""
+def test_packed_attention_matches_an_fp64_reference(kernels, lengths, heads, kv_heads, dim, kernel, monkeypatch):
+    """Each kernel where the CPU has it; elsewhere it refuses, and says why."""
     torch.manual_seed(0)
+    dtype, tiles = KERNELS[kernel]
     tokens = sum(lengths)
-    q, k, v = (torch.randn(tokens, h, dim, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
-    grad = torch.randn(tokens, heads, dim, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(tokens, h, dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+    grad = torch.randn(tokens, heads, dim, dtype=dtype)
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     scale = dim**-0.5
     if tiles and not kernels.amx:  # (the fixture checked that this CPU has none)
         return
     monkeypatch.setattr(kernels, "amx", tiles)
-    if not kernels.packed_attention:
-        with pytest.raises(RuntimeError, match="without AVX512-BF16"):
+    if not _kernel_here(kernels, kernel):
+        assert not kernels.packed_attention_takes(q, k, v)
+        with pytest.raises(RuntimeError, match="does not take"):
             kernels.packed_attention_forward(q, k, v, offsets, scale)
         return
-    assert cpu_kernels.Kernels.packed_attention_takes(q, k, v)
+    assert kernels.packed_attention_takes(q, k, v)
     exact = [t.double().requires_grad_() for t in (q, k, v)]
     want = _sdpa_per_sequence(*exact, lengths, scale)
     want_grads = torch.autograd.grad(want, exact, grad.double())
     out, lse = kernels.packed_attention_forward(q, k, v, offsets, scale)
     got_grads = kernels.packed_attention_backward(grad, q, k, v, out, lse, offsets, scale)
+    # bf16: inputs, P and dS rounded to bf16 for their products, ~2^-8 relative; fp32: nothing rounded
+    # but fp32 sums (measured ~1e-6 relative)
+    relative, largest = (6e-3, 2e-2) if dtype == torch.bfloat16 else (1e-5, 1e-5)
 
-    def close(got, expected):  # bf16 inputs, P and dS rounded to bf16 for their products: ~2^-8 relative
+    def close(got, expected):
+        assert got.dtype == dtype
         error = (got.double() - expected).norm() / expected.norm()
-        assert error < 6e-3, float(error)
-        assert float((got.double() - expected).abs().max()) < 2e-2 * float(expected.abs().max())
+        assert error < relative, float(error)
+        assert float((got.double() - expected).abs().max()) < largest * float(expected.abs().max())
 
     close(out, want.detach())
     for got, expected in zip(got_grads, want_grads):
@@ -86,17 +103,26 @@ def test_packed_attention_matches_an_fp64_reference(kernels, lengths, heads, kv_
         keys = k[a:b].double().repeat_interleave(heads // kv_heads, 1)  # (L, H, D)
         scores = torch.einsum("qhd,khd->hqk", q[a:b].double(), keys) * scale
         scores = scores.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), float("-inf"))
-        torch.testing.assert_close(lse[a:b].double(), scores.logsumexp(-1).T, rtol=0, atol=1e-3)
+        torch.testing.assert_close(lse[a:b].double(), scores.logsumexp(-1).T, rtol=0, atol=1e-3 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_packed_attention_refuses_what_the_tiles_do_not_take():
-    bf = dict(dtype=torch.bfloat16)
-    takes = cpu_kernels.Kernels.packed_attention_takes
+def test_packed_attention_refuses_what_its_kernels_do_not_take(kernels, monkeypatch):
+    bf, f32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
+    monkeypatch.setattr(kernels, "packed_attention", True)
+    monkeypatch.setattr(kernels, "packed_attention_f32", True)
+    takes = kernels.packed_attention_takes
     assert takes(torch.zeros(8, 4, 64, **bf), torch.zeros(8, 2, 64, **bf), torch.zeros(8, 2, 64, **bf))
-    assert not takes(torch.zeros(8, 4, 48, **bf), torch.zeros(8, 2, 48, **bf), torch.zeros(8, 2, 48, **bf))  # D not a multiple of 32
-    assert not takes(torch.zeros(8, 4, 64), torch.zeros(8, 2, 64), torch.zeros(8, 2, 64))  # fp32
+    assert takes(torch.zeros(8, 4, 48, **f32), torch.zeros(8, 2, 48, **f32), torch.zeros(8, 2, 48, **f32))  # fp32: D by 16
+    assert not takes(torch.zeros(8, 4, 48, **bf), torch.zeros(8, 2, 48, **bf), torch.zeros(8, 2, 48, **bf))  # bf16: D by 32
+    assert not takes(torch.zeros(8, 4, 40, **f32), torch.zeros(8, 2, 40, **f32), torch.zeros(8, 2, 40, **f32))
+    assert not takes(torch.zeros(8, 4, 64, **bf), torch.zeros(8, 2, 64, **f32), torch.zeros(8, 2, 64, **f32))  # mixed dtypes
+    assert not takes(torch.zeros(8, 4, 64, dtype=torch.float16), torch.zeros(8, 2, 64, dtype=torch.float16),
+                     torch.zeros(8, 2, 64, dtype=torch.float16))  # fp16: no kernel
     assert not takes(torch.zeros(8, 3, 64, **bf), torch.zeros(8, 2, 64, **bf), torch.zeros(8, 2, 64, **bf))  # 3 heads over 2
     assert not takes(torch.zeros(8, 4, 128, **bf)[:, :, :64], torch.zeros(8, 2, 64, **bf), torch.zeros(8, 2, 64, **bf))  # strided
+    monkeypatch.setattr(kernels, "packed_attention_f32", False)  # a CPU without AVX2: fp32 goes to SDPA
+    assert not takes(torch.zeros(8, 4, 64, **f32), torch.zeros(8, 2, 64, **f32), torch.zeros(8, 2, 64, **f32))
+    assert takes(torch.zeros(8, 4, 64, **bf), torch.zeros(8, 2, 64, **bf), torch.zeros(8, 2, 64, **bf))
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +132,13 @@ def llama_head_32(tokenizer_dir, tmp_path_factory):
     return build_tiny_model("llama", tokenizer_dir, tmp_path_factory.mktemp("llama-d32"), hidden_size=128)
 
 
-def _long_packed_run(model_dir, tmp_path, monkeypatch):
-    """A bf16 LoRA model on the fast path and a padded batch it packs as a long one (the
+def _long_packed_run(model_dir, tmp_path, monkeypatch, bf16: bool = True):
+    """A LoRA model (bf16, or fp32) on the fast path and a padded batch it packs as a long one (the
     short-attention limit lowered to 4 tokens)."""
     monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
-    plan = plan_finetune(tiny_config(model_dir, tmp_path / "m", lora_dropout=0.0, bf16=True, target_modules="all-linear"))
+    plan = plan_finetune(tiny_config(model_dir, tmp_path / "m", lora_dropout=0.0, bf16=bf16, target_modules="all-linear"))
     model = trained_a_little(plan).train()
+    assert model.get_input_embeddings().weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
     path = FastPath.install(model)
     batch = much_padding(plan)
     packing = fast_attention.Packing.of(batch["attention_mask"])
@@ -127,21 +154,29 @@ def _loss_and_grads(model, batch):
     return float(loss) / count, torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "avx512_bf16"])
-def test_long_packed_batches_on_the_kernel_train_as_on_sdpa(llama_head_32, tmp_path, monkeypatch, tiles):
-    model, path, batch = _long_packed_run(llama_head_32, tmp_path, monkeypatch)
-    monkeypatch.setattr(path.kernels, "amx", path.kernels.amx and tiles)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_long_packed_batches_on_the_kernel_train_as_on_sdpa(llama_head_32, tmp_path, monkeypatch, kernel):
+    dtype, tiles = KERNELS[kernel]
+    model, path, batch = _long_packed_run(llama_head_32, tmp_path, monkeypatch, bf16=dtype == torch.bfloat16)
+    if tiles and not path.kernels.amx:
+        return
+    monkeypatch.setattr(path.kernels, "amx", tiles)
     calls = []
     own_apply = fast_attention.PackedAttentionFunction.apply
     monkeypatch.setattr(fast_attention.PackedAttentionFunction, "apply", lambda *a: calls.append(1) or own_apply(*a))
     loss, grads = _loss_and_grads(model, batch)
-    kernel = path.kernels.packed_attention
-    assert len(calls) == (model.config.num_hidden_layers if kernel else 0), "the kernel exactly where the CPU takes it"
-    assert ("in one C kernel on AMX tiles" in path.describe()) == path.kernels.amx
-    assert ("in one C kernel on AVX512-BF16" in path.describe()) == (kernel and not path.kernels.amx)
+    here = _kernel_here(path.kernels, kernel)
+    assert len(calls) == (model.config.num_hidden_layers if here else 0), "the kernel exactly where the CPU takes it"
+    described = {"tiles": "bf16 on AMX tiles", "avx512_bf16": "bf16 on AVX512-BF16", "avx2_fp32": "fp32 on AVX2"}[kernel]
+    assert (described in path.describe()) == here, path.describe()
     monkeypatch.setattr(path.kernels, "packed_attention", False)  # the SDPA path, per sequence
+    monkeypatch.setattr(path.kernels, "packed_attention_f32", False)
     sdpa_loss, sdpa_grads = _loss_and_grads(model, batch)
-    assert len(calls) == (model.config.num_hidden_layers if kernel else 0)
+    assert len(calls) == (model.config.num_hidden_layers if here else 0)
+    if dtype == torch.float32:  # nothing rounded on either side: equal to fp32 sums
+        assert loss == pytest.approx(sdpa_loss, rel=1e-5)
+        assert F.cosine_similarity(grads, sdpa_grads, dim=0) > 1 - 1e-6
+        return
     # Both run the whole model in bf16 (gradient cosine with its fp32 forward ~0.985 either way), so
     # they agree to bf16 noise (a head or sequence mixed up is far off); against the model's own
     # forward in fp32, the tiles are no further from it than SDPA (measured: loss 0.032 vs 0.041 off,
@@ -154,8 +189,9 @@ def test_long_packed_batches_on_the_kernel_train_as_on_sdpa(llama_head_32, tmp_p
     assert cosine >= sdpa_cosine - 0.005
 
 
-def test_a_wrong_packed_attention_turns_the_path_off(llama_head_32, tmp_path, monkeypatch, caplog):
-    model, path, batch = _long_packed_run(llama_head_32, tmp_path, monkeypatch)
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
+def test_a_wrong_packed_attention_turns_the_path_off(llama_head_32, tmp_path, monkeypatch, caplog, bf16):
+    model, path, batch = _long_packed_run(llama_head_32, tmp_path, monkeypatch, bf16=bf16)
     assert path.verify(model, packed_loss, batch)
     own_forward = cpu_kernels.Kernels.packed_attention_forward
     broken = []
@@ -166,10 +202,10 @@ def test_a_wrong_packed_attention_turns_the_path_off(llama_head_32, tmp_path, mo
         return out.roll(1, dims=1).contiguous(), lse
 
     monkeypatch.setattr(cpu_kernels.Kernels, "packed_attention_forward", off_by_one_head)
-    kernel = path.kernels is not None and path.kernels.packed_attention
+    kernel = path.kernels is not None and (path.kernels.packed_attention if bf16 else path.kernels.packed_attention_f32)
     with caplog.at_level(logging.WARNING, logger="slmops"):
         verified = path.verify(model, packed_loss, batch)
     if kernel:
         assert broken and not verified and "disagrees with the model's own forward" in caplog.text
-    else:  # no AVX512-BF16: the SDPA path ran, never the (broken) kernel
+    else:  # the CPU lacks this dtype's kernel: the SDPA path ran, never the (broken) kernel
         assert verified and not broken

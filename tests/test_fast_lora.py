@@ -353,13 +353,15 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
     assert "precision: bfloat16 on cpu" in text
     # tiny Llama: 2 layers, LoRA on q/k/v/o, 5 RMSNorms; its linear weights
     # (2 x (q/k/v 64x32 + o 32x32 + MLP 3 x 64x32) bf16) packed for AMX where the CPU has it
-    amx = cpu_kernels.get() is not None and cpu_kernels.get().amx
+    kernels = cpu_kernels.get()
+    amx = kernels is not None and kernels.amx
     packed = 2 * (64 * 32 + 32 * 32 + 3 * 64 * 32) * 2
+    attention_kernels = (["bf16 on AMX tiles" if amx else "bf16 on AVX512-BF16"] if kernels.packed_attention else []) + (
+        ["fp32 on AVX2"] if kernels.packed_attention_f32 else [])
     assert ("fast CPU path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms, 2 fused SwiGLUs, "
             "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
             "padding-free batches: short ones where padding is over 10%, long ones always (each sequence's causal attention alone"
-            + (", in one C kernel on AMX tiles" if amx else ", in one C kernel on AVX512-BF16" if cpu_kernels.get().packed_attention
-               else "") + "), "
+            + (", in one C kernel: " + ", ".join(attention_kernels) if attention_kernels else "") + "), "
             + (f"AMX forward products on packed base weights ({packed / 2**20:.2f} MB), LoRA products on AMX in bf16, " if amx else "")
             + "C kernels") in text, text
 

@@ -24,9 +24,10 @@ concatenation, the transposes) and their backward nodes.
 
 Padding-free batches (Packing) of such modules: short ones run the fused function in the
 padded layout; longer ones (`_long_packed`) run each sequence's causal attention alone with no
-mask — all of them in one PackedAttentionFunction (a C kernel on AMX tiles, or AVX512-BF16 dot
-products) where the CPU has either, else through SDPA's flash kernel sequence by sequence — so attention does no work on padding or
-above the diagonal, and keeps O(T) memory for the backward."""
+mask — all of them in one PackedAttentionFunction (a C kernel: bf16 on AMX tiles or AVX512-BF16
+dot products, fp32 on AVX2 + FMA) where the CPU has the model's dtype's kernel, else through SDPA's
+flash kernel sequence by sequence — so attention does no work on padding or above the diagonal, and
+keeps O(T) memory for the backward."""
 
 from __future__ import annotations
 
@@ -418,8 +419,9 @@ def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packi
     function takes: hidden_states (1, rows, F) and position embeddings (1, rows, D) are in the
     packed layout already, so q, k and v are rotated there, and each example's causal attention
     runs alone, with no mask: all sequences in one call of PackedAttentionFunction where the CPU
-    has AMX tiles or AVX512-BF16 (bf16, head size a multiple of 32), else one SDPA call (flash on
-    a CPU) per sequence with is_causal. The rows past the real tokens attend nothing (zeros: no loss reads
+    has the kernel for the projections' dtype (bf16: AMX tiles or AVX512-BF16, head size a multiple
+    of 32; fp32: AVX2 + FMA, a multiple of 16), else one SDPA call (flash on a CPU) per sequence
+    with is_causal. The rows past the real tokens attend nothing (zeros: no loss reads
     them). In the projections' dtype, as the model's own SDPA forward computes it."""
     rows, dim = hidden_states.shape[1], module.head_dim
     q = module.q_proj(hidden_states).view(rows, -1, dim)
@@ -432,10 +434,10 @@ def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packi
         cos, sin_swapped = (t[0, :, None, :] for t in rope.get(*position_embeddings, q.dtype))  # (rows, 1, D): shared by the heads
         q, k = _rope(q, cos, sin_swapped), _rope(k, cos, sin_swapped)
     heads, kv_heads = q.shape[1], k.shape[1]
-    if kernels is not None and kernels.packed_attention:
+    if kernels is not None and (kernels.packed_attention or kernels.packed_attention_f32):
         tokens = packing.tokens
         q_real, k_real, v_real = q[:tokens], k[:tokens], v[:tokens].contiguous()  # (v: a view of the projection's output)
-        if Kernels.packed_attention_takes(q_real, k_real, v_real):
+        if kernels.packed_attention_takes(q_real, k_real, v_real):
             out = PackedAttentionFunction.apply(q_real, k_real, v_real, packing.offsets, module.scaling, kernels)
             out = torch.cat([out, q.new_zeros(rows - tokens, heads, dim)])
             return module.o_proj(out.view(1, rows, heads * dim))
@@ -469,12 +471,13 @@ class RopeRowsFunction(torch.autograd.Function):
 
 class PackedAttentionFunction(torch.autograd.Function):
     """The causal attention of every sequence of a packed batch, each on its own, in one C call
-    (packed_attention.c): q (N, H, D), k and v (N, Hkv, D) bf16, sequence s in rows
-    offsets[s] .. offsets[s + 1]; returns (N, H, D). It replaces one SDPA call per sequence,
-    whose CPU flash backward ran at ~130 GFLOP/s on 2 cores. `python benchmarks/packed_attention.py`
-    on the AMX Xeon: forward and backward 3.3-3.9x faster on the long-document shape, 4.2-5.0x on
-    the 1B Llama's; without the tiles (AVX512-BF16 dot products, against SDPA with oneDNN held to
-    AVX512-BF16 as on an AMD EPYC) 1.9x and 2.1x.
+    (packed_attention.c in bf16, packed_attention_f32.c in fp32): q (N, H, D), k and v (N, Hkv, D),
+    sequence s in rows offsets[s] .. offsets[s + 1]; returns (N, H, D). It replaces one SDPA call
+    per sequence, whose CPU flash backward ran at ~130 GFLOP/s on 2 cores in bf16 (AMX Xeon) and
+    35-60 in fp32 (Zen 3 EPYC). `python benchmarks/packed_attention.py`: bf16 on the AMX Xeon, forward
+    and backward 3.3-3.9x faster on the long-document shape, 4.2-5.0x on the 1B Llama's; without the
+    tiles (AVX512-BF16 dot products, against SDPA with oneDNN held to AVX512-BF16 as on an AMD EPYC)
+    1.9x and 2.1x; fp32 on an AVX2-only Zen 3 EPYC, 1.7-2.4x and 1.6-2.3x.
     Saves q, k, v, the output and each row's log-sum-exp, as flash attention does."""
 
     @staticmethod
@@ -487,7 +490,7 @@ class PackedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse, offsets = ctx.saved_tensors
-        grad = grad.to(torch.bfloat16).contiguous()
+        grad = grad.to(q.dtype).contiguous()
         return (*ctx.kernels.packed_attention_backward(grad, q, k, v, out, lse, offsets, ctx.scale), None, None, None)
 
 

@@ -37,7 +37,7 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-SOURCES = (SOURCE, SOURCE.with_name("packed_attention.c"))  # (kernels.c includes the others: one library)
+SOURCES = (SOURCE, SOURCE.with_name("packed_attention.c"), SOURCE.with_name("packed_attention_f32.c"))  # (kernels.c includes the others: one library)
 VERSION = 9  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -198,6 +198,11 @@ class Kernels:
         lib.fa_forward_bf16.restype = ctypes.c_int
         lib.fa_backward_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, ctypes.c_int, p, p, p]
         lib.fa_backward_bf16.restype = ctypes.c_int
+        lib.fa_f32_available.restype = ctypes.c_int
+        lib.fa_forward_f32.argtypes = [p, p, p, p, i64, i64, i64, i64, f32, p, p]
+        lib.fa_forward_f32.restype = ctypes.c_int
+        lib.fa_backward_f32.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, p, p, p]
+        lib.fa_backward_f32.restype = ctypes.c_int
         lib.lora_operands_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, p, p]
         lib.lora_operands_bf16.restype = None
         for suffix in _SUFFIX.values():
@@ -207,6 +212,8 @@ class Kernels:
         self.amx = bool(lib.amx_available())
         # the packed attention: on the tiles where there are, else on AVX512-BF16 dot products (built with them)
         self.packed_attention = bool(lib.fa_available())
+        # and in fp32 on AVX2 + FMA (packed_attention_f32.c): CPUs without fast bf16 train in fp32
+        self.packed_attention_f32 = bool(lib.fa_f32_available())
         self._scratch = threading.local()
 
     @staticmethod
@@ -296,38 +303,45 @@ class Kernels:
             raise ValueError(f"amx_matmul needs an even inner size, got {k}")
         return out
 
-    @staticmethod
-    def packed_attention_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether packed_attention_forward takes these (N, heads, D) operands: bf16, contiguous,
-        D a multiple of 32 (the tiles' inner step), query heads a multiple of key/value heads."""
-        return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 3 and t.is_contiguous() for t in (q, k, v))
-                and q.shape[2] % 32 == 0 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]
+    def packed_attention_takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether packed_attention_forward takes these (N, heads, D) operands on this CPU: contiguous,
+        query heads a multiple of key/value heads, and bf16 with D a multiple of 32 (the tiles' inner
+        step) where the bf16 kernel is built, or fp32 with D a multiple of 16 where the fp32 one is."""
+        kernel = {torch.bfloat16: (self.packed_attention, 32), torch.float32: (self.packed_attention_f32, 16)}.get(q.dtype)
+        return (kernel is not None and kernel[0]
+                and all(t.dtype == q.dtype and t.device.type == "cpu" and t.dim() == 3 and t.is_contiguous() for t in (q, k, v))
+                and q.shape[2] % kernel[1] == 0 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]
                 and q.shape[1] % k.shape[1] == 0)
 
     def packed_attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal attention of packed sequences (`self.packed_attention` only; on AMX tiles where the
-        CPU has them, else AVX512-BF16 dot products): q (N, H, D), k and v (N, Hkv, D) bf16 (see
-        packed_attention_takes), sequence s in rows offsets[s] .. offsets[s + 1] (int64, ascending,
-        ending at N), each attending to itself only. Returns the output (N, H, D) bf16 and each query
+        """Causal attention of packed sequences (operands that packed_attention_takes): q (N, H, D), k and
+        v (N, Hkv, D), sequence s in rows offsets[s] .. offsets[s + 1] (int64, ascending, ending at N),
+        each attending to itself only. bf16 on AMX tiles where the CPU has them, else on AVX512-BF16
+        dot products; fp32 on AVX2 + FMA. Returns the output (N, H, D) in q's dtype and each query
         row's log-sum-exp of the scaled scores (N, H) fp32, for the backward."""
-        if not self.packed_attention:
-            raise RuntimeError("packed attention: this library was built without AVX512-BF16 (check `Kernels.packed_attention` first)")
+        if not self.packed_attention_takes(q, k, v):
+            raise RuntimeError(f"packed attention: this build or CPU does not take {q.dtype} operands of shapes "
+                               f"{tuple(q.shape)}, {tuple(k.shape)} (check `packed_attention_takes` first)")
         tokens, heads, dim = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(tokens, heads, dtype=torch.float32)
-        if not self.lib.fa_forward_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), offsets.numel() - 1, heads,
-                                        k.shape[1], dim, scale, int(self.amx), out.data_ptr(), lse.data_ptr()):
+        pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), offsets.numel() - 1, heads, k.shape[1], dim, scale)
+        done = (self.lib.fa_forward_bf16(*pointers, int(self.amx), out.data_ptr(), lse.data_ptr()) if q.dtype == torch.bfloat16
+                else self.lib.fa_forward_f32(*pointers, out.data_ptr(), lse.data_ptr()))
+        if not done:
             raise MemoryError("packed attention: its buffers could not be allocated")
         return out, lse
 
     def packed_attention_backward(self, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                   lse: torch.Tensor, offsets: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
-        """dq, dk, dv (bf16, shaped as q, k, v) from grad = dL/d out (contiguous bf16, out's shape)."""
+        """dq, dk, dv (shaped as q, k, v) from grad = dL/d out (contiguous, out's shape and dtype)."""
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if not self.lib.fa_backward_bf16(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                         offsets.data_ptr(), offsets.numel() - 1, q.shape[1], k.shape[1], q.shape[2], scale,
-                                         int(self.amx), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()):
+        pointers = (grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), offsets.data_ptr(),
+                    offsets.numel() - 1, q.shape[1], k.shape[1], q.shape[2], scale)
+        done = (self.lib.fa_backward_bf16(*pointers, int(self.amx), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+                if q.dtype == torch.bfloat16 else self.lib.fa_backward_f32(*pointers, dq.data_ptr(), dk.data_ptr(), dv.data_ptr()))
+        if not done:
             raise MemoryError("packed attention: its buffers could not be allocated")
         return dq, dk, dv
 

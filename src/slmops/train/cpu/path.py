@@ -67,10 +67,16 @@ def _agree(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor], loss_rt
 
 
 def _packed_attention_products(kernels: kernels_module.Kernels | None) -> str:
-    """Where long packed batches' attention runs, for describe()."""
-    if kernels is None or not kernels.packed_attention:
+    """Where long packed batches' attention runs, for describe(): the C kernels this CPU has, by the
+    dtype the model trains in (each sequence in SDPA otherwise)."""
+    if kernels is None:
         return ""
-    return ", in one C kernel on AMX tiles" if kernels.amx else ", in one C kernel on AVX512-BF16"
+    where = []
+    if kernels.packed_attention:
+        where.append("bf16 on AMX tiles" if kernels.amx else "bf16 on AVX512-BF16")
+    if kernels.packed_attention_f32:
+        where.append("fp32 on AVX2")
+    return f", in one C kernel: {', '.join(where)}" if where else ""
 
 
 class FastPath:
