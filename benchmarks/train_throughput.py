@@ -31,10 +31,11 @@ learning rate after a 3% warm-up) with the same LoRA, batch, length and steps, i
 virtualenv (it pins onnxruntime-genai 0.13.2, slmops a newer one): `--setup_olive` builds it
 under ~/.cache/slmops/olive-venv, or set OLIVE_PYTHON to another one's python.
 
-On a CPU without fast bf16 (AVX2 only: no AMX, no AVX512-BF16) the rows that train in bf16 are
-not run (a bf16 matmul there is tens of times slower than fp32: 1.2 vs 90 GFLOP/s on a 2-core
-Zen 3 EPYC; the run prints both rates), TRL's fastest flags are `trl_fp32_nogc`, and the olive
-row passes Olive's own `--torch_dtype float32`; slmops picks fp32 there by itself.
+On a CPU without fast bf16 (AVX2 only: no AMX, no AVX512-BF16) the TRL LoRA rows that train in
+bf16 are not run (a bf16 matmul there is tens of times slower than fp32: 1.2 vs 90 GFLOP/s on a
+2-core Zen 3 EPYC; the run prints both rates), TRL's fastest flags are `trl_fp32_nogc`, the olive
+row passes Olive's own `--torch_dtype float32`, and trl_qlora and trl_full train in fp32 (QLoRA's
+NF4 base computing in fp32); slmops picks fp32 there by itself.
 
 Prints the CPU and a table per workload, and ends with `ratio_vs_trl_fp32: X`,
 `ratio_vs_trl_bf16: Y`, `ratio_vs_trl_fastest: Z` (against the fastest TRL LoRA row of each
@@ -105,7 +106,11 @@ ROWS = {
 # The rows of a run without --rows: every peer and method, or on a CPU without fast bf16 the
 # ones that run there (see `bf16_rows_unsuited`).
 DEFAULT_ROWS = "trl_fp32,trl_bf16,trl_bf16_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full"
-DEFAULT_ROWS_WITHOUT_BF16 = "trl_fp32,trl_fp32_nogc,slmops"
+DEFAULT_ROWS_WITHOUT_BF16 = "trl_fp32,trl_fp32_nogc,slmops,trl_qlora,slmops_qlora,trl_full,slmops_full"
+# Peers whose bf16 is a default of the recipe rather than the thing measured: on a CPU without fast
+# bf16 they train in fp32 (Olive with its own --torch_dtype float32, QLoRA computing its NF4 base in
+# fp32, full fine-tuning in fp32), as slmops does there by itself.
+FP32_WITHOUT_FAST_BF16 = ("olive", "trl_qlora", "trl_full")
 TRL_LORA_ROWS = ("trl_fp32", "trl_fp32_nogc", "trl_bf16", "trl_bf16_nogc")
 
 
@@ -323,12 +328,13 @@ def _score_adapter(adapter: Path, model_dir: str, held_out: list[dict], work: Wo
 
 
 def nf4_config():
-    """The QLoRA recipe's 4-bit base (TRL's and slmops' --method qlora alike)."""
+    """The QLoRA recipe's 4-bit base (TRL's and slmops' --method qlora alike), computing in bf16, or
+    in fp32 on a CPU without fast bf16 (as slmops' does there)."""
     import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16 if fast_bf16_here() else torch.float32)
 
 
 def run_trl(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int) -> dict:
@@ -490,7 +496,7 @@ def run_olive(work: Workload, name: str, model_dir: str, steps: int, warmup: int
 
 def worker(workload: str, name: str, model_dir: str, steps: int, warmup: int, out: str, seed: int, profile: bool) -> None:
     runner, options = ROWS[name]
-    if runner == "olive" and not fast_bf16_here():
+    if name in FP32_WITHOUT_FAST_BF16 and not fast_bf16_here():
         options = {**options, "bf16": False}
     if runner == "slmops":
         result = run_slmops(WORKLOADS[workload], workload, model_dir, steps, warmup, options, seed, profile)
@@ -543,7 +549,7 @@ def bf16_rows_unsuited(names: list[str]) -> tuple[list[str], str]:
     take hours and measure nothing a user would choose). ([], "") where bf16 is fast."""
     if fast_bf16_here():
         return [], ""
-    unsuited = [n for n in names if ROWS[n][1].get("bf16") is True]
+    unsuited = [n for n in names if ROWS[n][1].get("bf16") is True and n not in FP32_WITHOUT_FAST_BF16]
     if not unsuited:
         return [], ""
     import torch

@@ -31,7 +31,9 @@ def kernels():
     assert built is not None, "this machine has gcc: the kernels must build"
     assert built.amx == _cpu_has("amx_bf16"), "AMX tiles exactly where the CPU has them"
     assert built.packed_attention == _cpu_has("avx512_bf16"), "the packed attention exactly where the CPU has AVX512-BF16"
-    assert built.packed_attention_f32 == (_cpu_has("avx2") and _cpu_has("fma")), "its fp32 kernel exactly where it has AVX2 + FMA"
+    assert built.packed_attention_f32_built == (_cpu_has("avx2") and _cpu_has("fma")), "its fp32 kernel built with AVX2 + FMA"
+    assert built.packed_attention_f32 == (built.packed_attention_f32_built and not _cpu_has("avx512f")), \
+        "and used for training where the CPU has no AVX-512 (measured there only)"
     return built
 
 
@@ -55,8 +57,11 @@ SHAPES = [([1, 5, 33], 4, 2, 64), ([700, 17, 256], 9, 3, 64), ([100, 64], 8, 8, 
 KERNELS = {"tiles": (torch.bfloat16, True), "avx512_bf16": (torch.bfloat16, False), "avx2_fp32": (torch.float32, False)}
 
 
-def _kernel_here(kernels, name: str) -> bool:
+def _kernel_here(kernels, name: str, monkeypatch) -> bool:
+    """Whether the CPU has this kernel; the fp32 one is tested wherever it builds (training uses it only
+    without AVX-512: switched on here for the test)."""
     dtype, tiles = KERNELS[name]
+    monkeypatch.setattr(kernels, "packed_attention_f32", kernels.packed_attention_f32_built)
     return kernels.amx if tiles else kernels.packed_attention if dtype == torch.bfloat16 else kernels.packed_attention_f32
 
 
@@ -74,7 +79,7 @@ def test_packed_attention_matches_an_fp64_reference(kernels, lengths, heads, kv_
     if tiles and not kernels.amx:  # (the fixture checked that this CPU has none)
         return
     monkeypatch.setattr(kernels, "amx", tiles)
-    if not _kernel_here(kernels, kernel):
+    if not _kernel_here(kernels, kernel, monkeypatch):
         assert not kernels.packed_attention_takes(q, k, v)
         with pytest.raises(RuntimeError, match="does not take"):
             kernels.packed_attention_forward(q, k, v, offsets, scale)
@@ -161,11 +166,11 @@ def test_long_packed_batches_on_the_kernel_train_as_on_sdpa(llama_head_32, tmp_p
     if tiles and not path.kernels.amx:
         return
     monkeypatch.setattr(path.kernels, "amx", tiles)
+    here = _kernel_here(path.kernels, kernel, monkeypatch)
     calls = []
     own_apply = fast_attention.PackedAttentionFunction.apply
     monkeypatch.setattr(fast_attention.PackedAttentionFunction, "apply", lambda *a: calls.append(1) or own_apply(*a))
     loss, grads = _loss_and_grads(model, batch)
-    here = _kernel_here(path.kernels, kernel)
     assert len(calls) == (model.config.num_hidden_layers if here else 0), "the kernel exactly where the CPU takes it"
     described = {"tiles": "bf16 on AMX tiles", "avx512_bf16": "bf16 on AVX512-BF16", "avx2_fp32": "fp32 on AVX2"}[kernel]
     assert (described in path.describe()) == here, path.describe()
@@ -192,6 +197,8 @@ def test_long_packed_batches_on_the_kernel_train_as_on_sdpa(llama_head_32, tmp_p
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
 def test_a_wrong_packed_attention_turns_the_path_off(llama_head_32, tmp_path, monkeypatch, caplog, bf16):
     model, path, batch = _long_packed_run(llama_head_32, tmp_path, monkeypatch, bf16=bf16)
+    if path.kernels is not None:  # the fp32 kernel wherever it builds (training uses it only without AVX-512)
+        monkeypatch.setattr(path.kernels, "packed_attention_f32", path.kernels.packed_attention_f32_built)
     assert path.verify(model, packed_loss, batch)
     own_forward = cpu_kernels.Kernels.packed_attention_forward
     broken = []
