@@ -9,6 +9,8 @@ checked against them before a run relies on it. Everything low-level lives here:
 - lora.py      LoRA groups (q/k/v as one autograd function, sparse dropout draws)
 - attention.py short-batch attention with the rotary embedding inside; padding-free packing
 - norm.py      RMSNorm on a frozen weight;  mlp.py  SwiGLU and the frozen MLP as one node
+- embedding.py the tied, trainable embedding's gradient as rows (full fine-tuning)
+- quantized.py QLoRA's 4-bit base, dequantized by the C kernel (nf4.c)
 - allocator.py glibc's malloc thresholds raised, so a step's large tensors are not faulted in anew
 - kernels.py + kernels.c   fused C kernels (AVX-512, AMX where the CPU has them), compiled on
                first use into a private, verified cache

@@ -83,6 +83,19 @@ def lora_4bit_types() -> tuple[type, ...]:
     return (Linear4bit,)
 
 
+def four_bit_linear_type() -> type | None:
+    """bitsandbytes' 4-bit linear (QLoRA's frozen base, with or without an adapter on it), where
+    bitsandbytes is installed at a known version; else None."""
+    found = installed_version("bitsandbytes")
+    if found is None or not in_range(found, KNOWN_BITSANDBYTES):
+        return None
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
 def base_layer(module: nn.Module, lora_type: type) -> nn.Module:
     return module.base_layer if isinstance(module, lora_type) else module
 
@@ -158,3 +171,33 @@ def keep_4bit_layers_differentiable(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def four_bit_state(layer: nn.Module):
+    """A bitsandbytes Linear4bit's quantized weight as plain tensors, for the fast path's own
+    dequantization (quantized.py): (packed uint8, absmax fp32 with a nested absmax expanded once,
+    the 16 levels fp32, blocksize, (out, in), the weight's dtype, the compute dtype); None when the
+    layer is something else or in a form that path does not take (eval-mode CPU repacking,
+    another orientation, a blocksize not a multiple of 16, an odd element count). Reads
+    QuantState's fields and calls bitsandbytes.functional.dequantize_blockwise (0.50)."""
+    weight = getattr(layer, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or state.quant_type not in ("nf4", "fp4"):
+        return None
+    shape = tuple(state.shape)
+    if len(shape) != 2 or shape != (layer.out_features, layer.in_features) or state.blocksize % 16 or (shape[0] * shape[1]) % 2:
+        return None
+    compute = getattr(layer, "compute_dtype", None)
+    if compute not in (torch.float32, torch.bfloat16) or state.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from bitsandbytes.functional import dequantize_blockwise
+
+    with torch.no_grad():
+        if state.nested:  # as bitsandbytes' dequantize_4bit expands it, every call
+            absmax = dequantize_blockwise(state.absmax, state.state2)
+            absmax += state.offset
+        else:
+            absmax = state.absmax
+        code = state.code.float().contiguous()
+    packed = weight.data.view(torch.uint8).reshape(-1)
+    return packed, absmax.float().contiguous(), code, int(state.blocksize), shape, state.dtype, compute

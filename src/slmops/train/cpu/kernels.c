@@ -832,5 +832,6 @@ int amx_matmul(const uint16_t *a, int64_t sam, int64_t sak, const uint16_t *b, i
 /* The causal attention of packed sequences (long padding-free batches): its own file, this translation unit. */
 #include "packed_attention.c"
 #include "packed_attention_f32.c"
+#include "nf4.c"
 
-int slmops_kernels_version(void) { return 9; }
+int slmops_kernels_version(void) { return 10; }

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -37,8 +38,9 @@ import torch
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-SOURCES = (SOURCE, SOURCE.with_name("packed_attention.c"), SOURCE.with_name("packed_attention_f32.c"))  # (kernels.c includes the others: one library)
-VERSION = 9  # slmops_kernels_version() in the C file
+SOURCES = (SOURCE, SOURCE.with_name("packed_attention.c"), SOURCE.with_name("packed_attention_f32.c"),
+           SOURCE.with_name("nf4.c"))  # (kernels.c includes the others: one library)
+VERSION = 10  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -203,6 +205,8 @@ class Kernels:
         lib.fa_forward_f32.restype = ctypes.c_int
         lib.fa_backward_f32.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, p, p, p]
         lib.fa_backward_f32.restype = ctypes.c_int
+        lib.nf4_dequantize.argtypes = [p, p, p, i64, i64, p, p]
+        lib.nf4_dequantize.restype = ctypes.c_int
         lib.lora_operands_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, p, p]
         lib.lora_operands_bf16.restype = None
         for suffix in _SUFFIX.values():
@@ -398,6 +402,24 @@ class Kernels:
                                     (ctypes.c_float * k)(*scales), (ctypes.c_int64 * k)(*columns), sizes, k, r, features,
                                     total, a2.data_ptr(), a_t.data_ptr(), b_block.data_ptr())
         return a2, a_t, b_block
+
+    def dequantize_4bit(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                        shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A bitsandbytes 4-bit weight (NF4 or FP4: `code` holds its 16 levels, fp32) as `dtype` (fp32
+        or bf16) of `shape`: packed uint8, two elements a byte (the first in the high nibble), each
+        run of `blocksize` elements scaled by its absmax (fp32, nested absmax already expanded)."""
+        n = math.prod(shape)
+        if not (packed.dtype == torch.uint8 and packed.is_contiguous() and packed.numel() * 2 >= n and absmax.dtype == torch.float32
+                and absmax.is_contiguous() and absmax.numel() * blocksize >= n and code.dtype == torch.float32 and code.numel() == 16
+                and code.is_contiguous() and dtype in (torch.float32, torch.bfloat16)):
+            raise ValueError(f"dequantize_4bit: operands not taken ({packed.dtype} {tuple(packed.shape)}, absmax {absmax.dtype} "
+                             f"{tuple(absmax.shape)}, code {tuple(code.shape)}, {dtype}, {shape})")
+        out = torch.empty(shape, dtype=dtype)
+        fp32 = dtype == torch.float32
+        if not self.lib.nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
+                                       out.data_ptr() if fp32 else None, None if fp32 else out.data_ptr()):
+            raise ValueError(f"dequantize_4bit: {n} elements in blocks of {blocksize} not taken (even, blocks of 16s)")
+        return out
 
     def transpose(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, cols) contiguous -> its transpose, contiguous."""

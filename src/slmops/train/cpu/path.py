@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmops.machine import available_memory
-from slmops.train.cpu import allocator, attention, compat, mlp, norm
+from slmops.train.cpu import allocator, attention, compat, embedding, mlp, norm
+from slmops.train.cpu import quantized as quantized_module
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.lora import LinearGroup
 from slmops.train.cpu.patches import Patches
@@ -81,7 +82,8 @@ def _packed_attention_products(kernels: kernels_module.Kernels | None) -> str:
 
 class FastPath:
     """The groups, fused norms, MLPs and attention on a model (PEFT LoRA/QLoRA; for full
-    fine-tuning only the weight-free parts apply: SwiGLU, attention, packing)."""
+    fine-tuning only the weight-free parts apply: SwiGLU, attention, packing, and the tied
+    embedding's gradient as rows)."""
 
     def __init__(self, model: nn.Module | None, off_reason: str | None = None):
         self.model = model
@@ -90,6 +92,8 @@ class FastPath:
         self.groups: list[LinearGroup] = []
         self.norms: list[nn.Module] = []
         self.mlps: list[nn.Module] = []
+        self.frozen_four_bit = 0  # 4-bit layers with no adapter, on the C dequantization (quantized.py)
+        self.embedding_rows = False  # the tied, trainable input embedding's gradient as rows (embedding.py)
         self.attention_modules: list[nn.Module] = []
         self.replaced_attention: str | None = None
         self.packed_bytes = 0
@@ -138,6 +142,14 @@ class FastPath:
                 self.groups.append(LinearGroup(patches, [module], lora_type, _fusable(module, lora_type), self))
             elif type(module) in quantized:  # QLoRA: the base runs as bitsandbytes' layer, the LoRA term here
                 self.groups.append(LinearGroup(patches, [module], type(module), False, self))
+        # QLoRA's 4-bit layers without an adapter: their products on the C dequantization too
+        four_bit_type, under_adapters = compat.four_bit_linear_type(), {id(base) for g in self.groups for base in g.bases}
+        for module in model.modules():
+            if four_bit_type is not None and type(module) is four_bit_type and id(module) not in under_adapters:
+                weight = quantized_module.FourBitWeight.of(module, self.kernels)
+                if weight is not None:
+                    quantized_module.install(patches, weight, lambda: self.enabled)
+                    self.frozen_four_bit += 1
         for module in model.modules():
             if norm.matches(module):
                 norm.install(patches, module, lambda: self.enabled, self.kernels)
@@ -145,6 +157,10 @@ class FastPath:
             elif self.kernels is not None and mlp.matches(module):
                 mlp.install(patches, module, lambda: self.enabled, self.kernels)
                 self.mlps.append(module)
+        tied = embedding.tied_trainable_embedding(model)
+        if tied is not None:
+            embedding.install(patches, tied, lambda: self.enabled)
+            self.embedding_rows = True
         self.packed_bytes = self._pack_frozen_weights(micro_batch_tokens)
         self.replaced_attention = attention.install(patches, model, self._attention)
         if self.replaced_attention:
@@ -218,6 +234,8 @@ class FastPath:
             parts.append(f"{len(self.mlps)} fused SwiGLUs")
         if self.lora_layers:
             parts.append("sparse dropout draws")
+        if self.embedding_rows:
+            parts.append("the tied embedding's gradient added as rows")
         if self.replaced_attention:
             rotary = f" ({len(self.attention_modules)} with the rotary embedding inside)" if self.attention_modules else ""
             parts.append(f"short-batch attention in {attention.NAME}{rotary}")
@@ -228,6 +246,9 @@ class FastPath:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
             parts.append("LoRA products on AMX in bf16")
+        four_bit = sum(g.four_bit is not None for g in self.groups) + self.frozen_four_bit
+        if four_bit:
+            parts.append(f"{four_bit} 4-bit base weights dequantized in C")
         parts.append("C kernels" if self.kernels is not None else "PyTorch ops only (C kernels unavailable)")
         if self.keeps_freed_blocks:
             parts.append("large blocks kept by malloc between steps")

@@ -1,0 +1,116 @@
+"""QLoRA's 4-bit base on the fast path (nf4.c, train/cpu/quantized.py): the C kernel dequantizes
+bitsandbytes' NF4 and FP4 weights to exactly what bitsandbytes' own routine gives, the base's
+forward and backward equal bitsandbytes' Linear4bit bit for bit, QLoRA training takes it, and a
+layer in a form it does not take keeps bitsandbytes' forward."""
+
+import pytest
+import torch
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="QLoRA needs bitsandbytes (a dependency of slmops)")
+import bitsandbytes as bnb  # noqa: E402
+
+from slmops.finetune_recipe import build_model, plan_finetune  # noqa: E402
+from slmops.train.cpu import compat, kernels as cpu_kernels  # noqa: E402
+from slmops.train.cpu.path import FastPath  # noqa: E402
+from slmops.train.cpu.quantized import FourBitWeight  # noqa: E402
+
+from helpers import much_padding, tiny_config, trained_a_little  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built = cpu_kernels.get()
+    assert built is not None, "this machine has gcc: the kernels must build"
+    return built
+
+
+# shapes: one 16-element group short of a block, a tail past the last 16s (50 x 30 = 1,500), a
+# vocabulary-sized run split over the threads; blocksizes 32 to 256; nested absmax and plain
+CASES = [((64, 32), 32, True), ((50, 30), 64, True), ((1536, 576), 64, True), ((576, 200), 128, False), ((3, 48), 256, False)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,blocksize,nested", CASES)
+def test_the_kernel_dequantizes_as_bitsandbytes(kernels, shape, blocksize, nested, quant_type, dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(shape) * 0.05
+    weight[0, :8] = torch.tensor([0.0, 1.0, -1.0, 1e-8, -3.0, 3.0, 0.5, -0.25])  # the levels' ends and zero
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=dtype, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, quant_type=quant_type, blocksize=blocksize)
+    four_bit = FourBitWeight.of(layer, kernels)
+    assert four_bit is not None
+    want = torch.ops.bitsandbytes.dequantize_4bit.default(packed, four_bit.absmax, blocksize, quant_type, shape, dtype)
+    assert torch.equal(four_bit.dequantize(dtype), want)
+    assert torch.equal(bnb_functional.dequantize_4bit(packed, state).to(dtype), want) or dtype == torch.bfloat16
+    assert want.abs().max() > 0
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_base_gives_bitsandbytes_output_and_input_gradient(kernels, compute, bias):
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(96, 80, bias=bias, compute_dtype=compute, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(80, 96) * 0.1, requires_grad=False, quant_type="nf4", blocksize=64)
+    layer = layer.to("cpu")  # (quantizes on the move, as loading does)
+    if bias:
+        layer.bias.requires_grad_(False)
+    four_bit = FourBitWeight.of(layer, kernels)
+    assert four_bit is not None and four_bit.current()
+    x = torch.randn(2, 7, 96, requires_grad=True)
+    grad = torch.randn(2, 7, 80)
+    want = layer(x)
+    (want_dx,) = torch.autograd.grad(want, x, grad)
+    got = four_bit.forward(x)
+    (got_dx,) = torch.autograd.grad(got, x, grad)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want) and torch.equal(got_dx, want_dx)
+
+
+def test_a_form_it_does_not_take_keeps_bitsandbytes_forward(kernels, monkeypatch):
+    layer = bnb.nn.Linear4bit(32, 16, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(16, 32), requires_grad=False, quant_type="nf4", blocksize=64)
+    layer = layer.to("cpu")
+    assert FourBitWeight.of(layer, None) is None, "no C kernels: bitsandbytes' own"
+    four_bit = FourBitWeight.of(layer, kernels)
+    assert four_bit is not None
+    layer.weight.quant_state.packing_format_for_cpu = True  # repacked for bitsandbytes' inference kernel
+    assert not four_bit.current() and compat.four_bit_state(layer) is None
+    layer.weight.quant_state.packing_format_for_cpu = False
+    layer.compute_dtype = torch.float16
+    assert compat.four_bit_state(layer) is None, "fp16 compute: bitsandbytes' own"
+    with pytest.raises(ValueError, match="not taken"):
+        kernels.dequantize_4bit(four_bit.packed, four_bit.absmax, four_bit.code, 24, (16, 32), torch.float32)  # blocks of 16s
+    with pytest.raises(ValueError, match="not taken"):
+        kernels.dequantize_4bit(four_bit.packed, four_bit.absmax, four_bit.code, 64, (16, 32), torch.float16)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_qlora_training_takes_the_c_dequantization(tiny_llama, tmp_path, monkeypatch, bf16, targets):
+    """Every 4-bit layer, with an adapter on it or frozen alone, on the C dequantization; the
+    start-up check against PEFT's and bitsandbytes' own forward passes."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from slmops.train.loss import packed_loss
+
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16,
+                                     target_modules=targets))
+    model = trained_a_little(plan).eval()
+    batch = much_padding(plan)
+    four_bit_layers = [m for m in model.modules() if type(m) is bnb.nn.Linear4bit]
+    assert len(four_bit_layers) == 14, "the tiny Llama: 2 layers x q, k, v, o, gate, up, down"
+    with FastPath.install(model) as path:
+        adapted = [g for g in path.groups if isinstance(g.members[0], Linear4bit)]
+        assert adapted and all(g.four_bit is not None for g in adapted)
+        assert path.frozen_four_bit == len(four_bit_layers) - len(adapted) == (0 if targets == "all-linear" else 10)
+        assert "14 4-bit base weights dequantized in C" in path.describe()
+        calls = []
+        own = cpu_kernels.Kernels.dequantize_4bit
+        monkeypatch.setattr(cpu_kernels.Kernels, "dequantize_4bit", lambda self, *a: calls.append(1) or own(self, *a))
+        assert path.verify(model, packed_loss, batch), "the start-up check passes"
+        # each layer's forward, and its backward where its input needs a gradient: all but the first
+        # layer's q, k and v (their input is the frozen embedding's output)
+        assert len(calls) == 2 * 14 - 3
+    assert all("forward" not in vars(m) for m in four_bit_layers), "removed: bitsandbytes' own forwards"
