@@ -92,3 +92,27 @@ def test_only_a_tied_trainable_embedding_is_taken(tiny_models, tmp_path):
     assert fast_embedding.tied_trainable_embedding(full) is full.get_input_embeddings()
     full.get_input_embeddings().sparse = True  # asks for sparse gradients itself: its own forward
     assert fast_embedding.tied_trainable_embedding(full) is None
+
+
+def test_a_loss_that_never_reaches_the_head_still_gets_the_rows(tiny_llama, tmp_path):
+    """The weight's gradient is then the rows alone (the hook starts it from zeros), and nothing
+    is left over for the next step."""
+    model = build_model(plan_finetune(tiny_config(tiny_llama, tmp_path / "f", method="full"))).eval()
+    embedding = model.get_input_embeddings()
+    ids = torch.tensor([[5, 7, 7, 9], [9, 3, 5, 5]])
+    embedding(ids).pow(2).sum().backward()
+    want = embedding.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with FastPath.install(model) as path:
+        assert path.embedding_rows
+        embedding(ids).pow(2).sum().backward()
+        torch.testing.assert_close(embedding.weight.grad, want, rtol=1e-6, atol=0)
+        model.zero_grad(set_to_none=True)
+        loss, count = selective_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        (loss / count).backward()
+        with_rows = embedding.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    loss, count = selective_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    (loss / count).backward()
+    # (the rest of the path's fp32 sums as in the test above; a step's stale rows would be ~0.5 off)
+    torch.testing.assert_close(with_rows, embedding.weight.grad, rtol=1e-4, atol=5e-6)
