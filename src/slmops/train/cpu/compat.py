@@ -70,11 +70,15 @@ def lora_linear_type() -> type:
     return Linear
 
 
+def _bitsandbytes_known() -> bool:
+    found = installed_version("bitsandbytes")
+    return found is not None and in_range(found, KNOWN_BITSANDBYTES)
+
+
 def lora_4bit_types() -> tuple[type, ...]:
     """PEFT's LoRA layers over bitsandbytes' 4-bit linears, where bitsandbytes is installed
     at a known version (else none: those layers keep PEFT's forward)."""
-    found = installed_version("bitsandbytes")
-    if found is None or not in_range(found, KNOWN_BITSANDBYTES):
+    if not _bitsandbytes_known():
         return ()
     try:
         from peft.tuners.lora.bnb import Linear4bit
@@ -86,8 +90,7 @@ def lora_4bit_types() -> tuple[type, ...]:
 def four_bit_linear_type() -> type | None:
     """bitsandbytes' 4-bit linear (QLoRA's frozen base, with or without an adapter on it), where
     bitsandbytes is installed at a known version; else None."""
-    found = installed_version("bitsandbytes")
-    if found is None or not in_range(found, KNOWN_BITSANDBYTES):
+    if not _bitsandbytes_known():
         return None
     try:
         from bitsandbytes.nn import Linear4bit

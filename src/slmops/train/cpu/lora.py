@@ -36,7 +36,6 @@ from torch import nn
 from slmops.train.cpu import compat
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.patches import Patches
-from slmops.train.cpu.quantized import FourBitWeight
 
 log = logging.getLogger("slmops")
 
@@ -303,8 +302,6 @@ class LinearGroup:
         self._pending: dict[int, torch.Tensor] = {}
         self._pending_input: torch.Tensor | None = None
         self.packed: kernels_module.PackedWeight | None = None  # set by FastPath where it packs weights for AMX
-        # QLoRA: a 4-bit base dequantized by the C kernel (quantized.py), where it takes the layer
-        self.four_bit = None if fuse_base else FourBitWeight.of(self.bases[0], path.kernels)
         for index, member in enumerate(members):
             patches.replace_forward(member, self._member_forward(index))
 
@@ -349,8 +346,7 @@ class LinearGroup:
         if self.fuse_base:
             out = LinearGroupFunction.apply(x, self.weight, self.bias, spec, *a_weights, *b_weights)
             return out if isinstance(out, tuple) else (out,)
-        four_bit = self.four_bit if self.four_bit is not None and self.four_bit.current() else None
-        base = four_bit.forward(x) if four_bit is not None else self.bases[0](x)
+        base = self.bases[0](x)  # (a 4-bit base: its own forward is quantized.py's where the path took it)
         return (base + LinearGroupFunction.apply(x, None, None, spec, *a_weights, *b_weights).to(base.dtype),)
 
     def _separate_weights(self) -> None:

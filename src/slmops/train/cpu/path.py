@@ -92,7 +92,7 @@ class FastPath:
         self.groups: list[LinearGroup] = []
         self.norms: list[nn.Module] = []
         self.mlps: list[nn.Module] = []
-        self.frozen_four_bit = 0  # 4-bit layers with no adapter, on the C dequantization (quantized.py)
+        self.four_bit_layers = 0  # bitsandbytes 4-bit layers on the C dequantization (quantized.py)
         self.embedding_rows = False  # the tied, trainable input embedding's gradient as rows (embedding.py)
         self.attention_modules: list[nn.Module] = []
         self.replaced_attention: str | None = None
@@ -142,14 +142,13 @@ class FastPath:
                 self.groups.append(LinearGroup(patches, [module], lora_type, _fusable(module, lora_type), self))
             elif type(module) in quantized:  # QLoRA: the base runs as bitsandbytes' layer, the LoRA term here
                 self.groups.append(LinearGroup(patches, [module], type(module), False, self))
-        # QLoRA's 4-bit layers without an adapter: their products on the C dequantization too
-        four_bit_type, under_adapters = compat.four_bit_linear_type(), {id(base) for g in self.groups for base in g.bases}
+        # QLoRA's 4-bit layers, under an adapter or frozen alone: their products on the C dequantization
+        four_bit_type = compat.four_bit_linear_type()
         for module in model.modules():
-            if four_bit_type is not None and type(module) is four_bit_type and id(module) not in under_adapters:
-                weight = quantized_module.FourBitWeight.of(module, self.kernels)
-                if weight is not None:
-                    quantized_module.install(patches, weight, lambda: self.enabled)
-                    self.frozen_four_bit += 1
+            weight = quantized_module.FourBitWeight.of(module, self.kernels) if type(module) is four_bit_type else None
+            if weight is not None:
+                quantized_module.install(patches, weight, lambda: self.enabled)
+                self.four_bit_layers += 1
         for module in model.modules():
             if norm.matches(module):
                 norm.install(patches, module, lambda: self.enabled, self.kernels)
@@ -246,9 +245,8 @@ class FastPath:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
             parts.append("LoRA products on AMX in bf16")
-        four_bit = sum(g.four_bit is not None for g in self.groups) + self.frozen_four_bit
-        if four_bit:
-            parts.append(f"{four_bit} 4-bit base weights dequantized in C")
+        if self.four_bit_layers:
+            parts.append(f"{self.four_bit_layers} 4-bit base weights dequantized in C")
         parts.append("C kernels" if self.kernels is not None else "PyTorch ops only (C kernels unavailable)")
         if self.keeps_freed_blocks:
             parts.append("large blocks kept by malloc between steps")

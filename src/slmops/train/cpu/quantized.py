@@ -9,8 +9,8 @@ decode faster: a 1,536 x 576 weight to fp32 on a 2-core Zen 3 EPYC in 0.13 again
 0.61 against 1.16 ms inside a tone QLoRA step (profiled: there the fp32 output, 8x the packed
 bytes, is written to memory between the matmuls), ~0.15 s of a ~2.3 s step. Nothing is kept
 between the forward and the backward but the 4-bit weight itself: QLoRA's memory is unchanged.
-Layers with an adapter on them take it through their LinearGroup (lora.py), frozen 4-bit layers
-(outside the target modules) through `install`."""
+`install` replaces the 4-bit layer's own forward, so a layer under a PEFT adapter (its LoRA term
+in a LinearGroup, lora.py) and a frozen one outside the target modules take it alike."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ class FourBitLinearFunction(torch.autograd.Function):
 
 
 def install(patches: Patches, weight: FourBitWeight, is_enabled) -> None:
-    """A 4-bit layer with no adapter on it (QLoRA's frozen layers outside the target modules):
-    its forward through FourBitWeight while `is_enabled()` and the weight is still the one read."""
+    """The 4-bit layer's forward through FourBitWeight while `is_enabled()` and the weight is still
+    the one read."""
 
     def forward(self, own_forward, x, *args, **kwargs):
         if args or kwargs or not is_enabled() or not weight.current():
