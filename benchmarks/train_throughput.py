@@ -94,7 +94,7 @@ ROWS = {
     "olive": ("olive", {}),  # `olive finetune` with its defaults (chat workloads only: it packs rows; see the top)
     "slmops": ("slmops", {}),
     "slmops_fp32": ("slmops", {"bf16": False}),
-    "slmops_nogc": ("slmops", {"gradient_checkpointing": False}),  # never recompute (slmops turns it on by itself for codes)
+    "slmops_nogc": ("slmops", {"gradient_checkpointing": False}),  # never recompute (slmops turns it on by itself where a pass would not fit)
     # QLoRA (4-bit NF4 base via bitsandbytes) and full fine-tuning, each against its own peer
     "trl_qlora": ("trl", {"bf16": True, "gradient_checkpointing": False, "method": "qlora"}),
     "slmops_qlora": ("slmops", {"method": "qlora"}),

@@ -583,3 +583,93 @@ def test_a_bf16_disagreement_is_arbitrated_in_fp32(tiny_llama, tmp_path, monkeyp
     with caplog.at_level(logging.WARNING, logger="slmops"):
         assert not fast.verify(model, selective_loss, _batch(plan))
     assert "gradient cosine with fp32" in caplog.text and not fast.active
+
+
+def test_pass_size_keeps_a_pass_activations_under_the_budget(tiny_llama, tmp_path):
+    """The pass size: ACTIVATION_BUDGET over layers x (2 x MLP + 10 x hidden) x the element size
+    the activations are computed in, never under MIN_PASS_TOKENS; None for a model whose size is
+    unknown. A run takes it on the CPU fast path with the built-in loss only."""
+    from slmops import finetune_recipe as recipe
+    from slmops.models.load import ModelStructure
+
+    def structure(layers, hidden, mlp):
+        return ModelStructure("llama", [], [], 0, None, hidden, layers, mlp)
+
+    budget = recipe.ACTIVATION_BUDGET
+    smollm = structure(30, 576, 1536)
+    assert recipe.pass_tokens_for(smollm, 4) == budget // (30 * (2 * 1536 + 10 * 576) * 4) == 2026
+    assert recipe.pass_tokens_for(smollm, 2) == budget // (30 * (2 * 1536 + 10 * 576) * 2) == 4052
+    llama1b = structure(16, 2048, 8192)
+    assert recipe.pass_tokens_for(llama1b, 2) == 1820 and recipe.pass_tokens_for(llama1b, 4) == recipe.MIN_PASS_TOKENS
+    assert recipe.pass_tokens_for(structure(None, 576, 1536), 4) is None
+
+    from transformers import AutoConfig
+
+    tiny = AutoConfig.from_pretrained(tiny_llama)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "a"))  # fp32 here
+    assert plan.pass_tokens == recipe.pass_tokens_for(structure(tiny.num_hidden_layers, tiny.hidden_size, tiny.intermediate_size), 4)
+    assert plan.describe()["pass_tokens"] == plan.pass_tokens
+    assert plan_finetune(tiny_config(tiny_llama, tmp_path / "b", cpu_fast_path="off")).pass_tokens is None
+    from conftest import ROOT
+
+    custom = plan_finetune(tiny_config(tiny_llama, tmp_path / "c", loss=f"{ROOT / 'examples' / 'custom_loss.py'}:LabelSmoothedCrossEntropy"))
+    assert custom.pass_tokens is None and "pass_tokens" not in custom.describe()
+
+
+def test_long_micro_batches_train_in_passes_that_give_the_whole_batch_gradients(tiny_llama, tmp_path, monkeypatch, caplog):
+    """A micro-batch over the run's pass size trains as consecutive pieces of whole examples, one
+    forward/backward each: the same adapter as one pass over the batch (and as the plain path);
+    the log says so. A custom loss (a mean per micro-batch) keeps it whole."""
+    from slmops import finetune_recipe as recipe
+    from slmops.train import trainer as trainer_module
+
+    pieces = []
+    own = trainer_module.Trainer._passes_of
+    monkeypatch.setattr(trainer_module.Trainer, "_passes_of", lambda self, b: pieces.append(len(own(self, b))) or own(self, b))
+    common = dict(max_steps=3, lora_dropout=0.0, group_by_length=False, learning_rate=1e-3, target_modules="all-linear")
+    finetune(tiny_config(tiny_llama, tmp_path / "whole", **common))
+    assert pieces == [1, 1, 1]
+    monkeypatch.setattr(recipe, "pass_tokens_for", lambda structure, element_size: 60)
+    pieces.clear()
+    with caplog.at_level(logging.INFO, logger="slmops"):
+        finetune(tiny_config(tiny_llama, tmp_path / "passes", **common))
+    assert "passes: micro-batches over 60 tokens train as passes of whole examples" in caplog.text
+    assert len(pieces) == 3 and min(pieces) >= 3, pieces
+    finetune(tiny_config(tiny_llama, tmp_path / "plain", cpu_fast_path="off", **common))
+    from safetensors.torch import load_file
+
+    whole, passes, plain = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("whole", "passes", "plain"))
+    assert any(float(v.abs().max()) > 0 for k, v in passes.items() if "lora_B" in k)  # it trained
+    for key in whole:
+        torch.testing.assert_close(passes[key], whole[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(passes[key], plain[key], rtol=1e-3, atol=1e-5)
+
+    from conftest import ROOT
+
+    pieces.clear()
+    finetune(tiny_config(tiny_llama, tmp_path / "custom", max_steps=1,
+                         loss=f"{ROOT / 'examples' / 'custom_loss.py'}:LabelSmoothedCrossEntropy"))
+    assert pieces == [1]
+
+
+def test_start_up_checks_run_on_the_last_tokens_of_long_examples(tiny_llama, tmp_path, monkeypatch):
+    """The checks' probe (the first two examples) is cut to each example's last PROBE_MAX_LEN
+    tokens, its labelled answer kept; the checks pass on it and the path stays."""
+    from slmops.train import trainer as trainer_module
+    from slmops.train.trainer import Trainer, TrainingData, TrainingSetup
+
+    monkeypatch.setattr(trainer_module, "PROBE_MAX_LEN", 12)
+    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0))
+    whole = _batch(plan, 2)
+    assert whole["input_ids"].shape[1] > 12
+    model = build_model(plan)
+    with FastPath.install(model) as path:
+        setup = TrainingSetup(plan.precision, plan.learning_rate, tmp_path / "c", tmp_path / "l", True)
+        trainer = Trainer(model, TrainingData(plan.data.train, None, plan.tokenizer.pad_token_id), plan.config.training, setup, path)
+        probe = trainer._probe_batch()
+        assert probe["input_ids"].shape[1] == 12 and (probe["labels"] != -100).any(1).all()
+        for row in range(2):  # each example's end, with its labels
+            n = int(whole["attention_mask"][row].sum())
+            assert torch.equal(probe["input_ids"][row], whole["input_ids"][row, n - 12 : n])
+        trainer.prepare()
+        assert trainer.fast_path is path and path.active

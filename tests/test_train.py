@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slmops.data.batching import collate, epoch_batches
+from slmops.data.batching import collate, epoch_batches, last_tokens, split_rows
 from slmops.finetune_recipe import build_model, finetune, plan_finetune
 from slmops.train.loss import check_fast_path, plain_loss, selective_loss
 from slmops.train.monitor import read_metrics
@@ -256,6 +256,66 @@ def test_epoch_batches_are_deterministic_and_cover_everything():
     assert a == epoch_batches(lengths, 3, seed=1, epoch=0, group_by_length=True)
     assert a != epoch_batches(lengths, 3, seed=1, epoch=1, group_by_length=True)
     assert sorted(i for b in a for i in b) == list(range(10))
+
+
+def _padded(lengths, width=None, left=False):
+    width = width or max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[row, width - n :] = 1
+        else:
+            mask[row, :n] = 1
+    ids = torch.arange(len(lengths) * width).view(len(lengths), width) * mask
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "class_weight": torch.arange(len(lengths), dtype=torch.float)}
+
+
+def test_split_rows_cuts_between_examples_into_even_pieces_and_trims_their_padding():
+    batch = _padded([256] * 8)
+    assert split_rows(batch, 2048)[0] is batch and len(split_rows(batch, 2048)) == 1  # within the limit: as it is
+    assert [p["input_ids"].shape for p in split_rows(batch, 1638)] == [(4, 256), (4, 256)]  # even, not 6 + 2
+
+    batch = _padded([300, 1000, 50, 700, 900, 20])
+    pieces = split_rows(batch, 1200)
+    assert [int(p["attention_mask"].sum()) for p in pieces] == [300, 1000, 750, 920]
+    assert all(int(p["attention_mask"].sum()) <= 1200 for p in pieces)
+    def real(b, key):  # each row's values at its real tokens (a per-example value as it is)
+        return [row if key == "class_weight" else row[mask.bool()] for row, mask in zip(b[key], b["attention_mask"])]
+
+    for key in batch:  # every tensor's rows cut alike, in order, nothing lost or repeated
+        joined, whole = [r for p in pieces for r in real(p, key)], real(batch, key)
+        assert len(joined) == len(whole) and all(torch.equal(a, b) for a, b in zip(joined, whole)), key
+    # each piece as wide as its longest example: the padding only the others needed is gone
+    assert [p["input_ids"].shape[1] for p in pieces] == [300, 1000, 700, 900]
+    assert all(p[k].is_contiguous() for p in pieces for k in ("input_ids", "attention_mask", "labels"))
+    assert [int(p["class_weight"][0]) for p in pieces] == [0, 1, 2, 4]
+
+    alone = split_rows(_padded([5000, 10]), 1024)  # an example over the limit runs alone, whole
+    assert [p["input_ids"].shape for p in alone] == [(1, 5000), (1, 10)]
+    assert split_rows(_padded([5000]), 1024)[0]["input_ids"].shape == (1, 5000)
+
+    left = split_rows(_padded([300, 1000, 50, 700], left=True), 1100)  # left padding: the real tokens end every row
+    assert all(p["input_ids"].shape[1] == 1000 for p in left)
+    assert sum(int(p["attention_mask"].sum()) for p in left) == 2050
+
+
+def test_last_tokens_cuts_long_examples_to_their_end_and_keeps_a_labelled_token():
+    batch = _padded([700, 300, 1000])
+    batch["input_ids"][~batch["attention_mask"].bool()] = 7  # the pad id
+    batch["labels"][0, :] = -100
+    batch["labels"][0, 10] = 5  # example 0's only labelled token is near its start: it stays whole
+    cut = last_tokens(batch, 512)
+    assert cut["input_ids"].shape == (3, 700) and cut["attention_mask"].sum(1).tolist() == [700, 300, 512]
+    assert torch.equal(cut["input_ids"][2, :512], batch["input_ids"][2, 488:1000])  # the last 512 of example 2
+    assert torch.equal(cut["labels"][2, :512], batch["labels"][2, 488:1000]) and (cut["input_ids"][2, 512:] == 7).all()
+    assert torch.equal(cut["input_ids"][0], batch["input_ids"][0, :700])
+    assert torch.equal(cut["input_ids"][1, :300], batch["input_ids"][1, :300]) and (cut["input_ids"][1, 300:] == 7).all()
+    assert (cut["labels"][1, 300:] == -100).all() and torch.equal(cut["class_weight"], batch["class_weight"])
+    short = _padded([100, 50])
+    assert last_tokens(short, 512) is short
+    left = _padded([700, 1000], left=True)
+    assert last_tokens(left, 512) is left  # not right-padded: as it is
 
 
 def test_dataloader_workers_give_the_same_run(tiny_llama, tmp_path):

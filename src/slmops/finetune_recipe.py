@@ -52,6 +52,7 @@ class FinetunePlan:
     output_note: str | None = None  # (a dry run) why the output folder could not be used as it is
     fsdp: str | None = None  # full_shard / shard_grad_op: the model sharded over the processes (train/fsdp.py)
     gradient_checkpointing: tuple[bool, str] = (False, "--gradient_checkpointing false")  # (on, why)
+    pass_tokens: int | None = None  # micro-batches with more tokens train in passes of whole examples (_choose_passes)
 
     def describe(self) -> dict:
         return {
@@ -65,6 +66,7 @@ class FinetunePlan:
             "learning_rate": self.learning_rate,
             "max_seq_len": self.data_config.max_seq_len,
             "gradient_checkpointing": {"on": self.gradient_checkpointing[0], "reason": self.gradient_checkpointing[1]},
+            **({"pass_tokens": self.pass_tokens} if self.pass_tokens else {}),
             "data": self.data.describe(),
             "resume_from": str(self.resume_from) if self.resume_from else None,
             **({"output_path": f"not usable as it is: {self.output_note}"} if self.output_note else {}),
@@ -173,14 +175,16 @@ def _plan_finetune(config: FinetuneConfig, world: World, dry_run: bool = False) 
         )
     learning_rate = tcfg.learning_rate or method.default_learning_rate
     fsdp_mode = _fsdp_mode(tcfg.fsdp, method, world)
-    checkpointing = _choose_checkpointing(tcfg.gradient_checkpointing, structure, data, tcfg.per_device_train_batch_size, precision)
+    pass_tokens = _choose_passes(tcfg, method, structure, precision, fsdp_mode, custom_loss)
+    checkpointing = _choose_checkpointing(tcfg.gradient_checkpointing, structure, data, tcfg.per_device_train_batch_size, precision,
+                                          pass_tokens)
     identity = run_identity(config, method, source, targets, data, world)
     if custom_loss is not None:
         identity["loss"] = custom_loss.identity()
     if resume_from is not None:  # before anything is loaded or written
         ckpt.check_belongs(resume_from, identity, tcfg.ignore_mismatch, log)
     return FinetunePlan(config, method, source, targets, precision, data, layout, resume_from, learning_rate, tokenizer,
-                        data_config, identity, custom_loss, world, output_note, fsdp_mode, checkpointing)
+                        data_config, identity, custom_loss, world, output_note, fsdp_mode, checkpointing, pass_tokens)
 
 
 # What a classification task trains with where the user chose nothing else (measured on TweetEval
@@ -224,19 +228,51 @@ def _check_deploy_precision(precision: str, method: Method) -> None:
 
 ACTIVATION_SHARE = 0.5  # of the memory available, past which activations are recomputed instead of kept
 
+# On the CPU fast path a micro-batch's forward keeps ~layers x (2 x MLP + 10 x hidden) values a
+# token until its backward (SmolLM2-135M in fp32: ~1.1 MB a token, measured on 16 tiny-codes
+# documents, 13k tokens: 16.5 GB peak without checkpointing). A CPU's matmuls run as fast on a
+# few thousand rows as on tens of thousands, so a longer micro-batch runs as consecutive passes
+# of whole examples (the trainer sums their gradients, which are the micro-batch's): memory
+# bounded by ACTIVATION_BUDGET, not by batch x length, and no recomputation needed for it.
+ACTIVATION_BUDGET = 2 << 30  # bytes of activations one pass keeps, estimated as above
+MIN_PASS_TOKENS = 1024  # passes are never cut shorter: shorter products lose speed
+
+
+def pass_tokens_for(structure: ModelStructure, element_size: int) -> int | None:
+    """The most tokens one forward/backward pass on the CPU fast path should hold (see
+    ACTIVATION_BUDGET); None where the model's size is not known."""
+    if not (structure.hidden_size and structure.num_layers and structure.mlp_size):
+        return None
+    per_token = structure.num_layers * (2 * structure.mlp_size + 10 * structure.hidden_size) * element_size
+    return max(MIN_PASS_TOKENS, ACTIVATION_BUDGET // per_token)
+
+
+def _choose_passes(tcfg, method: Method, structure: ModelStructure, precision: Precision, fsdp_mode: str | None,
+                   custom_loss) -> int | None:
+    """The pass size of this run's micro-batches (pass_tokens_for) where it trains on the CPU fast
+    path with the built-in loss, unsharded; else None (each micro-batch in one pass)."""
+    from slmops.train.cpu import decide
+
+    if fsdp_mode or custom_loss is not None or decide(tcfg.cpu_fast_path, method.cpu_fast_path, method.name, precision.device):
+        return None
+    return pass_tokens_for(structure, (precision.autocast or precision.weights).itemsize)
+
 
 def _choose_checkpointing(asked: bool | None, structure: ModelStructure, data: PreparedData, batch_size: int,
-                          precision: Precision) -> tuple[bool, str]:
-    """Gradient checkpointing, as asked, else on when the activations one micro-batch keeps for
-    the backward would pass ACTIVATION_SHARE of the memory available. The estimate: per token and
-    decoder layer, 10 hidden-sized and 5 MLP-sized fp32 vectors (measured on SmolLM2-135M, 16 x 1024
-    tokens: 19.7 GB peak, ~40 KB a token a layer; the estimate gives 54 KB)."""
+                          precision: Precision, pass_tokens: int | None = None) -> tuple[bool, str]:
+    """Gradient checkpointing, as asked, else on when the activations one pass keeps for the
+    backward (a micro-batch, or on the fast path at most `pass_tokens` tokens of it: whole
+    examples) would pass ACTIVATION_SHARE of the memory available. The estimate: per token and
+    decoder layer, 10 hidden-sized and 5 MLP-sized fp32 vectors (measured on SmolLM2-135M through
+    the model's own forward, 16 x 1024 tokens: 19.7 GB peak, ~40 KB a token a layer; the estimate
+    gives 54 KB; the fast path keeps about a third of that)."""
     if asked is not None:
         return asked, f"--gradient_checkpointing {str(asked).lower()}"
     if not (structure.hidden_size and structure.num_layers and structure.mlp_size):
         return False, "default (the model's size is not known)"
     longest = max(data.train.lengths, default=0)  # (tokenized rows are cut to --max_seq_len already)
-    needed = batch_size * longest * structure.num_layers * (10 * structure.hidden_size + 5 * structure.mlp_size) * 4
+    tokens = batch_size * longest if pass_tokens is None else min(batch_size * longest, max(pass_tokens, longest))
+    needed = tokens * structure.num_layers * (10 * structure.hidden_size + 5 * structure.mlp_size) * 4
     if precision.device.type == "cuda":
         available = torch.cuda.mem_get_info(precision.device)[0]
     else:
@@ -245,11 +281,14 @@ def _choose_checkpointing(asked: bool | None, structure: ModelStructure, data: P
         available = available_memory()
     if available is None:
         return False, "default (available memory unknown)"
+    whole = tokens == batch_size * longest
+    what = f"a micro-batch of {batch_size} x {longest} tokens" if whole else f"a pass of {tokens:,} tokens ({batch_size} x {longest} a micro-batch)"
+    unit = "a micro-batch" if whole else "a pass"
     if needed > ACTIVATION_SHARE * available:
-        log.info("gradient checkpointing: on: a micro-batch of %d x %d tokens keeps ~%.1f GB of activations, %.1f GB are available "
-                 "(--gradient_checkpointing false keeps them)", batch_size, longest, needed / 2**30, available / 2**30)
-        return True, f"on: ~{needed / 2**30:.1f} GB of activations a micro-batch, {available / 2**30:.1f} GB available"
-    return False, f"off: ~{needed / 2**30:.1f} GB of activations a micro-batch, {available / 2**30:.1f} GB available"
+        log.info("gradient checkpointing: on: %s keeps ~%.1f GB of activations, %.1f GB are available "
+                 "(--gradient_checkpointing false keeps them)", what, needed / 2**30, available / 2**30)
+        return True, f"on: ~{needed / 2**30:.1f} GB of activations {unit}, {available / 2**30:.1f} GB available"
+    return False, f"off: ~{needed / 2**30:.1f} GB of activations {unit}, {available / 2**30:.1f} GB available"
 
 
 def _fsdp_mode(asked: str, method: Method, world: World) -> str | None:
@@ -477,6 +516,8 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
         off = "the model is sharded (--fsdp): it trains through its own forward" if plan.fsdp else \
             decide(tcfg.cpu_fast_path, plan.method.cpu_fast_path, plan.method.name, plan.precision.device)
         typical_tokens = tcfg.per_device_train_batch_size * statistics.median_low(data.train.lengths) if data.train.lengths else None
+        if typical_tokens is not None and plan.pass_tokens is not None:
+            typical_tokens = min(typical_tokens, plan.pass_tokens)
         with (FastPath.disabled(off) if off else FastPath.install(model, typical_tokens)) as fast_path:
             log.info("fast CPU path: %s", fast_path.describe())
             from slmops.evaluate.metrics import BEST_POSSIBLE, LOWER_IS_BETTER
@@ -484,7 +525,10 @@ def run_plan(plan: FinetunePlan, hooks: TrainingHooks | None = None) -> Finetune
             setup = TrainingSetup(plan.precision, plan.learning_rate, layout.checkpoints,
                                   Path(tcfg.logging_dir) if tcfg.logging_dir else layout.logs, plan.method.is_adapter, plan.identity,
                                   tcfg.metric_for_best_model in LOWER_IS_BETTER, BEST_POSSIBLE.get(tcfg.metric_for_best_model),
-                                  plan.custom_loss, world)
+                                  plan.custom_loss, world, pass_tokens=plan.pass_tokens)
+            if setup.pass_tokens:
+                log.info("passes: micro-batches over %s tokens train as passes of whole examples (activations kept under ~%d GB)",
+                         f"{setup.pass_tokens:,}", ACTIVATION_BUDGET >> 30)
             trainer = Trainer(model, TrainingData(data.train, data.eval, plan.tokenizer.pad_token_id), tcfg, setup, fast_path,
                               _generation_eval(plan), TrainingHooks(on_checkpoint=folder.commit).merged(hooks))
             if plan.resume_from is not None:

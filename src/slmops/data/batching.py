@@ -3,6 +3,8 @@ the same batches) and padding collation."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from slmops.data.tokenize import IGNORE, TokenizedData
@@ -56,3 +58,59 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int, padding_side: 
         else:
             batch[key] = torch.tensor([values[i] for i in indices])
     return batch
+
+
+def split_rows(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """A collated micro-batch cut between examples into consecutive pieces of at most
+    `max_tokens` real tokens each (an example longer than that alone), each piece trimmed of
+    the padding columns it no longer needs. Every tensor's rows are cut alike; the examples keep
+    their order. The pieces' summed losses and gradients are the batch's (a loss summed over
+    tokens), so a trainer can run them one after another to bound the activations it keeps.
+    A batch within the limit comes back as it is, the only piece."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    total = sum(lengths)
+    if total <= max_tokens or len(lengths) == 1:
+        return [batch]
+    target = total / math.ceil(total / max_tokens)  # pieces about even: 8 x 256 at 1,638 is 4 + 4 rows, not 6 + 2
+    pieces, start, tokens = [], 0, 0
+    for row, n in enumerate(lengths):
+        if row > start and (tokens + n > max_tokens or tokens + n / 2 > target):
+            pieces.append((start, row))
+            start, tokens = row, 0
+        tokens += n
+    pieces.append((start, len(lengths)))
+    return [_rows(batch, a, b) for a, b in pieces]
+
+
+def _rows(batch: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
+    piece = {key: value[start:end] for key, value in batch.items()}
+    used = piece["attention_mask"].any(0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else 0
+    # only trailing all-padding columns go: a left-padded piece keeps its width (its last column is real)
+    for key in ("input_ids", "attention_mask", "labels"):
+        piece[key] = piece[key][:, :width].contiguous()
+    return piece
+
+
+def last_tokens(batch: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch with each example cut to its last `limit` real tokens (an example
+    that would keep no labelled token stays whole), padded again to the longest: a batch as long
+    as a check needs, and no longer. Other batches (short already, left-padded) come back as they are."""
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1)
+    if mask.shape[1] <= limit or not torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None]):
+        return batch
+    padding = batch["input_ids"][~mask]
+    fill = {"input_ids": int(padding[0]) if len(padding) else 0, "attention_mask": 0, "labels": IGNORE}
+    spans = []
+    for row, n in enumerate(lengths.tolist()):
+        start = max(0, n - limit)
+        spans.append((start if bool((batch["labels"][row, start:n] != IGNORE).any()) else 0, n))
+    width = max(end - start for start, end in spans)
+    cut = dict(batch)
+    for key, value in fill.items():
+        rows = torch.full((len(spans), width), value, dtype=batch[key].dtype)
+        for row, (start, end) in enumerate(spans):
+            rows[row, : end - start] = batch[key][row, start:end]
+        cut[key] = rows
+    return cut

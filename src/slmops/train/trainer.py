@@ -17,7 +17,7 @@ import torch
 
 from slmops.config import TrainingConfig
 from slmops.config.finetune import interval
-from slmops.data.batching import collate, epoch_batches
+from slmops.data.batching import collate, epoch_batches, last_tokens, split_rows
 from slmops.data.tokenize import IGNORE, TokenizedData
 from slmops.logs import progress_bar, say
 from slmops.models.precision import Precision
@@ -29,6 +29,12 @@ from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain
 from slmops.train.monitor import MetricsLog, ResourceMeter, TrainingClock
 
 log = logging.getLogger("slmops")
+
+# The start-up checks run forwards and backwards of two examples (the fast path, the model's own
+# forward); on two whole tiny-codes documents (1,850 tokens) they took SmolLM2-135M's process to
+# 6.9 GB before the first step. Cut to their last 512 tokens, long examples still take the
+# long-sequence path (over SHORT_ATTENTION_MAX_LEN) the checks must see.
+PROBE_MAX_LEN = 512
 
 
 @dataclass
@@ -95,6 +101,7 @@ class TrainingSetup:
     custom_loss: object | None = None  # train.custom_loss.CustomLoss (--loss), else cross-entropy on the labelled tokens
     world: World = field(default_factory=World)  # the processes training together (train/distributed.py)
     tracking: object | None = None  # train.tracking.Tracking (--report_to), opened and finished by the recipe
+    pass_tokens: int | None = None  # micro-batches with more tokens train as passes of whole examples (_passes_of)
 
 
 @dataclass
@@ -220,9 +227,21 @@ class Trainer:
             return iter(DataLoader(rest, batch_size=None, shuffle=False, collate_fn=collate_fn, num_workers=self.cfg.dataloader_num_workers))
         return map(collate_fn, rest)
 
+    def _passes_of(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """A micro-batch as the forward/backward passes it runs in: one holding more tokens than
+        setup.pass_tokens (the recipe's bound on the activations a pass keeps, on the CPU fast
+        path) as consecutive pieces of whole examples, whose summed gradients are the
+        micro-batch's (the loss is a sum over tokens, normalised by the step's); with a custom
+        loss (a mean per micro-batch) or sharded it stays whole."""
+        if not self.setup.pass_tokens or self.setup.custom_loss is not None or self.sharded:
+            return [batch]
+        return split_rows(batch, self.setup.pass_tokens)
+
     def _probe_batch(self) -> dict[str, torch.Tensor]:
-        """The first two training examples: the batch the start-up checks run on."""
-        return self._to_device(collate(self.data.train, list(range(min(2, len(self.data.train)))), self.data.pad_id))
+        """The first two training examples, each cut to its last PROBE_MAX_LEN tokens: the batch
+        the start-up checks run on."""
+        probe = collate(self.data.train, list(range(min(2, len(self.data.train)))), self.data.pad_id)
+        return self._to_device(last_tokens(probe, PROBE_MAX_LEN))
 
     def prepare(self) -> None:
         """The start-up checks, on the first two training examples, before anything is written:
@@ -402,7 +421,7 @@ class Trainer:
                 # the loss is a sum over labelled tokens (normalised by them), or a custom loss's mean per micro-batch
                 step_norm = step_micro if self.setup.custom_loss is not None else step_tokens
                 step_loss = 0.0
-                passes = [(b, 1.0) for b in collated] + [(self._probe_batch(), 0.0)] * fillers
+                passes = [(piece, 1.0) for b in collated for piece in self._passes_of(b)] + [(self._probe_batch(), 0.0)] * fillers
                 for k, (batch, weight) in enumerate(passes):
                     batch = self._to_device(batch)
                     if self.sharded:  # reduce-scatter the gradients after the step's last backward only
