@@ -92,14 +92,20 @@ def _rows(batch: dict[str, torch.Tensor], start: int, end: int) -> dict[str, tor
     return piece
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Each row's real tokens first, then only padding (no left padding, no holes)."""
+    valid = attention_mask.bool()
+    return torch.equal(valid, torch.arange(valid.shape[1], device=valid.device)[None] < valid.sum(1, keepdim=True))
+
+
 def last_tokens(batch: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]:
     """A right-padded batch with each example cut to its last `limit` real tokens (an example
     that would keep no labelled token stays whole), padded again to the longest: a batch as long
     as a check needs, and no longer. Other batches (short already, left-padded) come back as they are."""
     mask = batch["attention_mask"].bool()
-    lengths = mask.sum(1)
-    if mask.shape[1] <= limit or not torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None]):
+    if mask.shape[1] <= limit or not right_padded(mask):
         return batch
+    lengths = mask.sum(1)
     padding = batch["input_ids"][~mask]
     fill = {"input_ids": int(padding[0]) if len(padding) else 0, "attention_mask": 0, "labels": IGNORE}
     spans = []

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmops.data.batching import right_padded
 from slmops.train.cpu import compat
 from slmops.train.cpu.kernels import Kernels
 from slmops.train.cpu.patches import Patches
@@ -342,8 +343,7 @@ class Packing:
             return None
         valid = attention_mask.bool()
         lengths = valid.sum(1, keepdim=True)
-        positions = torch.arange(valid.shape[1], device=valid.device)[None]
-        if not torch.equal(valid, positions < lengths) or int(lengths.min()) == 0:
+        if not right_padded(valid) or int(lengths.min()) == 0:
             return None  # left padding or holes: positions would differ from the padded forward's
         if only_if_it_pays and valid.shape[1] <= SHORT_ATTENTION_MAX_LEN and _rounded_rows(int(lengths.sum())) >= PACK_BELOW * valid.numel():
             return None  # short, and little padding to remove
