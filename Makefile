@@ -24,9 +24,10 @@ demo: setup
 
 # Two workers, one thread each (tests/conftest.py): much of a test is single-threaded
 # (imports, subprocess start-up, ONNX building), so two side by side use both cores. Whole
-# files per worker: a module's shared run of the real model is trained once.
+# files per worker: a module's shared run of the real model is trained once. The files go out in
+# the order tests/conftest.py gives them (longest first), not reordered by their number of tests.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup system-packages
 	$(PYTEST)

@@ -232,7 +232,7 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
         "precision": result.plan["precision"]["name"] + ("" if method == "lora" else f" ({method})"),
         "fast_loss": result.train.fast_loss,
         "peak_rss_mb": training_peak,
-        **({"profile": profiler.shares()} if profiler else {}),
+        **({"profile": profiler.shares(), "products": profiler.products} if profiler else {}),
     }
 
 
@@ -257,6 +257,7 @@ class StepProfiler:
         self.profile = None
         self.started = 0.0
         self.result: dict[str, float] | None = None
+        self.products: list[dict] = []  # the matrix products by shape, longest first (products_by_shape)
 
     def hooks(self):
         from slmops.train.trainer import TrainingHooks
@@ -267,13 +268,14 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         if step == self.first:
-            self.profile = profile(activities=[ProfilerActivity.CPU])
+            self.profile = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
             self.profile.start()
             self.started = time.perf_counter()
         elif step == self.last and self.profile is not None:
             wall = time.perf_counter() - self.started
             self.profile.stop()
             self.result = self._shares(self.profile.key_averages(), wall)
+            self.products = products_by_shape(self.profile.key_averages(group_by_input_shape=True), wall)
             self.profile = None
 
     @staticmethod
@@ -298,6 +300,29 @@ class StepProfiler:
         if self.result is None:
             raise RuntimeError(f"the run ended before step {self.last}: nothing was profiled")
         return self.result
+
+
+def products_by_shape(events, wall: float, most: int = 8) -> list[dict]:
+    """The matrix products of the profiled steps by operand shapes, longest first: each one's
+    share of the wall time and the rate it ran at. Set against the matmul peak the run measured,
+    the rates tell a step whose products are slow (shapes, cold caches) from one that is simply
+    made of products at the peak."""
+    rows = []
+    for event in events:
+        shapes = event.input_shapes
+        if event.key in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            a, b = shapes[-2:] if event.key == "aten::mm" else shapes[1:3]
+            flops = 2 * a[0] * a[1] * b[1] if len(a) == 2 and len(b) == 2 else 0
+        elif event.key == "aten::bmm" and len(shapes[0]) == 3:
+            a, b = shapes[0], shapes[1]
+            flops = 2 * a[0] * a[1] * a[2] * b[2]
+        else:
+            continue
+        seconds = event.self_cpu_time_total / 1e6
+        if flops and seconds:
+            rows.append({"op": event.key.removeprefix("aten::"), "shapes": f"{list(a)} x {list(b)}", "calls": event.count,
+                         "share": seconds / wall, "gflops": flops * event.count / seconds / 1e9})
+    return sorted(rows, key=lambda r: -r["share"])[:most]
 
 
 def _score_output(out: Path, model_dir: str, method: str, held_out: list[dict], work: Workload) -> float:
@@ -649,6 +674,7 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
             "peak_fraction": tps * flops_per_token / 1e9 / peak,
             "precision": runs[0].get("precision"),
             "profile": runs[0].get("profile"),
+            "products": runs[0].get("products", []),
         }
     print(f"\n== workload {name}: {work.kind}, batch {work.batch}, max length {work.max_len}, {steps} timed steps after {warmup}, "
           f"{args.rounds} round(s)")
@@ -666,6 +692,9 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
         if r["profile"]:
             print(f"{name}: where a {row} step's time goes (torch.profiler over the timed steps of round 1): "
                   + ", ".join(f"{group} {100 * share:.0f}%" for group, share in r["profile"].items()))
+            print(f"{name}: {row}'s longest matrix products: "
+                  + "; ".join(f"{p['op']} {p['shapes']} x{p['calls']} {100 * p['share']:.0f}% at {p['gflops']:.0f} GFLOP/s"
+                              for p in r["products"]))
     ours = ran.get("slmops")
     if ours:
         for peer in (*TRL_LORA_ROWS, "olive"):
@@ -691,7 +720,8 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone "
                         f"workload only) [default: {DEFAULT_ROWS}; on a CPU without fast bf16: {DEFAULT_ROWS_WITHOUT_BF16}]")
     parser.add_argument("--profile", action="store_true", help="slmops rows run their timed steps under torch.profiler and "
-                        "print where the time goes (the profiler's overhead slows them: time and profile in separate runs)")
+                        "print where the time goes, and their longest matrix products by shape with the rate each ran at (the "
+                        "profiler's overhead slows them: time and profile in separate runs)")
     parser.add_argument("--setup_olive", action="store_true", help=f"build Olive 0.13's virtualenv for the olive row ({OLIVE_VENV}) and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)

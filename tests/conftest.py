@@ -111,6 +111,12 @@ def builtin_model() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    # the long end-to-end tests first: with two workers (`make test`), a long one started last
-    # would run alone at the end
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest files first, then the other slow ones, then the rest in collection order:
+    with two workers (`make test`, whole files each, in this order: --no-loadscope-reorder), a
+    long file started last would run alone at the end. A long file says how long it takes in
+    SUITE_SECONDS (one worker's single thread on the 2-core machine; a rough weight, not a limit)."""
+    def order(item):
+        weight = getattr(getattr(item, "module", None), "SUITE_SECONDS", 0)
+        return -weight, item.get_closest_marker("slow") is None
+
+    items.sort(key=order)  # (stable: a file's tests keep their order)

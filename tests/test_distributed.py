@@ -17,6 +17,8 @@ import yaml
 
 from conftest import TONE
 
+SUITE_SECONDS = 290  # about, on one test worker (conftest: the longest files start first)
+
 RUN = ["--data_name", str(TONE), "--train_split", "train[:64]", "--text_template", "Phrase: {phrase}\nTone: {tone}",
        "--learning_rate", "1e-2", "--lora_dropout", "0", "--logging_steps", "1", "--report_to", "none", "--bf16", "false",
        "--max_seq_len", "64", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--log_level", "1",
@@ -136,6 +138,7 @@ def test_a_killed_rank_ends_the_run_with_a_clear_message(tiny_llama, tmp_path):
 BLOCKED_RANK = """
 import sys, time, torch.distributed as dist
 from slmops.train import distributed
+
 world = distributed.world()
 print("joined", flush=True)
 if world.rank == 0:

@@ -23,6 +23,7 @@ import pytest
 from conftest import ROOT, build_tiny_model
 
 pytestmark = pytest.mark.slow
+SUITE_SECONDS = 215  # about, on one test worker (conftest: the longest files start first)
 
 
 def use_section_blocks() -> list[tuple[str, str]]:

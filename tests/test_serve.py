@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model
 
+SUITE_SECONDS = 70  # about, on one test worker (conftest: the longest files start first)
+
 KEY = "test-key"
 PROMPT = "Phrase: what a lovely day\nTone:"
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_default_model]
+SUITE_SECONDS = 275  # about, on one test worker (conftest: the longest files start first)
 
 
 def test_demo_tuned_accuracy_beats_base(tmp_path, builtin_model):

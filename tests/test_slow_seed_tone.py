@@ -15,6 +15,7 @@ from conftest import ROOT
 from slow_helpers import HELD_OUT, LLAMA3_TONE, TONE, slmops
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_default_model]
+SUITE_SECONDS = 420  # about, on one test worker (conftest: the longest files start first)
 
 
 @pytest.fixture(scope="module")

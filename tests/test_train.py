@@ -18,6 +18,8 @@ from slmops.train.monitor import read_metrics
 
 from helpers import tiny_config
 
+SUITE_SECONDS = 65  # about, on one test worker (conftest: the longest files start first)
+
 
 def _batch(plan, n=4):
     return collate(plan.data.train, list(range(n)), plan.tokenizer.pad_token_id)

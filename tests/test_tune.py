@@ -21,6 +21,8 @@ from helpers import run_cli, tiny_config
 from conftest import TONE
 from postgres_server import postgres_server, why_unavailable
 
+SUITE_SECONDS = 175  # about, on one test worker (conftest: the longest files start first)
+
 
 SEED_SPACE = {  # the seed's search file, as written
     "learning_rate": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
