@@ -311,7 +311,7 @@ def products_by_shape(events, wall: float, most: int = 8) -> list[dict]:
     for event in events:
         shapes = event.input_shapes
         if event.key in ("aten::mm", "aten::addmm", "aten::addmm_"):
-            a, b = shapes[-2:] if event.key == "aten::mm" else shapes[1:3]
+            a, b = shapes[0:2] if event.key == "aten::mm" else shapes[1:3]  # (addmm: bias first)
             flops = 2 * a[0] * a[1] * b[1] if len(a) == 2 and len(b) == 2 else 0
         elif event.key == "aten::bmm" and len(shapes[0]) == 3:
             a, b = shapes[0], shapes[1]
