@@ -274,13 +274,15 @@ class StepProfiler:
         elif step == self.last and self.profile is not None:
             wall = time.perf_counter() - self.started
             self.profile.stop()
-            self.result = self._shares(self.profile.key_averages(), wall)
-            self.products = products_by_shape(self.profile.key_averages(group_by_input_shape=True), wall)
+            events = self.profile.key_averages(group_by_input_shape=True)  # (one aggregation serves both)
+            self.result = self._shares(events, wall)
+            self.products = products_by_shape(events, wall)
             self.profile = None
 
     @staticmethod
     def _shares(events, wall: float) -> dict[str, float]:
-        """Each group's share of the profiled steps' wall time."""
+        """Each group's share of the profiled steps' wall time (events may repeat an operator, one
+        per operand shapes: they add up)."""
         other = "other PyTorch operators (elementwise, norms, copies)"
         seconds = {group: 0.0 for group, _ in PROFILE_GROUPS} | {other: 0.0}
         others = {}
@@ -288,7 +290,7 @@ class StepProfiler:
             group = next((g for g, keys in PROFILE_GROUPS if any(k.lower() in event.key.lower() for k in keys)), other)
             seconds[group] += event.self_cpu_time_total / 1e6
             if group == other:
-                others[event.key] = event.self_cpu_time_total / 1e6
+                others[event.key] = others.get(event.key, 0.0) + event.self_cpu_time_total / 1e6
         seconds["outside PyTorch operators (fused C kernels, Python)"] = max(0.0, wall - sum(seconds.values()))
         shares = {group: value / wall for group, value in seconds.items()}
         # the largest of the "other" operators, by name: what the next kernel would fuse
@@ -311,7 +313,7 @@ def products_by_shape(events, wall: float, most: int = 8) -> list[dict]:
     for event in events:
         shapes = event.input_shapes
         if event.key in ("aten::mm", "aten::addmm", "aten::addmm_"):
-            a, b = shapes[0:2] if event.key == "aten::mm" else shapes[1:3]  # (addmm: bias first)
+            a, b = shapes[0:2] if event.key == "aten::mm" else shapes[1:3]  # (addmm: the added matrix first)
             flops = 2 * a[0] * a[1] * b[1] if len(a) == 2 and len(b) == 2 else 0
         elif event.key == "aten::bmm" and len(shapes[0]) == 3:
             a, b = shapes[0], shapes[1]
