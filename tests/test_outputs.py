@@ -88,6 +88,31 @@ def test_a_set_aside_left_by_a_killed_overwrite_is_put_back(tmp_path):
     assert not (layout.root / "logs").exists() and not (layout.root / SET_ASIDE).exists()
 
 
+def test_the_base_model_folder_is_never_written_through_the_outputs_model_folder(tiny_llama, tmp_path):
+    """The output's model/ shares the base's weight files (hard links) but never its small files:
+    the run saves its tokenizer there, and a write through a link would edit the base in place
+    (once: the shared built-in model cache, read by a concurrent export, truncated)."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config_file = base / "tokenizer_config.json"  # as a Hub file is: not byte-for-byte what transformers writes
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()), separators=(",", ":")))
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+
+    out = tmp_path / "o"
+    finetune(tiny_config(base, out, max_steps=2))
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+    model = out / "model"
+    assert (model / "model.safetensors").read_bytes() == before["model.safetensors"]
+    for name in before:
+        if not name.endswith(".safetensors"):
+            with open(model / name, "w") as handle:  # as a user's editor, or a later tool, would
+                handle.write("edited in the output")
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+
+
 def test_a_failed_start_in_a_new_folder_leaves_no_folder(tiny_llama, tmp_path, monkeypatch):
     import slmops.finetune_recipe as recipe
 

@@ -268,20 +268,31 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# Weight files are large and nothing rewrites them in place: hard-linking them makes the
+# output's model folder free. Every other file (config, tokenizer, chat template) is copied:
+# the run writes its own tokenizer there, and a write through a hard link would edit the base
+# model's file in place (the shared model cache of every other run included).
+LINKED_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
 def copy_model_folder(src: Path, dst: Path) -> None:
-    """Copy a Hugging Face folder's files, hard-linking where the filesystem allows (fast,
-    no extra disk). Symlinks (Hub cache) are followed."""
+    """Copy a Hugging Face folder's files into `dst`: weight files hard-linked where the
+    filesystem allows (fast, no extra disk), the small files copied so that writing them in
+    `dst` never changes `src`. Symlinks (Hub cache) are followed."""
     dst.mkdir(parents=True, exist_ok=True)
     for item in Path(src).iterdir():
         if not item.is_file() or item.name.startswith("."):
             continue
         target = dst / item.name
-        if target.exists():
+        if target.exists() or target.is_symlink():
             target.unlink()
-        try:
-            os.link(item.resolve(), target)
-        except OSError:
-            shutil.copy2(item, target)
+        if item.name.endswith(LINKED_WEIGHT_SUFFIXES):
+            try:
+                os.link(item.resolve(), target)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(item, target)
 
 
 def free_mb(path: Path) -> float:
