@@ -94,6 +94,15 @@ def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
 
 
+@pytest.fixture(scope="session")
+def qlora_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny Llama whose layers' input widths (64, 128) are whole 4-bit blocks (bitsandbytes'
+    64): bitsandbytes 0.50.2's AVX-512 CPU kernel decodes a row that ends inside a block with the
+    wrong scales (tests/test_cpu_quantized.py), so QLoRA tests that compare against bitsandbytes'
+    own forward use this shape, as every real model's is."""
+    return build_tiny_model("llama", tokenizer_dir, tmp_path_factory.mktemp("qlora-llama") / "llama", hidden_size=64)
+
+
 @pytest.fixture()
 def tone_data() -> Path:
     return TONE

@@ -56,8 +56,10 @@ def test_the_tied_embedding_gets_the_model_own_gradient(tiny_models, tmp_path, m
     for key in own:
         # against the path without the rows: only the tied weight's sums change order (fp32 rounding)
         torch.testing.assert_close(rows[key], dense[key], rtol=1e-6, atol=1e-8 * float(dense[key].abs().max()))
-        # against the model's own forward: the rest of the path's fp32 sums too (as test_fast_lora's full test)
-        torch.testing.assert_close(rows[key], own[key], rtol=1e-4, atol=5e-6)
+        # against the model's own forward: the rest of the path's fp32 sums too (as test_fast_lora's full test);
+        # the tied weight's gradient reaches ~8 over two micro-batches, and its rounding scales with it
+        # (1.6e-5 on an AVX-512 Xeon, whose matrix products sum in another order than AVX2's)
+        torch.testing.assert_close(rows[key], own[key], rtol=1e-4, atol=max(5e-6, 4e-6 * float(own[key].abs().max())))
     # the embedding's rows matter: without them the tied weight's gradient is the head's alone
     assert (rows[name] - dense[name]).abs().max() < 1e-3 * (own[name] - head).abs().max()
     # removed: the class's forward and no hook on the weight; the model's own gradient again

@@ -66,13 +66,13 @@ def test_same_loss_and_gradients_as_peft_without_dropout(tiny_models, tmp_path, 
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_gradients(tiny_llama, tmp_path, monkeypatch, bf16):
+def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_gradients(qlora_llama, tmp_path, monkeypatch, bf16):
     """QLoRA: the adapters on bitsandbytes' 4-bit layers run through the path (the base as the 4-bit
     layer, the LoRA term in the compute dtype, on AMX where bf16 and the CPU has it) and give
     PEFT's loss and gradients (PEFT computes the LoRA term in fp32: bf16 tolerance)."""
     from peft.tuners.lora.bnb import Linear4bit
 
-    plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16))
+    plan = plan_finetune(tiny_config(qlora_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16))
     model = trained_a_little(plan).train()
     batch = _batch(plan)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
