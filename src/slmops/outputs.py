@@ -284,8 +284,7 @@ def copy_model_folder(src: Path, dst: Path) -> None:
         if not item.is_file() or item.name.startswith("."):
             continue
         target = dst / item.name
-        if target.exists() or target.is_symlink():
-            target.unlink()
+        _remove(target)  # (a link left by an earlier version: replaced, never written through)
         if item.name.endswith(LINKED_WEIGHT_SUFFIXES):
             try:
                 os.link(item.resolve(), target)
