@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 
 
 def cpu_name() -> str:
+    """The CPU's model name, and the oneDNN ISA cap where one is set (it changes which instructions
+    every row runs: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on an AMX Xeon runs as without tiles)."""
+    name = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return f"{name}, ISA capped by ONEDNN_MAX_CPU_ISA={cap}" if cap else name
 
 
 def median_seconds(run, repeats: int = 8, warmup: int = 2) -> float:

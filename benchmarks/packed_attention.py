@@ -8,8 +8,9 @@ the CPU has them, else on AVX512-BF16 dot products; fp32 (packed_attention_f32.c
 CPU with neither, against SDPA in fp32.
 
     python benchmarks/packed_attention.py      # ~1 minute on 2 cores
-    # the AVX512-BF16 products on an AMX CPU, against SDPA with oneDNN held to the same ISA (as on an AMD EPYC):
-    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/packed_attention.py --no_tiles
+    # the AVX512-BF16 products on an AMX CPU, against SDPA with oneDNN held to the same ISA (as on an AMD EPYC;
+    # slmops' tile kernels follow oneDNN's cap):
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/packed_attention.py
     python benchmarks/packed_attention.py --dtype fp32   # the fp32 kernel, on any CPU with AVX2
     # (training uses the fp32 kernel where the CPU has no AVX-512; this is how to compare it on one that has)
 
@@ -47,7 +48,6 @@ def sdpa_per_sequence(q, k, v, lengths, scale):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no_tiles", action="store_true", help="the AVX512-BF16 products even where the CPU has AMX tiles")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where the CPU has its kernel (AMX or AVX512-BF16), else fp32")
     args = parser.parse_args()
@@ -62,7 +62,6 @@ def main() -> None:
         raise SystemExit(f"this CPU (or build) has no {'bf16 (AMX or AVX512-BF16)' if use_bf16 else 'fp32 (AVX2 + FMA)'} "
                          "packed attention kernel: nothing to compare")
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    kernels.amx = kernels.amx and not args.no_tiles
     where = ("AMX tiles" if kernels.amx else "AVX512-BF16") if use_bf16 else "AVX2 + FMA"
     print(f"cpu: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {dtype}, the kernel on "
           f"{where}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}")

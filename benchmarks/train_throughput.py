@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -686,8 +687,10 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
         if "failed" in r:
             print(f"{row:16s} {'-':>9s} {'-':>10s} {'-':>11s}  {r['failed']}")
             continue
+        held_out = (f"{r['eval_loss']:7.4f} [{r['eval_range'][0]:.3f}-{r['eval_range'][1]:.3f}]" if not math.isnan(r["eval_loss"])
+                    else f"{'not scored (--profile)':>22s}")
         print(f"{row:16s} {r['tokens_per_s']:9.0f} {r['step_median_s']:10.3f} {r['peak_rss_mb']:11.0f} "
-              f"{r['eval_loss']:7.4f} [{r['eval_range'][0]:.3f}-{r['eval_range'][1]:.3f}] {r['loss_last']:10.4f} "
+              f"{held_out} {r['loss_last']:10.4f} "
               f"{100 * r['peak_fraction']:10.1f}%  {r['precision']}")
     ran = {row: r for row, r in table.items() if "failed" not in r}
     for row, r in ran.items():

@@ -361,6 +361,43 @@ def _cpu_has_amx() -> bool:
         return False
 
 
+@pytest.mark.parametrize("cap,admits", [(None, True), ("ALL", True), ("avx512_core_amx", True), ("AVX10_1_512_AMX", True),
+                                        ("AVX512_CORE_BF16", False), ("AVX2", False)])
+def test_the_tile_kernels_follow_onednns_isa_cap(monkeypatch, cap, admits):
+    """ONEDNN_MAX_CPU_ISA below AMX turns the fast path's own tile kernels off too (one variable runs a
+    training as on a CPU without tiles); unset, or at a level with AMX, they run where the CPU has them."""
+    built = cpu_kernels.get()
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert cpu_kernels.Kernels(built.lib).amx is (admits and bool(built.lib.amx_available()))
+    assert not built.lib.amx_available() or _cpu_has_amx()
+
+
+@pytest.mark.parametrize("cap,admitted", [(None, True), ("AVX512_CORE_BF16", True), ("AVX512_CORE", False), ("AVX2", False)])
+def test_bf16_is_chosen_only_where_onednns_isa_cap_lets_it_be_fast(monkeypatch, cap, admitted):
+    """Capped below AVX512-BF16, oneDNN computes bf16 products without bf16 instructions (Zen 3 measured
+    1.2 GFLOP/s against fp32's 100): a run left to choose trains in fp32 there, as on a CPU without them."""
+    from slmops.models import precision
+
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    with open("/proc/cpuinfo") as cpuinfo:
+        has_bf16 = " avx512_bf16" in cpuinfo.read()
+    precision.cpu_has_fast_bf16.cache_clear()
+    try:
+        chosen = precision.choose_precision(None, False, "auto", True, torch.device("cpu"))
+        assert precision.cpu_has_fast_bf16() is (admitted and has_bf16)
+        assert chosen.weights == (torch.bfloat16 if admitted and has_bf16 else torch.float32), chosen.reason
+    finally:
+        precision.cpu_has_fast_bf16.cache_clear()
+
+
 # (m, k, n): the LoRA shapes (rank 16 and three stacked: 48), and tails of every kind: rows under a
 # tile (16), columns under a panel pair (32), an inner size that is not a multiple of 32.
 AMX_SHAPES = [(384, 576, 48), (400, 48, 960), (48, 390, 576), (37, 16, 100), (5, 34, 7), (16, 2, 3)]

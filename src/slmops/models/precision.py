@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
@@ -9,16 +10,34 @@ from functools import lru_cache
 import torch
 
 
+# oneDNN's ISA levels (ONEDNN_MAX_CPU_ISA) at which its bf16 products use AVX512-BF16 dot
+# products; the levels with tiles have AMX in their names.
+_ONEDNN_BF16_LEVELS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512"}
+
+
+def onednn_admits(feature: str) -> bool:
+    """Whether oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), where set,
+    admits `feature`: "amx" (the tiles) or "avx512_bf16". PyTorch's CPU matmuls run under that cap,
+    so the precision choice and the fast path's own tile kernels follow it too: one variable runs a
+    whole training as on a CPU without them (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on an AMX Xeon)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    if cap in ("ALL", "DEFAULT") or "AMX" in cap:
+        return True
+    return feature == "avx512_bf16" and cap in _ONEDNN_BF16_LEVELS
+
+
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 on x86 Linux (bf16 matmuls run several times faster than fp32)."""
+    """AMX or AVX512-BF16 on x86 Linux (bf16 matmuls run several times faster than fp32), where
+    oneDNN's ISA cap admits them."""
     if platform.system() == "Linux":
         try:
             with open("/proc/cpuinfo") as handle:
                 for line in handle:
                     if line.startswith("flags"):
                         flags = set(line.split(":", 1)[1].split())
-                        return bool(flags & {"amx_bf16", "avx512_bf16"})
+                        return ("amx_bf16" in flags and onednn_admits("amx")) or \
+                            ("avx512_bf16" in flags and onednn_admits("avx512_bf16"))
         except OSError:
             pass
     return False

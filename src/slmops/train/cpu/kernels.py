@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 
+from slmops.models.precision import onednn_admits
+
 log = logging.getLogger("slmops")
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -212,8 +214,9 @@ class Kernels:
         for suffix in _SUFFIX.values():
             getattr(lib, f"transpose_{suffix}").argtypes = [p, i64, i64, p]
             getattr(lib, f"transpose_{suffix}").restype = None
-        # AMX tiles: built with them (-march=native on a CPU that has them) and granted by the kernel
-        self.amx = bool(lib.amx_available())
+        # AMX tiles: built with them (-march=native on a CPU that has them), granted by the kernel, and
+        # admitted by the ISA cap PyTorch's own matmuls run under (precision.onednn_admits)
+        self.amx = bool(lib.amx_available()) and onednn_admits("amx")
         # the packed attention: on the tiles where there are, else on AVX512-BF16 dot products (built with them)
         self.packed_attention = bool(lib.fa_available())
         # and in fp32 on AVX2 + FMA (packed_attention_f32.c): CPUs without fast bf16 train in fp32. Built on
