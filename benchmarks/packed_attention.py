@@ -22,7 +22,6 @@ alternating; and the largest difference between the two outputs.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,7 @@ def main() -> None:
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     where = ("AMX tiles" if kernels.amx else "AVX512-BF16") if use_bf16 else "AVX2 + FMA"
     print(f"cpu: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {dtype}, the kernel on "
-          f"{where}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}")
+          f"{where}")
     print(f"{'shape':>8} {'SDPA ms':>8} {'GFLOP/s':>8} {'ours ms':>9} {'GFLOP/s':>8} {'ratio (twice)':>14} {'max diff':>9}")
     torch.manual_seed(0)
     for name, (lengths, heads, kv_heads, dim) in SHAPES.items():
