@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import time
+
+from slmops.models.precision import onednn_isa_cap
 
 
 def cpu_name() -> str:
@@ -18,7 +19,7 @@ def cpu_name() -> str:
                 break
     except OSError:
         pass
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    cap = onednn_isa_cap()
     return f"{name}, ISA capped by ONEDNN_MAX_CPU_ISA={cap}" if cap else name
 
 

@@ -361,18 +361,27 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-@pytest.mark.parametrize("cap,admits", [(None, True), ("ALL", True), ("avx512_core_amx", True), ("AVX10_1_512_AMX", True),
-                                        ("AVX512_CORE_BF16", False), ("AVX2", False)])
-def test_the_tile_kernels_follow_onednns_isa_cap(monkeypatch, cap, admits):
-    """ONEDNN_MAX_CPU_ISA below AMX turns the fast path's own tile kernels off too (one variable runs a
-    training as on a CPU without tiles); unset, or at a level with AMX, they run where the CPU has them."""
-    built = cpu_kernels.get()
+def _cap_isa(monkeypatch, cap: str | None) -> None:
+    """ONEDNN_MAX_CPU_ISA set to `cap` (None: unset), its older name unset."""
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    assert cpu_kernels.Kernels(built.lib).amx is (admits and bool(built.lib.amx_available()))
+
+
+@pytest.mark.parametrize("cap,tiles,bf16_dots", [(None, True, True), ("ALL", True, True), ("avx512_core_amx", True, True),
+                                                 ("AVX10_1_512_AMX", True, True), ("AVX512_CORE_BF16", False, True),
+                                                 ("AVX2", False, False)])
+def test_the_tile_kernels_follow_onednns_isa_cap(monkeypatch, cap, tiles, bf16_dots):
+    """ONEDNN_MAX_CPU_ISA below AMX turns the fast path's own tile kernels off too (one variable runs a
+    training as on a CPU without tiles), below AVX512-BF16 its bf16 attention kernel as well; unset, or
+    at a level with AMX, they run where the CPU has them."""
+    built = cpu_kernels.get()
+    _cap_isa(monkeypatch, cap)
+    capped = cpu_kernels.Kernels(built.lib)
+    assert capped.amx is (tiles and bool(built.lib.amx_available()))
+    assert capped.packed_attention is (bf16_dots and bool(built.lib.fa_available()))
     assert not built.lib.amx_available() or _cpu_has_amx()
 
 
@@ -382,13 +391,8 @@ def test_bf16_is_chosen_only_where_onednns_isa_cap_lets_it_be_fast(monkeypatch, 
     1.2 GFLOP/s against fp32's 100): a run left to choose trains in fp32 there, as on a CPU without them."""
     from slmops.models import precision
 
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    if cap is None:
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    else:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    with open("/proc/cpuinfo") as cpuinfo:
-        has_bf16 = " avx512_bf16" in cpuinfo.read()
+    _cap_isa(monkeypatch, cap)
+    has_bf16 = "avx512_bf16" in cpu_kernels.cpu_features().split()
     precision.cpu_has_fast_bf16.cache_clear()
     try:
         chosen = precision.choose_precision(None, False, "auto", True, torch.device("cpu"))

@@ -15,13 +15,20 @@ import torch
 _ONEDNN_BF16_LEVELS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512"}
 
 
+def onednn_isa_cap() -> str | None:
+    """oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), upper-case; None
+    where none is set (or it is ALL / DEFAULT)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return None if cap in ("", "ALL", "DEFAULT") else cap
+
+
 def onednn_admits(feature: str) -> bool:
-    """Whether oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), where set,
-    admits `feature`: "amx" (the tiles) or "avx512_bf16". PyTorch's CPU matmuls run under that cap,
-    so the precision choice and the fast path's own tile kernels follow it too: one variable runs a
-    whole training as on a CPU without them (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on an AMX Xeon)."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
-    if cap in ("ALL", "DEFAULT") or "AMX" in cap:
+    """Whether oneDNN's ISA cap admits `feature`: "amx" (the tiles) or "avx512_bf16". PyTorch's CPU
+    matmuls run under that cap, so the precision choice and the fast path's own kernels follow it
+    too: one variable runs a whole training as on a CPU without them
+    (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on an AMX Xeon)."""
+    cap = onednn_isa_cap()
+    if cap is None or "AMX" in cap:
         return True
     return feature == "avx512_bf16" and cap in _ONEDNN_BF16_LEVELS
 

@@ -217,8 +217,9 @@ class Kernels:
         # AMX tiles: built with them (-march=native on a CPU that has them), granted by the kernel, and
         # admitted by the ISA cap PyTorch's own matmuls run under (precision.onednn_admits)
         self.amx = bool(lib.amx_available()) and onednn_admits("amx")
-        # the packed attention: on the tiles where there are, else on AVX512-BF16 dot products (built with them)
-        self.packed_attention = bool(lib.fa_available())
+        # the packed attention: on the tiles where there are, else on AVX512-BF16 dot products (built with
+        # them, and admitted by the ISA cap)
+        self.packed_attention = bool(lib.fa_available()) and onednn_admits("avx512_bf16")
         # and in fp32 on AVX2 + FMA (packed_attention_f32.c): CPUs without fast bf16 train in fp32. Built on
         # every CPU with AVX2 + FMA (the tests run it wherever it builds); used where the CPU has no AVX-512,
         # where it was measured against SDPA (Zen 3: 1.6-2.4x). With AVX-512, SDPA's fp32 kernel runs 16
