@@ -114,6 +114,66 @@ def test_a_form_it_does_not_take_keeps_bitsandbytes_forward(kernels, monkeypatch
         kernels.dequantize_4bit(four_bit.packed, four_bit.absmax, four_bit.code, 64, (16, 32), torch.float16)
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_frozen_4bit_mlp_runs_as_one_node_on_the_dequantized_weights(kernels, compute):
+    """QLoRA with no adapter on the MLP: the three 4-bit projections and the SwiGLU between them
+    run as one autograd node, each weight dequantized in C for its product (forward 3, backward 3)
+    and nothing but gate(x) and up(x) kept for the backward; output and input gradient as the
+    float64 MLP on the same dequantized weights (to the compute dtype's precision) and as
+    bitsandbytes' own layers give them. Before, matches() found no floating weight to probe with
+    and such an MLP ran as seven autograd nodes."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from slmops.train.cpu import mlp as fast_mlp
+    from slmops.train.cpu import quantized
+    from slmops.train.cpu.patches import Patches
+
+    torch.manual_seed(4)
+    module = LlamaMLP(LlamaConfig(hidden_size=128, intermediate_size=256, hidden_act="silu"))
+    for name in fast_mlp.PROJECTIONS:  # rows of whole 64-blocks (bitsandbytes' AVX-512 kernel: see above)
+        plain = getattr(module, name)
+        layer = bnb.nn.Linear4bit(plain.in_features, plain.out_features, bias=False, compute_dtype=compute, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(plain.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+        setattr(module, name, layer.to("cpu"))
+    x = torch.randn(2, 7, 128).to(compute)
+    grad = torch.randn(2, 7, 128).to(compute)
+
+    def run():
+        x_in = x.clone().requires_grad_()
+        out = module(x_in)
+        out.backward(grad)
+        return out.detach(), x_in.grad, out.grad_fn
+
+    own_out, own_dx, own_node = run()
+    patches = Patches()
+    four_bit = {}
+    for name in fast_mlp.PROJECTIONS:
+        layer = getattr(module, name)
+        four_bit[layer] = FourBitWeight.of(layer, kernels)
+        quantized.install(patches, four_bit[layer], lambda: True)
+    assert fast_mlp.matches(module), "probed in the compute dtype: the projections hold no floating weight"
+    fast_mlp.install(patches, module, lambda: True, kernels, four_bit)
+    calls = []
+    own = cpu_kernels.Kernels.dequantize_4bit
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(cpu_kernels.Kernels, "dequantize_4bit", lambda self, *a: calls.append(1) or own(self, *a))
+        out, dx, node = run()
+    patches.undo()
+    assert type(node).__name__ == "FrozenFourBitMLPFunctionBackward" and type(own_node).__name__ != type(node).__name__
+    assert len(calls) == 6 and out.dtype == dx.dtype == compute
+
+    weights = [four_bit[getattr(module, name)].dequantize(torch.float32).double() for name in fast_mlp.PROJECTIONS]
+    x64 = x.double().requires_grad_()
+    want = torch.nn.functional.linear(torch.nn.functional.silu(x64 @ weights[0].T) * (x64 @ weights[1].T), weights[2])
+    want.backward(grad.double())
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if compute == torch.float32 else {"rtol": 4e-2, "atol": 4e-2}
+    torch.testing.assert_close(out.double(), want.detach(), **tolerance)
+    torch.testing.assert_close(dx.double(), x64.grad, **tolerance)
+    torch.testing.assert_close(out, own_out, **tolerance)
+    torch.testing.assert_close(dx, own_dx, **tolerance)
+
+
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_qlora_training_takes_the_c_dequantization(qlora_llama, tmp_path, monkeypatch, bf16, targets):
@@ -135,6 +195,7 @@ def test_qlora_training_takes_the_c_dequantization(qlora_llama, tmp_path, monkey
         assert {id(g.bases[0]) for g in adapted} <= {id(m) for m in four_bit_layers}
         assert path.four_bit_layers == 14 and all("forward" in vars(m) for m in four_bit_layers), "adapted or frozen alike"
         assert "14 4-bit base weights dequantized in C" in path.describe()
+        assert len(path.mlps) == 2, "both layers' MLPs on the fused SwiGLU, adapted or all 4-bit"
         calls = []
         own = cpu_kernels.Kernels.dequantize_4bit
         monkeypatch.setattr(cpu_kernels.Kernels, "dequantize_4bit", lambda self, *a: calls.append(1) or own(self, *a))

@@ -9,7 +9,9 @@ bf16 precision (PyTorch rounds silu's output before the multiply, the kernel doe
 
 When the three projections are plain frozen linears (LoRA without adapters on the MLP),
 the whole MLP runs as one autograd node (FrozenMLPFunction): input gradient only, the
-gate and up paths' gradients summed in place.
+gate and up paths' gradients summed in place. QLoRA's frozen 4-bit projections do the same
+(FrozenFourBitMLPFunction): each weight dequantized by the C kernel where its product needs it,
+in the forward and again in the backward, so nothing but the 4-bit weights stays between them.
 
 A module is taken over only when it has gate/up/down projections and its own forward gives
 exactly down(silu(gate(x)) * up(x)) on a random input (`matches`), so MLPs with another
@@ -24,6 +26,7 @@ from torch import nn
 
 from slmops.train.cpu.kernels import Kernels, PackedWeight
 from slmops.train.cpu.patches import Patches
+from slmops.train.cpu.quantized import FourBitWeight
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -72,6 +75,45 @@ class FrozenMLPFunction(torch.autograd.Function):
         return dx.view(ctx.shape).to(ctx.x_dtype), None, None, None, None, None
 
 
+class FrozenFourBitMLPFunction(torch.autograd.Function):
+    """FrozenMLPFunction over bitsandbytes 4-bit projections (QLoRA without adapters on the MLP):
+    the products in the layers' compute dtype, as Linear4bit computes them (its input cast to it,
+    the output back to the input's dtype), each weight dequantized just before its product and
+    dropped after it, in the backward to the weight's own dtype first, as bitsandbytes' backward
+    does (FourBitWeight). Without it such an MLP ran as three 4-bit layers with silu and the
+    multiplies between them as separate autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate_w: FourBitWeight, up_w: FourBitWeight, down_w: FourBitWeight, kernels: Kernels):
+        dtype = gate_w.compute_dtype
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        gate, up = F.linear(rows, gate_w.dequantize(dtype)), F.linear(rows, up_w.dequantize(dtype))
+        out = F.linear(kernels.swiglu_forward(gate, up), down_w.dequantize(dtype))
+        ctx.weights, ctx.kernels, ctx.shape, ctx.x_dtype = (gate_w, up_w, down_w), kernels, x.shape, x.dtype
+        ctx.save_for_backward(gate, up)
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        gate_w, up_w, down_w = ctx.weights
+        rows = grad.reshape(-1, grad.shape[-1]).to(gate.dtype).contiguous()
+        d_gate, d_up = ctx.kernels.swiglu_backward(rows @ down_w.backward_matrix(gate.dtype), gate, up)
+        dx = (d_gate @ gate_w.backward_matrix(gate.dtype)).addmm_(d_up, up_w.backward_matrix(gate.dtype))
+        return dx.view(ctx.shape).to(ctx.x_dtype), None, None, None, None
+
+
+def _four_bit_weights(module: nn.Module, four_bit: dict[nn.Module, FourBitWeight]) -> tuple[FourBitWeight, ...] | None:
+    """(gate, up, down) as the C dequantization's 4-bit weights when the three projections are
+    bias-free bitsandbytes 4-bit layers it took (QLoRA with no adapter on the MLP), still holding
+    the weights it read, all of one compute dtype; else None."""
+    parts = [getattr(module, name) for name in PROJECTIONS]
+    weights = tuple(four_bit.get(p) for p in parts)
+    if any(w is None or p.bias is not None or not w.current() for p, w in zip(parts, weights)):
+        return None
+    return weights if len({w.compute_dtype for w in weights}) == 1 else None
+
+
 def _frozen_weights(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """(gate, up, down) weights when the three projections are plain bias-free nn.Linear with
     frozen weights of one dtype (LoRA with no adapter on the MLP); else None. (Under autocast the
@@ -96,10 +138,13 @@ def matches(module: nn.Module) -> bool:
     if not all(isinstance(p, nn.Module) for p in parts) or not hasattr(module, "act_fn"):
         return False
     weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    any_weight = next(module.parameters(), None)
     hidden = getattr(parts[0], "in_features", None)
-    if weight is None or not isinstance(hidden, int):
+    if any_weight is None or not isinstance(hidden, int):
         return False
-    probe = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    # all-quantized projections (QLoRA's 4-bit MLP: uint8 storage) are probed in their compute dtype
+    dtype = weight.dtype if weight is not None else getattr(parts[0], "compute_dtype", None) or torch.float32
+    probe = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(any_weight.device, dtype)
     gate_proj, up_proj, down_proj = parts
     was_training = module.training
     module.eval()  # no LoRA dropout in the probe: it would differ between the two and use the RNG
@@ -113,15 +158,21 @@ def matches(module: nn.Module) -> bool:
     return expected.shape == ours.shape and torch.equal(expected, ours)
 
 
-def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels) -> None:
-    """Route `module`'s forward through the fused SwiGLU while `is_enabled()`."""
+def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels,
+            four_bit: dict[nn.Module, FourBitWeight] | None = None) -> None:
+    """Route `module`'s forward through the fused SwiGLU while `is_enabled()`. `four_bit`: the
+    4-bit layers the fast path dequantizes in C (quantized.py), by layer."""
 
     def forward(self, own_forward, x, *args, **kwargs):
         if args or kwargs or not is_enabled():
             return own_forward(x, *args, **kwargs)
+        autocast = torch.is_autocast_enabled(x.device.type)
         weights = _frozen_weights(self)
-        if weights is not None and kernels.supports(*weights) and not torch.is_autocast_enabled(x.device.type):
+        if weights is not None and kernels.supports(*weights) and not autocast:
             return FrozenMLPFunction.apply(x, *weights, kernels, getattr(self, "_slmops_packed", None))
+        quantized = _four_bit_weights(self, four_bit) if four_bit and not autocast else None
+        if quantized is not None and quantized[0].compute_dtype in (torch.float32, torch.bfloat16):
+            return FrozenFourBitMLPFunction.apply(x, *quantized, kernels)
         rows = x.reshape(-1, x.shape[-1])  # 2-D: the three linears run as plain products (no reshapes around each)
         out = self.down_proj(swiglu(self.gate_proj(rows), self.up_proj(rows), kernels))
         return out.view(*x.shape[:-1], out.shape[-1])

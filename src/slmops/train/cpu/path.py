@@ -144,17 +144,19 @@ class FastPath:
                 self.groups.append(LinearGroup(patches, [module], type(module), False, self))
         # QLoRA's 4-bit layers, under an adapter or frozen alone: their products on the C dequantization
         four_bit_type = compat.four_bit_linear_type()
+        four_bit = {}
         for module in model.modules():
             weight = quantized_module.FourBitWeight.of(module, self.kernels) if type(module) is four_bit_type else None
             if weight is not None:
                 quantized_module.install(patches, weight, lambda: self.enabled)
-                self.four_bit_layers += 1
+                four_bit[module] = weight
+        self.four_bit_layers = len(four_bit)
         for module in model.modules():
             if norm.matches(module):
                 norm.install(patches, module, lambda: self.enabled, self.kernels)
                 self.norms.append(module)
             elif self.kernels is not None and mlp.matches(module):
-                mlp.install(patches, module, lambda: self.enabled, self.kernels)
+                mlp.install(patches, module, lambda: self.enabled, self.kernels, four_bit)
                 self.mlps.append(module)
         tied = embedding.tied_trainable_embedding(model)
         if tied is not None:

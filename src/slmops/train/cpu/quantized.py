@@ -51,6 +51,11 @@ class FourBitWeight:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.kernels.dequantize_4bit(self.packed, self.absmax, self.code, self.blocksize, self.shape, dtype)
 
+    def backward_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight an input gradient of `dtype` is multiplied by: dequantized to the weight's own
+        dtype, then the gradient's, as bitsandbytes' MatMul4Bit does."""
+        return self.dequantize(self.dtype).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output for `x`, as Linear4bit.forward computes it (input cast to the
         compute dtype, bias too, the output back to the input's dtype)."""
@@ -70,8 +75,8 @@ class FourBitLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         weight = ctx.weight
         grad_x = None
-        if ctx.needs_input_grad[0]:  # bitsandbytes' MatMul4Bit: dequantized to the weight's dtype, then the grad's
-            grad_x = grad @ weight.dequantize(weight.dtype).to(grad.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight.backward_matrix(grad.dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
 
