@@ -174,6 +174,63 @@ def test_a_frozen_4bit_mlp_runs_as_one_node_on_the_dequantized_weights(kernels, 
     torch.testing.assert_close(dx, own_dx, **tolerance)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_4bit_qkv_group_is_as_exact_as_pefts_layers(qlora_llama, tmp_path, bf16):
+    """QLoRA's q, k and v as one group: their three 4-bit weights dequantized into one matrix for
+    one product (forward, and again for the input gradient), the LoRA terms alongside. Measured
+    against float64 arithmetic on the same dequantized weights and adapters: the outputs and the
+    input's gradient at least as exact as PEFT's three layers over bitsandbytes' (in bf16 the group
+    rounds the input gradient once where autograd adds three bf16 ones: closer to exact, and so
+    further from PEFT's own result than the per-layer path was), the adapters' gradients to the
+    compute dtype's precision (PEFT computes its LoRA terms in fp32)."""
+    plan = plan_finetune(tiny_config(qlora_llama, tmp_path / "q", method="qlora", lora_dropout=0.0, bf16=bf16,
+                                     target_modules="all-linear"))
+    model = trained_a_little(plan).eval()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for layer in model.get_decoder().layers:
+        attention = layer.self_attn
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        x = torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+        grads = [torch.randn(4, 9, m.base_layer.out_features, generator=torch.Generator().manual_seed(6 + i)).to(dtype)
+                 for i, m in enumerate(projections)]
+
+        def run():
+            x_in = x.clone().requires_grad_()
+            outs = [m(x_in) for m in projections]
+            torch.autograd.backward(outs, grads)
+            result = [o.detach() for o in outs] + [x_in.grad] + [p.grad for m in projections
+                                                                  for p in (m.lora_A.default.weight, m.lora_B.default.weight)]
+            model.zero_grad(set_to_none=True)
+            assert all(r.dtype == want for r, want in zip(result, [dtype] * 4 + [torch.float32] * 6))
+            return [r.double() for r in result], outs[0].grad_fn
+
+        x64 = x.double().requires_grad_()
+        adapters, outs = [], []
+        for m in projections:
+            weight = FourBitWeight.of(m.base_layer, cpu_kernels.get()).dequantize(torch.float32).double()
+            a, b = (p.detach().double().requires_grad_() for p in (m.lora_A.default.weight, m.lora_B.default.weight))
+            adapters += [a, b]
+            outs.append(x64 @ weight.T + m.scaling["default"] * (x64 @ a.T) @ b.T)
+        torch.autograd.backward(outs, [g.double() for g in grads])
+        exact = [o.detach() for o in outs] + [x64.grad] + [p.grad for p in adapters]
+
+        peft, peft_node = run()
+        with FastPath.install(model) as path:
+            group = next(g for g in path.groups if g.members == projections)
+            assert group.four_bit is not None and len(group.four_bit.members) == 3
+            ours, node = run()
+        assert "LinearGroupFunction" in type(node).__name__ and "LinearGroupFunction" not in type(peft_node).__name__
+
+        def error(got, want):
+            return float((got - want).norm() / want.norm())
+
+        for index, (mine, theirs, want) in enumerate(zip(ours, peft, exact)):
+            if index < 4:  # q, k, v, the input's gradient
+                assert error(mine, want) <= 1.1 * error(theirs, want) + 1e-6, (index, error(mine, want), error(theirs, want))
+            else:  # the adapters' gradients
+                assert error(mine, want) < (1e-2 if bf16 else 1e-5), (index, error(mine, want))
+
+
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_qlora_training_takes_the_c_dequantization(qlora_llama, tmp_path, monkeypatch, bf16, targets):
@@ -191,8 +248,11 @@ def test_qlora_training_takes_the_c_dequantization(qlora_llama, tmp_path, monkey
     assert len(four_bit_layers) == 14, "the tiny Llama: 2 layers x q, k, v, o, gate, up, down"
     with FastPath.install(model) as path:
         adapted = [g for g in path.groups if isinstance(g.members[0], Linear4bit)]
-        assert len(adapted) == (14 if targets == "all-linear" else 4)
-        assert {id(g.bases[0]) for g in adapted} <= {id(m) for m in four_bit_layers}
+        assert sum(len(g.members) for g in adapted) == (14 if targets == "all-linear" else 4)
+        assert {id(b) for g in adapted for b in g.bases} <= {id(m) for m in four_bit_layers}
+        assert all(g.four_bit is not None for g in adapted), "every adapted base's product in the group's function"
+        if targets == "all-linear":  # q, k and v share their input: one group, one product on their three 4-bit weights
+            assert sorted(len(g.members) for g in adapted) == [1] * 8 + [3] * 2
         assert path.four_bit_layers == 14 and all("forward" in vars(m) for m in four_bit_layers), "adapted or frozen alike"
         assert "14 4-bit base weights dequantized in C" in path.describe()
         assert len(path.mlps) == 2, "both layers' MLPs on the fused SwiGLU, adapted or all 4-bit"

@@ -86,9 +86,14 @@ def test_qlora_adapters_on_4bit_layers_take_the_path_and_give_peft_loss_and_grad
     loss, grads = _loss_and_grads(model, batch)
     assert bool(calls) == (bf16 and kernels is not None and kernels.amx)
     assert loss == pytest.approx(ref_loss, rel=2e-2)
-    for key in ref_grads:  # relative error of each gradient as a whole (bf16's is ~2^-8 per element)
+    # Relative difference of each gradient as a whole. bf16's is ~2^-8 per element per rounding, and
+    # the two sides round in different places: the path's q/k/v group sums its input gradient's three
+    # parts before rounding, PEFT's layers round each and add them in bf16 (closer to exact on the
+    # path's side: tests/test_cpu_quantized.py::test_a_4bit_qkv_group_is_as_exact_as_pefts_layers), so
+    # over two layers they part by up to ~7.5% on this tiny model (5% with per-layer products).
+    for key in ref_grads:
         error = float((grads[key].float() - ref_grads[key].float()).norm() / ref_grads[key].float().norm())
-        assert error < (6e-2 if bf16 else 1e-4), (key, error)
+        assert error < (1e-1 if bf16 else 1e-4), (key, error)
     path.remove()
     assert all(_untouched(m) for m in model.modules())
     assert _loss_and_grads(model, batch)[0] == pytest.approx(ref_loss, rel=1e-6)

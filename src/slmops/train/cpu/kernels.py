@@ -408,17 +408,21 @@ class Kernels:
         return a2, a_t, b_block
 
     def dequantize_4bit(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                        shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                        shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """A bitsandbytes 4-bit weight (NF4 or FP4: `code` holds its 16 levels, fp32) as `dtype` (fp32
         or bf16) of `shape`: packed uint8, two elements a byte (the first in the high nibble), each
-        run of `blocksize` elements scaled by its absmax (fp32, nested absmax already expanded)."""
+        run of `blocksize` elements scaled by its absmax (fp32, nested absmax already expanded).
+        `out`: a contiguous tensor of that shape and dtype to write into (a slice of a larger one)."""
         n = math.prod(shape)
         if not (packed.dtype == torch.uint8 and packed.is_contiguous() and packed.numel() * 2 >= n and absmax.dtype == torch.float32
                 and absmax.is_contiguous() and absmax.numel() * blocksize >= n and code.dtype == torch.float32 and code.numel() == 16
                 and code.is_contiguous() and dtype in (torch.float32, torch.bfloat16)):
             raise ValueError(f"dequantize_4bit: operands not taken ({packed.dtype} {tuple(packed.shape)}, absmax {absmax.dtype} "
                              f"{tuple(absmax.shape)}, code {tuple(code.shape)}, {dtype}, {shape})")
-        out = torch.empty(shape, dtype=dtype)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"dequantize_4bit: out {out.dtype} {tuple(out.shape)} is not a contiguous {dtype} {tuple(shape)}")
         fp32 = dtype == torch.float32
         if not self.lib.nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
                                        out.data_ptr() if fp32 else None, None if fp32 else out.data_ptr()):

@@ -36,6 +36,7 @@ from torch import nn
 from slmops.train.cpu import compat
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.patches import Patches
+from slmops.train.cpu.quantized import FourBitGroupWeight
 
 log = logging.getLogger("slmops")
 
@@ -92,7 +93,8 @@ class _Spec:
 class LinearGroupFunction(torch.autograd.Function):
     """y_i = x W_i^T + b_i + s_i * dropout_p(x) A_i^T B_i^T for each member i of a group,
     with W the members' frozen weights concatenated (None: LoRA terms only, the base
-    computed outside) and A_i, B_i fp32 master weights. Only the adapters' gradients and the
+    computed outside; a FourBitGroupWeight: QLoRA's 4-bit weights, dequantized for each product
+    and not saved) and A_i, B_i fp32 master weights. Only the adapters' gradients and the
     input's are computed. The k adapters of a group are stacked: one draw of dropped
     positions over (k, n, in), one matmul for all A_i on the input itself with the dropped
     elements' terms taken back out by a C kernel (without the kernels: a batched matmul on
@@ -102,7 +104,12 @@ class LinearGroupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spec: _Spec, *lora):
         shape = x.shape
-        dtype = weight.dtype if weight is not None else x.dtype
+        four_bit = weight if isinstance(weight, FourBitGroupWeight) else None
+        if four_bit is not None:
+            weight = None  # (nothing of it saved for the backward: it dequantizes again there)
+            dtype = four_bit.compute_dtype
+        else:
+            dtype = weight.dtype if weight is not None else x.dtype
         x2 = x.reshape(-1, shape[-1]).to(dtype).contiguous()
         n, total, k, r = x2.shape[0], sum(spec.sizes), len(spec.members), spec.rank
         offsets = [0]
@@ -114,9 +121,11 @@ class LinearGroupFunction(torch.autograd.Function):
                 out.add_(bias)
         elif weight is not None:
             out = F.linear(x2, weight, bias)
+        elif four_bit is not None:
+            out = F.linear(x2, four_bit.dequantize(dtype), bias)
         else:  # the LoRA terms only (the base computed outside)
             out = x2.new_zeros(n, total) if not k else None
-        ctx.spec, ctx.offsets, ctx.shape, ctx.x_dtype = spec, offsets, shape, x.dtype
+        ctx.spec, ctx.offsets, ctx.shape, ctx.x_dtype, ctx.four_bit, ctx.dtype = spec, offsets, shape, x.dtype, four_bit, dtype
         if not k:
             ctx.save_for_backward(weight)
             outs = out.view(*shape[:-1], total)
@@ -170,12 +179,16 @@ class LinearGroupFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # unpack once: gradient checkpointing allows only one
         weight = saved[0]
         n = math.prod(ctx.shape[:-1])
-        dtype = weight.dtype if weight is not None else saved[4].dtype
+        dtype = ctx.dtype
         like = next(g for g in grads if g is not None)
         parts = [g if g is not None else like.new_zeros(*ctx.shape[:-1], size) for g, size in zip(grads, spec.sizes)]
         g = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]).reshape(n, offsets[-1]).to(dtype)
         need_x = ctx.needs_input_grad[0]
-        dx = g @ weight if need_x and weight is not None else None
+        dx = None
+        if need_x and weight is not None:
+            dx = g @ weight
+        elif need_x and ctx.four_bit is not None:
+            dx = g @ ctx.four_bit.backward_matrix(dtype)
         if not k:
             return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None, None, None, None)
         _, x2, a, h, b_block, a_t = saved
@@ -272,16 +285,21 @@ class LinearGroup:
 
     With `fuse_base`, the members' frozen base weights (bf16 or fp32 nn.Linear) become
     views of one concatenated matrix (undone by the patches: each gets its own copy back).
-    Otherwise (a single LoRA layer over a base this path cannot fuse, e.g. GPT-2's Conv1D or a
-    4-bit layer) the base runs as itself and only the LoRA term goes through the function."""
+    With `four_bit` (QLoRA's 4-bit bases, taken by the path's C dequantization), the members'
+    weights are dequantized into one matrix for each product (FourBitGroupWeight). Otherwise (a
+    single LoRA layer over a base this path cannot fuse, e.g. GPT-2's Conv1D) the base runs as
+    itself and only the LoRA term goes through the function."""
 
-    def __init__(self, patches: Patches, members: list[nn.Module], lora_type: type, fuse_base: bool, path):
+    def __init__(self, patches: Patches, members: list[nn.Module], lora_type: type, fuse_base: bool, path,
+                 four_bit: FourBitGroupWeight | None = None):
         self.members = members
         self.lora_type = lora_type
         self.path = path  # the FastPath: whether it is on, its kernels
         self.fuse_base = fuse_base
+        self.four_bit = four_bit
         self.bases = [compat.base_layer(m, lora_type) for m in members]
-        self.sizes = tuple(base.out_features for base in self.bases) if fuse_base else (members[0].out_features,)
+        whole = fuse_base or four_bit is not None
+        self.sizes = tuple(base.out_features for base in self.bases) if whole else (members[0].out_features,)
         self.weight = self.bias = None
         if fuse_base:
             with torch.no_grad():
@@ -345,6 +363,12 @@ class LinearGroup:
                      self.path.kernels, self.packed)
         if self.fuse_base:
             out = LinearGroupFunction.apply(x, self.weight, self.bias, spec, *a_weights, *b_weights)
+            return out if isinstance(out, tuple) else (out,)
+        if self.four_bit is not None:
+            # (Linear4bit computes in its compute dtype and returns the input's: here they are one)
+            if not self.four_bit.current() or x.dtype != self.four_bit.compute_dtype:
+                return None
+            out = LinearGroupFunction.apply(x, self.four_bit, None, spec, *a_weights, *b_weights)
             return out if isinstance(out, tuple) else (out,)
         base = self.bases[0](x)  # (a 4-bit base: its own forward is quantized.py's where the path took it)
         return (base + LinearGroupFunction.apply(x, None, None, spec, *a_weights, *b_weights).to(base.dtype),)

@@ -125,23 +125,6 @@ class FastPath:
         lora_type = compat.lora_linear_type()
         self.kernels = kernels_module.get()
         self.keeps_freed_blocks = allocator.keep_freed_blocks()  # (process-wide, for good: allocator.py)
-        grouped: set[int] = set()
-        for parent in model.modules():
-            for names in SHARED_INPUT_GROUPS:
-                members = [getattr(parent, name, None) for name in names]
-                if not all(isinstance(m, nn.Module) and _fusable(m, lora_type) for m in members):
-                    continue
-                bases = [compat.base_layer(m, lora_type) for m in members]
-                if len({(b.in_features, b.weight.dtype, b.weight.device) for b in bases}) != 1:
-                    continue
-                self.groups.append(LinearGroup(patches, members, lora_type, True, self))
-                grouped.update(id(m) for m in members)
-        quantized = compat.lora_4bit_types()
-        for module in model.modules():
-            if type(module) is lora_type and id(module) not in grouped:
-                self.groups.append(LinearGroup(patches, [module], lora_type, _fusable(module, lora_type), self))
-            elif type(module) in quantized:  # QLoRA: the base runs as bitsandbytes' layer, the LoRA term here
-                self.groups.append(LinearGroup(patches, [module], type(module), False, self))
         # QLoRA's 4-bit layers, under an adapter or frozen alone: their products on the C dequantization
         four_bit_type = compat.four_bit_linear_type()
         four_bit = {}
@@ -151,6 +134,36 @@ class FastPath:
                 quantized_module.install(patches, weight, lambda: self.enabled)
                 four_bit[module] = weight
         self.four_bit_layers = len(four_bit)
+        quantized = compat.lora_4bit_types()
+
+        def four_bit_group(members: list) -> quantized_module.FourBitGroupWeight | None:
+            if not all(type(m) in quantized for m in members):
+                return None
+            return quantized_module.FourBitGroupWeight.of([four_bit.get(m.base_layer) for m in members])
+
+        grouped: set[int] = set()
+        for parent in model.modules():
+            for names in SHARED_INPUT_GROUPS:
+                members = [getattr(parent, name, None) for name in names]
+                if not all(isinstance(m, nn.Module) for m in members):
+                    continue
+                if all(_fusable(m, lora_type) for m in members):
+                    bases = [compat.base_layer(m, lora_type) for m in members]
+                    if len({(b.in_features, b.weight.dtype, b.weight.device) for b in bases}) != 1:
+                        continue
+                    self.groups.append(LinearGroup(patches, members, lora_type, True, self))
+                elif (weight := four_bit_group(members)) is not None:  # QLoRA's q, k, v: one product on their 4-bit weights
+                    self.groups.append(LinearGroup(patches, members, type(members[0]), False, self, weight))
+                else:
+                    continue
+                grouped.update(id(m) for m in members)
+        for module in model.modules():
+            if type(module) is lora_type and id(module) not in grouped:
+                self.groups.append(LinearGroup(patches, [module], lora_type, _fusable(module, lora_type), self))
+            elif type(module) in quantized and id(module) not in grouped:
+                # QLoRA: the base on the C dequantization inside the group's function where the path took it,
+                # else as bitsandbytes' layer, the LoRA term here
+                self.groups.append(LinearGroup(patches, [module], type(module), False, self, four_bit_group([module])))
         for module in model.modules():
             if norm.matches(module):
                 norm.install(patches, module, lambda: self.enabled, self.kernels)

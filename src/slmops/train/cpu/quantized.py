@@ -48,8 +48,8 @@ class FourBitWeight:
         return (self.layer.weight.data.data_ptr() == self.packed.data_ptr() and state is not None
                 and not getattr(state, "packing_format_for_cpu", False))
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.kernels.dequantize_4bit(self.packed, self.absmax, self.code, self.blocksize, self.shape, dtype)
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernels.dequantize_4bit(self.packed, self.absmax, self.code, self.blocksize, self.shape, dtype, out)
 
     def backward_matrix(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight an input gradient of `dtype` is multiplied by: dequantized to the weight's own
@@ -63,6 +63,44 @@ class FourBitWeight:
         out = FourBitLinearFunction.apply(x.to(self.compute_dtype), self,
                                           None if bias is None else bias.to(self.compute_dtype))
         return out.to(x.dtype)
+
+
+@dataclass
+class FourBitGroupWeight:
+    """The 4-bit weights of layers that read the same input (QLoRA's q, k and v; or one layer
+    alone) as the one (sum of outputs, in) matrix a LoRA group's product takes (lora.py),
+    dequantized into it afresh for each product and dropped after it, as FourBitLinearFunction
+    does for one layer: the group runs one product where it ran one a layer, and still keeps
+    nothing but the 4-bit weights between its forward and backward."""
+
+    members: tuple[FourBitWeight, ...]
+
+    @classmethod
+    def of(cls, weights: list[FourBitWeight | None]) -> "FourBitGroupWeight | None":
+        """None unless every layer is taken and they agree on input size and dtypes, without biases."""
+        if not weights or any(w is None or w.layer.bias is not None for w in weights):
+            return None
+        if len({(w.shape[1], w.dtype, w.compute_dtype) for w in weights}) != 1:
+            return None
+        return cls(tuple(weights))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.members[0].compute_dtype
+
+    def current(self) -> bool:
+        return all(w.current() for w in self.members)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        rows = [w.shape[0] for w in self.members]
+        out = torch.empty(sum(rows), self.members[0].shape[1], dtype=dtype)
+        for weight, part in zip(self.members, out.split(rows)):
+            weight.dequantize(dtype, part)
+        return out
+
+    def backward_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """As FourBitWeight.backward_matrix: the weights' own dtype first, then the gradient's."""
+        return self.dequantize(self.members[0].dtype).to(dtype)
 
 
 class FourBitLinearFunction(torch.autograd.Function):
