@@ -256,6 +256,8 @@ def test_qlora_training_takes_the_c_dequantization(qlora_llama, tmp_path, monkey
         assert path.four_bit_layers == 14 and all("forward" in vars(m) for m in four_bit_layers), "adapted or frozen alike"
         assert "14 4-bit base weights dequantized in C" in path.describe()
         assert len(path.mlps) == 2, "both layers' MLPs on the fused SwiGLU, adapted or all 4-bit"
+        assert len(path.attention_modules) == 2 and path.packs_sequences, \
+            "both layers' attention on the fused rotary attention (probed in the 4-bit q_proj's compute dtype): padding-free batches"
         calls = []
         own = cpu_kernels.Kernels.dequantize_4bit
         monkeypatch.setattr(cpu_kernels.Kernels, "dequantize_4bit", lambda self, *a: calls.append(1) or own(self, *a))

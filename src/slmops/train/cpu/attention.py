@@ -511,14 +511,15 @@ def matches(module: nn.Module) -> bool:
         return False
     weight = module.q_proj.weight if isinstance(getattr(module.q_proj, "weight", None), torch.Tensor) else None
     hidden = getattr(module.q_proj, "in_features", None)
-    if weight is None or not isinstance(hidden, int) or not weight.is_floating_point():
+    dtype = compat.compute_dtype(module.q_proj)  # (QLoRA's 4-bit q_proj: its compute dtype)
+    if weight is None or not isinstance(hidden, int) or dtype is None:
         return False
     generator = torch.Generator().manual_seed(0)
     batch, length, dim = 2, 6, module.head_dim
-    x = torch.randn(batch, length, hidden, generator=generator).to(weight.device, weight.dtype)
+    x = torch.randn(batch, length, hidden, generator=generator).to(weight.device, dtype)
     angles = torch.randn(batch, length, dim // 2, generator=generator) * 3
-    cos = torch.cat([angles.cos()] * 2, -1).to(weight.device, weight.dtype)
-    sin = torch.cat([angles.sin()] * 2, -1).to(weight.device, weight.dtype)
+    cos = torch.cat([angles.cos()] * 2, -1).to(weight.device, dtype)
+    sin = torch.cat([angles.sin()] * 2, -1).to(weight.device, dtype)
     mask = torch.ones(length, length, dtype=torch.bool, device=weight.device).tril_().expand(batch, 1, length, length)
     was_training = module.training
     module.eval()

@@ -99,6 +99,18 @@ def four_bit_linear_type() -> type | None:
     return Linear4bit
 
 
+def compute_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The dtype a linear layer computes in: its weight's, or, for a bitsandbytes 4-bit layer
+    (bare or under a PEFT adapter), whose weight holds packed bytes, the compute dtype it casts its
+    input to. None when neither is known. (Probes of a module's own forward are made in it.)"""
+    base = getattr(layer, "base_layer", layer)
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    dtype = getattr(base, "compute_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
 def base_layer(module: nn.Module, lora_type: type) -> nn.Module:
     return module.base_layer if isinstance(module, lora_type) else module
 

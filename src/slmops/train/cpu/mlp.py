@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmops.train.cpu import compat
 from slmops.train.cpu.kernels import Kernels, PackedWeight
 from slmops.train.cpu.patches import Patches
 from slmops.train.cpu.quantized import FourBitWeight
@@ -143,7 +144,9 @@ def matches(module: nn.Module) -> bool:
     if any_weight is None or not isinstance(hidden, int):
         return False
     # all-quantized projections (QLoRA's 4-bit MLP: uint8 storage) are probed in their compute dtype
-    dtype = weight.dtype if weight is not None else getattr(parts[0], "compute_dtype", None) or torch.float32
+    dtype = weight.dtype if weight is not None else compat.compute_dtype(parts[0])
+    if dtype is None:
+        return False
     probe = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(any_weight.device, dtype)
     gate_proj, up_proj, down_proj = parts
     was_training = module.training
