@@ -231,6 +231,32 @@ def test_a_4bit_qkv_group_is_as_exact_as_pefts_layers(qlora_llama, tmp_path, bf1
                 assert error(mine, want) < (1e-2 if bf16 else 1e-5), (index, error(mine, want))
 
 
+def test_products_dequantize_into_one_reused_buffer(kernels):
+    """A path's 4-bit products share one buffer per dtype (ProductBuffer): every weight, alone or
+    stacked in a group, is dequantized into the same memory, grown to the largest, with the values
+    a fresh dequantization gives; fresh tensors stay what dequantize() returns."""
+    from slmops.train.cpu.quantized import FourBitGroupWeight, ProductBuffer
+
+    buffer = ProductBuffer()
+    weights = []
+    for out_features in (80, 16, 16, 192):
+        layer = bnb.nn.Linear4bit(128, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(out_features, 128) * 0.1, requires_grad=False, quant_type="nf4", blocksize=64)
+        weights.append(FourBitWeight.of(layer.to("cpu"), kernels, buffer))
+    group = FourBitGroupWeight.of(weights[:3])
+    stacked = group.product_matrix(torch.bfloat16)
+    assert stacked.shape == (112, 128) and torch.equal(stacked, torch.cat([w.dequantize(torch.bfloat16) for w in weights[:3]]))
+    first = stacked.data_ptr()
+    largest = weights[3].product_matrix(torch.bfloat16)
+    assert torch.equal(largest, weights[3].dequantize(torch.bfloat16))
+    again = weights[0].product_matrix(torch.bfloat16)
+    assert again.data_ptr() == largest.data_ptr(), "grown once to the largest, then reused"
+    assert torch.equal(again, weights[0].dequantize(torch.bfloat16))
+    assert weights[0].dequantize(torch.bfloat16).data_ptr() not in (first, again.data_ptr())
+    fp32 = weights[1].backward_matrix(torch.float32)
+    assert fp32.dtype == torch.float32 and fp32.data_ptr() != again.data_ptr(), "one buffer per dtype"
+
+
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_qlora_training_takes_the_c_dequantization(qlora_llama, tmp_path, monkeypatch, bf16, targets):

@@ -122,7 +122,7 @@ class LinearGroupFunction(torch.autograd.Function):
         elif weight is not None:
             out = F.linear(x2, weight, bias)
         elif four_bit is not None:
-            out = F.linear(x2, four_bit.dequantize(dtype), bias)
+            out = F.linear(x2, four_bit.product_matrix(dtype), bias)
         else:  # the LoRA terms only (the base computed outside)
             out = x2.new_zeros(n, total) if not k else None
         ctx.spec, ctx.offsets, ctx.shape, ctx.x_dtype, ctx.four_bit, ctx.dtype = spec, offsets, shape, x.dtype, four_bit, dtype

@@ -79,8 +79,8 @@ class FrozenMLPFunction(torch.autograd.Function):
 class FrozenFourBitMLPFunction(torch.autograd.Function):
     """FrozenMLPFunction over bitsandbytes 4-bit projections (QLoRA without adapters on the MLP):
     the products in the layers' compute dtype, as Linear4bit computes them (its input cast to it,
-    the output back to the input's dtype), each weight dequantized just before its product and
-    dropped after it, in the backward to the weight's own dtype first, as bitsandbytes' backward
+    the output back to the input's dtype), each weight dequantized just before its product (into
+    the path's ProductBuffer), in the backward to the weight's own dtype first, as bitsandbytes' backward
     does (FourBitWeight). Without it such an MLP ran as three 4-bit layers with silu and the
     multiplies between them as separate autograd nodes."""
 
@@ -88,8 +88,8 @@ class FrozenFourBitMLPFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, gate_w: FourBitWeight, up_w: FourBitWeight, down_w: FourBitWeight, kernels: Kernels):
         dtype = gate_w.compute_dtype
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        gate, up = F.linear(rows, gate_w.dequantize(dtype)), F.linear(rows, up_w.dequantize(dtype))
-        out = F.linear(kernels.swiglu_forward(gate, up), down_w.dequantize(dtype))
+        gate, up = F.linear(rows, gate_w.product_matrix(dtype)), F.linear(rows, up_w.product_matrix(dtype))
+        out = F.linear(kernels.swiglu_forward(gate, up), down_w.product_matrix(dtype))
         ctx.weights, ctx.kernels, ctx.shape, ctx.x_dtype = (gate_w, up_w, down_w), kernels, x.shape, x.dtype
         ctx.save_for_backward(gate, up)
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)

@@ -127,9 +127,9 @@ class FastPath:
         self.keeps_freed_blocks = allocator.keep_freed_blocks()  # (process-wide, for good: allocator.py)
         # QLoRA's 4-bit layers, under an adapter or frozen alone: their products on the C dequantization
         four_bit_type = compat.four_bit_linear_type()
-        four_bit = {}
+        four_bit, buffer = {}, quantized_module.ProductBuffer()
         for module in model.modules():
-            weight = quantized_module.FourBitWeight.of(module, self.kernels) if type(module) is four_bit_type else None
+            weight = quantized_module.FourBitWeight.of(module, self.kernels, buffer) if type(module) is four_bit_type else None
             if weight is not None:
                 quantized_module.install(patches, weight, lambda: self.enabled)
                 four_bit[module] = weight
