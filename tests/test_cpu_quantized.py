@@ -279,6 +279,7 @@ def test_qlora_training_takes_the_c_dequantization(qlora_llama, tmp_path, monkey
         assert all(g.four_bit is not None for g in adapted), "every adapted base's product in the group's function"
         if targets == "all-linear":  # q, k and v share their input: one group, one product on their three 4-bit weights
             assert sorted(len(g.members) for g in adapted) == [1] * 8 + [3] * 2
+            assert "2 shared-input groups with one fused matmul" in path.describe()
         assert path.four_bit_layers == 14 and all("forward" in vars(m) for m in four_bit_layers), "adapted or frozen alike"
         assert "14 4-bit base weights dequantized in C" in path.describe()
         assert len(path.mlps) == 2, "both layers' MLPs on the fused SwiGLU, adapted or all 4-bit"

@@ -240,7 +240,7 @@ class FastPath:
             return f"off: {self.off_reason}" if self.off_reason else "off"
         parts = []
         if self.lora_layers:
-            fused = [g for g in self.groups if g.fuse_base and len(g.members) > 1]
+            fused = [g for g in self.groups if (g.fuse_base or g.four_bit is not None) and len(g.members) > 1]
             parts += [f"{self.lora_layers} LoRA layers", f"{len(fused)} shared-input groups with one fused matmul"]
         if self.norms:
             parts.append(f"{len(self.norms)} fused RMSNorms")
