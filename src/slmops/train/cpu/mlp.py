@@ -174,7 +174,7 @@ def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels,
         if weights is not None and kernels.supports(*weights) and not autocast:
             return FrozenMLPFunction.apply(x, *weights, kernels, getattr(self, "_slmops_packed", None))
         quantized = _four_bit_weights(self, four_bit) if four_bit and not autocast else None
-        if quantized is not None and quantized[0].compute_dtype in (torch.float32, torch.bfloat16):
+        if quantized is not None:  # (compute dtype fp32 or bf16: FourBitWeight.of takes no other)
             return FrozenFourBitMLPFunction.apply(x, *quantized, kernels)
         rows = x.reshape(-1, x.shape[-1])  # 2-D: the three linears run as plain products (no reshapes around each)
         out = self.down_proj(swiglu(self.gate_proj(rows), self.up_proj(rows), kernels))

@@ -47,6 +47,11 @@ class ProductBuffer:
         return flat[:elements].view(shape)
 
 
+def _product_space(buffer: ProductBuffer | None, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Where one product's weight is dequantized: the path's buffer, else a fresh tensor."""
+    return buffer.take(shape, dtype) if buffer is not None else torch.empty(shape, dtype=dtype)
+
+
 @dataclass
 class FourBitWeight:
     layer: nn.Module  # the bitsandbytes Linear4bit
@@ -78,7 +83,7 @@ class FourBitWeight:
     def product_matrix(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight for one product, in the path's buffer where it has one: to be used before
         the next product's dequantization."""
-        return self.dequantize(dtype, self.buffer.take(self.shape, dtype) if self.buffer is not None else None)
+        return self.dequantize(dtype, _product_space(self.buffer, self.shape, dtype))
 
     def backward_matrix(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight an input gradient of `dtype` is multiplied by: dequantized to the weight's own
@@ -124,8 +129,7 @@ class FourBitGroupWeight:
         """The members' weights stacked for one product (FourBitWeight.product_matrix's lifetime)."""
         rows = [w.shape[0] for w in self.members]
         shape = (sum(rows), self.members[0].shape[1])
-        buffer = self.members[0].buffer
-        out = buffer.take(shape, dtype) if buffer is not None else torch.empty(shape, dtype=dtype)
+        out = _product_space(self.members[0].buffer, shape, dtype)
         for weight, part in zip(self.members, out.split(rows)):
             weight.dequantize(dtype, part)
         return out
