@@ -56,6 +56,13 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float):
+        # Autocast off inside: under bf16 autocast bmm would round the scores to bf16 and the
+        # backward (which autocast does not reach) would meet bf16 probabilities with fp32 operands
+        with torch.autocast(q.device.type, enabled=False):
+            return AttentionFunction._forward(ctx, q, k, v, bias, scale)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, bias, scale: float):
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
         group = heads // kv_heads
