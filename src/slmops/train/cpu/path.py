@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmops.machine import available_memory
-from slmops.train.cpu import allocator, attention, compat, embedding, mlp, norm
+from slmops.train.cpu import allocator, attention, bf16_copies, compat, embedding, mlp, norm
 from slmops.train.cpu import quantized as quantized_module
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.lora import LinearGroup
@@ -94,6 +94,8 @@ class FastPath:
         self.mlps: list[nn.Module] = []
         self.four_bit_layers = 0  # bitsandbytes 4-bit layers on the C dequantization (quantized.py)
         self.embedding_rows = False  # the tied, trainable input embedding's gradient as rows (embedding.py)
+        self.bf16_copies: list[nn.Module] = []  # full fine-tuning's linears on kept bf16 weights (bf16_copies.py)
+        self.bf16_copy_bytes = 0
         self.attention_modules: list[nn.Module] = []
         self.replaced_attention: str | None = None
         self.packed_bytes = 0
@@ -175,6 +177,9 @@ class FastPath:
         if tied is not None:
             embedding.install(patches, tied, lambda: self.enabled)
             self.embedding_rows = True
+        if not self.groups and not four_bit:  # full fine-tuning (an adapter's own layers are the groups')
+            self.bf16_copies = bf16_copies.candidates(model, tied.weight if tied is not None else None)
+            self.bf16_copy_bytes = bf16_copies.install(patches, self.bf16_copies, lambda: self.enabled)
         self.packed_bytes = self._pack_frozen_weights(micro_batch_tokens)
         self.replaced_attention = attention.install(patches, model, self._attention)
         if self.replaced_attention:
@@ -250,6 +255,9 @@ class FastPath:
             parts.append("sparse dropout draws")
         if self.embedding_rows:
             parts.append("the tied embedding's gradient added as rows")
+        if self.bf16_copies:
+            parts.append(f"{len(self.bf16_copies)} trainable linears on kept bf16 copies of their weights under bf16 autocast "
+                         f"({self.bf16_copy_bytes / 2**20:.0f} MB)")
         if self.replaced_attention:
             rotary = f" ({len(self.attention_modules)} with the rotary embedding inside)" if self.attention_modules else ""
             parts.append(f"short-batch attention in {attention.NAME}{rotary}")
