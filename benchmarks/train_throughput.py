@@ -233,7 +233,8 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
         "precision": result.plan["precision"]["name"] + ("" if method == "lora" else f" ({method})"),
         "fast_loss": result.train.fast_loss,
         "peak_rss_mb": training_peak,
-        **({"profile": profiler.shares(), "products": profiler.products} if profiler else {}),
+        **({"profile": profiler.shares(), "products": profiler.products, "product_steps": profiler.product_steps}
+           if profiler else {}),
     }
 
 
@@ -249,16 +250,25 @@ PROFILE_GROUPS = [
 
 
 class StepProfiler:
-    """torch.profiler over steps (first, last] of a run, through the loop's after_step hook.
+    """Where the timed steps' time goes, through the loop's after_step hook: the matrix products
+    timed one by one (product_timer) over the first half of steps (first, last], then
+    torch.profiler over the second half for each group's share. The profiler's own per-operator
+    times are not used for the products' rates, and the products are timed before it starts: on
+    full fine-tuning in fp32 (AVX2 Zen 3) the weight-gradient products (transposed A) ran at
+    57-73 GFLOP/s under the profiler and in the steps after it had stopped, 107-164 timed the same
+    way in a run that never started it.
     The shares are read as the profiler stops and the profiler is dropped there: a profiler
     still alive when the run's teardown frees its hooks crashed the worker."""
 
     def __init__(self, first: int, last: int):
         self.first, self.last = first, last
+        self.middle = first + (last - first) // 2  # (one step: the profiler's, no products timed)
         self.profile = None
+        self.timer = None  # product_timer(), while it times
         self.started = 0.0
         self.result: dict[str, float] | None = None
-        self.products: list[dict] = []  # the matrix products by shape, longest first (products_by_shape)
+        self.products: list[dict] = []  # the matrix products by shape, longest first (product_timer().by_shape)
+        self.product_steps = (first + 1, self.middle) if self.middle > first else None
 
     def hooks(self):
         from slmops.train.trainer import TrainingHooks
@@ -268,16 +278,21 @@ class StepProfiler:
     def _after_step(self, step: int) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        if step == self.first:
+        if step == self.first and self.product_steps:
+            self.timer = product_timer().__enter__()
+            self.started = time.perf_counter()
+        if step == self.middle:
+            if self.timer is not None:
+                self.products = self.timer.by_shape(time.perf_counter() - self.started)
+                self.timer.__exit__(None, None, None)
+                self.timer = None
             self.profile = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
             self.profile.start()
             self.started = time.perf_counter()
         elif step == self.last and self.profile is not None:
             wall = time.perf_counter() - self.started
             self.profile.stop()
-            events = self.profile.key_averages(group_by_input_shape=True)  # (one aggregation serves both)
-            self.result = self._shares(events, wall)
-            self.products = products_by_shape(events, wall)
+            self.result = self._shares(self.profile.key_averages(), wall)
             self.profile = None
 
     @staticmethod
@@ -305,27 +320,54 @@ class StepProfiler:
         return self.result
 
 
-def products_by_shape(events, wall: float, most: int = 8) -> list[dict]:
-    """The matrix products of the profiled steps by operand shapes, longest first: each one's
-    share of the wall time and the rate it ran at. Set against the matmul peak the run measured,
-    the rates tell a step whose products are slow (shapes, cold caches) from one that is simply
-    made of products at the peak."""
-    rows = []
-    for event in events:
-        shapes = event.input_shapes
-        if event.key in ("aten::mm", "aten::addmm", "aten::addmm_"):
-            a, b = shapes[0:2] if event.key == "aten::mm" else shapes[1:3]  # (addmm: the added matrix first)
-            flops = 2 * a[0] * a[1] * b[1] if len(a) == 2 and len(b) == 2 else 0
-        elif event.key == "aten::bmm" and len(shapes[0]) == 3:
-            a, b = shapes[0], shapes[1]
-            flops = 2 * a[0] * a[1] * a[2] * b[2]
-        else:
-            continue
-        seconds = event.self_cpu_time_total / 1e6
-        if flops and seconds:
-            rows.append({"op": event.key.removeprefix("aten::"), "shapes": f"{list(a)} x {list(b)}", "calls": event.count,
-                         "share": seconds / wall, "gflops": flops * event.count / seconds / 1e9})
-    return sorted(rows, key=lambda r: -r["share"])[:most]
+PRODUCT_OPS = ("mm", "addmm", "addmm_", "bmm")
+
+
+def product_timer():
+    """A dispatch mode (below autograd, so the backward's products too) with a clock around each
+    matrix product, by operator and operand shapes (`by_shape`). The steps around them run slower
+    for the mode's Python per operator; each product's own time does not. (Defined here so the
+    parent process, which only launches workers, does not import torch for it.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ProductTimer(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seconds: dict[tuple, list] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func._overloadpacket.__name__
+            if name not in PRODUCT_OPS:
+                return func(*args, **kwargs)
+            started = time.perf_counter()
+            out = func(*args, **kwargs)
+            elapsed = time.perf_counter() - started
+            a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])  # (addmm: the added matrix first)
+            entry = self.seconds.setdefault((name, tuple(a.shape), tuple(b.shape)), [0.0, 0])
+            entry[0] += elapsed
+            entry[1] += 1
+            return out
+
+        def by_shape(self, wall: float, most: int = 8) -> list[dict]:
+            """The products by operand shapes, longest first: each one's share of the timed
+            steps' wall time and the rate it ran at. Set against the matmul peak the run
+            measured, the rates tell a step whose products are slow (shapes, cold caches) from
+            one that is simply made of products at the peak."""
+            rows = []
+            for (name, a, b), (seconds, calls) in self.seconds.items():
+                if name == "bmm" and len(a) == 3:
+                    flops = 2 * a[0] * a[1] * a[2] * b[2]
+                elif len(a) == 2 and len(b) == 2:
+                    flops = 2 * a[0] * a[1] * b[1]
+                else:
+                    continue
+                if seconds:
+                    rows.append({"op": name, "shapes": f"{list(a)} x {list(b)}", "calls": calls, "share": seconds / wall,
+                                 "gflops": flops * calls / seconds / 1e9})
+            return sorted(rows, key=lambda r: -r["share"])[:most]
+
+    return ProductTimer()
 
 
 def _score_output(out: Path, model_dir: str, method: str, held_out: list[dict], work: Workload) -> float:
@@ -678,6 +720,7 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
             "precision": runs[0].get("precision"),
             "profile": runs[0].get("profile"),
             "products": runs[0].get("products", []),
+            "product_steps": runs[0].get("product_steps"),
         }
     print(f"\n== workload {name}: {work.kind}, batch {work.batch}, max length {work.max_len}, {steps} timed steps after {warmup}, "
           f"{args.rounds} round(s)")
@@ -695,11 +738,14 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
     ran = {row: r for row, r in table.items() if "failed" not in r}
     for row, r in ran.items():
         if r["profile"]:
-            print(f"{name}: where a {row} step's time goes (torch.profiler over the timed steps of round 1): "
+            print(f"{name}: where a {row} step's time goes (torch.profiler over the second half of round 1's timed steps): "
                   + ", ".join(f"{group} {100 * share:.0f}%" for group, share in r["profile"].items()))
-            print(f"{name}: {row}'s longest matrix products: "
+            steps = r.get("product_steps")
+            print(f"{name}: {row}'s longest matrix products, each timed alone (steps {steps[0]}-{steps[1]}): "
                   + "; ".join(f"{p['op']} {p['shapes']} x{p['calls']} {100 * p['share']:.0f}% at {p['gflops']:.0f} GFLOP/s"
-                              for p in r["products"]))
+                              for p in r["products"]) if steps else
+                  f"{name}: {row}'s matrix products not timed: --profile times them over the first half of the timed steps, "
+                  "and this run has one")
     ours = ran.get("slmops")
     if ours:
         for peer in (*TRL_LORA_ROWS, "olive"):
@@ -725,8 +771,9 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone "
                         f"workload only) [default: {DEFAULT_ROWS}; on a CPU without fast bf16: {DEFAULT_ROWS_WITHOUT_BF16}]")
     parser.add_argument("--profile", action="store_true", help="slmops rows run their timed steps under torch.profiler and "
-                        "print where the time goes, and their longest matrix products by shape with the rate each ran at (the "
-                        "profiler's overhead slows them: time and profile in separate runs)")
+                        "print their longest matrix products by shape with the rate each ran at (each timed alone, the first "
+                        "half of the timed steps) and where the time goes (torch.profiler, the second half; both slow the "
+                        "steps: time and profile in separate runs)")
     parser.add_argument("--setup_olive", action="store_true", help=f"build Olive 0.13's virtualenv for the olive row ({OLIVE_VENV}) and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
