@@ -268,7 +268,11 @@ class StepProfiler:
         self.started = 0.0
         self.result: dict[str, float] | None = None
         self.products: list[dict] = []  # the matrix products by shape, longest first (product_timer().by_shape)
-        self.product_steps = (first + 1, self.middle) if self.middle > first else None
+
+    @property
+    def product_steps(self) -> tuple[int, int] | None:
+        """The steps whose products are timed (first and last), or None with a single timed step."""
+        return (self.first + 1, self.middle) if self.middle > self.first else None
 
     def hooks(self):
         from slmops.train.trainer import TrainingHooks
@@ -741,7 +745,8 @@ def run_workload(name: str, names: list[str], args, scratch: Path, peak: float) 
             print(f"{name}: where a {row} step's time goes (torch.profiler over the second half of round 1's timed steps): "
                   + ", ".join(f"{group} {100 * share:.0f}%" for group, share in r["profile"].items()))
             steps = r.get("product_steps")
-            print(f"{name}: {row}'s longest matrix products, each timed alone (steps {steps[0]}-{steps[1]}): "
+            which = f"step {steps[0]}" if steps and steps[0] == steps[1] else f"steps {steps[0]}-{steps[1]}" if steps else ""
+            print(f"{name}: {row}'s longest matrix products, each timed alone ({which}): "
                   + "; ".join(f"{p['op']} {p['shapes']} x{p['calls']} {100 * p['share']:.0f}% at {p['gflops']:.0f} GFLOP/s"
                               for p in r["products"]) if steps else
                   f"{name}: {row}'s matrix products not timed: --profile times them over the first half of the timed steps, "
@@ -770,10 +775,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="times each row runs, alternating")
     parser.add_argument("--rows", default=None, help=f"comma-separated: {', '.join(ROWS)} (QLoRA and full rows run on the tone "
                         f"workload only) [default: {DEFAULT_ROWS}; on a CPU without fast bf16: {DEFAULT_ROWS_WITHOUT_BF16}]")
-    parser.add_argument("--profile", action="store_true", help="slmops rows run their timed steps under torch.profiler and "
-                        "print their longest matrix products by shape with the rate each ran at (each timed alone, the first "
-                        "half of the timed steps) and where the time goes (torch.profiler, the second half; both slow the "
-                        "steps: time and profile in separate runs)")
+    parser.add_argument("--profile", action="store_true", help="slmops rows print their longest matrix products by shape "
+                        "with the rate each ran at (each timed alone, the first half of the timed steps) and where the time "
+                        "goes (torch.profiler, the second half; both slow the steps: time and profile in separate runs)")
     parser.add_argument("--setup_olive", action="store_true", help=f"build Olive 0.13's virtualenv for the olive row ({OLIVE_VENV}) and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
