@@ -5,6 +5,7 @@ gradients as the SDPA path in training, and a wrong kernel makes the fast path's
 turn the path off. Where the CPU lacks a kernel's instructions the SDPA path runs instead, and
 these tests check that it does."""
 
+import functools
 import logging
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from slmops.finetune_recipe import plan_finetune
 from slmops.train.cpu import attention as fast_attention, kernels as cpu_kernels
 from slmops.train.cpu.path import FastPath
-from slmops.train.loss import packed_loss
+from slmops.train.loss import packed_loss, selective_loss
 
 from conftest import build_tiny_model
 from helpers import much_padding, tiny_config, trained_a_little
@@ -216,3 +217,56 @@ def test_a_wrong_packed_attention_turns_the_path_off(llama_head_32, tmp_path, mo
         assert broken and not verified and "disagrees with the model's own forward" in caplog.text
     else:  # the CPU lacks this dtype's kernel: the SDPA path ran, never the (broken) kernel
         assert verified and not broken
+
+
+def test_short_fp32_batches_attend_alone_on_the_kernel(llama_head_32, tmp_path, monkeypatch, caplog):
+    """Where the products are fp32 and the fp32 kernel takes the heads, short padded batches train
+    padding-free to exactly their real tokens, each sequence's attention alone in the kernel
+    (FP32_ALONE: no scatter back to the padded layout around each layer's attention): the padded
+    batch's loss and gradients, every batch with padding packed, one without none; bf16 products
+    keep the padded-layout policy; and a wrong kernel turns the path off at the start-up check."""
+    plan = plan_finetune(tiny_config(llama_head_32, tmp_path / "m", lora_dropout=0.0, bf16=False, target_modules="all-linear"))
+    model = trained_a_little(plan).train()
+    path = FastPath.install(model)
+    if path.kernels is None or not path.kernels.packed_attention_f32_built:  # no C compiler or no AVX2 + FMA here
+        assert path.packing_policy(torch.float32) is fast_attention.PADDED_ATTENTION
+        return
+    # the fp32 kernel wherever it builds (training takes it only without AVX-512, where it was measured)
+    monkeypatch.setattr(path.kernels, "packed_attention_f32", True)
+    policy = path.packing_policy(torch.float32)
+    assert policy is fast_attention.FP32_ALONE and path.packing_policy(torch.bfloat16) is fast_attention.PADDED_ATTENTION
+    batch = much_padding(plan)
+    packing = fast_attention.Packing.of(batch["attention_mask"], policy=policy)
+    assert packing is not None and not packing.long and packing.alone
+    assert packing.rows == packing.tokens == int(batch["attention_mask"].sum())  # no rows rounding the count up
+    loss_fn = functools.partial(packed_loss, policy=policy)
+    calls = []
+    own_apply = fast_attention.PackedAttentionFunction.apply
+    monkeypatch.setattr(fast_attention.PackedAttentionFunction, "apply", lambda *a: calls.append(1) or own_apply(*a))
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss, count = loss_fn(model, batch)
+        (loss / count).backward()
+        return float(loss) / count, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    loss, grads = loss_and_grads(loss_fn)
+    assert len(calls) == model.config.num_hidden_layers, "every layer's attention on the kernel"
+    padded_loss, padded_grads = loss_and_grads(selective_loss)
+    assert len(calls) == model.config.num_hidden_layers
+    assert loss == pytest.approx(padded_loss, rel=1e-5)
+    assert F.cosine_similarity(grads, padded_grads, dim=0) > 1 - 1e-6  # fp32 both ways, summed in other orders
+    # one padding token is enough to pack under this policy (the padded one keeps such a batch padded); none, nothing to pack
+    one_short = torch.ones(8, 12, dtype=torch.long)
+    one_short[3, -1] = 0
+    assert fast_attention.Packing.of(one_short, policy=policy) is not None
+    assert fast_attention.Packing.of(one_short) is None
+    assert fast_attention.Packing.of(torch.ones(8, 12, dtype=torch.long), policy=policy) is None
+
+    assert path.verify(model, loss_fn, batch)
+    own_forward = cpu_kernels.Kernels.packed_attention_forward
+    monkeypatch.setattr(cpu_kernels.Kernels, "packed_attention_forward",  # each head given its neighbour's output
+                        lambda self, *a: (lambda out, lse: (out.roll(1, dims=1).contiguous(), lse))(*own_forward(self, *a)))
+    with caplog.at_level(logging.WARNING, logger="slmops"):
+        assert not path.verify(model, loss_fn, batch)
+    assert "disagrees with the model's own forward" in caplog.text

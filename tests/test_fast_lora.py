@@ -365,10 +365,13 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
         ["fp32 on AVX2"] if kernels.packed_attention_f32 else [])
     assert ("fast CPU path: 8 LoRA layers, 2 shared-input groups with one fused matmul, 5 fused RMSNorms, 2 fused SwiGLUs, "
             "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
-            "padding-free batches: short ones where padding is over 10%, long ones always (each sequence's causal attention alone"
+            "padding-free batches (which ones: the loss line; each sequence's causal attention alone"
             + (", in one C kernel: " + ", ".join(attention_kernels) if attention_kernels else "") + "), "
             + (f"AMX forward products on packed base weights ({packed / 2**20:.2f} MB), LoRA products on AMX in bf16, " if amx else "")
             + "C kernels") in text, text
+    # bf16 products (and heads of 8): short batches pack only with enough padding, their attention in the padded layout
+    assert ("loss: output head on labelled positions only; padding-free batches (real tokens only): short ones where padding "
+            "is over 10%, all batches over 192 tokens") in text, text
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -423,12 +426,14 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     if long:
         monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
     long_calls = []
-    own_long_packed = fast_attention._long_packed
-    monkeypatch.setattr(fast_attention, "_long_packed", lambda *a: long_calls.append(1) or own_long_packed(*a))
+    own_alone_packed = fast_attention._alone_packed
+    monkeypatch.setattr(fast_attention, "_alone_packed", lambda *a: long_calls.append(1) or own_alone_packed(*a))
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "m", lora_dropout=0.0, target_modules="all-linear"))
     model = trained_a_little(plan).train()
     path = FastPath.install(model)
     assert path.packs_sequences and "padding-free batches" in path.describe()
+    # heads of 8: no packed attention kernel takes them, so short batches' attention stays in the padded layout
+    assert path.packing_policy(torch.float32) is fast_attention.PADDED_ATTENTION
     batch = much_padding(plan)
     packing = fast_attention.Packing.of(batch["attention_mask"])
     assert packing is not None and packing.rows % 16 == 0 and packing.tokens == int(batch["attention_mask"].sum())

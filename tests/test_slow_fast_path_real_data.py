@@ -4,6 +4,7 @@ to its workers, and these checks run long sequences through the 135M model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -60,15 +61,19 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
     model = build_model(plan)
     with FastPath.install(model) as path:
         setup = TrainingSetup(plan.precision, plan.learning_rate, tmp_path / "c", tmp_path / "l", True)
-        for pack_below in (10.0, 0.0):  # pack every batch that can be packed; pack none
-            monkeypatch.setattr(attention, "PACK_BELOW", pack_below)
-            trainer = Trainer(model, TrainingData(plan.data.train, None, plan.tokenizer.pad_token_id), config.training, setup, path)
-            probe = trainer._probe_batch()
-            trainer._choose_loss(probe)
-            trainer._verify_fast_path(probe)
-            assert trainer.fast_path is not None and path.active, path.off_reason
-            assert trainer.loss_fn is packed_loss  # the packing check passed
-            long = attention.Packing.of(probe["attention_mask"], only_if_it_pays=False).long
-            assert long == (dataset == "tiny_codes_sessions")  # long sequences: checked on the per-sequence attention
-            # what was verified: packed where it pays (long batches always)
-            assert (attention.Packing.of(probe["attention_mask"]) is not None) == (pack_below > 1 or long)
+        # the policy this machine trains with (attention per sequence where products are fp32), and the padded one
+        machine = path.packing_policy(plan.precision.autocast or plan.precision.weights)
+        for policy in dict.fromkeys([machine, attention.PADDED_ATTENTION]):
+            for pack_below in (10.0, 0.0):  # pack every batch that can be packed; pack none
+                forced = dataclasses.replace(policy, pack_below=pack_below)
+                monkeypatch.setattr(path, "packing_policy", lambda dtype, forced=forced: forced)
+                trainer = Trainer(model, TrainingData(plan.data.train, None, plan.tokenizer.pad_token_id), config.training, setup, path)
+                probe = trainer._probe_batch()
+                trainer._choose_loss(probe)
+                trainer._verify_fast_path(probe)
+                assert trainer.fast_path is not None and path.active, path.off_reason
+                assert trainer.packing_policy == forced and trainer.loss_fn.func is packed_loss  # the packing check passed
+                long = attention.Packing.of(probe["attention_mask"], only_if_it_pays=False, policy=forced).long
+                assert long == (dataset == "tiny_codes_sessions")  # long sequences: checked on the per-sequence attention
+                # what was verified: packed where it pays (long batches always)
+                assert (attention.Packing.of(probe["attention_mask"], policy=forced) is not None) == (pack_below > 1 or long)

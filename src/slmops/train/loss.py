@@ -147,14 +147,15 @@ def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return _head_loss(inner, hidden[:, :-1], targets, token_weights(batch, targets))
 
 
-def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def packed_loss(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[torch.Tensor, int]:
     """Same value as selective_loss, without computing on padding: the batch's real tokens
     run as one packed sequence (1, N) with per-example position ids, and the fast path's
     attention (cpu/attention.Packing) keeps each example to itself. Batches it cannot or
-    need not pack (left padding, little padding, no gradients) take selective_loss."""
-    from slmops.train.cpu.attention import Packing
+    need not pack (left padding, little padding under the `policy`, a cpu/attention.PackingPolicy:
+    the fast path's `packing_policy`, PADDED_ATTENTION by default; no gradients) take selective_loss."""
+    from slmops.train.cpu.attention import PADDED_ATTENTION, Packing
 
-    packing = Packing.of(batch["attention_mask"]) if torch.is_grad_enabled() else None
+    packing = Packing.of(batch["attention_mask"], policy=policy or PADDED_ATTENTION) if torch.is_grad_enabled() else None
     if packing is None:
         return selective_loss(model, batch)
     return _packed(model, batch, packing)
@@ -163,8 +164,8 @@ def packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
 def _packed(model, batch: dict[str, torch.Tensor], packing) -> tuple[torch.Tensor, int]:
     inner = _inner(model)
     input_ids = packing.pack(batch["input_ids"])
-    # a long batch's attention needs no mask on the fast path: transformers is kept from building one
-    mask = packing.skip_mask if packing.long else None
+    # sequences attending alone need no mask on the fast path: transformers is kept from building one
+    mask = packing.skip_mask if packing.alone else None
     hidden = inner.get_decoder()(input_ids=input_ids, position_ids=packing.position_ids(), attention_mask=mask,
                                  slmops_packing=packing).last_hidden_state
     # each token's target is the next token of its own example (IGNORE after its last)
@@ -195,14 +196,15 @@ def check_fast_path(model, batch: dict[str, torch.Tensor]) -> bool:
     return bool(torch.isfinite(fast)) and abs(float(plain) - float(fast)) <= 1e-3 * max(1.0, abs(float(plain)))
 
 
-def packing_losses(model, batch: dict[str, torch.Tensor]) -> tuple[float, float] | None:
+def packing_losses(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[float, float] | None:
     """(packed, padded) mean losses of this batch (dropout off), for the packing check; None
     when the batch cannot be packed at all (left padding, holes, too long) or the two count
     other tokens. The batch is packed even where packed_loss would not bother (little padding),
-    so the check always exercises packing."""
-    from slmops.train.cpu.attention import Packing
+    so the check always exercises packing, as the `policy` runs it (attention in the padded
+    layout or per sequence)."""
+    from slmops.train.cpu.attention import PADDED_ATTENTION, Packing
 
-    packing = Packing.of(batch["attention_mask"], only_if_it_pays=False)
+    packing = Packing.of(batch["attention_mask"], only_if_it_pays=False, policy=policy or PADDED_ATTENTION)
     if packing is None:
         return None
     was_training = model.training
@@ -221,13 +223,13 @@ def packing_losses(model, batch: dict[str, torch.Tensor]) -> tuple[float, float]
     return float(packed.detach()) / n_packed, float(padded) / n_padded
 
 
-def check_packing(model, batch: dict[str, torch.Tensor], fp32_loss=None) -> bool:
+def check_packing(model, batch: dict[str, torch.Tensor], fp32_loss=None, policy=None) -> bool:
     """True when the packed forward reproduces the padded one on this batch. In bf16 the two
     round differently (other matmul shapes), and on a few labelled tokens that moves the
     loss by a percent or more; then `fp32_loss()` (the model's own forward in fp32, where the
     caller can compute it) decides: packing passes when it is within tolerance of fp32, or no
     further from it than the padded forward is (x2)."""
-    losses = packing_losses(model, batch)
+    losses = packing_losses(model, batch, policy)
     if losses is None:
         return False
     packed, padded = losses

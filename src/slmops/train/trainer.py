@@ -173,6 +173,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.autocast == torch.float16 else None
         self.state = ckpt.TrainState()
         self.loss_fn = plain_loss
+        self.packing_policy = None  # cpu/attention.PackingPolicy, where loss_fn trains padding-free batches
         self._prepared = False
 
     # -- pieces -------------------------------------------------------------------------
@@ -276,20 +277,22 @@ class Trainer:
         with self._autocast():
             fast = check_fast_path(self.model, probe)
         self.loss_fn = selective_loss if fast else plain_loss
-        packed = fast and self.fast_path is not None and self.fast_path.packs_sequences and \
-            check_packing(self.model, probe, lambda: self.fast_path.fp32_loss(self.model, selective_loss, probe))
+        policy = self.fast_path.packing_policy(self.precision.autocast or self.precision.weights) \
+            if self.fast_path is not None and self.fast_path.packs_sequences else None
+        packed = fast and policy is not None and \
+            check_packing(self.model, probe, lambda: self.fast_path.fp32_loss(self.model, selective_loss, probe), policy)
+        self.packing_policy = policy if packed else None
         if packed:
-            self.loss_fn = packed_loss
+            self.loss_fn = functools.partial(packed_loss, policy=policy)
         log.info("loss: %s%s", "output head on labelled positions only" if fast else "full logits (model's own forward)",
-                 "; padding-free batches (real tokens only) where padding is over 10%, and all batches over "
-                 f"{SHORT_ATTENTION_MAX_LEN} tokens" if packed else "")
+                 f"; padding-free batches (real tokens only): {policy.describe()}" if packed else "")
 
     def _verify_fast_path(self, probe: dict[str, torch.Tensor]) -> None:
         with self._attention_kernel(probe), self._autocast():
             if not self.fast_path.verify(self.model, self.loss_fn, probe):
                 self.fast_path = None
-                if self.loss_fn is packed_loss:  # packing relies on the fast path's attention
-                    self.loss_fn = selective_loss
+                if self.packing_policy is not None:  # packing relies on the fast path's attention
+                    self.loss_fn, self.packing_policy = selective_loss, None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

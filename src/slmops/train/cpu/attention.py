@@ -23,7 +23,8 @@ o_proj's input — instead of a dozen recorded ops (rotate_half's slices, negati
 concatenation, the transposes) and their backward nodes.
 
 Padding-free batches (Packing) of such modules: short ones run the fused function in the
-padded layout; longer ones (`_long_packed`) run each sequence's causal attention alone with no
+padded layout (PADDED_ATTENTION: bf16); longer ones, and short ones where the products are fp32
+(FP32_ALONE), run each sequence's causal attention alone (`_alone_packed`) with no
 mask — all of them in one PackedAttentionFunction (a C kernel: bf16 on AMX tiles or AVX512-BF16
 dot products, fp32 on AVX2 + FMA) where the CPU has the model's dtype's kernel, else through SDPA's
 flash kernel sequence by sequence — so attention does no work on padding or above the diagonal, and
@@ -32,6 +33,7 @@ keeps O(T) memory for the backward."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -272,18 +274,44 @@ class _Rope:
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
 
-ROW_MULTIPLE = 16  # packed rows are rounded up to this: oneDNN's AMX matmuls run 15-23% slower per row at 370 or 376 rows than at 384
-# Packing costs a scatter and a gather per layer (~4% of a SmolLM2-135M step at batch 8 x 49
-# tokens); it pays when it removes more than that. Measured on the tone data (6% padding):
-# 0.98x with packing, so short batches with less than 10% padding stay padded. Long batches
-# (over SHORT_ATTENTION_MAX_LEN) always pack: they stay packed through every layer (no scatter
-# or gather), and their attention then runs per sequence with no mask — in PackedAttentionFunction,
-# 4.2-5.0x SDPA's on the 1B shape (8 x 256 tokens without padding: 301 -> 328 tokens/s in training).
-PACK_BELOW = 0.9  # pack a short batch when the packed rows are fewer than this fraction of B * T
+@dataclass(frozen=True)
+class PackingPolicy:
+    """When a short batch (up to SHORT_ATTENTION_MAX_LEN tokens) trains padding-free, and how.
+    Long batches always pack; their attention always runs per sequence in the packed layout.
+
+    row_multiple: packed rows are rounded up to this.
+    pack_below: pack a short batch when its packed rows are fewer than this fraction of B * T.
+    short_alone: a short packed batch's attention also runs per sequence in the packed layout
+    (the packed attention kernel), instead of going back to the padded layout for the fused
+    function around each layer's attention."""
+
+    row_multiple: int
+    pack_below: float
+    short_alone: bool
+
+    def describe(self) -> str:
+        if self.short_alone:
+            return "every batch with padding, and all batches over %d tokens, each sequence's attention alone" % SHORT_ATTENTION_MAX_LEN
+        return f"short ones where padding is over {100 * (1 - self.pack_below):.0f}%, all batches over {SHORT_ATTENTION_MAX_LEN} tokens"
 
 
-def _rounded_rows(tokens: int) -> int:
-    return -(-tokens // ROW_MULTIPLE) * ROW_MULTIPLE
+# Measured with bf16 products on AMX (SmolLM2-135M, tone data, batch 8 x ~49 tokens, 6% padding):
+# oneDNN's AMX matmuls run 15-23% slower per row at 370 or 376 rows than at 384, so rows are
+# rounded to 16; the scatter and gather around each layer's fused attention cost ~4% of a step,
+# and packing measured 0.98x, so short batches with less than 10% padding stay padded.
+PADDED_ATTENTION = PackingPolicy(row_multiple=16, pack_below=0.9, short_alone=False)
+# fp32 products (CPUs without fast bf16), where the fp32 packed attention kernel is built: a row
+# of the step costs ~6x what it does on AMX, MKL's fp32 products show no preference for any row
+# count (368-400 rows, 2026-12-06, Zen 3), and a short batch's attention runs per sequence in the
+# kernel, so no scatter or gather around it. Every batch with padding packs, to exactly its
+# real tokens. On the tone data (6.7% padding), alternating steps in one process on the Zen 3
+# EPYC: LoRA 1.04x, full fine-tuning 1.05x against PADDED_ATTENTION (which gave 1.015x there
+# with every batch packed).
+FP32_ALONE = PackingPolicy(row_multiple=1, pack_below=1.0, short_alone=True)
+
+
+def _rounded_rows(tokens: int, multiple: int) -> int:
+    return -(-tokens // multiple) * multiple
 
 
 class Packing:
@@ -293,15 +321,16 @@ class Packing:
     example attends to another). Passed to the attention modules as the `slmops_packing`
     keyword, which transformers hands down to every decoder layer.
 
-    `rows` is N rounded up to ROW_MULTIPLE. The extra rows repeat the first token; they carry
+    `rows` is N rounded up to the policy's row_multiple. The extra rows repeat the first token; they carry
     no loss and no attention reads them, so they get exactly zero gradient and change nothing."""
 
-    def __init__(self, attention_mask: torch.Tensor):
+    def __init__(self, attention_mask: torch.Tensor, policy: PackingPolicy = PADDED_ATTENTION):
         valid = attention_mask.bool()
         self.batch, self.length = valid.shape
+        self.policy = policy
         self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in the (B * T) padded layout
         self.tokens = len(self.index)
-        self.rows = _rounded_rows(self.tokens)
+        self.rows = _rounded_rows(self.tokens, policy.row_multiple)
         self.rows_index = torch.cat([self.index, self.index[:1].expand(self.rows - self.tokens)])
         self.lengths = valid.sum(1).tolist()  # each example's tokens, in packed order
         self._valid = valid
@@ -317,7 +346,7 @@ class Packing:
 
     @cached_property
     def skip_mask(self) -> torch.Tensor:
-        """A long batch's stand-in for transformers' mask, passed as the decoder's attention_mask
+        """The stand-in for transformers' mask of a batch whose sequences attend alone, passed as the decoder's attention_mask
         (loss._packed): transformers returns a 4D mask as it is given, so it skips building the
         (1, 1, rows, rows) one that only a layer falling back to the model's own attention would
         read (1.8% of a codes step, ~150 MB at 12k tokens); such a layer reads `block_mask`
@@ -339,22 +368,29 @@ class Packing:
 
     @property
     def long(self) -> bool:
-        """Longer than the fused function takes: attention runs per sequence (_long_packed)."""
+        """Longer than the fused function takes."""
         return self.length > SHORT_ATTENTION_MAX_LEN
 
+    @property
+    def alone(self) -> bool:
+        """Each sequence's attention runs alone in the packed layout (_alone_packed): a long batch,
+        or any batch under a policy with short_alone."""
+        return self.long or self.policy.short_alone
+
     @staticmethod
-    def of(attention_mask: torch.Tensor, only_if_it_pays: bool = True) -> Packing | None:
+    def of(attention_mask: torch.Tensor, only_if_it_pays: bool = True, policy: PackingPolicy = PADDED_ATTENTION) -> Packing | None:
         """The packing of a right-padded batch (with only_if_it_pays, a long one or one with
-        enough padding to remove: PACK_BELOW), else None."""
+        enough padding to remove: the policy's pack_below), else None."""
         if attention_mask.dim() != 2:
             return None
         valid = attention_mask.bool()
         lengths = valid.sum(1, keepdim=True)
         if not right_padded(valid) or int(lengths.min()) == 0:
             return None  # left padding or holes: positions would differ from the padded forward's
-        if only_if_it_pays and valid.shape[1] <= SHORT_ATTENTION_MAX_LEN and _rounded_rows(int(lengths.sum())) >= PACK_BELOW * valid.numel():
+        if (only_if_it_pays and valid.shape[1] <= SHORT_ATTENTION_MAX_LEN
+                and _rounded_rows(int(lengths.sum()), policy.row_multiple) >= policy.pack_below * valid.numel()):
             return None  # short, and little padding to remove
-        return Packing(attention_mask)
+        return Packing(attention_mask, policy)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (1, rows, ...): the real tokens in order, then the extra rows."""
@@ -382,9 +418,10 @@ def _module_forward(module, own_forward, hidden_states, position_embeddings=None
     """A Llama-style attention module's forward on RotaryAttentionFunction, where it applies."""
     state: AttentionState = module._slmops_attention
     packing: Packing | None = kwargs.pop("slmops_packing", None)
-    long_packed = packing is not None and packing.long
-    # a short packed batch uses its own padded-layout mask; transformers' (1, 1, N, N) one is for the fallback
-    mask = None if long_packed else packing.mask if packing is not None else attention_mask
+    alone = packing is not None and packing.alone
+    # a short packed batch on the fused function uses its own padded-layout mask; transformers' (1, 1, N, N)
+    # one is for the fallback
+    mask = None if alone else packing.mask if packing is not None else attention_mask
     length = packing.length if packing is not None else (hidden_states.shape[1] if hidden_states.dim() == 3 else 0)
     plain = (
         args
@@ -393,15 +430,15 @@ def _module_forward(module, own_forward, hidden_states, position_embeddings=None
         or position_embeddings is None
         or any(kwargs.get(name) is not None for name in _CACHE_ARGS)
         or (module.training and module.attention_dropout > 0)
-        or not (0 < length <= SHORT_ATTENTION_MAX_LEN or long_packed)
+        or not (0 < length <= SHORT_ATTENTION_MAX_LEN or alone)
         or (mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1))
     )
     if plain:  # a packed batch is right here too: its block mask keeps its sequences apart
-        if long_packed:  # (transformers was handed packing.skip_mask and built none)
+        if alone:  # (transformers was handed packing.skip_mask and built none)
             attention_mask = packing.block_mask
         return own_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    if long_packed:
-        return _long_packed(module, hidden_states, position_embeddings, packing, state.rope, module._slmops_kernels), None
+    if alone:
+        return _alone_packed(module, hidden_states, position_embeddings, packing, state.rope, module._slmops_kernels), None
     return _fused(module, hidden_states, position_embeddings, mask, length, module._slmops_kernels, state.rope, state.bias,
                   packing), None
 
@@ -420,10 +457,10 @@ def _fused(module, hidden_states, position_embeddings, mask, length: int, kernel
     return module.o_proj(packing.pack(out) if packing is not None else out)
 
 
-def _long_packed(module, hidden_states: torch.Tensor, position_embeddings, packing: Packing, rope: _Rope,
-                 kernels: Kernels | None = None) -> torch.Tensor:
-    """o_proj(attention) of a Llama-style module on a packed batch longer than the fused
-    function takes: hidden_states (1, rows, F) and position embeddings (1, rows, D) are in the
+def _alone_packed(module, hidden_states: torch.Tensor, position_embeddings, packing: Packing, rope: _Rope,
+                  kernels: Kernels | None = None) -> torch.Tensor:
+    """o_proj(attention) of a Llama-style module on a packed batch whose sequences attend alone
+    (Packing.alone: longer than the fused function takes, or short under FP32_ALONE): hidden_states (1, rows, F) and position embeddings (1, rows, D) are in the
     packed layout already, so q, k and v are rotated there, and each example's causal attention
     runs alone, with no mask: all sequences in one call of PackedAttentionFunction where the CPU
     has the kernel for the projections' dtype (bf16: AMX tiles or AVX512-BF16, head size a multiple

@@ -240,6 +240,17 @@ class FastPath:
     def lora_layers(self) -> int:
         return sum(isinstance(m, g.lora_type) for g in self.groups for m in g.members)
 
+    def packing_policy(self, compute_dtype: torch.dtype) -> attention.PackingPolicy:
+        """How padding-free batches (loss.packed_loss) train on this path, for a model computing in
+        `compute_dtype` (its weights', or autocast's): FP32_ALONE where the products are fp32 and
+        the fp32 packed attention kernel takes every attention module's heads, else
+        PADDED_ATTENTION (attention.py gives the measurements behind each)."""
+        fp32_kernel = self.kernels is not None and self.kernels.packed_attention_f32 and \
+            all(m.head_dim % kernels_module.PACKED_ATTENTION_HEAD_MULTIPLE[torch.float32] == 0 for m in self.attention_modules)
+        if compute_dtype == torch.float32 and fp32_kernel and self.attention_modules:
+            return attention.FP32_ALONE
+        return attention.PADDED_ATTENTION
+
     def describe(self) -> str:
         if not self.active:
             return f"off: {self.off_reason}" if self.off_reason else "off"
@@ -263,7 +274,7 @@ class FastPath:
             parts.append(f"short-batch attention in {attention.NAME}{rotary}")
         if self.packs_sequences:
             alone = "each sequence's causal attention alone" + _packed_attention_products(self.kernels)
-            parts.append(f"padding-free batches: short ones where padding is over 10%, long ones always ({alone})")
+            parts.append(f"padding-free batches (which ones: the loss line; {alone})")
         if self.packed_bytes:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
