@@ -193,7 +193,8 @@ def heldout_loss(model, tokenizer, rows: list[dict], kind: str, max_len: int) ->
 
 
 def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: int, options: dict, seed: int,
-               profile: bool = False) -> dict:
+               profile: bool = False, hooks=None) -> dict:
+    """Train one slmops row; `hooks` (TrainingHooks), if given, hear the loop too (another benchmark's)."""
     from slmops.config import from_dict
     from slmops.finetune_recipe import finetune
     from slmops.train.monitor import read_metrics
@@ -218,7 +219,8 @@ def run_slmops(work: Workload, name: str, model_dir: str, steps: int, warmup: in
             "output_path": str(Path(tmp) / "out"),
         })
         profiler = StepProfiler(warmup, warmup + steps) if profile else None
-        result = finetune(cfg, profiler.hooks() if profiler else None)
+        own = profiler.hooks() if profiler else None
+        result = finetune(cfg, own.merged(hooks) if own else hooks)
         training_peak = peak_rss_mb()  # (before the scoring below loads its own model)
         logged = read_metrics(Path(tmp) / "out" / "logs" / "metrics.jsonl")
         records = [r for r in logged if r["split"] == "train"]

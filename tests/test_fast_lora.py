@@ -367,6 +367,7 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
             "sparse dropout draws, short-batch attention in slmops_cpu_training (2 with the rotary embedding inside), "
             "padding-free batches (which ones: the loss line; each sequence's causal attention alone"
             + (", in one C kernel: " + ", ".join(attention_kernels) if attention_kernels else "") + "), "
+            + "the last layer's MLP on a packed batch's labelled rows only, "
             + (f"AMX forward products on packed base weights ({packed / 2**20:.2f} MB), LoRA products on AMX in bf16, " if amx else "")
             + "C kernels") in text, text
     # bf16 products (and heads of 8): short batches pack only with enough padding, their attention in the padded layout

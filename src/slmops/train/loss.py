@@ -162,16 +162,19 @@ def packed_loss(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[tor
 
 
 def _packed(model, batch: dict[str, torch.Tensor], packing) -> tuple[torch.Tensor, int]:
+    from slmops.train.cpu import last_layer
+
     inner = _inner(model)
     input_ids = packing.pack(batch["input_ids"])
-    # sequences attending alone need no mask on the fast path: transformers is kept from building one
-    mask = packing.skip_mask if packing.alone else None
-    hidden = inner.get_decoder()(input_ids=input_ids, position_ids=packing.position_ids(), attention_mask=mask,
-                                 slmops_packing=packing).last_hidden_state
     # each token's target is the next token of its own example (IGNORE after its last)
     labels = batch["labels"]
     targets = packing.pack(torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], 1))[0]
     targets[packing.tokens :] = IGNORE  # the rows that round the count up carry no loss
+    packing.loss_rows = last_layer.loss_rows(targets, IGNORE)  # the last layer's MLP runs on these only (fast path)
+    # sequences attending alone need no mask on the fast path: transformers is kept from building one
+    mask = packing.skip_mask if packing.alone else None
+    hidden = inner.get_decoder()(input_ids=input_ids, position_ids=packing.position_ids(), attention_mask=mask,
+                                 slmops_packing=packing).last_hidden_state
     weights = token_weights(batch, labels)
     if weights is not None:  # packed as the targets are (the rows past the real tokens carry no loss anyway)
         weights = packing.pack(weights.contiguous())[0]

@@ -334,6 +334,9 @@ class Packing:
         self.rows_index = torch.cat([self.index, self.index[:1].expand(self.rows - self.tokens)])
         self.lengths = valid.sum(1).tolist()  # each example's tokens, in packed order
         self._valid = valid
+        # the rows the loss reads, where the last layer's MLP need not run on the rest (last_layer.py;
+        # set by loss._packed), else None
+        self.loss_rows: torch.Tensor | None = None
         self._rope_key: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmops.machine import available_memory
-from slmops.train.cpu import allocator, attention, bf16_copies, compat, embedding, mlp, norm
+from slmops.train.cpu import allocator, attention, bf16_copies, compat, embedding, last_layer, mlp, norm
 from slmops.train.cpu import quantized as quantized_module
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.lora import LinearGroup
@@ -100,6 +100,7 @@ class FastPath:
         self.replaced_attention: str | None = None
         self.packed_bytes = 0
         self.packs_sequences = False
+        self.last_layer_on_loss_rows = False  # last_layer.py
         self.keeps_freed_blocks = False
         self.kernels: kernels_module.Kernels | None = None
         self._attention = attention.AttentionState()
@@ -189,6 +190,8 @@ class FastPath:
         layers = getattr(decoder, "layers", None)
         self.packs_sequences = bool(self.attention_modules) and isinstance(layers, nn.ModuleList) and \
             len(self.attention_modules) == len(layers)
+        # a packed batch's loss rows reach the layers with its packing: the last layer's MLP can run on those only
+        self.last_layer_on_loss_rows = self.packs_sequences and last_layer.install(patches, model, lambda: self.enabled)
         if not len(patches):
             self.off_reason = "nothing in this model it knows how to take over"
 
@@ -275,6 +278,8 @@ class FastPath:
         if self.packs_sequences:
             alone = "each sequence's causal attention alone" + _packed_attention_products(self.kernels)
             parts.append(f"padding-free batches (which ones: the loss line; {alone})")
+        if self.last_layer_on_loss_rows:
+            parts.append("the last layer's MLP on a packed batch's labelled rows only")
         if self.packed_bytes:
             parts.append(f"AMX forward products on packed base weights ({self.packed_bytes / 2**20:.2f} MB)")
         if self.kernels is not None and self.kernels.amx and self.lora_layers:
@@ -386,7 +391,7 @@ class FastPath:
         self.patches.undo()
         self.groups, self.norms, self.mlps, self.attention_modules, self.replaced_attention = [], [], [], [], None
         self.packed_bytes = 0
-        self.packs_sequences = False
+        self.packs_sequences = self.last_layer_on_loss_rows = False
 
     def __enter__(self) -> "FastPath":
         return self
