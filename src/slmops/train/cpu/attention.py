@@ -486,7 +486,8 @@ def _alone_packed(module, hidden_states: torch.Tensor, position_embeddings, pack
         q_real, k_real, v_real = q[:tokens], k[:tokens], v[:tokens].contiguous()  # (v: a view of the projection's output)
         if kernels.packed_attention_takes(q_real, k_real, v_real):
             out = PackedAttentionFunction.apply(q_real, k_real, v_real, packing.offsets, module.scaling, kernels)
-            out = torch.cat([out, q.new_zeros(rows - tokens, heads, dim)])
+            if rows > tokens:  # (a copy, which o_proj keeps for its backward beside the kernel's own: only where rows round up)
+                out = torch.cat([out, q.new_zeros(rows - tokens, heads, dim)])
             return module.o_proj(out.view(1, rows, heads * dim))
     # split, not slicing: its backward concatenates the pieces instead of adding full-size zeros per piece
     sizes = packing.lengths  # the real tokens; the rows after them are left out
