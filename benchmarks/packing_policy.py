@@ -10,8 +10,8 @@ process swaps the parities, so each policy runs every batch once.
     python benchmarks/packing_policy.py --method full                    # also: qlora
     python benchmarks/packing_policy.py --policies FP32_ALONE,PADDED_ATTENTION   # any two named in attention.py
 
-Each process: ~2 minutes for 40 steps of tone on 2 cores. Prints the CPU, each policy's tokens/s over the steps it ran (real tokens, as the training loop counts them) and
-the ratio candidate / peer (above 1: the candidate is faster), with the median of the per-batch
+Each process: ~2 minutes for 40 steps of tone on 2 cores. Prints the CPU, each policy's tokens/s
+over the steps it ran (real tokens, as the training loop counts them) and the ratio candidate / peer (above 1: the candidate is faster), with the median of the per-batch
 ratios. Uses the training benchmark's workloads (benchmarks/train_throughput.py) on the built-in
 model.
 """
@@ -65,8 +65,6 @@ def worker(args) -> None:
     from slmops.train.cpu.path import FastPath
     from slmops.train.trainer import TrainingHooks
 
-    import torch
-
     own_policy = FastPath.packing_policy
     names = args.policies.split(",") if args.policies else None
     chosen = {}
@@ -94,7 +92,7 @@ def worker(args) -> None:
     # run_slmops' timed records are steps 2 .. steps + 1
     rows = [{"step": i + 2, "candidate": policy.arms[i + 2], "seconds": s, "tokens": t}
             for i, (s, t) in enumerate(zip(result["step_seconds"], result["tokens"]))]
-    Path(args.out).write_text(json.dumps({"rows": rows, "dtype": chosen["dtype"], "threads": torch.get_num_threads(),
+    Path(args.out).write_text(json.dumps({"rows": rows, "dtype": chosen["dtype"],
                                           "candidate": repr(policy.candidate), "peer": repr(policy.peer)}))
 
 

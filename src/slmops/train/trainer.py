@@ -173,7 +173,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.autocast == torch.float16 else None
         self.state = ckpt.TrainState()
         self.loss_fn = plain_loss
-        self.packing_policy = None  # cpu/attention.PackingPolicy, where loss_fn trains padding-free batches
         self._prepared = False
 
     # -- pieces -------------------------------------------------------------------------
@@ -281,18 +280,23 @@ class Trainer:
             if self.fast_path is not None and self.fast_path.packs_sequences else None
         packed = fast and policy is not None and \
             check_packing(self.model, probe, lambda: self.fast_path.fp32_loss(self.model, selective_loss, probe), policy)
-        self.packing_policy = policy if packed else None
         if packed:
             self.loss_fn = functools.partial(packed_loss, policy=policy)
         log.info("loss: %s%s", "output head on labelled positions only" if fast else "full logits (model's own forward)",
                  f"; padding-free batches (real tokens only): {policy.describe()}" if packed else "")
+
+    @property
+    def packing_policy(self):
+        """The cpu/attention.PackingPolicy the loss trains padding-free batches with, or None."""
+        fn = self.loss_fn
+        return fn.keywords["policy"] if isinstance(fn, functools.partial) and fn.func is packed_loss else None
 
     def _verify_fast_path(self, probe: dict[str, torch.Tensor]) -> None:
         with self._attention_kernel(probe), self._autocast():
             if not self.fast_path.verify(self.model, self.loss_fn, probe):
                 self.fast_path = None
                 if self.packing_policy is not None:  # packing relies on the fast path's attention
-                    self.loss_fn, self.packing_policy = selective_loss, None
+                    self.loss_fn = selective_loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -349,8 +349,8 @@ class Packing:
 
     @cached_property
     def skip_mask(self) -> torch.Tensor:
-        """The stand-in for transformers' mask of a batch whose sequences attend alone, passed as the decoder's attention_mask
-        (loss._packed): transformers returns a 4D mask as it is given, so it skips building the
+        """The stand-in for transformers' mask of a batch whose sequences attend alone, passed as the
+        decoder's attention_mask (loss._packed): transformers returns a 4D mask as it is given, so it skips building the
         (1, 1, rows, rows) one that only a layer falling back to the model's own attention would
         read (1.8% of a codes step, ~150 MB at 12k tokens); such a layer reads `block_mask`
         instead (_module_forward). Expanded from one element: no memory."""
@@ -463,8 +463,8 @@ def _fused(module, hidden_states, position_embeddings, mask, length: int, kernel
 def _alone_packed(module, hidden_states: torch.Tensor, position_embeddings, packing: Packing, rope: _Rope,
                   kernels: Kernels | None = None) -> torch.Tensor:
     """o_proj(attention) of a Llama-style module on a packed batch whose sequences attend alone
-    (Packing.alone: longer than the fused function takes, or short under FP32_ALONE): hidden_states (1, rows, F) and position embeddings (1, rows, D) are in the
-    packed layout already, so q, k and v are rotated there, and each example's causal attention
+    (Packing.alone: longer than the fused function takes, or short under FP32_ALONE): hidden_states
+    (1, rows, F) and position embeddings (1, rows, D) are in the packed layout already, so q, k and v are rotated there, and each example's causal attention
     runs alone, with no mask: all sequences in one call of PackedAttentionFunction where the CPU
     has the kernel for the projections' dtype (bf16: AMX tiles or AVX512-BF16, head size a multiple
     of 32; fp32: AVX2 + FMA, a multiple of 16), else one SDPA call (flash on a CPU) per sequence

@@ -46,7 +46,7 @@ VERSION = 10  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 # The packed attention kernels take heads whose size is a multiple of this: the bf16 kernel's inner
 # step (AMX tiles, AVX512-BF16 dot products), the fp32 kernel's two AVX2 vectors.
-PACKED_ATTENTION_HEAD_MULTIPLE = {torch.bfloat16: 32, torch.float32: 16}
+_PACKED_ATTENTION_HEAD_MULTIPLE = {torch.bfloat16: 32, torch.float32: 16}
 
 
 def _cache_dir() -> Path:
@@ -318,15 +318,19 @@ class Kernels:
             raise ValueError(f"amx_matmul needs an even inner size, got {k}")
         return out
 
+    def packed_attention_for(self, dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether this CPU's build has a packed attention kernel for `dtype` (bf16 where it is built,
+        fp32 where the fp32 one is used) that takes heads of `head_dim`."""
+        enabled = {torch.bfloat16: self.packed_attention, torch.float32: self.packed_attention_f32}.get(dtype, False)
+        return bool(enabled) and head_dim % _PACKED_ATTENTION_HEAD_MULTIPLE[dtype] == 0
+
     def packed_attention_takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether packed_attention_forward takes these (N, heads, D) operands on this CPU: contiguous,
         query heads a multiple of key/value heads, and bf16 with D a multiple of 32 (the tiles' inner
         step) where the bf16 kernel is built, or fp32 with D a multiple of 16 where the fp32 one is."""
-        kernel = {torch.bfloat16: (self.packed_attention, PACKED_ATTENTION_HEAD_MULTIPLE[torch.bfloat16]),
-                  torch.float32: (self.packed_attention_f32, PACKED_ATTENTION_HEAD_MULTIPLE[torch.float32])}.get(q.dtype)
-        return (kernel is not None and kernel[0]
+        return (self.packed_attention_for(q.dtype, q.shape[2])
                 and all(t.dtype == q.dtype and t.device.type == "cpu" and t.dim() == 3 and t.is_contiguous() for t in (q, k, v))
-                and q.shape[2] % kernel[1] == 0 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]
+                and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]
                 and q.shape[1] % k.shape[1] == 0)
 
     def packed_attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,

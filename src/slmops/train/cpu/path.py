@@ -248,9 +248,8 @@ class FastPath:
         `compute_dtype` (its weights', or autocast's): FP32_ALONE where the products are fp32 and
         the fp32 packed attention kernel takes every attention module's heads, else
         PADDED_ATTENTION (attention.py gives the measurements behind each)."""
-        fp32_kernel = self.kernels is not None and self.kernels.packed_attention_f32 and \
-            all(m.head_dim % kernels_module.PACKED_ATTENTION_HEAD_MULTIPLE[torch.float32] == 0 for m in self.attention_modules)
-        if compute_dtype == torch.float32 and fp32_kernel and self.attention_modules:
+        if compute_dtype == torch.float32 and self.kernels is not None and self.attention_modules and \
+                all(self.kernels.packed_attention_for(torch.float32, m.head_dim) for m in self.attention_modules):
             return attention.FP32_ALONE
         return attention.PADDED_ATTENTION
 
