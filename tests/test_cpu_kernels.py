@@ -66,6 +66,62 @@ def test_rmsnorm_forward_and_backward(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [5, 4 * 13, 700])  # fewer rows than the weight gradient's blocks; one thread; two
+def test_rmsnorm_trainable_weight_gradient(kernels, dtype, rows):
+    """Full fine-tuning trains the norm's weight: its gradient comes out of the same backward pass."""
+    torch.manual_seed(0)
+    x = (torch.randn(rows, 96) * 3).to(dtype)
+    weight = (torch.rand(96) + 0.5).to(dtype)
+    grad = torch.randn(rows, 96).to(dtype)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    (_reference_rmsnorm(x64, w64, 1e-5) * grad.double()).sum().backward()
+    for use in (kernels, None):  # the kernel, then the PyTorch version
+        xs, w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = fast_norm.RMSNormFunction.apply(xs, w, 1e-5, use)
+        y.backward(grad)
+        assert torch.equal(xs.detach(), x)  # the saved input is left as it was
+        torch.testing.assert_close(xs.grad.double(), x64.grad, **_ulps(dtype))
+        # (bf16: the sum of `rows` products rounded once at the end, against float64's)
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=_ulps(dtype)["rtol"], atol=_ulps(dtype)["atol"] * rows ** 0.5)
+        assert w.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_trainable_norm_installs_on_the_kernel_only_where_its_gradient_agrees(kernels, dtype, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    module = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+    assert fast_norm.matches(module) and fast_norm.weight_gradient_agrees(module, kernels)
+    patches = Patches()
+    fast_norm.install(patches, module, lambda: True, kernels)
+    x = torch.randn(40, 96).to(dtype).requires_grad_()
+    module(x).sum().backward()
+    assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    patches.undo()
+    # a kernel whose weight gradient is wrong (the PyTorch version's, doubled) is not used for this norm
+    broken = cpu_kernels.Kernels.rmsnorm_backward_with_weight
+
+    def doubled(self, *args):
+        dx, dw = broken(self, *args)
+        return dx, dw * 2
+
+    monkeypatch.setattr(cpu_kernels.Kernels, "rmsnorm_backward_with_weight", doubled)
+    assert not fast_norm.weight_gradient_agrees(module, kernels)
+    assert fast_norm.weight_gradient_agrees(module, None)
+    module.weight.grad = None
+    fast_norm.install(patches, module, lambda: True, kernels)
+    y = module(x.detach())
+    y.sum().backward()
+    expected = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    expected.weight.data.copy_(module.weight.data)
+    expected(x.detach()).sum().backward()
+    torch.testing.assert_close(module.weight.grad, expected.weight.grad, **_ulps(dtype))
+    patches.undo()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_swiglu_forward_and_backward(kernels, dtype):
     torch.manual_seed(0)
     gate = (torch.randn(3, 17, 200) * 4).to(dtype).requires_grad_()  # large |gate|: both tails of the sigmoid

@@ -378,8 +378,9 @@ def test_finetune_says_which_precision_and_path_it_chose(tiny_llama, tmp_path, c
 @pytest.mark.parametrize("bf16", [False, True])
 def test_full_fine_tuning_path_matches_the_model_own_forward(tiny_llama, tmp_path, bf16):
     """Full fine-tuning (fp32 master weights, bf16 autocast when asked) takes the weight-free
-    parts of the path — fused SwiGLU, attention with the rotary embedding inside — with the
-    model's own loss and gradients (to the autocast dtype's precision)."""
+    parts of the path — fused SwiGLU, attention with the rotary embedding inside — and the
+    RMSNorms with their trainable weights, with the model's own loss and gradients (the norms'
+    weights' included, to the autocast dtype's precision)."""
     plan = plan_finetune(tiny_config(tiny_llama, tmp_path / "full", method="full", bf16=bf16))
     model = build_model(plan).train()
     batch = _batch(plan)
@@ -387,7 +388,8 @@ def test_full_fine_tuning_path_matches_the_model_own_forward(tiny_llama, tmp_pat
     with autocast:
         ref_loss, ref_grads = _loss_and_grads(model, batch)
     path = FastPath.install(model)
-    assert path.lora_layers == 0 and not path.norms and len(path.mlps) == 2 and len(path.attention_modules) == 2
+    assert path.lora_layers == 0 and len(path.norms) == 5 and len(path.mlps) == 2 and len(path.attention_modules) == 2
+    assert all(norm.weight.requires_grad for norm in path.norms)
     with autocast:
         loss, grads = _loss_and_grads(model, batch)
     assert loss == pytest.approx(ref_loss, rel=2e-2 if bf16 else 1e-5)
@@ -397,7 +399,8 @@ def test_full_fine_tuning_path_matches_the_model_own_forward(tiny_llama, tmp_pat
             assert cosine > 0.99, (key, float(cosine))
         else:
             torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=5e-6)
-    assert "LoRA" not in path.describe() and "2 fused SwiGLUs" in path.describe()
+    assert "LoRA" not in path.describe() and "2 fused SwiGLUs" in path.describe() and "5 fused RMSNorms" in path.describe()
+    assert any("norm" in key for key in ref_grads)  # (the norms' weight gradients were compared above)
 
 
 def test_only_attention_modules_that_compute_the_same_function_are_taken_over():

@@ -257,6 +257,32 @@ static void swiglu_bwd_avx512_bf16(const uint16_t *grad, const uint16_t *gate, c
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
+    /* The same dx for a trainable weight, and its gradient: dw = sum over rows of grad * x_hat, in fp32. The  \
+       rows are split into `parts` fixed blocks, each summed into its own row of dw_parts (parts x cols,      \
+       zeroed by the caller, added up by it), so the result does not depend on the thread count. */          \
+    void rmsnorm_bwd_dw_##S(const T *grad, const T *x, const T *w, const float *inv_rms, T *dx, float *dw_parts, \
+                            int64_t parts, int64_t rows, int64_t cols) {                                        \
+        _Pragma("omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN)")                          \
+        for (int64_t p = 0; p < parts; p++) {                                                                   \
+            float *acc = dw_parts + p * cols;                                                                   \
+            for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; r++) {                               \
+                const T *gr = grad + r * cols, *xr = x + r * cols;                                              \
+                T *dr = dx + r * cols;                                                                          \
+                float inv = inv_rms[r], dot = 0.0f;                                                             \
+                _Pragma("omp simd reduction(+ : dot)")                                                          \
+                for (int64_t c = 0; c < cols; c++)                                                              \
+                    dot += LOAD_##S(gr, c) * LOAD_##S(w, c) * LOAD_##S(xr, c);                                  \
+                float mean = dot * inv / (float)cols;                                                           \
+                _Pragma("omp simd")                                                                             \
+                for (int64_t c = 0; c < cols; c++) {                                                            \
+                    float g = LOAD_##S(gr, c), x_hat = LOAD_##S(xr, c) * inv;                                   \
+                    acc[c] += g * x_hat;                                                                        \
+                    STORE_##S(dr, c, inv * (g * LOAD_##S(w, c) - x_hat * mean));                                \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
     /* out = silu(gate) * up: act_fn(gate_proj(x)) * up_proj(x) of a SwiGLU MLP. */          \
     void swiglu_fwd_##S(const T *gate, const T *up, T *out, int64_t n) {                                        \
         if (AVX512_BF16_##S) {                                                                                  \
@@ -834,4 +860,4 @@ int amx_matmul(const uint16_t *a, int64_t sam, int64_t sak, const uint16_t *b, i
 #include "packed_attention_f32.c"
 #include "nf4.c"
 
-int slmops_kernels_version(void) { return 10; }
+int slmops_kernels_version(void) { return 11; }

@@ -42,8 +42,11 @@ log = logging.getLogger("slmops")
 SOURCE = Path(__file__).with_name("kernels.c")
 SOURCES = (SOURCE, SOURCE.with_name("packed_attention.c"), SOURCE.with_name("packed_attention_f32.c"),
            SOURCE.with_name("nf4.c"))  # (kernels.c includes the others: one library)
-VERSION = 10  # slmops_kernels_version() in the C file
+VERSION = 11  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+# A trainable RMSNorm weight's gradient is summed over this many fixed blocks of rows, then over the
+# blocks: the same sum whatever the thread count (up to this many threads share the rows).
+RMSNORM_DW_PARTS = 16
 # The packed attention kernels take heads whose size is a multiple of this: the bf16 kernel's inner
 # step (AMX tiles, AVX512-BF16 dot products), the fp32 kernel's two AVX2 vectors.
 _PACKED_ATTENTION_HEAD_MULTIPLE = {torch.bfloat16: 32, torch.float32: 16}
@@ -178,6 +181,7 @@ class Kernels:
         for suffix in _SUFFIX.values():
             getattr(lib, f"rmsnorm_fwd_{suffix}").argtypes = [p, p, p, p, i64, i64, f32]
             getattr(lib, f"rmsnorm_bwd_{suffix}").argtypes = [p, p, p, p, p, i64, i64]
+            getattr(lib, f"rmsnorm_bwd_dw_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64]
             getattr(lib, f"swiglu_fwd_{suffix}").argtypes = [p, p, p, i64]
             getattr(lib, f"swiglu_bwd_{suffix}").argtypes = [p, p, p, p, p, i64]
             getattr(lib, f"rope_heads_first_{suffix}").argtypes = [p, i64, p, p, i64, p, i64, i64, i64, i64, f32]
@@ -185,7 +189,7 @@ class Kernels:
             getattr(lib, f"rope_rows_{suffix}").argtypes = [p, i64, p, p, p, i64, i64, i64, f32]
             for name in ("lora_drop_h", "lora_drop_da", "lora_drop_dx"):
                 getattr(lib, f"{name}_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
-            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_heads_first", "rope_tokens_first", "rope_rows",
+            for name in ("rmsnorm_fwd", "rmsnorm_bwd", "rmsnorm_bwd_dw", "swiglu_fwd", "swiglu_bwd", "rope_heads_first", "rope_tokens_first", "rope_rows",
                          "lora_drop_h", "lora_drop_da", "lora_drop_dx"):
                 getattr(lib, f"{name}_{suffix}").restype = None
         lib.drop_positions_seeded.argtypes = [ctypes.c_uint64, i64, i64, ctypes.c_double, i64, i64, p]
@@ -251,6 +255,18 @@ class Kernels:
         getattr(self.lib, f"rmsnorm_bwd_{_SUFFIX[x.dtype]}")(grad.data_ptr(), x.data_ptr(), weight.data_ptr(), inv_rms.data_ptr(),
                                                              dx.data_ptr(), x.numel() // cols, cols)
         return dx
+
+    def rmsnorm_backward_with_weight(self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                     inv_rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rmsnorm_backward's dx and the weight's gradient (fp32, summed over the rows in fixed blocks)."""
+        cols = x.shape[-1]
+        rows = x.numel() // cols
+        dx = torch.empty_like(x)
+        parts = max(1, min(RMSNORM_DW_PARTS, rows))
+        dw_parts = torch.zeros(parts, cols, dtype=torch.float32)
+        getattr(self.lib, f"rmsnorm_bwd_dw_{_SUFFIX[x.dtype]}")(grad.data_ptr(), x.data_ptr(), weight.data_ptr(), inv_rms.data_ptr(),
+                                                                dx.data_ptr(), dw_parts.data_ptr(), parts, rows, cols)
+        return dx, dw_parts.sum(0)
 
     def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(gate)

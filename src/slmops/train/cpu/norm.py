@@ -1,4 +1,5 @@
-"""RMSNorm on a frozen weight as one autograd function.
+"""RMSNorm as one autograd function, on a frozen weight (adapters) or a trainable one (full
+fine-tuning).
 
 Llama-family norms compute in fp32 for a bf16 model: cast up, square, mean, add, rsqrt,
 multiply, cast down, multiply by the weight. Autograd records each of those as its own node
@@ -11,15 +12,22 @@ below does the same arithmetic in the same order as Llama's norm, bit for bit.
 
 A module is taken over only when its own forward gives the same output as the PyTorch
 version on a random input (`matches`), so a norm that differs (Gemma's 1 + weight, a
-learned bias) keeps its own forward."""
+learned bias) keeps its own forward. A trainable weight's gradient (the sum over rows of
+grad * x_hat) comes out of the same backward pass; since it is a few hundred numbers beside
+millions, the model-wide start-up check would not see it wrong, so `install` checks it on
+each such norm against the module's own autograd first."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from slmops.train.cpu.kernels import Kernels
 from slmops.train.cpu.patches import Patches
+
+log = logging.getLogger(__name__)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -38,14 +46,21 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, inv_rms, weight = ctx.saved_tensors
+        wants_weight = ctx.needs_input_grad[1]
         if ctx.kernels is not None and grad.dtype == x.dtype:
+            if wants_weight:
+                dx, dw = ctx.kernels.rmsnorm_backward_with_weight(grad.contiguous(), x, weight, inv_rms)
+                return dx, dw.to(weight.dtype), None, None
             return ctx.kernels.rmsnorm_backward(grad.contiguous(), x, weight, inv_rms), None, None, None
         g = (grad * weight).float()
-        x_hat = x.float().mul_(inv_rms)
+        x_hat = x.float() * inv_rms  # (not in place: an fp32 x's .float() is x itself, the saved input)
+        dw = None
+        if wants_weight:  # y = weight * x_hat in x's dtype: the weight's gradient sums grad * that over the rows
+            dw = (grad.float() * x_hat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         # d/dx of x * r(x): r * (g - x_hat * mean(g * x_hat))
         dot = (g * x_hat).mean(-1, keepdim=True)
         dx = g.sub_(x_hat.mul_(dot)).mul_(inv_rms)
-        return dx.to(x.dtype), None, None, None
+        return dx.to(x.dtype), dw, None, None
 
 
 def _eps(module: nn.Module) -> float | None:
@@ -63,7 +78,7 @@ def matches(module: nn.Module) -> bool:
     eps = _eps(module)
     if not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.ndim != 1 or eps is None:
         return False
-    if weight.requires_grad or len(list(module.parameters())) != 1:
+    if len(list(module.parameters())) != 1:
         return False
     probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype) * 3
     try:
@@ -73,9 +88,32 @@ def matches(module: nn.Module) -> bool:
     return expected.dtype == probe.dtype and torch.equal(expected, RMSNormFunction.apply(probe, weight, eps))
 
 
+def weight_gradient_agrees(module: nn.Module, kernels: Kernels | None) -> bool:
+    """RMSNormFunction's input and weight gradients (on `kernels`, or the PyTorch version) are
+    the module's own autograd's, within its dtype's precision, on a random batch."""
+    weight, eps = module.weight, _eps(module)
+    generator = torch.Generator().manual_seed(0)
+    # enough rows that the kernels split them between threads and blocks
+    probe = (torch.randn(64, weight.shape[0], generator=generator) * 3).to(weight.device, weight.dtype)
+    grad = torch.randn(probe.shape, generator=generator).to(probe.dtype)
+    got, want = [], []
+    with torch.enable_grad():
+        for run, out in ((lambda x: RMSNormFunction.apply(x, weight, eps, kernels), got), (module, want)):
+            x = probe.clone().requires_grad_()
+            dw, dx = torch.autograd.grad(run(x), (weight, x), grad)
+            out.extend((dx.double(), dw.double()))
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    return all(torch.allclose(a, b, rtol=tolerance, atol=tolerance * float(b.abs().max())) for a, b in zip(got, want))
+
+
 def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels | None) -> None:
-    """Route `module`'s forward through RMSNormFunction while `is_enabled()`."""
+    """Route `module`'s forward through RMSNormFunction while `is_enabled()`; a trainable weight on
+    the kernels only where their gradients agree with the module's own (else the PyTorch version)."""
     eps = _eps(module)
+    if kernels is not None and module.weight.requires_grad and not weight_gradient_agrees(module, kernels):
+        log.warning("fused RMSNorm kernel off for %s: its weight gradient disagrees with the module's own autograd",
+                    type(module).__name__)
+        kernels = None
 
     def forward(self, own_forward, hidden_states, *args, **kwargs):
         if args or kwargs or not is_enabled():

@@ -82,8 +82,9 @@ def _packed_attention_products(kernels: kernels_module.Kernels | None) -> str:
 
 class FastPath:
     """The groups, fused norms, MLPs and attention on a model (PEFT LoRA/QLoRA; for full
-    fine-tuning only the weight-free parts apply: SwiGLU, attention, packing, and the tied
-    embedding's gradient as rows)."""
+    fine-tuning the parts without a trainable matrix apply: SwiGLU, attention, packing, the
+    RMSNorms with their trainable weights, the tied embedding's gradient as rows, and the
+    linears' kept bf16 copies)."""
 
     def __init__(self, model: nn.Module | None, off_reason: str | None = None):
         self.model = model
