@@ -26,7 +26,7 @@ def test_label_smoothed_cross_entropy_trains_exactly_like_pytorch_by_hand(tiny_l
 
     from slmops.data.batching import collate, epoch_batches
     from slmops.data.tokenize import IGNORE
-    from slmops.train.trainer import build_optimizer
+    from slmops.train.optimizer import build_optimizer
 
     steps = 6
     flags = dict(max_steps=steps, lora_dropout=0.0, logging_steps=1, learning_rate=1e-2, train_split="train[:48]",
