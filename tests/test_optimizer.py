@@ -87,3 +87,36 @@ def test_scales_gradients_itself_only_for_fused_adam():
     assert optim_module.scales_gradients_itself(_make("fused", params))
     assert not optim_module.scales_gradients_itself(_make("adamw", params))
     assert not optim_module.scales_gradients_itself(_make("sgd", params))
+
+
+def test_a_pytorch_whose_fused_adamw_ignores_grad_scale_clips_in_its_own_pass(monkeypatch):
+    """grad_scale is an attribute torch.optim reads for AMP, not a documented argument: were a
+    PyTorch to stop reading it, clipping must not silently stop."""
+    assert optim_module.honours_grad_scale("cpu")  # this PyTorch's does
+    real_step = torch.optim.AdamW.step
+
+    def step_ignoring_grad_scale(self, closure=None):
+        scale = self.__dict__.pop("grad_scale", None)
+        try:
+            return real_step(self, closure)
+        finally:
+            if scale is not None:
+                self.grad_scale = scale
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_ignoring_grad_scale)
+    optim_module.honours_grad_scale.cache_clear()
+    try:
+        assert not optim_module.honours_grad_scale("cpu")
+        ours, theirs = _params(0), _params(0)
+        ours_opt, theirs_opt = _make("fused", ours), _make("fused", theirs)
+        assert not optim_module.scales_gradients_itself(ours_opt)
+        for params in (ours, theirs):
+            for p, g in zip(params, _gradients(0, 10.0)):
+                p.grad = g.clone()
+        clipped_step(ours_opt, ours, 1.0)
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        theirs_opt.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        optim_module.honours_grad_scale.cache_clear()

@@ -10,6 +10,7 @@ gradients read and written once more."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,8 +37,34 @@ def build_optimizer(model, cfg: TrainingConfig, learning_rate: float) -> torch.o
 
 
 def scales_gradients_itself(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused Adam/AdamW: its step divides the gradients by `optimizer.grad_scale` in its own pass."""
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in optimizer.param_groups)
+    """Fused Adam/AdamW: its step divides the gradients by `optimizer.grad_scale` in its own pass
+    (checked once per device type: `honours_grad_scale`)."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or not all(g.get("fused") for g in optimizer.param_groups):
+        return False
+    devices = {p.device.type for g in optimizer.param_groups for p in g["params"]}
+    return len(devices) == 1 and honours_grad_scale(devices.pop())
+
+
+@functools.cache
+def honours_grad_scale(device_type: str) -> bool:
+    """This PyTorch's fused AdamW divides the gradients by `grad_scale` (an attribute its step reads
+    for AMP's GradScaler, not a documented argument): one step on a gradient of 2 scaled by 2 must
+    equal one on a gradient of 1. (eps = 1 makes the update depend on the gradient's scale, which
+    Adam's otherwise mostly cancels.) Where it does not, clipping takes its own pass."""
+    def one_step(grad: float, scale: float | None) -> torch.Tensor:
+        param = torch.zeros(4, device=device_type, requires_grad=True)
+        param.grad = torch.full((4,), grad, device=device_type)
+        optimizer = torch.optim.AdamW([param], lr=0.1, eps=1.0, weight_decay=0.0, fused=True)
+        if scale is not None:
+            optimizer.grad_scale = torch.tensor(scale, device=device_type)
+        optimizer.step()
+        return param.detach().cpu()
+
+    try:
+        scaled, plain, unscaled = one_step(2.0, 2.0), one_step(1.0, None), one_step(2.0, None)
+    except Exception:  # a device without a fused kernel
+        return False
+    return torch.allclose(scaled, plain) and not torch.allclose(unscaled, plain)
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
