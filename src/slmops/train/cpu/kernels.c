@@ -240,47 +240,46 @@ static void swiglu_bwd_avx512_bf16(const uint16_t *grad, const uint16_t *gate, c
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
-    /* dx = inv_rms * (g - x_hat * mean(g * x_hat)), g = grad * w, x_hat = x * inv_rms (weight frozen). */      \
-    void rmsnorm_bwd_##S(const T *grad, const T *x, const T *w, const float *inv_rms, T *dx, int64_t rows,      \
-                         int64_t cols) {                                                                        \
-        _Pragma("omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN)")                          \
-        for (int64_t r = 0; r < rows; r++) {                                                                    \
-            const T *gr = grad + r * cols, *xr = x + r * cols;                                                  \
-            T *dr = dx + r * cols;                                                                              \
-            float inv = inv_rms[r], dot = 0.0f;                                                                 \
-            _Pragma("omp simd reduction(+ : dot)")                                                              \
-            for (int64_t c = 0; c < cols; c++)                                                                  \
-                dot += LOAD_##S(gr, c) * LOAD_##S(w, c) * LOAD_##S(xr, c);                                      \
-            float mean = dot * inv / (float)cols;                                                               \
+    /* One row of the backward: dx = inv_rms * (g - x_hat * mean(g * x_hat)), g = grad * w, x_hat = x * inv_rms; \
+       with acc (a trainable weight), also acc += grad * x_hat, its gradient's share from this row. */          \
+    static inline void rmsnorm_bwd_row_##S(const T *gr, const T *xr, const T *w, float inv, T *dr, float *acc, \
+                                           int64_t cols) {                                                      \
+        float dot = 0.0f;                                                                                       \
+        _Pragma("omp simd reduction(+ : dot)")                                                                  \
+        for (int64_t c = 0; c < cols; c++)                                                                      \
+            dot += LOAD_##S(gr, c) * LOAD_##S(w, c) * LOAD_##S(xr, c);                                          \
+        float mean = dot * inv / (float)cols;                                                                   \
+        if (acc == NULL) {                                                                                      \
             for (int64_t c = 0; c < cols; c++)                                                                  \
                 STORE_##S(dr, c, inv * (LOAD_##S(gr, c) * LOAD_##S(w, c) - LOAD_##S(xr, c) * inv * mean));      \
+            return;                                                                                             \
+        }                                                                                                       \
+        _Pragma("omp simd")                                                                                     \
+        for (int64_t c = 0; c < cols; c++) {                                                                    \
+            float g = LOAD_##S(gr, c), x_hat = LOAD_##S(xr, c) * inv;                                           \
+            acc[c] += g * x_hat;                                                                                \
+            STORE_##S(dr, c, inv * (g * LOAD_##S(w, c) - x_hat * mean));                                        \
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
-    /* The same dx for a trainable weight, and its gradient: dw = sum over rows of grad * x_hat, in fp32. The  \
+    /* The backward on a frozen weight: dx only. */                                                           \
+    void rmsnorm_bwd_##S(const T *grad, const T *x, const T *w, const float *inv_rms, T *dx, int64_t rows,      \
+                         int64_t cols) {                                                                        \
+        _Pragma("omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN)")                          \
+        for (int64_t r = 0; r < rows; r++)                                                                      \
+            rmsnorm_bwd_row_##S(grad + r * cols, x + r * cols, w, inv_rms[r], dx + r * cols, NULL, cols);       \
+    }                                                                                                           \
+                                                                                                                \
+    /* On a trainable weight: dx and the weight's gradient, dw = sum over rows of grad * x_hat, in fp32. The    \
        rows are split into `parts` fixed blocks, each summed into its own row of dw_parts (parts x cols,      \
        zeroed by the caller, added up by it), so the result does not depend on the thread count. */          \
     void rmsnorm_bwd_dw_##S(const T *grad, const T *x, const T *w, const float *inv_rms, T *dx, float *dw_parts, \
                             int64_t parts, int64_t rows, int64_t cols) {                                        \
         _Pragma("omp parallel for schedule(static) if (rows * cols >= PARALLEL_MIN)")                          \
-        for (int64_t p = 0; p < parts; p++) {                                                                   \
-            float *acc = dw_parts + p * cols;                                                                   \
-            for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; r++) {                               \
-                const T *gr = grad + r * cols, *xr = x + r * cols;                                              \
-                T *dr = dx + r * cols;                                                                          \
-                float inv = inv_rms[r], dot = 0.0f;                                                             \
-                _Pragma("omp simd reduction(+ : dot)")                                                          \
-                for (int64_t c = 0; c < cols; c++)                                                              \
-                    dot += LOAD_##S(gr, c) * LOAD_##S(w, c) * LOAD_##S(xr, c);                                  \
-                float mean = dot * inv / (float)cols;                                                           \
-                _Pragma("omp simd")                                                                             \
-                for (int64_t c = 0; c < cols; c++) {                                                            \
-                    float g = LOAD_##S(gr, c), x_hat = LOAD_##S(xr, c) * inv;                                   \
-                    acc[c] += g * x_hat;                                                                        \
-                    STORE_##S(dr, c, inv * (g * LOAD_##S(w, c) - x_hat * mean));                                \
-                }                                                                                               \
-            }                                                                                                   \
-        }                                                                                                       \
+        for (int64_t p = 0; p < parts; p++)                                                                     \
+            for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; r++)                                 \
+                rmsnorm_bwd_row_##S(grad + r * cols, x + r * cols, w, inv_rms[r], dx + r * cols,                \
+                                    dw_parts + p * cols, cols);                                                 \
     }                                                                                                           \
                                                                                                                 \
     /* out = silu(gate) * up: act_fn(gate_proj(x)) * up_proj(x) of a SwiGLU MLP. */          \
