@@ -163,6 +163,23 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_loop_steps_with_clipped_gradients(tiny_llama, tmp_path, method):
+    """After one step AdamW's first moment is (1 - beta1) = 0.1 times the gradient it stepped with:
+    with the logged norm (before clipping) above --max_grad_norm, the moment's norm is 0.1 x the limit."""
+    out = tmp_path / method
+    finetune(tiny_config(tiny_llama, out, method=method, max_steps=1, save_steps=1, logging_steps=1, max_grad_norm=0.05,
+                         lora_dropout=0.0))
+    logged = [m for m in read_metrics(out / "logs" / "metrics.jsonl") if m["split"] == "train"]
+    assert logged[0]["grad_norm"] > 0.5
+    from slmops.train.checkpoint import _load_state
+
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    moments = [state["exp_avg"] for state in _load_state(checkpoint, "optimizer")["state"].values()]
+    assert len(moments) > 2
+    assert float(torch.cat([t.flatten() for t in moments]).norm()) == pytest.approx(0.1 * 0.05, rel=1e-4)
+
+
 def test_outputs_load_in_peft_and_reproduce_predictions(tiny_llama, tmp_path):
     out = tmp_path / "run"
     finetune(tiny_config(tiny_llama, out, eval_split="train[64:80]", max_steps=10))
