@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 
 from slmops.models.precision import onednn_isa_cap
@@ -33,3 +34,19 @@ def median_seconds(run, repeats: int = 8, warmup: int = 2) -> float:
         run()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+def alternating_report(runs: list[list[dict]]) -> tuple[dict[bool, float], float, int]:
+    """Two processes' steps, each {"step", "candidate" (ran the candidate), "seconds", "tokens"},
+    the candidate on opposite parities in the two: tokens/s of each arm over all steps, and the
+    median of the per-batch ratios (the same step of the two processes is the same batch, same
+    seed, run once each way) with how many batches it is over."""
+    rows = [r for run in runs for r in run]
+    rates = {}
+    for arm in (True, False):
+        mine = [r for r in rows if r["candidate"] == arm]
+        rates[arm] = sum(r["tokens"] for r in mine) / sum(r["seconds"] for r in mine)
+    first, second = ({r["step"]: r for r in run} for run in runs)
+    per_batch = [(b if a["candidate"] else a)["seconds"] / (a if a["candidate"] else b)["seconds"]
+                 for step, a in first.items() if (b := second.get(step)) and a["candidate"] != b["candidate"]]
+    return rates, statistics.median(per_batch), len(per_batch)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import cpu_name  # noqa: E402
+from common import alternating_report, cpu_name  # noqa: E402
 
 
 class Alternating:
@@ -120,20 +119,13 @@ def main() -> None:
                 command += ["--policies", args.policies]
             subprocess.run(command, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
             runs.append(json.loads(Path(out.name).read_text()))
-    rows = [r for run in runs for r in run["rows"]]
     print(f"\n{args.workload}, {args.method}, products in {runs[0]['dtype']}, {args.steps} timed steps in each of 2 processes")
     print(f"candidate: {runs[0]['candidate']}\npeer:      {runs[0]['peer']}")
-    rates = {}
+    rates, per_batch, batches = alternating_report([run["rows"] for run in runs])
     for arm in (True, False):
-        mine = [r for r in rows if r["candidate"] == arm]
-        rates[arm] = sum(r["tokens"] for r in mine) / sum(r["seconds"] for r in mine)
-        print(f"{'candidate' if arm else 'peer':9s}  {len(mine):3d} steps  {rates[arm]:7.1f} tokens/s")
-    # the same step of the two processes is the same batch (same seed), run once under each policy
-    first, second = ({r["step"]: r for r in run["rows"]} for run in runs)
-    per_batch = [(b if a["candidate"] else a)["seconds"] / (a if a["candidate"] else b)["seconds"]
-                 for step, a in first.items() if (b := second.get(step)) and a["candidate"] != b["candidate"]]
-    print(f"ratio (candidate / peer, tokens/s): {rates[True] / rates[False]:.3f}; median per batch: "
-          f"{statistics.median(per_batch):.3f} over {len(per_batch)} batches")
+        print(f"{'candidate' if arm else 'peer':9s}  {sum(r['candidate'] == arm for run in runs for r in run['rows']):3d} steps  "
+              f"{rates[arm]:7.1f} tokens/s")
+    print(f"ratio (candidate / peer, tokens/s): {rates[True] / rates[False]:.3f}; median per batch: {per_batch:.3f} over {batches} batches")
 
 
 if __name__ == "__main__":

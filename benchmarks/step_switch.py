@@ -1,0 +1,140 @@
+"""One change to the training step, on and off step by step in the same training process: the
+hour, the model and the data are the same for both ways, and a second process swaps the parities,
+so each way runs every batch once. (Between two processes of the same run this machine's
+throughput moved by ±6%, more than most single changes are worth; docs/benchmarks.md.)
+
+Switches (--switch):
+- trainable_norms: full fine-tuning's RMSNorms, whose weights train, on the fused function
+  (slmops.train.cpu.norm; the weight's gradient from the C backward) against the modules' own
+  forward in PyTorch operators;
+- clipping: slmops.train.optimizer.clipped_step (no pass when nothing is clipped; fused AdamW
+  divides by the norm's excess in its own pass) against torch's clip_grad_norm_ then step.
+
+    python benchmarks/step_switch.py --switch trainable_norms --method full
+    python benchmarks/step_switch.py --switch clipping --method full --steps 40
+    python benchmarks/step_switch.py --switch clipping --method lora --workload chat_qa --steps 24
+
+Each process: ~2 minutes for 40 steps of full fine-tuning on tone on 2 cores. Prints the CPU,
+each way's tokens/s over the steps it ran (real tokens, as the training loop counts them), the
+ratio candidate / peer (above 1: the change is faster) and the median of the per-batch ratios.
+Uses the training benchmark's workloads (benchmarks/train_throughput.py) on the built-in model.
+For packing policies, benchmarks/packing_policy.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import alternating_report, cpu_name  # noqa: E402
+
+
+class Alternation:
+    """Which way the step now running takes: the candidate on the steps of one parity (`on`),
+    advanced by the loop's after_step hook, each step booked to the way it ran (`arms`)."""
+
+    def __init__(self, parity: int):
+        self.parity = parity
+        self.step = 1
+        self.arms: dict[int, bool] = {}  # step -> ran the candidate
+
+    def on(self) -> bool:
+        return self.step % 2 == self.parity
+
+    def after_step(self, step: int) -> None:
+        self.arms[step] = self.on()
+        self.step = step + 1
+
+
+def switch_trainable_norms(alternation: Alternation) -> str:
+    """The fast path installs trainable norms with an `is_enabled` that also asks the alternation."""
+    from slmops.train.cpu import norm
+
+    install = norm.install
+
+    def alternating_install(patches, module, is_enabled, kernels):
+        if module.weight.requires_grad:
+            return install(patches, module, lambda: is_enabled() and alternation.on(), kernels)
+        return install(patches, module, is_enabled, kernels)
+
+    norm.install = alternating_install
+    return "trainable RMSNorms on the fused function / the modules' own forward"
+
+
+def switch_clipping(alternation: Alternation) -> str:
+    """The loop's clipped step: slmops' on the candidate's steps, clip_grad_norm_ + step on the others."""
+    import torch
+
+    from slmops.train import optimizer, trainer
+
+    def alternating_step(opt, params, max_norm):
+        if alternation.on():
+            return optimizer.clipped_step(opt, params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        return norm
+
+    trainer.clipped_step = alternating_step
+    return "clipped_step / clip_grad_norm_ then step"
+
+
+SWITCHES = {"trainable_norms": switch_trainable_norms, "clipping": switch_clipping}
+
+
+def worker(args) -> None:
+    import train_throughput as tt
+
+    from slmops.models.builtin import fetch_builtin
+    from slmops.train.trainer import TrainingHooks
+
+    alternation = Alternation(args.parity)
+    described = SWITCHES[args.switch](alternation)
+    model_dir = str(fetch_builtin("smollm2-135m-instruct"))
+    # (the start-up checks run before step 1; every step after the first is timed)
+    result = tt.run_slmops(tt.WORKLOADS[args.workload], args.workload, model_dir, args.steps, 1, {"method": args.method},
+                           args.seed, hooks=TrainingHooks(after_step=alternation.after_step))
+    # run_slmops' timed records are steps 2 .. steps + 1
+    rows = [{"step": i + 2, "candidate": alternation.arms[i + 2], "seconds": s, "tokens": t}
+            for i, (s, t) in enumerate(zip(result["step_seconds"], result["tokens"]))]
+    Path(args.out).write_text(json.dumps({"rows": rows, "described": described, "precision": result["precision"]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--switch", required=True, choices=sorted(SWITCHES))
+    parser.add_argument("--workload", default="tone", choices=["tone", "chat_qa", "codes"])
+    parser.add_argument("--method", default="full", choices=["lora", "qlora", "full"])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per process (each way half of them)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parity", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.out:
+        return worker(args)
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
+    runs = []
+    for parity in (0, 1):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            print(f"process {parity + 1}/2: the candidate on {'even' if parity == 0 else 'odd'} steps ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, __file__, "--switch", args.switch, "--workload", args.workload, "--method", args.method,
+                            "--steps", str(args.steps), "--seed", str(args.seed), "--parity", str(parity), "--out", out.name],
+                           check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            runs.append(json.loads(Path(out.name).read_text()))
+    print(f"\n{args.workload}, {runs[0]['precision']}, {args.steps} timed steps in each of 2 processes")
+    print(f"candidate / peer: {runs[0]['described']}")
+    rates, per_batch, batches = alternating_report([run["rows"] for run in runs])
+    for arm in (True, False):
+        print(f"{'candidate' if arm else 'peer':9s}  {sum(r['candidate'] == arm for run in runs for r in run['rows']):3d} steps  "
+              f"{rates[arm]:7.1f} tokens/s")
+    print(f"ratio (candidate / peer, tokens/s): {rates[True] / rates[False]:.3f}; median per batch: {per_batch:.3f} over {batches} batches")
+
+
+if __name__ == "__main__":
+    main()
