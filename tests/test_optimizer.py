@@ -84,9 +84,9 @@ def test_non_finite_norm_is_clipped_as_clip_grad_norm_does():
 
 def test_scales_gradients_itself_only_for_fused_adam():
     params = _params(0)
-    assert optim_module.scales_gradients_itself(_make("fused", params))
-    assert not optim_module.scales_gradients_itself(_make("adamw", params))
-    assert not optim_module.scales_gradients_itself(_make("sgd", params))
+    assert optim_module.scales_gradients_itself(_make("fused", params), "cpu")
+    assert not optim_module.scales_gradients_itself(_make("adamw", params), "cpu")
+    assert not optim_module.scales_gradients_itself(_make("sgd", params), "cpu")
 
 
 def test_a_pytorch_whose_fused_adamw_ignores_grad_scale_clips_in_its_own_pass(monkeypatch):
@@ -109,7 +109,7 @@ def test_a_pytorch_whose_fused_adamw_ignores_grad_scale_clips_in_its_own_pass(mo
         assert not optim_module.honours_grad_scale("cpu")
         ours, theirs = _params(0), _params(0)
         ours_opt, theirs_opt = _make("fused", ours), _make("fused", theirs)
-        assert not optim_module.scales_gradients_itself(ours_opt)
+        assert not optim_module.scales_gradients_itself(ours_opt, "cpu")
         for params in (ours, theirs):
             for p, g in zip(params, _gradients(0, 10.0)):
                 p.grad = g.clone()

@@ -36,13 +36,11 @@ def build_optimizer(model, cfg: TrainingConfig, learning_rate: float) -> torch.o
     return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None)
 
 
-def scales_gradients_itself(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused Adam/AdamW: its step divides the gradients by `optimizer.grad_scale` in its own pass
-    (checked once per device type: `honours_grad_scale`)."""
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or not all(g.get("fused") for g in optimizer.param_groups):
-        return False
-    devices = {p.device.type for g in optimizer.param_groups for p in g["params"]}
-    return len(devices) == 1 and honours_grad_scale(devices.pop())
+def scales_gradients_itself(optimizer: torch.optim.Optimizer, device_type: str) -> bool:
+    """Fused Adam/AdamW: its step divides the gradients on `device_type` by `optimizer.grad_scale`
+    in its own pass (checked once per device type: `honours_grad_scale`)."""
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in optimizer.param_groups)
+            and honours_grad_scale(device_type))
 
 
 @functools.cache
@@ -75,9 +73,9 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], m
     coefficient = max_norm / (float(total) + 1e-6)
     if coefficient >= 1.0:  # nothing to clip (a NaN norm fails this and is clipped, as clip_grad_norm_ does)
         optimizer.step()
-    elif scales_gradients_itself(optimizer) and math.isfinite(coefficient) and coefficient > 0.0:
-        device = grads[0].device
-        optimizer.grad_scale = torch.tensor(1.0 / coefficient, dtype=torch.float32, device=device)
+    elif scales_gradients_itself(optimizer, grads[0].device.type) and math.isfinite(coefficient) and coefficient > 0.0:
+        # (fused AdamW moves it to each parameter's device itself)
+        optimizer.grad_scale = torch.tensor(1.0 / coefficient, dtype=torch.float32, device=grads[0].device)
         try:
             optimizer.step()
         finally:

@@ -429,7 +429,10 @@ class Trainer:
                 elif world.distributed:  # the gradients (and loss) of the whole global step, on every process
                     step_loss = float(sum_gradients(self.trainable, world, torch.tensor([step_loss], dtype=torch.float64))[0])
                 # (grad_norm: the norm before clipping, for the log)
-                if self.scaler or self.sharded:
+                if cfg.max_grad_norm > 0 and not self.scaler and not self.sharded:
+                    # clipping inside the optimizer's pass (a GradScaler owns that pass; FSDP's norms are sharded)
+                    grad_norm = clipped_step(self.optimizer, self.trainable, cfg.max_grad_norm)
+                else:
                     if self.scaler:
                         self.scaler.unscale_(self.optimizer)
                     grad_norm = (torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else
@@ -439,11 +442,6 @@ class Trainer:
                         self.scaler.update()
                     else:
                         self.optimizer.step()
-                elif cfg.max_grad_norm > 0:
-                    grad_norm = clipped_step(self.optimizer, self.trainable, cfg.max_grad_norm)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
-                    self.optimizer.step()
                 window_grad_norm = max(window_grad_norm, float(fsdp.full(grad_norm)))
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
