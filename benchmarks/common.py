@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from slmops.models.precision import onednn_isa_cap
 
@@ -34,6 +40,47 @@ def median_seconds(run, repeats: int = 8, warmup: int = 2) -> float:
         run()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+class Alternation:
+    """Which way the training step now running takes, for benchmarks that alternate two ways in one
+    process: the candidate on the steps of one parity (`on`), advanced by the loop's after_step
+    hook, each step booked to the way it ran (`arms`)."""
+
+    def __init__(self, parity: int):
+        self.parity = parity
+        self.step = 1
+        self.arms: dict[int, bool] = {}  # step -> ran the candidate
+
+    def on(self) -> bool:
+        return self.step % 2 == self.parity
+
+    def after_step(self, step: int) -> None:
+        self.arms[step] = self.on()
+        self.step = step + 1
+
+
+def run_both_parities(script: str, argv: list[str]) -> list[dict]:
+    """Run `script` twice as a worker (`argv` plus --parity 0, then 1, and --out FILE), the candidate
+    on even steps in the first process and odd ones in the second; returns what each wrote to its
+    FILE (JSON with "rows": the timed steps, as alternating_report reads them)."""
+    runs = []
+    for parity in (0, 1):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            print(f"process {parity + 1}/2: the candidate on {'even' if parity == 0 else 'odd'} steps ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, script, *argv, "--parity", str(parity), "--out", out.name], check=True,
+                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            runs.append(json.loads(Path(out.name).read_text()))
+    return runs
+
+
+def print_alternating_report(runs: list[dict]) -> None:
+    """Each way's steps and tokens/s over both processes, their ratio, and the median per-batch ratio."""
+    rates, per_batch, batches = alternating_report([run["rows"] for run in runs])
+    for arm in (True, False):
+        steps = sum(r["candidate"] == arm for run in runs for r in run["rows"])
+        print(f"{'candidate' if arm else 'peer':9s}  {steps:3d} steps  {rates[arm]:7.1f} tokens/s")
+    print(f"ratio (candidate / peer, tokens/s): {rates[True] / rates[False]:.3f}; median per batch: {per_batch:.3f} over {batches} batches")
 
 
 def alternating_report(runs: list[list[dict]]) -> tuple[dict[bool, float], float, int]:

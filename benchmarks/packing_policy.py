@@ -21,28 +21,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import alternating_report, cpu_name  # noqa: E402
+from common import Alternation, cpu_name, print_alternating_report, run_both_parities  # noqa: E402
 
 
 class Alternating:
     """Stands in for a PackingPolicy (the same attributes, read by Packing as each batch packs):
-    the candidate's on the steps of one parity, the peer's on the others."""
+    the candidate's on the steps of one parity, the peer's on the others (common.Alternation)."""
 
     def __init__(self, candidate, peer, parity: int):
-        self.candidate, self.peer, self.parity = candidate, peer, parity
-        self.step = 1
-        self.arms: dict[int, bool] = {}  # step -> ran the candidate
+        self.candidate, self.peer = candidate, peer
+        self.alternation = Alternation(parity)
+        self.after_step = self.alternation.after_step
+        self.arms = self.alternation.arms  # step -> ran the candidate
 
     @property
     def now(self):
-        return self.candidate if self.step % 2 == self.parity else self.peer
+        return self.candidate if self.alternation.on() else self.peer
 
     row_multiple = property(lambda self: self.now.row_multiple)
     pack_below = property(lambda self: self.now.pack_below)
@@ -50,10 +49,6 @@ class Alternating:
 
     def describe(self) -> str:
         return f"alternating per step: {self.candidate.describe()} / {self.peer.describe()}"
-
-    def after_step(self, step: int) -> None:
-        self.arms[step] = self.now is self.candidate
-        self.step = step + 1
 
 
 def worker(args) -> None:
@@ -109,24 +104,11 @@ def main() -> None:
     if args.out:
         return worker(args)
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
-    runs = []
-    for parity in (0, 1):
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            print(f"process {parity + 1}/2: the candidate on {'even' if parity == 0 else 'odd'} steps ...", file=sys.stderr, flush=True)
-            command = [sys.executable, __file__, "--workload", args.workload, "--method", args.method, "--steps", str(args.steps),
-                       "--seed", str(args.seed), "--parity", str(parity), "--out", out.name]
-            if args.policies:
-                command += ["--policies", args.policies]
-            subprocess.run(command, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-            runs.append(json.loads(Path(out.name).read_text()))
+    runs = run_both_parities(__file__, ["--workload", args.workload, "--method", args.method, "--steps", str(args.steps),
+                                        "--seed", str(args.seed), *(["--policies", args.policies] if args.policies else [])])
     print(f"\n{args.workload}, {args.method}, products in {runs[0]['dtype']}, {args.steps} timed steps in each of 2 processes")
     print(f"candidate: {runs[0]['candidate']}\npeer:      {runs[0]['peer']}")
-    rates, per_batch, batches = alternating_report([run["rows"] for run in runs])
-    for arm in (True, False):
-        print(f"{'candidate' if arm else 'peer':9s}  {sum(r['candidate'] == arm for run in runs for r in run['rows']):3d} steps  "
-              f"{rates[arm]:7.1f} tokens/s")
-    print(f"ratio (candidate / peer, tokens/s): {rates[True] / rates[False]:.3f}; median per batch: {per_batch:.3f} over {batches} batches")
-
+    print_alternating_report(runs)
 
 if __name__ == "__main__":
     main()

@@ -26,31 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import alternating_report, cpu_name  # noqa: E402
-
-
-class Alternation:
-    """Which way the step now running takes: the candidate on the steps of one parity (`on`),
-    advanced by the loop's after_step hook, each step booked to the way it ran (`arms`)."""
-
-    def __init__(self, parity: int):
-        self.parity = parity
-        self.step = 1
-        self.arms: dict[int, bool] = {}  # step -> ran the candidate
-
-    def on(self) -> bool:
-        return self.step % 2 == self.parity
-
-    def after_step(self, step: int) -> None:
-        self.arms[step] = self.on()
-        self.step = step + 1
+from common import Alternation, cpu_name, print_alternating_report, run_both_parities  # noqa: E402
 
 
 def switch_trainable_norms(alternation: Alternation) -> str:
@@ -119,22 +100,11 @@ def main() -> None:
     if args.out:
         return worker(args)
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
-    runs = []
-    for parity in (0, 1):
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            print(f"process {parity + 1}/2: the candidate on {'even' if parity == 0 else 'odd'} steps ...", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, __file__, "--switch", args.switch, "--workload", args.workload, "--method", args.method,
-                            "--steps", str(args.steps), "--seed", str(args.seed), "--parity", str(parity), "--out", out.name],
-                           check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-            runs.append(json.loads(Path(out.name).read_text()))
+    runs = run_both_parities(__file__, ["--switch", args.switch, "--workload", args.workload, "--method", args.method,
+                                        "--steps", str(args.steps), "--seed", str(args.seed)])
     print(f"\n{args.workload}, {runs[0]['precision']}, {args.steps} timed steps in each of 2 processes")
     print(f"candidate / peer: {runs[0]['described']}")
-    rates, per_batch, batches = alternating_report([run["rows"] for run in runs])
-    for arm in (True, False):
-        print(f"{'candidate' if arm else 'peer':9s}  {sum(r['candidate'] == arm for run in runs for r in run['rows']):3d} steps  "
-              f"{rates[arm]:7.1f} tokens/s")
-    print(f"ratio (candidate / peer, tokens/s): {rates[True] / rates[False]:.3f}; median per batch: {per_batch:.3f} over {batches} batches")
-
+    print_alternating_report(runs)
 
 if __name__ == "__main__":
     main()
