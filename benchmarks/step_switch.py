@@ -40,10 +40,10 @@ def switch_trainable_norms(alternation: Alternation) -> str:
 
     install = norm.install
 
-    def alternating_install(patches, module, is_enabled, kernels):
+    def alternating_install(patches, module, is_enabled, *args):
         if module.weight.requires_grad:
-            return install(patches, module, lambda: is_enabled() and alternation.on(), kernels)
-        return install(patches, module, is_enabled, kernels)
+            return install(patches, module, lambda: is_enabled() and alternation.on(), *args)
+        return install(patches, module, is_enabled, *args)
 
     norm.install = alternating_install
     return "trainable RMSNorms on the fused function / the modules' own forward"

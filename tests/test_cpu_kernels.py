@@ -121,6 +121,26 @@ def test_trainable_norm_installs_on_the_kernel_only_where_its_gradient_agrees(ke
     patches.undo()
 
 
+def test_trainable_norms_alike_are_checked_once(kernels, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    calls = []
+    monkeypatch.setattr(fast_norm, "weight_gradient_agrees", lambda module, k: calls.append(module) or False)
+    norms = [LlamaRMSNorm(96, eps=1e-5), LlamaRMSNorm(96, eps=1e-5), LlamaRMSNorm(64, eps=1e-5)]
+    patches, checked = Patches(), {}
+    for module in norms:
+        fast_norm.install(patches, module, lambda: True, kernels, checked)
+    assert calls == [norms[0], norms[2]]  # one check for the two alike, one for the other width
+    x = torch.randn(5, 96, requires_grad=True)
+    try:
+        for module in norms[:2]:  # both answered by the one failed check: the PyTorch version, no kernels
+            y = module(x)
+            assert type(y.grad_fn).__name__.startswith("RMSNormFunction")
+            assert y.grad_fn.kernels is None
+    finally:
+        patches.undo()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_swiglu_forward_and_backward(kernels, dtype):
     torch.manual_seed(0)

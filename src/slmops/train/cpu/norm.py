@@ -106,14 +106,22 @@ def weight_gradient_agrees(module: nn.Module, kernels: Kernels | None) -> bool:
     return all(torch.allclose(a, b, rtol=tolerance, atol=tolerance * float(b.abs().max())) for a, b in zip(got, want))
 
 
-def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels | None) -> None:
+def install(patches: Patches, module: nn.Module, is_enabled, kernels: Kernels | None, checked: dict | None = None) -> None:
     """Route `module`'s forward through RMSNormFunction while `is_enabled()`; a trainable weight on
-    the kernels only where their gradients agree with the module's own (else the PyTorch version)."""
+    the kernels only where their gradients agree with the module's own (else the PyTorch version).
+    `checked` (a dict kept across a model's norms) holds each check's answer by norm class, dtype,
+    width and eps: norms alike in those compute the same function, so one check answers for all."""
     eps = _eps(module)
-    if kernels is not None and module.weight.requires_grad and not weight_gradient_agrees(module, kernels):
-        log.warning("fused RMSNorm kernel off for %s: its weight gradient disagrees with the module's own autograd",
-                    type(module).__name__)
-        kernels = None
+    if kernels is not None and module.weight.requires_grad:
+        key = (type(module), module.weight.dtype, module.weight.shape[0], eps)
+        checked = {} if checked is None else checked
+        if key not in checked:
+            checked[key] = weight_gradient_agrees(module, kernels)
+            if not checked[key]:
+                log.warning("fused RMSNorm kernel off for %s: its weight gradient disagrees with the module's own autograd",
+                            type(module).__name__)
+        if not checked[key]:
+            kernels = None
 
     def forward(self, own_forward, hidden_states, *args, **kwargs):
         if args or kwargs or not is_enabled():

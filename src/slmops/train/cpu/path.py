@@ -168,9 +168,10 @@ class FastPath:
                 # QLoRA: the base on the C dequantization inside the group's function where the path took it,
                 # else as bitsandbytes' layer, the LoRA term here
                 self.groups.append(LinearGroup(patches, [module], type(module), False, self, four_bit_group([module])))
+        norms_checked: dict = {}  # (norm.install: one gradient check per kind of trainable norm)
         for module in model.modules():
             if norm.matches(module):
-                norm.install(patches, module, lambda: self.enabled, self.kernels)
+                norm.install(patches, module, lambda: self.enabled, self.kernels, norms_checked)
                 self.norms.append(module)
             elif self.kernels is not None and mlp.matches(module):
                 mlp.install(patches, module, lambda: self.enabled, self.kernels, four_bit)
