@@ -33,11 +33,14 @@ class Alternating:
     """Stands in for a PackingPolicy (the same attributes, read by Packing as each batch packs):
     the candidate's on the steps of one parity, the peer's on the others (common.Alternation)."""
 
-    def __init__(self, candidate, peer, parity: int):
+    def __init__(self, candidate, peer, parity: int, alternation: Alternation | None = None):
         self.candidate, self.peer = candidate, peer
-        self.alternation = Alternation(parity)
+        self.alternation = alternation or Alternation(parity)
         self.after_step = self.alternation.after_step
         self.arms = self.alternation.arms  # step -> ran the candidate
+
+    def unshared(self) -> "Alternating":
+        return Alternating(self.candidate.unshared(), self.peer.unshared(), self.alternation.parity, self.alternation)
 
     @property
     def now(self):
@@ -46,6 +49,7 @@ class Alternating:
     row_multiple = property(lambda self: self.now.row_multiple)
     pack_below = property(lambda self: self.now.pack_below)
     short_alone = property(lambda self: self.now.short_alone)
+    share_prefix = property(lambda self: self.now.share_prefix)
 
     def describe(self) -> str:
         return f"alternating per step: {self.candidate.describe()} / {self.peer.describe()}"

@@ -8,11 +8,15 @@ Switches (--switch):
   (slmops.train.cpu.norm; the weight's gradient from the C backward) against the modules' own
   forward in PyTorch operators;
 - clipping: slmops.train.optimizer.clipped_step (no pass when nothing is clipped; fused AdamW
-  divides by the norm's excess in its own pass) against torch's clip_grad_norm_ then step.
+  divides by the norm's excess in its own pass) against torch's clip_grad_norm_ then step;
+- shared_prefix: a prefix that all of a batch's examples share (the chat template's system
+  prompt), packed and computed once (slmops.train.cpu.attention.Packing.prefix), against every
+  example packed whole (where the machine's packing policy shares prefixes: fp32 products).
 
     python benchmarks/step_switch.py --switch trainable_norms --method full
     python benchmarks/step_switch.py --switch clipping --method full --steps 40
     python benchmarks/step_switch.py --switch clipping --method lora --workload chat_qa --steps 24
+    python benchmarks/step_switch.py --switch shared_prefix --method lora
 
 Each process: ~2 minutes for 40 steps of full fine-tuning on tone on 2 cores. Prints the CPU,
 each way's tokens/s over the steps it ran (real tokens, as the training loop counts them), the
@@ -66,7 +70,23 @@ def switch_clipping(alternation: Alternation) -> str:
     return "clipped_step / clip_grad_norm_ then step"
 
 
-SWITCHES = {"trainable_norms": switch_trainable_norms, "clipping": switch_clipping}
+def switch_shared_prefix(alternation: Alternation) -> str:
+    """Packing with the packing policy as the machine has it (a prefix that all of a batch's examples
+    share, computed once) on the candidate's steps, every example packed whole on the others."""
+    from slmops.train.cpu import attention
+
+    of = attention.Packing.of
+
+    def alternating_of(attention_mask, only_if_it_pays=True, policy=attention.PADDED_ATTENTION, input_ids=None, labels=None):
+        if not alternation.on():
+            policy = policy.unshared()
+        return of(attention_mask, only_if_it_pays, policy, input_ids, labels)
+
+    attention.Packing.of = staticmethod(alternating_of)
+    return "a shared prefix computed once / every example packed whole"
+
+
+SWITCHES = {"trainable_norms": switch_trainable_norms, "clipping": switch_clipping, "shared_prefix": switch_shared_prefix}
 
 
 def worker(args) -> None:

@@ -241,8 +241,9 @@ def test_short_fp32_batches_attend_alone_on_the_kernel(llama_head_32, tmp_path, 
     assert packing.rows == packing.tokens == int(batch["attention_mask"].sum())  # no rows rounding the count up
     loss_fn = functools.partial(packed_loss, policy=policy)
     calls = []
-    own_apply = fast_attention.PackedAttentionFunction.apply
-    monkeypatch.setattr(fast_attention.PackedAttentionFunction, "apply", lambda *a: calls.append(1) or own_apply(*a))
+    for function in (fast_attention.PackedAttentionFunction, fast_attention.SharedPrefixAttentionFunction):  # (the examples
+        # share the chat template's opening, which this policy packs once: tests/test_cpu_shared_prefix.py)
+        monkeypatch.setattr(function, "apply", lambda *a, own=function.apply: calls.append(1) or own(*a))
 
     def loss_and_grads(loss_fn):
         model.zero_grad()

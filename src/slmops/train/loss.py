@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slmops.data.batching import right_padded
 from slmops.data.tokenize import IGNORE
 
 
@@ -150,15 +151,25 @@ def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 def packed_loss(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[torch.Tensor, int]:
     """Same value as selective_loss, without computing on padding: the batch's real tokens
     run as one packed sequence (1, N) with per-example position ids, and the fast path's
-    attention (cpu/attention.Packing) keeps each example to itself. Batches it cannot or
+    attention (cpu/attention.Packing) keeps each example to itself (under a policy with
+    share_prefix, a prefix all the examples share is packed, and computed, once). Batches it cannot or
     need not pack (left padding, little padding under the `policy`, a cpu/attention.PackingPolicy:
     the fast path's `packing_policy`, PADDED_ATTENTION by default; no gradients) take selective_loss."""
     from slmops.train.cpu.attention import PADDED_ATTENTION, Packing
 
-    packing = Packing.of(batch["attention_mask"], policy=policy or PADDED_ATTENTION) if torch.is_grad_enabled() else None
+    packing = Packing.of(batch["attention_mask"], policy=policy or PADDED_ATTENTION, input_ids=batch["input_ids"],
+                         labels=batch["labels"]) if torch.is_grad_enabled() else None
     if packing is None:
         return selective_loss(model, batch)
     return _packed(model, batch, packing)
+
+
+def shares_a_prefix(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether a policy with share_prefix would pack this batch's common prefix once."""
+    from slmops.train.cpu.attention import SHARED_PREFIX_MIN, shareable_prefix
+
+    valid = batch["attention_mask"].bool()
+    return right_padded(valid) and shareable_prefix(batch["input_ids"], batch["labels"], valid) >= SHARED_PREFIX_MIN
 
 
 def _packed(model, batch: dict[str, torch.Tensor], packing) -> tuple[torch.Tensor, int]:
@@ -207,7 +218,8 @@ def packing_losses(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[
     layout or per sequence)."""
     from slmops.train.cpu.attention import PADDED_ATTENTION, Packing
 
-    packing = Packing.of(batch["attention_mask"], only_if_it_pays=False, policy=policy or PADDED_ATTENTION)
+    packing = Packing.of(batch["attention_mask"], only_if_it_pays=False, policy=policy or PADDED_ATTENTION,
+                         input_ids=batch["input_ids"], labels=batch["labels"])
     if packing is None:
         return None
     was_training = model.training

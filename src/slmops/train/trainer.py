@@ -25,7 +25,7 @@ from slmops.train import checkpoint as ckpt
 from slmops.train import fsdp
 from slmops.train.cpu.attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
 from slmops.train.distributed import World, sum_gradients
-from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss
+from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss, shares_a_prefix
 from slmops.train.monitor import MetricsLog, ResourceMeter, TrainingClock
 from slmops.train.optimizer import build_optimizer, clipped_step
 
@@ -276,10 +276,33 @@ class Trainer:
 
     def _verify_fast_path(self, probe: dict[str, torch.Tensor]) -> None:
         with self._attention_kernel(probe), self._autocast():
+            self._check_shared_prefixes(probe)  # (first: a wrong sharing costs the sharing only, not the path)
             if not self.fast_path.verify(self.model, self.loss_fn, probe):
                 self.fast_path = None
                 if self.packing_policy is not None:  # packing relies on the fast path's attention
                     self.loss_fn = selective_loss
+
+    def _check_shared_prefixes(self, probe: dict[str, torch.Tensor]) -> None:
+        """A packing policy that computes a batch's shared prefix once keeps doing so only where
+        that trains as every example whole on the first examples (on the probe where its two
+        examples share a prefix, else on the first example twice); otherwise, or where there is
+        no loss-free prefix to check it on, every example is packed whole."""
+        policy = self.packing_policy
+        if policy is None or not policy.share_prefix:
+            return
+        whole = functools.partial(packed_loss, policy=policy.unshared())
+        batch = probe if shares_a_prefix(probe) else {key: value[[0, 0]] for key, value in probe.items()}
+        if not shares_a_prefix(batch):
+            self.loss_fn = whole
+            log.info("shared prefixes: off (the first example has no loss-free prefix to check them on)")
+            return
+        agreed, detail = self.fast_path.agrees(self.model, self.loss_fn, whole, batch, self.precision.autocast or self.precision.weights)
+        if agreed:
+            log.info("shared prefixes: a prefix all of a batch's examples share is computed once (checked: %s)", detail)
+        else:
+            self.loss_fn = whole
+            log.warning("shared prefixes off: computing a batch's shared prefix once trains differently from every example whole "
+                        "(%s); every example is packed whole", detail)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -32,6 +32,7 @@ keeps O(T) memory for the backward."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from functools import cached_property
@@ -283,16 +284,26 @@ class PackingPolicy:
     pack_below: pack a short batch when its packed rows are fewer than this fraction of B * T.
     short_alone: a short packed batch's attention also runs per sequence in the packed layout
     (the packed attention kernel), instead of going back to the padded layout for the fused
-    function around each layer's attention."""
+    function around each layer's attention.
+    share_prefix: a batch whose examples all begin with the same SHARED_PREFIX_MIN or more tokens
+    that no loss reads (a chat template's system prompt, an instruction template) packs that
+    prefix once (Packing.prefix), whatever its padding; its attention runs per sequence."""
 
     row_multiple: int
     pack_below: float
     short_alone: bool
+    share_prefix: bool = False
+
+    def unshared(self) -> PackingPolicy:
+        """This policy with every example packed whole."""
+        return dataclasses.replace(self, share_prefix=False)
 
     def describe(self) -> str:
+        shared = "; a prefix all of a batch's examples share (no loss on it) computed once" if self.share_prefix else ""
         if self.short_alone:
-            return "every batch with padding, and all batches over %d tokens, each sequence's attention alone" % SHORT_ATTENTION_MAX_LEN
-        return f"short ones where padding is over {100 * (1 - self.pack_below):.0f}%, all batches over {SHORT_ATTENTION_MAX_LEN} tokens"
+            return ("every batch with padding, and all batches over %d tokens, each sequence's attention alone" % SHORT_ATTENTION_MAX_LEN
+                    + shared)
+        return f"short ones where padding is over {100 * (1 - self.pack_below):.0f}%, all batches over {SHORT_ATTENTION_MAX_LEN} tokens" + shared
 
 
 # Measured with bf16 products on AMX (SmolLM2-135M, tone data, batch 8 x ~49 tokens, 6% padding):
@@ -307,7 +318,31 @@ PADDED_ATTENTION = PackingPolicy(row_multiple=16, pack_below=0.9, short_alone=Fa
 # real tokens. On the tone data (6.7% padding), alternating steps in one process on the Zen 3
 # EPYC: LoRA 1.04x, full fine-tuning 1.05x against PADDED_ATTENTION (which gave 1.015x there
 # with every batch packed).
-FP32_ALONE = PackingPolicy(row_multiple=1, pack_below=1.0, short_alone=True)
+# Batches whose examples share a prefix compute it once (share_prefix): on the tone data, with the chat
+# template's 24-token system prompt in 47-token examples, ~45% fewer rows for every projection.
+FP32_ALONE = PackingPolicy(row_multiple=1, pack_below=1.0, short_alone=True, share_prefix=True)
+# PADDED_ATTENTION with shared prefixes: not yet measured where the products are bf16 (AMX, AVX512-BF16),
+# so not any machine's policy; `python benchmarks/packing_policy.py --policies
+# PADDED_ATTENTION_SHARED_PREFIX,PADDED_ATTENTION` measures it there.
+PADDED_ATTENTION_SHARED_PREFIX = dataclasses.replace(PADDED_ATTENTION, share_prefix=True)
+# Shared prefixes are computed once from this many tokens: below it the rows saved are few (a chat
+# template's "<|im_start|>user" alone is 2-3 tokens).
+SHARED_PREFIX_MIN = 4
+
+
+def shareable_prefix(input_ids: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> int:
+    """How many leading tokens every example of a right-padded (B, T) batch has in common and no
+    loss reads: position t predicts labels[:, t + 1], so positions 0 .. P-1 need labels 1 .. P
+    ignored; each example keeps at least one token of its own. 0 for a single example."""
+    from slmops.data.tokenize import IGNORE
+
+    if input_ids.shape[0] < 2:
+        return 0
+    agree = ((input_ids == input_ids[:1]) & valid).all(0)  # columns where every example has the same real token
+    common = int(agree.int().cumprod(0).sum())
+    labelled = (labels[:, 1:] != IGNORE).any(0)  # column t: does any example's position t carry a loss
+    first_loss = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1]
+    return max(0, min(common, first_loss, int(valid.sum(1).min()) - 1))
 
 
 def _rounded_rows(tokens: int, multiple: int) -> int:
@@ -322,17 +357,28 @@ class Packing:
     keyword, which transformers hands down to every decoder layer.
 
     `rows` is N rounded up to the policy's row_multiple. The extra rows repeat the first token; they carry
-    no loss and no attention reads them, so they get exactly zero gradient and change nothing."""
+    no loss and no attention reads them, so they get exactly zero gradient and change nothing.
 
-    def __init__(self, attention_mask: torch.Tensor, policy: PackingPolicy = PADDED_ATTENTION):
+    With a shared `prefix` (P > 0: every example begins with the same P tokens, none of which a loss
+    reads), those tokens are packed once: the first example whole, then each other example from
+    its token P on (its own positions, P and up). Each of those attends to the first example's first
+    P rows as to its own prefix (SharedPrefixAttentionFunction), and the prefix's keys and values
+    gather the gradients of every example: the same loss and gradients as B separate copies, with
+    (B - 1) * P rows fewer through every layer. Such a batch's attention always runs per sequence
+    (`alone`). With dropout, the prefix's rows draw one mask for all the examples."""
+
+    def __init__(self, attention_mask: torch.Tensor, policy: PackingPolicy = PADDED_ATTENTION, prefix: int = 0):
         valid = attention_mask.bool()
         self.batch, self.length = valid.shape
         self.policy = policy
-        self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in the (B * T) padded layout
+        self.prefix = prefix
+        kept = valid.clone()
+        kept[1:, :prefix] = False  # the other examples' copies of the shared prefix
+        self.index = kept.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions in the (B * T) padded layout
         self.tokens = len(self.index)
         self.rows = _rounded_rows(self.tokens, policy.row_multiple)
         self.rows_index = torch.cat([self.index, self.index[:1].expand(self.rows - self.tokens)])
-        self.lengths = valid.sum(1).tolist()  # each example's tokens, in packed order
+        self.lengths = kept.sum(1).tolist()  # each example's packed tokens, in packed order
         self._valid = valid
         # the rows the loss reads, where the last layer's MLP need not run on the rest (last_layer.py;
         # set by loss._packed), else None
@@ -359,10 +405,16 @@ class Packing:
     @cached_property
     def block_mask(self) -> torch.Tensor:
         """(1, 1, rows, rows) bool, as transformers builds it from the packed position ids: each
-        token sees its own example's tokens up to itself, each extra row only itself."""
-        sequence = (self.position_ids()[0] == 0).cumsum(0)
-        causal = torch.ones(self.rows, self.rows, dtype=torch.bool, device=self.index.device).tril_()
-        return (causal & (sequence[:, None] == sequence[None, :]))[None, None]
+        token sees its own example's tokens up to itself (and the shared prefix's rows, which come
+        first), each extra row only itself."""
+        device = self.index.device
+        sequence = torch.cat([torch.arange(self.batch, device=device).repeat_interleave(torch.tensor(self.lengths, device=device)),
+                              torch.arange(self.batch, self.batch + self.rows - self.tokens, device=device)])
+        causal = torch.ones(self.rows, self.rows, dtype=torch.bool, device=device).tril_()
+        seen = sequence[:, None] == sequence[None, :]
+        if self.prefix:
+            seen |= (sequence < self.batch)[:, None] & (torch.arange(self.rows, device=device) < self.prefix)[None, :]
+        return (causal & seen)[None, None]
 
     @cached_property
     def offsets(self) -> torch.Tensor:
@@ -377,19 +429,25 @@ class Packing:
     @property
     def alone(self) -> bool:
         """Each sequence's attention runs alone in the packed layout (_alone_packed): a long batch,
-        or any batch under a policy with short_alone."""
-        return self.long or self.policy.short_alone
+        a batch with a shared prefix, or any batch under a policy with short_alone."""
+        return self.long or self.policy.short_alone or self.prefix > 0
 
     @staticmethod
-    def of(attention_mask: torch.Tensor, only_if_it_pays: bool = True, policy: PackingPolicy = PADDED_ATTENTION) -> Packing | None:
-        """The packing of a right-padded batch (with only_if_it_pays, a long one or one with
-        enough padding to remove: the policy's pack_below), else None."""
+    def of(attention_mask: torch.Tensor, only_if_it_pays: bool = True, policy: PackingPolicy = PADDED_ATTENTION,
+           input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Packing | None:
+        """The packing of a right-padded batch (with only_if_it_pays, a long one, one with
+        enough padding to remove: the policy's pack_below, or one with a prefix to share), else
+        None. Given input_ids and labels, a policy with share_prefix packs a shareable prefix
+        (shareable_prefix) of SHARED_PREFIX_MIN tokens or more once."""
         if attention_mask.dim() != 2:
             return None
         valid = attention_mask.bool()
         lengths = valid.sum(1, keepdim=True)
         if not right_padded(valid) or int(lengths.min()) == 0:
             return None  # left padding or holes: positions would differ from the padded forward's
+        prefix = shareable_prefix(input_ids, labels, valid) if policy.share_prefix and input_ids is not None else 0
+        if prefix >= SHARED_PREFIX_MIN:
+            return Packing(attention_mask, policy, prefix)
         if (only_if_it_pays and valid.shape[1] <= SHORT_ATTENTION_MAX_LEN
                 and _rounded_rows(int(lengths.sum()), policy.row_multiple) >= policy.pack_below * valid.numel()):
             return None  # short, and little padding to remove
@@ -401,6 +459,8 @@ class Packing:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(1, rows, F) -> (B, T, F): the real tokens in place, zeros at the padding (differentiable)."""
+        if self.prefix:
+            raise ValueError("a batch packed with a shared prefix has no padded layout (its attention runs per sequence)")
         flat = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x[0, : self.tokens])
         return flat.view(self.batch, self.length, -1)
 
@@ -485,16 +545,26 @@ def _alone_packed(module, hidden_states: torch.Tensor, position_embeddings, pack
         tokens = packing.tokens
         q_real, k_real, v_real = q[:tokens], k[:tokens], v[:tokens].contiguous()  # (v: a view of the projection's output)
         if kernels.packed_attention_takes(q_real, k_real, v_real):
-            out = PackedAttentionFunction.apply(q_real, k_real, v_real, packing.offsets, module.scaling, kernels)
+            if packing.prefix:
+                out = SharedPrefixAttentionFunction.apply(q_real, k_real, v_real, packing.offsets, packing.prefix, module.scaling,
+                                                          kernels)
+            else:
+                out = PackedAttentionFunction.apply(q_real, k_real, v_real, packing.offsets, module.scaling, kernels)
             if rows > tokens:  # (a copy, which o_proj keeps for its backward beside the kernel's own: only where rows round up)
                 out = torch.cat([out, q.new_zeros(rows - tokens, heads, dim)])
             return module.o_proj(out.view(1, rows, heads * dim))
     # split, not slicing: its backward concatenates the pieces instead of adding full-size zeros per piece
     sizes = packing.lengths  # the real tokens; the rows after them are left out
     outputs = []
-    for q_i, k_i, v_i in zip(q[: packing.tokens].split(sizes), k[: packing.tokens].split(sizes), v[: packing.tokens].split(sizes)):
+    prefix_k, prefix_v = k[: packing.prefix], v[: packing.prefix]
+    pieces = zip(q[: packing.tokens].split(sizes), k[: packing.tokens].split(sizes), v[: packing.tokens].split(sizes))
+    for i, (q_i, k_i, v_i) in enumerate(pieces):
+        mask = None
+        if packing.prefix and i > 0:  # the shared prefix's keys first, all seen; then its own, causally
+            k_i, v_i = torch.cat([prefix_k, k_i]), torch.cat([prefix_v, v_i])
+            mask = torch.arange(len(k_i), device=q.device)[None] <= packing.prefix + torch.arange(len(q_i), device=q.device)[:, None]
         out = F.scaled_dot_product_attention(q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None],
-                                             is_causal=True, scale=module.scaling, enable_gqa=heads != kv_heads)
+                                             attn_mask=mask, is_causal=mask is None, scale=module.scaling, enable_gqa=heads != kv_heads)
         outputs.append(out[0].transpose(0, 1))  # (1, heads, L, D) -> (L, heads, D)
     outputs.append(q.new_zeros(rows - packing.tokens, heads, dim))
     return module.o_proj(torch.cat(outputs).view(1, rows, heads * dim))
@@ -540,6 +610,71 @@ class PackedAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, offsets = ctx.saved_tensors
         grad = grad.to(q.dtype).contiguous()
         return (*ctx.kernels.packed_attention_backward(grad, q, k, v, out, lse, offsets, ctx.scale), None, None, None)
+
+
+def _stack_heads(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(N, H, ...) rows of query heads -> (Hkv, group * N, ...) fp32: the query heads of one key/value
+    head stacked along the rows (head h = g * group + i belongs to key/value head g)."""
+    rows, heads = x.shape[:2]
+    group = heads // kv_heads
+    return x.float().reshape(rows, kv_heads, group, -1).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, -1)
+
+
+def _unstack_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """_stack_heads' inverse: (Hkv, group * N, F) -> (N, H, F)."""
+    kv_heads, stacked, features = x.shape
+    rows = stacked // (heads // kv_heads)
+    return x.view(kv_heads, heads // kv_heads, rows, features).permute(2, 0, 1, 3).reshape(rows, heads, features)
+
+
+class SharedPrefixAttentionFunction(torch.autograd.Function):
+    """PackedAttentionFunction for a batch packed with a shared prefix (Packing.prefix): sequence 0
+    (rows offsets[0] .. offsets[1]) is the first example whole, its first `prefix` rows the prefix every
+    example shares; the sequences after it are the other examples' own tokens, which attend to those
+    prefix rows too. The kernel computes each sequence's causal attention to itself, with each row's
+    log-sum-exp; the later sequences' attention to the prefix is one dense product here (each of
+    their rows sees every prefix key), and the two parts merge by their log-sum-exps, as flash
+    attention merges key blocks. The backward is the kernel's with the merged output and
+    log-sum-exp (exact for its own keys, as for one key block of flash attention's backward), plus
+    the prefix part's, through which the prefix's keys and values gather every example's gradient.
+    The prefix part is fp32 (N x prefix scores per query head): a few percent of the kernel's work."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets: torch.Tensor, prefix: int, scale: float, kernels: Kernels):
+        heads, kv_heads = q.shape[1], k.shape[1]
+        out, lse = kernels.packed_attention_forward(q, k, v, offsets, scale)
+        start = int(offsets[1])
+        scores = torch.bmm(_stack_heads(q[start:], kv_heads), _stack_heads(k[:prefix], kv_heads).transpose(1, 2)).mul_(scale)
+        lse_prefix = torch.logsumexp(scores, -1)  # (Hkv, group * Ns)
+        out_prefix = torch.bmm(scores.sub_(lse_prefix[..., None]).exp_(), _stack_heads(v[:prefix], kv_heads))
+        lse_own = _stack_heads(lse[start:, :, None], kv_heads)[..., 0]
+        merged_lse = torch.logaddexp(lse_own, lse_prefix)
+        merged = (_stack_heads(out[start:], kv_heads).mul_((lse_own - merged_lse).exp_()[..., None])
+                  .add_(out_prefix.mul_((lse_prefix - merged_lse).exp_()[..., None])))
+        out[start:] = _unstack_heads(merged, heads).to(out.dtype)
+        lse[start:] = _unstack_heads(merged_lse[..., None], heads)[..., 0]
+        ctx.save_for_backward(q, k, v, out, lse, offsets)
+        ctx.prefix, ctx.scale, ctx.kernels = prefix, scale, kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, offsets = ctx.saved_tensors
+        prefix, scale = ctx.prefix, ctx.scale
+        heads, kv_heads = q.shape[1], k.shape[1]
+        grad = grad.to(q.dtype).contiguous()
+        d_q, d_k, d_v = ctx.kernels.packed_attention_backward(grad, q, k, v, out, lse, offsets, scale)
+        start = int(offsets[1])
+        q_s, k_p, v_p = _stack_heads(q[start:], kv_heads), _stack_heads(k[:prefix], kv_heads), _stack_heads(v[:prefix], kv_heads)
+        d_out = _stack_heads(grad[start:], kv_heads)
+        # P = exp(scores - merged lse); dS = P (dP - rowsum(dO * O)), as the kernel computes it for its keys
+        probs = torch.bmm(q_s, k_p.transpose(1, 2)).mul_(scale).sub_(_stack_heads(lse[start:, :, None], kv_heads)).exp_()
+        row_dot = (d_out * _stack_heads(out[start:], kv_heads)).sum(-1, keepdim=True)
+        d_scores = torch.bmm(d_out, v_p.transpose(1, 2)).sub_(row_dot).mul_(probs)
+        d_q[start:] += _unstack_heads(torch.bmm(d_scores, k_p).mul_(scale), heads).to(d_q.dtype)
+        d_k[:prefix] += torch.bmm(d_scores.transpose(1, 2), q_s).mul_(scale).transpose(0, 1).to(d_k.dtype)
+        d_v[:prefix] += torch.bmm(probs.transpose(1, 2), d_out).transpose(0, 1).to(d_v.dtype)
+        return d_q, d_k, d_v, None, None, None, None
 
 
 def _looks_llama_style(module: nn.Module) -> bool:

@@ -359,6 +359,17 @@ class FastPath:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
 
+    def agrees(self, model, loss_fn, reference_fn, batch: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> tuple[bool, str]:
+        """Whether two loss functions that compute the same thing on this path (a batch's shared
+        prefix once, and every example whole) give one batch the same loss and trainable gradients
+        (dropout off): to fp32's precision where the products are fp32, else to bf16's. Returns the
+        verdict and the numbers, for the log."""
+        trainable = self._checked_parameters(model)
+        got = self._loss_and_grads(model, loss_fn, batch, trainable, enabled=True)
+        want = self._loss_and_grads(model, reference_fn, batch, trainable, enabled=True)
+        loss_rtol, min_cosine = (1e-4, 0.99999) if compute_dtype == torch.float32 else (1e-2, 0.999)
+        return _agree(got, want, loss_rtol, min_cosine), f"loss {got[0]:.6f} vs {want[0]:.6f}, gradient cosine {_cosine(got[1], want[1]):.6f}"
+
     def fp32_loss(self, model, loss_fn, batch: dict[str, torch.Tensor]) -> float | None:
         """The mean loss of the model's own forward in fp32 (see _fp32_reference), or None."""
         result = self._fp32_reference(model, loss_fn, batch, [])
