@@ -813,7 +813,8 @@ def main() -> None:
         olive_python()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
     peak, peak_dtype = matmul_peak_gflops()
-    print(f"{peak_dtype} 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s (the '% peak' column)")
+    print(f"{peak_dtype} 2048x2048 matmul peak measured in this run: {peak:.0f} GFLOP/s (the '% peak' column: the FLOPs of every "
+          "token of the data; slmops computes a prefix all of a batch's examples share once, so its figure can pass 100%)")
     tables = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in workloads:
