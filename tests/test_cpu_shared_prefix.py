@@ -90,14 +90,25 @@ def _reference(q, k, v, lengths, prefix, scale):
     return torch.cat(outputs)
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["kernel_prefix", "merged_in_torch"])
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("lengths,prefix,heads,kv_heads,dim", [([30, 5, 61], 24, 9, 3, 64), ([70, 1, 100, 33], 50, 4, 4, 32)])
-def test_shared_prefix_attention_matches_an_fp64_reference(kernels, lengths, prefix, heads, kv_heads, dim, kernel, monkeypatch):
+@pytest.mark.parametrize("lengths,prefix,heads,kv_heads,dim", [([30, 5, 61], 24, 9, 3, 64), ([70, 1, 100, 33], 50, 4, 4, 32),
+                                                               ([100, 17, 80], 100, 4, 2, 32)])
+def test_shared_prefix_attention_matches_an_fp64_reference(kernels, lengths, prefix, heads, kv_heads, dim, kernel, merged,
+                                                           monkeypatch):
+    """The fp32 kernel attends to the prefix itself; the bf16 kernels' callers merge the prefix's part
+    in (SharedPrefixAttentionFunction), which the fp32 kernel is also made to take here. Prefixes
+    shorter than the first example and as long; examples of one token; grouped-query heads."""
     torch.manual_seed(0)
     dtype, tiles = KERNELS[kernel]
     if tiles and not kernels.amx:
         return  # (the fixture checked that this CPU has no tiles)
     monkeypatch.setattr(kernels, "amx", tiles)
+    if merged:
+        monkeypatch.setattr(type(kernels), "takes_shared_prefix", staticmethod(lambda q: False))
+    elif dtype == torch.bfloat16:
+        assert not kernels.takes_shared_prefix(torch.zeros(1, dtype=dtype))  # (the bf16 kernels always merge)
+        return
     tokens = sum(lengths)
     q, k, v = (torch.randn(tokens, h, dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
     if not _kernel_here(kernels, kernel, monkeypatch) or not kernels.packed_attention_takes(q, k, v):

@@ -631,16 +631,26 @@ class SharedPrefixAttentionFunction(torch.autograd.Function):
     """PackedAttentionFunction for a batch packed with a shared prefix (Packing.prefix): sequence 0
     (rows offsets[0] .. offsets[1]) is the first example whole, its first `prefix` rows the prefix every
     example shares; the sequences after it are the other examples' own tokens, which attend to those
-    prefix rows too. The kernel computes each sequence's causal attention to itself, with each row's
-    log-sum-exp; the later sequences' attention to the prefix is one dense product here (each of
+    prefix rows too, and the prefix's keys and values gather every example's gradient.
+
+    The fp32 kernel does it all itself: each later sequence's keys are the prefix's, then its own
+    (packed_attention_f32.c). With the bf16 kernel, which attends each sequence to itself only, the
+    prefix's part is added here: the kernel computes each sequence's causal attention to itself, with
+    each row's log-sum-exp; the later sequences' attention to the prefix is one dense product (each of
     their rows sees every prefix key), and the two parts merge by their log-sum-exps, as flash
-    attention merges key blocks. The backward is the kernel's with the merged output and
+    attention merges key blocks. The backward is then the kernel's with the merged output and
     log-sum-exp (exact for its own keys, as for one key block of flash attention's backward), plus
-    the prefix part's, through which the prefix's keys and values gather every example's gradient.
-    The prefix part is fp32 (N x prefix scores per query head): a few percent of the kernel's work."""
+    the prefix part's, in fp32. (The merge in PyTorch operators cost ~2 ms a layer, forward and
+    backward, on the tone batch's shape: ~6% of a LoRA step in fp32, where the kernel's own prefix
+    costs nothing measurable.)"""
 
     @staticmethod
     def forward(ctx, q, k, v, offsets: torch.Tensor, prefix: int, scale: float, kernels: Kernels):
+        ctx.prefix, ctx.scale, ctx.kernels = prefix, scale, kernels
+        if kernels.takes_shared_prefix(q):  # the kernel's keys include the prefix's: nothing to merge
+            out, lse = kernels.packed_attention_forward(q, k, v, offsets, scale, prefix)
+            ctx.save_for_backward(q, k, v, out, lse, offsets)
+            return out
         heads, kv_heads = q.shape[1], k.shape[1]
         out, lse = kernels.packed_attention_forward(q, k, v, offsets, scale)
         start = int(offsets[1])
@@ -654,7 +664,6 @@ class SharedPrefixAttentionFunction(torch.autograd.Function):
         out[start:] = _unstack_heads(merged, heads).to(out.dtype)
         lse[start:] = _unstack_heads(merged_lse[..., None], heads)[..., 0]
         ctx.save_for_backward(q, k, v, out, lse, offsets)
-        ctx.prefix, ctx.scale, ctx.kernels = prefix, scale, kernels
         return out
 
     @staticmethod
@@ -663,6 +672,8 @@ class SharedPrefixAttentionFunction(torch.autograd.Function):
         prefix, scale = ctx.prefix, ctx.scale
         heads, kv_heads = q.shape[1], k.shape[1]
         grad = grad.to(q.dtype).contiguous()
+        if ctx.kernels.takes_shared_prefix(q):
+            return (*ctx.kernels.packed_attention_backward(grad, q, k, v, out, lse, offsets, scale, prefix), None, None, None, None)
         d_q, d_k, d_v = ctx.kernels.packed_attention_backward(grad, q, k, v, out, lse, offsets, scale)
         start = int(offsets[1])
         q_s, k_p, v_p = _stack_heads(q[start:], kv_heads), _stack_heads(k[:prefix], kv_heads), _stack_heads(v[:prefix], kv_heads)

@@ -859,4 +859,4 @@ int amx_matmul(const uint16_t *a, int64_t sam, int64_t sak, const uint16_t *b, i
 #include "packed_attention_f32.c"
 #include "nf4.c"
 
-int slmops_kernels_version(void) { return 11; }
+int slmops_kernels_version(void) { return 12; }

@@ -42,7 +42,7 @@ log = logging.getLogger("slmops")
 SOURCE = Path(__file__).with_name("kernels.c")
 SOURCES = (SOURCE, SOURCE.with_name("packed_attention.c"), SOURCE.with_name("packed_attention_f32.c"),
            SOURCE.with_name("nf4.c"))  # (kernels.c includes the others: one library)
-VERSION = 11  # slmops_kernels_version() in the C file
+VERSION = 12  # slmops_kernels_version() in the C file
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 # A trainable RMSNorm weight's gradient is summed over this many fixed blocks of rows, then over the
 # blocks: the same sum whatever the thread count (up to this many threads share the rows).
@@ -210,9 +210,9 @@ class Kernels:
         lib.fa_backward_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, ctypes.c_int, p, p, p]
         lib.fa_backward_bf16.restype = ctypes.c_int
         lib.fa_f32_available.restype = ctypes.c_int
-        lib.fa_forward_f32.argtypes = [p, p, p, p, i64, i64, i64, i64, f32, p, p]
+        lib.fa_forward_f32.argtypes = [p, p, p, p, i64, i64, i64, i64, f32, i64, p, p]
         lib.fa_forward_f32.restype = ctypes.c_int
-        lib.fa_backward_f32.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, p, p, p]
+        lib.fa_backward_f32.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f32, i64, p, p, p]
         lib.fa_backward_f32.restype = ctypes.c_int
         lib.nf4_dequantize.argtypes = [p, p, p, i64, i64, p, p]
         lib.nf4_dequantize.restype = ctypes.c_int
@@ -350,36 +350,48 @@ class Kernels:
                 and q.shape[1] % k.shape[1] == 0)
 
     def packed_attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                 scale: float, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal attention of packed sequences (operands that packed_attention_takes): q (N, H, D), k and
         v (N, Hkv, D), sequence s in rows offsets[s] .. offsets[s + 1] (int64, ascending, ending at N),
-        each attending to itself only. bf16 on AMX tiles where the CPU has them, else on AVX512-BF16
-        dot products; fp32 on AVX2 + FMA. Returns the output (N, H, D) in q's dtype and each query
-        row's log-sum-exp of the scaled scores (N, H) fp32, for the backward."""
-        if not self.packed_attention_takes(q, k, v):
+        each attending to itself only; with a shared `prefix` (fp32 only: `takes_shared_prefix`), the
+        sequences after the first attend to rows 0 .. prefix - 1 before their own. bf16 on AMX tiles
+        where the CPU has them, else on AVX512-BF16 dot products; fp32 on AVX2 + FMA. Returns the
+        output (N, H, D) in q's dtype and each query row's log-sum-exp of the scaled scores (N, H)
+        fp32, for the backward."""
+        if not self.packed_attention_takes(q, k, v) or (prefix and not self.takes_shared_prefix(q)):
             raise RuntimeError(f"packed attention: this build or CPU does not take {q.dtype} operands of shapes "
-                               f"{tuple(q.shape)}, {tuple(k.shape)} (check `packed_attention_takes` first)")
+                               f"{tuple(q.shape)}, {tuple(k.shape)}{f' with a shared prefix' if prefix else ''} "
+                               "(check `packed_attention_takes` first)")
         tokens, heads, dim = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(tokens, heads, dtype=torch.float32)
         pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), offsets.numel() - 1, heads, k.shape[1], dim, scale)
         done = (self.lib.fa_forward_bf16(*pointers, int(self.amx), out.data_ptr(), lse.data_ptr()) if q.dtype == torch.bfloat16
-                else self.lib.fa_forward_f32(*pointers, out.data_ptr(), lse.data_ptr()))
+                else self.lib.fa_forward_f32(*pointers, prefix, out.data_ptr(), lse.data_ptr()))
         if not done:
             raise MemoryError("packed attention: its buffers could not be allocated")
         return out, lse
 
     def packed_attention_backward(self, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                                  lse: torch.Tensor, offsets: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
-        """dq, dk, dv (shaped as q, k, v) from grad = dL/d out (contiguous, out's shape and dtype)."""
+                                  lse: torch.Tensor, offsets: torch.Tensor, scale: float, prefix: int = 0) -> tuple[torch.Tensor, ...]:
+        """dq, dk, dv (shaped as q, k, v) from grad = dL/d out (contiguous, out's shape and dtype), with
+        the forward's `prefix`."""
+        if prefix and not self.takes_shared_prefix(q):
+            raise RuntimeError(f"packed attention: no {q.dtype} kernel with a shared prefix")
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         pointers = (grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), offsets.data_ptr(),
                     offsets.numel() - 1, q.shape[1], k.shape[1], q.shape[2], scale)
         done = (self.lib.fa_backward_bf16(*pointers, int(self.amx), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
-                if q.dtype == torch.bfloat16 else self.lib.fa_backward_f32(*pointers, dq.data_ptr(), dk.data_ptr(), dv.data_ptr()))
+                if q.dtype == torch.bfloat16 else self.lib.fa_backward_f32(*pointers, prefix, dq.data_ptr(), dk.data_ptr(), dv.data_ptr()))
         if not done:
             raise MemoryError("packed attention: its buffers could not be allocated")
         return dq, dk, dv
+
+    @staticmethod
+    def takes_shared_prefix(q: torch.Tensor) -> bool:
+        """Whether the kernel for q's dtype attends to a shared prefix itself (the fp32 one); the bf16
+        one's callers merge the prefix's part in (attention.SharedPrefixAttentionFunction)."""
+        return q.dtype == torch.float32
 
     def pack_weight(self, weight: torch.Tensor) -> PackedWeight:
         """A frozen bf16 linear weight (out, in), contiguous, packed once for `amx_linear` (`self.amx` only)."""

@@ -110,23 +110,31 @@ static void fb_mm(const float *a, int64_t lda, int64_t rows, const float *b, int
     }
 }
 
+/* A sequence's keys (or values): the `pre` rows of the shared prefix at `prefix_rows` (none: pre 0),
+ * then its own rows at `x`; key j's row. */
+static inline const float *fb_key_row(const float *prefix_rows, int64_t pre, const float *x, int64_t stride, int64_t j) {
+    return j < pre ? prefix_rows + j * stride : x + (j - pre) * stride;
+}
+
 /* B = X^T (k = dim, n = keys) for S = Q K^T and dP = dO V^T: panel of keys j .. j + 15, its row d
- * X[j .. j + 15, d]; keys past `length` (up to its round16) zero. */
-static void fb_pack_transposed(const float *x, int64_t stride, int64_t dim, int64_t length, float *out) {
+ * X[j .. j + 15, d] (X: the prefix's `pre` rows, then `x`'s); keys past `length` (up to its round16) zero. */
+static void fb_pack_transposed(const float *prefix_rows, int64_t pre, const float *x, int64_t stride, int64_t dim, int64_t length,
+                               float *out) {
     for (int64_t j = 0; j < fb_round16(length); j++) {
         float *panel = out + (j / 16) * dim * 16 + j % 16;
-        const float *row = x + j * stride;
-        for (int64_t d = 0; d < dim; d++) panel[d * 16] = j < length ? row[d] : 0.0f;
+        const float *row = j < length ? fb_key_row(prefix_rows, pre, x, stride, j) : 0;
+        for (int64_t d = 0; d < dim; d++) panel[d * 16] = row ? row[d] : 0.0f;
     }
 }
 
 /* B = X (k = keys, n = dim) for O = P V and dQ = dS K: panel of columns d .. d + 15 (lp rows apart),
- * its row j X[j, d .. d + 15]; rows past `length` (up to its round16) zero. */
-static void fb_pack(const float *x, int64_t stride, int64_t dim, int64_t length, int64_t lp, float *out) {
+ * its row j X[j, d .. d + 15] (X as above); rows past `length` (up to its round16) zero. */
+static void fb_pack(const float *prefix_rows, int64_t pre, const float *x, int64_t stride, int64_t dim, int64_t length, int64_t lp,
+                    float *out) {
     for (int64_t j = 0; j < fb_round16(length); j++)
         for (int64_t d = 0; d < dim; d += 16) {
             float *to = out + (d / 16) * lp * 16 + j * 16;
-            if (j < length) memcpy(to, x + j * stride + d, 64);
+            if (j < length) memcpy(to, fb_key_row(prefix_rows, pre, x, stride, j) + d, 64);
             else memset(to, 0, 64);
         }
 }
@@ -165,22 +173,28 @@ static void fb_free(fb_scratch *w) {
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
 }
 
-static int64_t fb_longest(const int64_t *offsets, int64_t sequences) {
+/* The most keys a sequence attends to: its own tokens, and the shared prefix's for sequences after the first. */
+static int64_t fb_longest(const int64_t *offsets, int64_t sequences, int64_t prefix) {
     int64_t longest = 0;
-    for (int64_t s = 0; s < sequences; s++)
-        if (offsets[s + 1] - offsets[s] > longest) longest = offsets[s + 1] - offsets[s];
+    for (int64_t s = 0; s < sequences; s++) {
+        int64_t keys = offsets[s + 1] - offsets[s] + (s > 0 ? prefix : 0);
+        if (keys > longest) longest = keys;
+    }
     return longest;
 }
 
 /* 1: this build has the fp32 packed attention (AVX2 + FMA). */
 int fa_f32_available(void) { return 1; }
 
-/* out (N, H, D) fp32 and lse (N, H) fp32 (each query row's log-sum-exp of its scaled scores). 0 on a
- * failed allocation or a head size it does not take. */
+/* out (N, H, D) fp32 and lse (N, H) fp32 (each query row's log-sum-exp of its scaled scores). With a
+ * shared `prefix` (a batch packed with the prefix its examples share once: attention.Packing.prefix),
+ * the sequences after the first also attend to rows 0 .. prefix - 1 (the first sequence's first
+ * rows) before their own: their keys are the prefix's, then their own, causally. 0 on a failed
+ * allocation or a head size it does not take. */
 int fa_forward_f32(const float *q, const float *k, const float *v, const int64_t *offsets, int64_t sequences, int64_t heads,
-                   int64_t kv_heads, int64_t dim, float scale, float *out, float *lse) {
-    if (dim % 16 || dim <= 0 || heads % kv_heads) return 0;
-    int64_t lp = fb_round16(fb_longest(offsets, sequences)), ld = fb_ld(lp), group = heads / kv_heads;
+                   int64_t kv_heads, int64_t dim, float scale, int64_t prefix, float *out, float *lse) {
+    if (dim % 16 || dim <= 0 || heads % kv_heads || prefix < 0 || (sequences > 0 && prefix > offsets[1] - offsets[0])) return 0;
+    int64_t lp = fb_round16(fb_longest(offsets, sequences, prefix)), ld = fb_ld(lp), group = heads / kv_heads;
     int64_t sq = heads * dim, skv = kv_heads * dim, units = sequences * kv_heads;
     int failed = 0;
     #pragma omp parallel reduction(| : failed)
@@ -192,16 +206,17 @@ int fa_forward_f32(const float *q, const float *k, const float *v, const int64_t
         #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
         for (int64_t unit = 0; unit < units; unit++) {
             int64_t seq = unit / kv_heads, g = unit % kv_heads, first = offsets[seq], length = offsets[seq + 1] - first;
+            int64_t pre = seq > 0 ? prefix : 0; /* the shared prefix's keys, before the sequence's own */
             if (!ready || length <= 0) continue;
-            fb_pack_transposed(k + first * skv + g * dim, skv, dim, length, w.kt);
-            fb_pack(v + first * skv + g * dim, skv, dim, length, lp, w.vn);
+            fb_pack_transposed(k + g * dim, pre, k + first * skv + g * dim, skv, dim, pre + length, w.kt);
+            fb_pack(v + g * dim, pre, v + first * skv + g * dim, skv, dim, pre + length, lp, w.vn);
             for (int64_t h = g * group; h < (g + 1) * group; h++)
                 for (int64_t r0 = 0; r0 < length; r0 += FB_BQ) {
-                    int64_t rows = length - r0 < FB_BQ ? length - r0 : FB_BQ, keys = fb_round16(r0 + rows);
+                    int64_t rows = length - r0 < FB_BQ ? length - r0 : FB_BQ, keys = fb_round16(pre + r0 + rows);
                     fb_mm(q + (first + r0) * sq + h * dim, sq, rows, w.kt, dim * 16, dim, keys, w.s, ld, 1.0f, 0, w.tail);
                     float inv[FB_BQ];
                     for (int64_t r = 0; r < rows; r++) { /* exp(scores - max), unnormalized, zero past the diagonal */
-                        int64_t seen = r0 + r + 1;
+                        int64_t seen = pre + r0 + r + 1;
                         const float *srow = w.s + r * ld;
                         float *prow = w.p + r * ld;
                         __m256 vmax = _mm256_set1_ps(-INFINITY);
@@ -233,13 +248,23 @@ int fa_forward_f32(const float *q, const float *k, const float *v, const int64_t
 }
 
 /* dq (N, H, D), dk and dv (N, Hkv, D) fp32 from grad (N, H, D) = dL/d out and the forward's q, k, v,
- * out and lse. 0 as fa_forward_f32. */
+ * out and lse, with the forward's `prefix`. The prefix's keys and values gather the gradients of every
+ * sequence that attends to them: each later sequence's part goes to its own slot of a buffer, added to
+ * rows 0 .. prefix - 1 in sequence order after all have run (the same sums whatever the threads).
+ * 0 as fa_forward_f32. */
 int fa_backward_f32(const float *grad, const float *q, const float *k, const float *v, const float *out, const float *lse,
                     const int64_t *offsets, int64_t sequences, int64_t heads, int64_t kv_heads, int64_t dim, float scale,
-                    float *dq, float *dk, float *dv) {
-    if (dim % 16 || dim <= 0 || heads % kv_heads) return 0;
-    int64_t lp = fb_round16(fb_longest(offsets, sequences)), ld = fb_ld(lp), group = heads / kv_heads;
+                    int64_t prefix, float *dq, float *dk, float *dv) {
+    if (dim % 16 || dim <= 0 || heads % kv_heads || prefix < 0 || (sequences > 0 && prefix > offsets[1] - offsets[0])) return 0;
+    int64_t lp = fb_round16(fb_longest(offsets, sequences, prefix)), ld = fb_ld(lp), group = heads / kv_heads;
     int64_t sq = heads * dim, skv = kv_heads * dim, units = sequences * kv_heads;
+    /* the later sequences' parts of the prefix's dK and dV: (sequence, prefix row, Hkv * D) each */
+    size_t parts = prefix > 0 && sequences > 1 ? (size_t)(sequences * prefix * skv) : 0;
+    float *prefix_dk = parts ? malloc(parts * 4) : 0, *prefix_dv = parts ? malloc(parts * 4) : 0;
+    if (parts && !(prefix_dk && prefix_dv)) {
+        free(prefix_dk), free(prefix_dv);
+        return 0;
+    }
     int failed = 0;
     #pragma omp parallel reduction(| : failed)
     {
@@ -250,15 +275,16 @@ int fa_backward_f32(const float *grad, const float *q, const float *k, const flo
         #pragma omp for schedule(dynamic, 1) /* every thread takes part (the loop's barrier), a failed one idle */
         for (int64_t unit = 0; unit < units; unit++) {
             int64_t seq = unit / kv_heads, g = unit % kv_heads, first = offsets[seq], length = offsets[seq + 1] - first;
+            int64_t pre = seq > 0 ? prefix : 0;
             if (!ready || length <= 0) continue;
-            fb_pack_transposed(k + first * skv + g * dim, skv, dim, length, w.kt);
-            fb_pack_transposed(v + first * skv + g * dim, skv, dim, length, w.vt);
-            fb_pack(k + first * skv + g * dim, skv, dim, length, lp, w.kn);
+            fb_pack_transposed(k + g * dim, pre, k + first * skv + g * dim, skv, dim, pre + length, w.kt);
+            fb_pack_transposed(v + g * dim, pre, v + first * skv + g * dim, skv, dim, pre + length, w.vt);
+            fb_pack(k + g * dim, pre, k + first * skv + g * dim, skv, dim, pre + length, lp, w.kn);
             memset(w.dkt, 0, (size_t)(dim * ld) * 4);
             memset(w.dvt, 0, (size_t)(dim * ld) * 4);
             for (int64_t h = g * group; h < (g + 1) * group; h++)
                 for (int64_t r0 = 0; r0 < length; r0 += FB_BQ) {
-                    int64_t rows = length - r0 < FB_BQ ? length - r0 : FB_BQ, keys = fb_round16(r0 + rows);
+                    int64_t rows = length - r0 < FB_BQ ? length - r0 : FB_BQ, keys = fb_round16(pre + r0 + rows);
                     const float *qb = q + (first + r0) * sq + h * dim, *gb = grad + (first + r0) * sq + h * dim;
                     fb_mm(qb, sq, rows, w.kt, dim * 16, dim, keys, w.s, ld, 1.0f, 0, w.tail);
                     fb_mm(gb, sq, rows, w.vt, dim * 16, dim, keys, w.dp, ld, 1.0f, 0, w.tail);
@@ -272,7 +298,7 @@ int fa_backward_f32(const float *grad, const float *q, const float *k, const flo
                             }
                             continue;
                         }
-                        int64_t t = first + r0 + r, seen = r0 + r + 1;
+                        int64_t t = first + r0 + r, seen = pre + r0 + r + 1;
                         const float *orow = out + t * sq + h * dim, *grow = grad + t * sq + h * dim;
                         __m256 vd = zero;
                         for (int64_t d = 0; d < dim; d += 8) vd = _mm256_fmadd_ps(_mm256_loadu_ps(orow + d), _mm256_loadu_ps(grow + d), vd);
@@ -295,8 +321,9 @@ int fa_backward_f32(const float *grad, const float *q, const float *k, const flo
                     fb_mm(w.dot, FB_BQ, dim, w.pk, FB_BQ * 16, FB_BQ, keys, w.dvt, ld, 1.0f, 1, w.tail);
                     fb_mm(w.qt, FB_BQ, dim, w.dsk, FB_BQ * 16, FB_BQ, keys, w.dkt, ld, 1.0f, 1, w.tail);
                 }
-            for (int64_t j = 0; j < length; j++) {
-                float *dkr = dk + (first + j) * skv + g * dim, *dvr = dv + (first + j) * skv + g * dim;
+            for (int64_t j = 0; j < pre + length; j++) { /* key j: a prefix row's part to the buffer, an own row's in place */
+                int64_t at = j < pre ? (seq * prefix + j) * skv + g * dim : (first + j - pre) * skv + g * dim;
+                float *dkr = (j < pre ? prefix_dk : dk) + at, *dvr = (j < pre ? prefix_dv : dv) + at;
                 for (int64_t d = 0; d < dim; d++) {
                     dkr[d] = scale * w.dkt[d * ld + j];
                     dvr[d] = w.dvt[d * ld + j];
@@ -305,21 +332,32 @@ int fa_backward_f32(const float *grad, const float *q, const float *k, const flo
         }
         fb_free(&w);
     }
+    if (parts && !failed) { /* rows 0 .. prefix - 1 (written by the first sequence's units) += every later sequence's part */
+        #pragma omp parallel for schedule(static)
+        for (int64_t j = 0; j < prefix; j++)
+            for (int64_t seq = 1; seq < sequences; seq++) {
+                const float *pk = prefix_dk + (seq * prefix + j) * skv, *pv = prefix_dv + (seq * prefix + j) * skv;
+                float *dkr = dk + j * skv, *dvr = dv + j * skv;
+                if (offsets[seq + 1] > offsets[seq])
+                    for (int64_t c = 0; c < skv; c++) dkr[c] += pk[c], dvr[c] += pv[c];
+            }
+    }
+    free(prefix_dk), free(prefix_dv);
     return !failed;
 }
 
 #else
 int fa_f32_available(void) { return 0; }
 int fa_forward_f32(const float *q, const float *k, const float *v, const int64_t *offsets, int64_t sequences, int64_t heads,
-                   int64_t kv_heads, int64_t dim, float scale, float *out, float *lse) {
-    (void)q, (void)k, (void)v, (void)offsets, (void)sequences, (void)heads, (void)kv_heads, (void)dim, (void)scale, (void)out,
-        (void)lse;
+                   int64_t kv_heads, int64_t dim, float scale, int64_t prefix, float *out, float *lse) {
+    (void)q, (void)k, (void)v, (void)offsets, (void)sequences, (void)heads, (void)kv_heads, (void)dim, (void)scale, (void)prefix,
+        (void)out, (void)lse;
     return 0;
 }
 int fa_backward_f32(const float *grad, const float *q, const float *k, const float *v, const float *out, const float *lse,
                     const int64_t *offsets, int64_t sequences, int64_t heads, int64_t kv_heads, int64_t dim, float scale,
-                    float *dq, float *dk, float *dv) {
-    (void)grad, (void)q, (void)k, (void)v, (void)out, (void)lse, (void)offsets, (void)sequences, (void)heads, (void)kv_heads,
+                    int64_t prefix, float *dq, float *dk, float *dv) {
+    (void)prefix, (void)grad, (void)q, (void)k, (void)v, (void)out, (void)lse, (void)offsets, (void)sequences, (void)heads, (void)kv_heads,
         (void)dim, (void)scale, (void)dq, (void)dk, (void)dv;
     return 0;
 }
