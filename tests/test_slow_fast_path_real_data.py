@@ -42,7 +42,7 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
     from slmops.config import from_flat
     from slmops.finetune_recipe import build_model, plan_finetune
     from slmops.train.cpu import FastPath, attention
-    from slmops.train.loss import packed_loss
+    from slmops.train.loss import packed_loss, shares_a_prefix
     from slmops.train.trainer import Trainer, TrainingData, TrainingSetup
 
     options = dict(REAL_DATA[dataset])
@@ -72,7 +72,14 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
                 trainer._choose_loss(probe)
                 trainer._verify_fast_path(probe)
                 assert trainer.fast_path is not None and path.active, path.off_reason
-                assert trainer.packing_policy == forced and trainer.loss_fn.func is packed_loss  # the packing check passed
+                # the packing check passed; a policy that shares prefixes keeps sharing wherever the first examples have a
+                # loss-free prefix to check it on (the chat template's system prompt, an instruction template's opening),
+                # and the check of sharing passed there too
+                checkable = shares_a_prefix(probe) or shares_a_prefix({key: value[[0, 0]] for key, value in probe.items()})
+                assert trainer.loss_fn.func is packed_loss
+                assert trainer.packing_policy == (forced if checkable or not forced.share_prefix else forced.unshared())
+                if forced.share_prefix and dataset in ("tone", "library_qa_chat"):
+                    assert checkable and trainer.packing_policy.share_prefix
                 long = attention.Packing.of(probe["attention_mask"], only_if_it_pays=False, policy=forced).long
                 assert long == (dataset == "tiny_codes_sessions")  # long sequences: checked on the per-sequence attention
                 # what was verified: packed where it pays (long batches always)
