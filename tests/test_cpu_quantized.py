@@ -9,7 +9,7 @@ import torch
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="QLoRA needs bitsandbytes (a dependency of slmops)")
 import bitsandbytes as bnb  # noqa: E402
 
-from slmops.finetune_recipe import build_model, plan_finetune  # noqa: E402
+from slmops.finetune_recipe import plan_finetune  # noqa: E402
 from slmops.train.cpu import compat, kernels as cpu_kernels  # noqa: E402
 from slmops.train.cpu.path import FastPath  # noqa: E402
 from slmops.train.cpu.quantized import FourBitWeight  # noqa: E402

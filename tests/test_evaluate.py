@@ -113,7 +113,6 @@ def test_adapter_on_wrong_base_is_refused(tiny_models, tmp_path):
 
 
 def test_adapter_from_a_wider_model_is_refused(tiny_llama, tokenizer_dir, tmp_path):
-    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from slmops.errors import ModelError

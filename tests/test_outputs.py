@@ -15,7 +15,6 @@ from conftest import TONE, TONE_TEMPLATE
 from helpers import tiny_config
 
 from slmops.cli.main import main
-from slmops.errors import OutputError
 from slmops.finetune_recipe import finetune
 from slmops.outputs import LOCK_FILE, SET_ASIDE, OutputLayout, OutputLock, RunFolder
 

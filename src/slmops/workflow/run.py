@@ -20,7 +20,6 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from slmops.config import format_validation_error
 from slmops.config.workflow import WorkflowConfig
 from slmops.errors import ConfigError, OutputError
 from slmops.workflow.passes import FINETUNE_TYPES, Artifact, PassContext, PassType, get_pass_type
@@ -32,7 +31,7 @@ MARKER = ".slmops_pass.json"  # in each pass folder: its cache key and the artif
 def load_workflow(path: str | Path) -> tuple[WorkflowConfig, bool]:
     """(the workflow, whether it was Olive-shaped). Every problem of the file at once."""
     from slmops.config import load_yaml
-    from slmops.workflow.olive import looks_like_olive, translate
+    from slmops.workflow.olive import looks_like_olive
 
     path = Path(path)
     if path.suffix.lower() == ".json":
