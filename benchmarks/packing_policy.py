@@ -1,5 +1,5 @@
 """Padding-free batches under one packing policy against its peer, in the same training run:
-`slmops.train.cpu.attention.PackingPolicy` decides which batches of a run train packed (their real
+`slmops.train.cpu.packing.PackingPolicy` decides which batches of a run train packed (their real
 tokens only) and whether a short packed batch's attention runs per sequence in the packed
 attention kernel or back in the padded layout around each layer. The two policies alternate step
 by step inside one process, so the hour, the model and the data are the same for both; a second
@@ -8,7 +8,7 @@ process swaps the parities, so each policy runs every batch once.
     python benchmarks/packing_policy.py                                  # tone, LoRA: the machine's policy vs PADDED_ATTENTION
     python benchmarks/packing_policy.py --workload chat_qa --steps 24
     python benchmarks/packing_policy.py --method full                    # also: qlora
-    python benchmarks/packing_policy.py --policies FP32_ALONE,PADDED_ATTENTION   # any two named in attention.py
+    python benchmarks/packing_policy.py --policies FP32_ALONE,PADDED_ATTENTION   # any two named in slmops/train/cpu/packing.py
 
 Each process: ~2 minutes for 40 steps of tone on 2 cores. Prints the CPU, each policy's tokens/s
 over the steps it ran (real tokens, as the training loop counts them) and the ratio candidate / peer (above 1: the candidate is faster), with the median of the per-batch
@@ -59,7 +59,7 @@ def worker(args) -> None:
     import train_throughput as tt
 
     from slmops.models.builtin import fetch_builtin
-    from slmops.train.cpu import attention
+    from slmops.train.cpu import packing as fast_packing
     from slmops.train.cpu.path import FastPath
     from slmops.train.trainer import TrainingHooks
 
@@ -70,10 +70,10 @@ def worker(args) -> None:
     def packing_policy(self, compute_dtype):
         if not chosen:
             machine = own_policy(self, compute_dtype)
-            candidate, peer = (getattr(attention, n) for n in names) if names else (machine, attention.PADDED_ATTENTION)
+            candidate, peer = (getattr(fast_packing, n) for n in names) if names else (machine, fast_packing.PADDED_ATTENTION)
             if candidate == peer:
                 raise SystemExit(f"both policies are {candidate}: nothing to compare (this machine's own is "
-                                 f"{'PADDED_ATTENTION' if machine == attention.PADDED_ATTENTION else machine}; name two with --policies)")
+                                 f"{'PADDED_ATTENTION' if machine == fast_packing.PADDED_ATTENTION else machine}; name two with --policies)")
             chosen["policy"] = Alternating(candidate, peer, args.parity)
             chosen["dtype"] = str(compute_dtype).removeprefix("torch.")
         return chosen["policy"]
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--workload", default="tone", choices=["tone", "chat_qa", "codes"])
     parser.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per process (each policy half of them)")
-    parser.add_argument("--policies", help="CANDIDATE,PEER: two PackingPolicy constants of slmops.train.cpu.attention "
+    parser.add_argument("--policies", help="CANDIDATE,PEER: two PackingPolicy constants of slmops.train.cpu.packing "
                         "(default: the policy this machine trains with, against PADDED_ATTENTION)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parity", type=int, help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@ Switches (--switch):
 - clipping: slmops.train.optimizer.clipped_step (no pass when nothing is clipped; fused AdamW
   divides by the norm's excess in its own pass) against torch's clip_grad_norm_ then step;
 - shared_prefix: a prefix that all of a batch's examples share (the chat template's system
-  prompt), packed and computed once (slmops.train.cpu.attention.Packing.prefix), against every
+  prompt), packed and computed once (slmops.train.cpu.packing.Packing.prefix), against every
   example packed whole (where the machine's packing policy shares prefixes: fp32 products).
 
     python benchmarks/step_switch.py --switch trainable_norms --method full
@@ -73,16 +73,16 @@ def switch_clipping(alternation: Alternation) -> str:
 def switch_shared_prefix(alternation: Alternation) -> str:
     """Packing with the packing policy as the machine has it (a prefix that all of a batch's examples
     share, computed once) on the candidate's steps, every example packed whole on the others."""
-    from slmops.train.cpu import attention
+    from slmops.train.cpu import packing as fast_packing
 
-    of = attention.Packing.of
+    of = fast_packing.Packing.of
 
-    def alternating_of(attention_mask, only_if_it_pays=True, policy=attention.PADDED_ATTENTION, input_ids=None, labels=None):
+    def alternating_of(attention_mask, only_if_it_pays=True, policy=fast_packing.PADDED_ATTENTION, input_ids=None, labels=None):
         if not alternation.on():
             policy = policy.unshared()
         return of(attention_mask, only_if_it_pays, policy, input_ids, labels)
 
-    attention.Packing.of = staticmethod(alternating_of)
+    fast_packing.Packing.of = staticmethod(alternating_of)
     return "a shared prefix computed once / every example packed whole"
 
 

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import packing_policy  # noqa: E402
 
-from slmops.train.cpu.attention import FP32_ALONE, PADDED_ATTENTION, Packing  # noqa: E402
+from slmops.train.cpu.packing import FP32_ALONE, PADDED_ATTENTION, Packing  # noqa: E402
 
 
 def test_the_policy_alternates_with_the_steps():

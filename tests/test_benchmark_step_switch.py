@@ -63,14 +63,14 @@ def test_clipping_takes_slmops_step_on_the_candidate_steps_only(monkeypatch):
 
 
 def test_shared_prefix_packs_once_on_the_candidate_steps_only(monkeypatch):
-    from slmops.train.cpu import attention
+    from slmops.train.cpu import packing as fast_packing
 
-    monkeypatch.setattr(attention.Packing, "of", attention.Packing.of)  # (restored after the test)
+    monkeypatch.setattr(fast_packing.Packing, "of", fast_packing.Packing.of)  # (restored after the test)
     alternation = step_switch.Alternation(parity=1)
     step_switch.switch_shared_prefix(alternation)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 11, 12]])
     labels = torch.tensor([[-100] * 5 + [10], [-100] * 5 + [12]])
     for step in range(1, 5):
-        packing = attention.Packing.of(torch.ones_like(ids), policy=attention.FP32_ALONE, input_ids=ids, labels=labels)
+        packing = fast_packing.Packing.of(torch.ones_like(ids), policy=fast_packing.FP32_ALONE, input_ids=ids, labels=labels)
         assert (packing is not None and packing.prefix == 4) == alternation.on()
         alternation.after_step(step)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slmops.finetune_recipe import plan_finetune
-from slmops.train.cpu import attention as fast_attention, last_layer
+from slmops.train.cpu import last_layer, packing as fast_packing
 from slmops.train.cpu.path import FastPath
 from slmops.train.loss import IGNORE, packed_loss, selective_loss
 
@@ -67,7 +67,7 @@ def test_mostly_labelled_batches_and_other_forwards_run_every_row(tiny_llama, tm
     _loss_and_grads(model, packed_loss, batch)
     with torch.no_grad():
         selective_loss(model, much_padding(plan))  # no packing: every row, and nothing left over from the packed batch
-    rows = fast_attention.Packing.of(batch["attention_mask"]).rows  # (the real tokens, rounded up)
+    rows = fast_packing.Packing.of(batch["attention_mask"]).rows  # (the real tokens, rounded up)
     assert seen == [rows, much_padding(plan)["input_ids"].numel()]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from slmops.finetune_recipe import plan_finetune
-from slmops.train.cpu import attention as fast_attention, kernels as cpu_kernels
+from slmops.train.cpu import attention as fast_attention, kernels as cpu_kernels, packing as fast_packing
 from slmops.train.cpu.path import FastPath
 from slmops.train.loss import packed_loss, selective_loss
 
@@ -141,13 +141,13 @@ def llama_head_32(tokenizer_dir, tmp_path_factory):
 def _long_packed_run(model_dir, tmp_path, monkeypatch, bf16: bool = True):
     """A LoRA model (bf16, or fp32) on the fast path and a padded batch it packs as a long one (the
     short-attention limit lowered to 4 tokens)."""
-    monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
+    monkeypatch.setattr(fast_packing, "SHORT_ATTENTION_MAX_LEN", 4)
     plan = plan_finetune(tiny_config(model_dir, tmp_path / "m", lora_dropout=0.0, bf16=bf16, target_modules="all-linear"))
     model = trained_a_little(plan).train()
     assert model.get_input_embeddings().weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
     path = FastPath.install(model)
     batch = much_padding(plan)
-    packing = fast_attention.Packing.of(batch["attention_mask"])
+    packing = fast_packing.Packing.of(batch["attention_mask"])
     assert path.packs_sequences and packing is not None and packing.long
     assert packing.offsets.tolist() == [0, *torch.tensor(packing.lengths).cumsum(0).tolist()]
     return model, path, batch
@@ -229,14 +229,14 @@ def test_short_fp32_batches_attend_alone_on_the_kernel(llama_head_32, tmp_path, 
     model = trained_a_little(plan).train()
     path = FastPath.install(model)
     if path.kernels is None or not path.kernels.packed_attention_f32_built:  # no C compiler or no AVX2 + FMA here
-        assert path.packing_policy(torch.float32) is fast_attention.PADDED_ATTENTION
+        assert path.packing_policy(torch.float32) is fast_packing.PADDED_ATTENTION
         return
     # the fp32 kernel wherever it builds (training takes it only without AVX-512, where it was measured)
     monkeypatch.setattr(path.kernels, "packed_attention_f32", True)
     policy = path.packing_policy(torch.float32)
-    assert policy is fast_attention.FP32_ALONE and path.packing_policy(torch.bfloat16) is fast_attention.PADDED_ATTENTION
+    assert policy is fast_packing.FP32_ALONE and path.packing_policy(torch.bfloat16) is fast_packing.PADDED_ATTENTION
     batch = much_padding(plan)
-    packing = fast_attention.Packing.of(batch["attention_mask"], policy=policy)
+    packing = fast_packing.Packing.of(batch["attention_mask"], policy=policy)
     assert packing is not None and not packing.long and packing.alone
     assert packing.rows == packing.tokens == int(batch["attention_mask"].sum())  # no rows rounding the count up
     loss_fn = functools.partial(packed_loss, policy=policy)
@@ -260,9 +260,9 @@ def test_short_fp32_batches_attend_alone_on_the_kernel(llama_head_32, tmp_path, 
     # one padding token is enough to pack under this policy (the padded one keeps such a batch padded); none, nothing to pack
     one_short = torch.ones(8, 12, dtype=torch.long)
     one_short[3, -1] = 0
-    assert fast_attention.Packing.of(one_short, policy=policy) is not None
-    assert fast_attention.Packing.of(one_short) is None
-    assert fast_attention.Packing.of(torch.ones(8, 12, dtype=torch.long), policy=policy) is None
+    assert fast_packing.Packing.of(one_short, policy=policy) is not None
+    assert fast_packing.Packing.of(one_short) is None
+    assert fast_packing.Packing.of(torch.ones(8, 12, dtype=torch.long), policy=policy) is None
 
     assert path.verify(model, loss_fn, batch)
     own_forward = cpu_kernels.Kernels.packed_attention_forward

@@ -1,11 +1,10 @@
 """A prefix that every example of a batch shares (a chat template's system prompt) is packed and
-computed once (attention.Packing.prefix, SharedPrefixAttentionFunction): the attention against an
+computed once (packing.Packing.prefix, SharedPrefixAttentionFunction): the attention against an
 fp64 reference of separate examples, the same loss and gradients as packing every example whole (on
 the kernel, on SDPA and on the model's own attention), which prefixes are shared and which are not,
 and the trainer's start-up check that turns sharing off when it trains differently."""
 
 import functools
-import logging
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ import torch.nn.functional as F
 
 from slmops.data.tokenize import IGNORE
 from slmops.finetune_recipe import plan_finetune
-from slmops.train.cpu import attention as fast_attention
-from slmops.train.cpu.attention import FP32_ALONE, Packing, SharedPrefixAttentionFunction, shareable_prefix
+from slmops.train.cpu import packing as fast_packing
+from slmops.train.cpu.attention import SharedPrefixAttentionFunction
+from slmops.train.cpu.packing import FP32_ALONE, Packing, shareable_prefix
 from slmops.train.cpu.path import FastPath
 from slmops.train.loss import packed_loss, selective_loss
 
@@ -74,7 +74,7 @@ def test_a_shared_prefix_packs_once():
         whole = Packing.of(batch["attention_mask"], policy=policy, **(dict(input_ids=batch["input_ids"], labels=batch["labels"]) if given else {}))
         assert whole.prefix == 0 and whole.tokens == 40
     # below SHARED_PREFIX_MIN common tokens nothing is shared (and a short batch without padding is not packed)
-    few = _batch(50, lengths=(12, 12, 12), common=fast_attention.SHARED_PREFIX_MIN - 1)
+    few = _batch(50, lengths=(12, 12, 12), common=fast_packing.SHARED_PREFIX_MIN - 1)
     assert Packing.of(few["attention_mask"], policy=FP32_ALONE, input_ids=few["input_ids"], labels=few["labels"]) is None
 
 

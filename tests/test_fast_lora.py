@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from slmops.data.batching import collate
 from slmops.finetune_recipe import build_model, finetune, plan_finetune
-from slmops.train.cpu import attention as fast_attention, kernels as cpu_kernels
+from slmops.train.cpu import attention as fast_attention, kernels as cpu_kernels, packing as fast_packing
 from slmops.train.cpu import lora as fast_lora
 from slmops.train.cpu.lora import LinearGroupFunction, _Spec, drop_positions
 from slmops.train.cpu.path import FastPath
@@ -263,7 +262,7 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, m
     packing handed down to the recomputed layers again (short, and long: per-sequence attention,
     forced by a lower length limit)."""
     if packed == "long":
-        monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
+        monkeypatch.setattr(fast_packing, "SHORT_ATTENTION_MAX_LEN", 4)
     results = []
     for checkpointing in (False, True):
         plan = plan_finetune(tiny_config(tiny_llama, tmp_path / str(checkpointing), lora_dropout=0.3,
@@ -272,7 +271,7 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_llama, tmp_path, m
         model = trained_a_little(plan).train()
         FastPath.install(model)
         batch, loss_fn = (much_padding(plan), packed_loss) if packed else (_batch(plan), selective_loss)
-        packing = fast_attention.Packing.of(batch["attention_mask"])
+        packing = fast_packing.Packing.of(batch["attention_mask"])
         assert (packing is not None) == bool(packed) and (packing is None or packing.long == (packed == "long"))
         results.append(_loss_and_grads(model, batch, seed=5, loss_fn=loss_fn))
     (loss, grads), (loss_ckpt, grads_ckpt) = results
@@ -428,7 +427,7 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     a lower length limit): same loss and gradients as the padded batch; batches it should not
     pack take the padded path."""
     if long:
-        monkeypatch.setattr(fast_attention, "SHORT_ATTENTION_MAX_LEN", 4)
+        monkeypatch.setattr(fast_packing, "SHORT_ATTENTION_MAX_LEN", 4)
     long_calls = []
     own_alone_packed = fast_attention._alone_packed
     monkeypatch.setattr(fast_attention, "_alone_packed", lambda *a: long_calls.append(1) or own_alone_packed(*a))
@@ -437,9 +436,9 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
     path = FastPath.install(model)
     assert path.packs_sequences and "padding-free batches" in path.describe()
     # heads of 8: no packed attention kernel takes them, so short batches' attention stays in the padded layout
-    assert path.packing_policy(torch.float32) is fast_attention.PADDED_ATTENTION
+    assert path.packing_policy(torch.float32) is fast_packing.PADDED_ATTENTION
     batch = much_padding(plan)
-    packing = fast_attention.Packing.of(batch["attention_mask"])
+    packing = fast_packing.Packing.of(batch["attention_mask"])
     assert packing is not None and packing.rows % 16 == 0 and packing.tokens == int(batch["attention_mask"].sum())
     assert packing.long == long and packing.rows > packing.tokens  # some rows round the count up: they must carry nothing
     padded_loss, padded_grads = _loss_and_grads(model, batch)
@@ -464,15 +463,15 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_llama, tmp
         path.enabled = True
     assert check_packing(model, batch)
     probe = _batch(plan, 2)  # the trainer's start-up check packs its probe even with little padding
-    assert fast_attention.Packing.of(probe["attention_mask"], only_if_it_pays=False) is not None
+    assert fast_packing.Packing.of(probe["attention_mask"], only_if_it_pays=False) is not None
     assert check_packing(model, probe)
     left_padded = {k: v.flip(1) for k, v in batch.items()}
     assert not check_packing(model, left_padded), "a batch that cannot be packed cannot vouch for packing"
 
     left = batch["attention_mask"].flip(1)  # left padding: positions would differ
-    assert fast_attention.Packing.of(left) is None
+    assert fast_packing.Packing.of(left) is None
     full = torch.ones(4, 10, dtype=torch.long)  # nothing to remove: a short batch stays padded, a long one packs all the same
-    assert (fast_attention.Packing.of(full) is None) == (not long)
+    assert (fast_packing.Packing.of(full) is None) == (not long)
 
 
 
@@ -539,7 +538,7 @@ def test_the_fast_path_is_taken_or_says_why_not(tiny_llama, tmp_path, monkeypatc
     assert decide("auto", True, "lora", torch.device("cuda")) == "training on cuda"
     real = compat.installed_version
     monkeypatch.setattr(compat, "installed_version", lambda p: "5.99.0" if p == "transformers" else real(p))
-    assert decide("auto", True, "lora", cpu) == (f"library versions it was not tested with: transformers 5.99.0 (known: >=5.24, <5.25) "
+    assert decide("auto", True, "lora", cpu) == ("library versions it was not tested with: transformers 5.99.0 (known: >=5.24, <5.25) "
                                                  "(--cpu_fast_path on tries it anyway)")
     assert decide("on", True, "lora", cpu) is None
     with caplog.at_level("INFO", logger="slmops"):

@@ -41,7 +41,7 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
     tests/test_fast_lora.py.)"""
     from slmops.config import from_flat
     from slmops.finetune_recipe import build_model, plan_finetune
-    from slmops.train.cpu import FastPath, attention
+    from slmops.train.cpu import FastPath, packing as fast_packing
     from slmops.train.loss import packed_loss, shares_a_prefix
     from slmops.train.trainer import Trainer, TrainingData, TrainingSetup
 
@@ -63,7 +63,7 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
         setup = TrainingSetup(plan.precision, plan.learning_rate, tmp_path / "c", tmp_path / "l", True)
         # the policy this machine trains with (attention per sequence where products are fp32), and the padded one
         machine = path.packing_policy(plan.precision.autocast or plan.precision.weights)
-        for policy in dict.fromkeys([machine, attention.PADDED_ATTENTION]):
+        for policy in dict.fromkeys([machine, fast_packing.PADDED_ATTENTION]):
             for pack_below in (10.0, 0.0):  # pack every batch that can be packed; pack none
                 forced = dataclasses.replace(policy, pack_below=pack_below)
                 monkeypatch.setattr(path, "packing_policy", lambda dtype, forced=forced: forced)
@@ -80,7 +80,7 @@ def test_fast_path_check_passes_on_real_data(dataset, builtin_model, tmp_path, m
                 assert trainer.packing_policy == (forced if checkable or not forced.share_prefix else forced.unshared())
                 if forced.share_prefix and dataset in ("tone", "library_qa_chat"):
                     assert checkable and trainer.packing_policy.share_prefix
-                long = attention.Packing.of(probe["attention_mask"], only_if_it_pays=False, policy=forced).long
+                long = fast_packing.Packing.of(probe["attention_mask"], only_if_it_pays=False, policy=forced).long
                 assert long == (dataset == "tiny_codes_sessions")  # long sequences: checked on the per-sequence attention
                 # what was verified: packed where it pays (long batches always)
-                assert (attention.Packing.of(probe["attention_mask"], policy=forced) is not None) == (pack_below > 1 or long)
+                assert (fast_packing.Packing.of(probe["attention_mask"], policy=forced) is not None) == (pack_below > 1 or long)

@@ -151,11 +151,11 @@ def selective_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 def packed_loss(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[torch.Tensor, int]:
     """Same value as selective_loss, without computing on padding: the batch's real tokens
     run as one packed sequence (1, N) with per-example position ids, and the fast path's
-    attention (cpu/attention.Packing) keeps each example to itself (under a policy with
+    attention (cpu/packing.Packing) keeps each example to itself (under a policy with
     share_prefix, a prefix all the examples share is packed, and computed, once). Batches it cannot or
-    need not pack (left padding, little padding under the `policy`, a cpu/attention.PackingPolicy:
+    need not pack (left padding, little padding under the `policy`, a cpu/packing.PackingPolicy:
     the fast path's `packing_policy`, PADDED_ATTENTION by default; no gradients) take selective_loss."""
-    from slmops.train.cpu.attention import PADDED_ATTENTION, Packing
+    from slmops.train.cpu.packing import PADDED_ATTENTION, Packing
 
     packing = Packing.of(batch["attention_mask"], policy=policy or PADDED_ATTENTION, input_ids=batch["input_ids"],
                          labels=batch["labels"]) if torch.is_grad_enabled() else None
@@ -166,7 +166,7 @@ def packed_loss(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[tor
 
 def shares_a_prefix(batch: dict[str, torch.Tensor]) -> bool:
     """Whether a policy with share_prefix would pack this batch's common prefix once."""
-    from slmops.train.cpu.attention import SHARED_PREFIX_MIN, shareable_prefix
+    from slmops.train.cpu.packing import SHARED_PREFIX_MIN, shareable_prefix
 
     valid = batch["attention_mask"].bool()
     return right_padded(valid) and shareable_prefix(batch["input_ids"], batch["labels"], valid) >= SHARED_PREFIX_MIN
@@ -216,7 +216,7 @@ def packing_losses(model, batch: dict[str, torch.Tensor], policy=None) -> tuple[
     other tokens. The batch is packed even where packed_loss would not bother (little padding),
     so the check always exercises packing, as the `policy` runs it (attention in the padded
     layout or per sequence)."""
-    from slmops.train.cpu.attention import PADDED_ATTENTION, Packing
+    from slmops.train.cpu.packing import PADDED_ATTENTION, Packing
 
     packing = Packing.of(batch["attention_mask"], only_if_it_pays=False, policy=policy or PADDED_ATTENTION,
                          input_ids=batch["input_ids"], labels=batch["labels"])

@@ -23,7 +23,7 @@ from slmops.logs import progress_bar, say
 from slmops.models.precision import Precision
 from slmops.train import checkpoint as ckpt
 from slmops.train import fsdp
-from slmops.train.cpu.attention import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
+from slmops.train.cpu.packing import SHORT_ATTENTION_MAX_LEN  # also the limit of Trainer._attention_kernel
 from slmops.train.distributed import World, sum_gradients
 from slmops.train.loss import check_fast_path, check_packing, packed_loss, plain_loss, selective_loss, shares_a_prefix
 from slmops.train.monitor import MetricsLog, ResourceMeter, TrainingClock
@@ -270,7 +270,7 @@ class Trainer:
 
     @property
     def packing_policy(self):
-        """The cpu/attention.PackingPolicy the loss trains padding-free batches with, or None."""
+        """The cpu/packing.PackingPolicy the loss trains padding-free batches with, or None."""
         fn = self.loss_fn
         return fn.keywords["policy"] if isinstance(fn, functools.partial) and fn.func is packed_loss else None
 

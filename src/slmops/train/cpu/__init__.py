@@ -7,8 +7,10 @@ checked against them before a run relies on it. Everything low-level lives here:
 - compat.py    every private API of torch / transformers / PEFT / bitsandbytes used, and the
                library versions the path is known to work with (others: off, or --cpu_fast_path on)
 - lora.py      LoRA groups (q/k/v as one autograd function, sparse dropout draws)
-- attention.py short-batch attention with the rotary embedding inside; padding-free packing, a
-               prefix all of a batch's examples share computed once
+- attention.py short-batch attention with the rotary embedding inside; a packed batch's attention,
+               each sequence alone (or after the prefix its batch shares)
+- packing.py   padding-free packing: which batches pack (per kind of CPU), and a prefix all of
+               a batch's examples share, computed once
 - norm.py      RMSNorm on a frozen weight;  mlp.py  SwiGLU and the frozen MLP as one node
 - embedding.py the tied, trainable embedding's gradient as rows (full fine-tuning)
 - quantized.py QLoRA's 4-bit base, dequantized by the C kernel (nf4.c)

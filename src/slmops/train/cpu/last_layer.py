@@ -7,7 +7,7 @@ wasted: on chat data, where only the assistant's answer is labelled, that is mos
 them on the tone data). Attention must still run on every row (its keys and values), but the MLP,
 three quarters of a Llama layer's products, can run on the labelled rows alone.
 
-The rows come with the batch's packing (attention.Packing.loss_rows, set by loss._packed), which
+The rows come with the batch's packing (packing.Packing.loss_rows, set by loss._packed), which
 transformers hands to every layer's attention as a keyword: so gradient checkpointing's
 recomputation of the layer sees the same rows. The MLP's output is scattered into zeros at the
 other rows; the residual stream carries them on, and since no loss reads them, every gradient is

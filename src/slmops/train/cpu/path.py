@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmops.machine import available_memory
-from slmops.train.cpu import allocator, attention, bf16_copies, compat, embedding, last_layer, mlp, norm
+from slmops.train.cpu import allocator, attention, bf16_copies, compat, embedding, last_layer, mlp, norm, packing
 from slmops.train.cpu import quantized as quantized_module
 from slmops.train.cpu import kernels as kernels_module
 from slmops.train.cpu.lora import LinearGroup
@@ -245,15 +245,15 @@ class FastPath:
     def lora_layers(self) -> int:
         return sum(isinstance(m, g.lora_type) for g in self.groups for m in g.members)
 
-    def packing_policy(self, compute_dtype: torch.dtype) -> attention.PackingPolicy:
+    def packing_policy(self, compute_dtype: torch.dtype) -> packing.PackingPolicy:
         """How padding-free batches (loss.packed_loss) train on this path, for a model computing in
         `compute_dtype` (its weights', or autocast's): FP32_ALONE where the products are fp32 and
         the fp32 packed attention kernel takes every attention module's heads, else
-        PADDED_ATTENTION (attention.py gives the measurements behind each)."""
+        PADDED_ATTENTION (packing.py gives the measurements behind each)."""
         if compute_dtype == torch.float32 and self.kernels is not None and self.attention_modules and \
                 all(self.kernels.packed_attention_for(torch.float32, m.head_dim) for m in self.attention_modules):
-            return attention.FP32_ALONE
-        return attention.PADDED_ATTENTION
+            return packing.FP32_ALONE
+        return packing.PADDED_ATTENTION
 
     def describe(self) -> str:
         if not self.active:
