@@ -21,6 +21,7 @@ from slmops.data.batching import right_padded
 # probabilities for its backward, so it takes batches up to this long; longer ones always pack
 SHORT_ATTENTION_MAX_LEN = 192
 
+
 @dataclass(frozen=True)
 class PackingPolicy:
     """When a short batch (up to SHORT_ATTENTION_MAX_LEN tokens) trains padding-free, and how.
