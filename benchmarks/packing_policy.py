@@ -50,6 +50,7 @@ class Alternating:
     pack_below = property(lambda self: self.now.pack_below)
     short_alone = property(lambda self: self.now.short_alone)
     share_prefix = property(lambda self: self.now.share_prefix)
+    trim_tails = property(lambda self: self.now.trim_tails)
 
     def describe(self) -> str:
         return f"alternating per step: {self.candidate.describe()} / {self.peer.describe()}"

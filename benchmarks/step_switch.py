@@ -11,12 +11,16 @@ Switches (--switch):
   divides by the norm's excess in its own pass) against torch's clip_grad_norm_ then step;
 - shared_prefix: a prefix that all of a batch's examples share (the chat template's system
   prompt), packed and computed once (slmops.train.cpu.packing.Packing.prefix), against every
-  example packed whole (where the machine's packing policy shares prefixes: fp32 products).
+  example packed whole (where the machine's packing policy shares prefixes: fp32 products);
+- trim_tails: each example's tokens after its last loss (at least its last token, which predicts
+  nothing) left out of the packed rows (slmops.train.cpu.packing.loss_free_tail), against every
+  example's tail kept (where the machine's packing policy trims: fp32 products).
 
     python benchmarks/step_switch.py --switch trainable_norms --method full
     python benchmarks/step_switch.py --switch clipping --method full --steps 40
     python benchmarks/step_switch.py --switch clipping --method lora --workload chat_qa --steps 24
     python benchmarks/step_switch.py --switch shared_prefix --method lora
+    python benchmarks/step_switch.py --switch trim_tails --method lora --steps 30
 
 Each process: ~2 minutes for 40 steps of full fine-tuning on tone on 2 cores. Prints the CPU,
 each way's tokens/s over the steps it ran (real tokens, as the training loop counts them), the
@@ -86,7 +90,26 @@ def switch_shared_prefix(alternation: Alternation) -> str:
     return "a shared prefix computed once / every example packed whole"
 
 
-SWITCHES = {"trainable_norms": switch_trainable_norms, "clipping": switch_clipping, "shared_prefix": switch_shared_prefix}
+def switch_trim_tails(alternation: Alternation) -> str:
+    """Packing with the packing policy as the machine has it (each example's tokens after its last
+    loss left out) on the candidate's steps, every example's tail kept on the others."""
+    import dataclasses
+
+    from slmops.train.cpu import packing as fast_packing
+
+    of = fast_packing.Packing.of
+
+    def alternating_of(attention_mask, only_if_it_pays=True, policy=fast_packing.PADDED_ATTENTION, input_ids=None, labels=None):
+        if not alternation.on():
+            policy = dataclasses.replace(policy, trim_tails=False)
+        return of(attention_mask, only_if_it_pays, policy, input_ids, labels)
+
+    fast_packing.Packing.of = staticmethod(alternating_of)
+    return "loss-free tails left out / every example's tail kept"
+
+
+SWITCHES = {"trainable_norms": switch_trainable_norms, "clipping": switch_clipping, "shared_prefix": switch_shared_prefix,
+            "trim_tails": switch_trim_tails}
 
 
 def worker(args) -> None:

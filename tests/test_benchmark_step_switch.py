@@ -74,3 +74,18 @@ def test_shared_prefix_packs_once_on_the_candidate_steps_only(monkeypatch):
         packing = fast_packing.Packing.of(torch.ones_like(ids), policy=fast_packing.FP32_ALONE, input_ids=ids, labels=labels)
         assert (packing is not None and packing.prefix == 4) == alternation.on()
         alternation.after_step(step)
+
+
+def test_trim_tails_leaves_the_tails_out_on_the_candidate_steps_only(monkeypatch):
+    from slmops.train.cpu import packing as fast_packing
+
+    monkeypatch.setattr(fast_packing.Packing, "of", fast_packing.Packing.of)  # (restored after the test)
+    alternation = step_switch.Alternation(parity=0)
+    step_switch.switch_trim_tails(alternation)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 9, 7, 8, 11, 12]])
+    labels = torch.tensor([[-100] * 3 + [8, 9, 10], [-100] * 3 + [8, 11, -100]])
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0]])
+    for step in range(1, 5):
+        packing = fast_packing.Packing.of(mask, policy=fast_packing.FP32_ALONE, input_ids=ids, labels=labels)
+        assert packing.tokens == (9 if alternation.on() else 11)  # each example's last token left out, or not
+        alternation.after_step(step)

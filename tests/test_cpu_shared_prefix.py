@@ -4,6 +4,7 @@ fp64 reference of separate examples, the same loss and gradients as packing ever
 the kernel, on SDPA and on the model's own attention), which prefixes are shared and which are not,
 and the trainer's start-up check that turns sharing off when it trains differently."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -22,6 +23,7 @@ from helpers import tiny_config, trained_a_little
 from test_cpu_packed_attention import KERNELS, _kernel_here, kernels, llama_head_32  # noqa: F401 (fixtures)
 
 UNSHARED = FP32_ALONE.unshared()
+WHOLE_TAILS = dataclasses.replace(FP32_ALONE, trim_tails=False)  # the layout with every token (tails: test_cpu_packing_tails.py)
 
 
 def _batch(vocab: int, lengths=(14, 9, 17), common: int = 6, prompt: int = 8, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -55,7 +57,7 @@ def test_the_shareable_prefix_is_the_common_tokens_before_the_first_loss():
 
 def test_a_shared_prefix_packs_once():
     batch = _batch(50)
-    packing = Packing.of(batch["attention_mask"], policy=FP32_ALONE, input_ids=batch["input_ids"], labels=batch["labels"])
+    packing = Packing.of(batch["attention_mask"], policy=WHOLE_TAILS, input_ids=batch["input_ids"], labels=batch["labels"])
     assert packing.prefix == 6 and packing.alone
     assert packing.lengths == [14, 3, 11] and packing.tokens == 28 and packing.offsets.tolist() == [0, 14, 17, 28]
     assert packing.position_ids()[0].tolist() == [*range(14), *range(6, 9), *range(6, 17)]
@@ -70,12 +72,14 @@ def test_a_shared_prefix_packs_once():
     with pytest.raises(ValueError, match="no padded layout"):
         packing.pad(torch.zeros(1, 28, 4))
     # the policy decides: without share_prefix, or without the tokens, every example is packed whole
-    for policy, given in ((UNSHARED, True), (FP32_ALONE, False)):
+    for policy, given in ((WHOLE_TAILS.unshared(), True), (FP32_ALONE, False)):
         whole = Packing.of(batch["attention_mask"], policy=policy, **(dict(input_ids=batch["input_ids"], labels=batch["labels"]) if given else {}))
         assert whole.prefix == 0 and whole.tokens == 40
-    # below SHARED_PREFIX_MIN common tokens nothing is shared (and a short batch without padding is not packed)
+    # below SHARED_PREFIX_MIN common tokens nothing is shared (and a short batch without padding, whose
+    # tails are kept, is not packed)
     few = _batch(50, lengths=(12, 12, 12), common=fast_packing.SHARED_PREFIX_MIN - 1)
-    assert Packing.of(few["attention_mask"], policy=FP32_ALONE, input_ids=few["input_ids"], labels=few["labels"]) is None
+    assert Packing.of(few["attention_mask"], policy=WHOLE_TAILS, input_ids=few["input_ids"], labels=few["labels"]) is None
+    assert Packing.of(few["attention_mask"], policy=FP32_ALONE, input_ids=few["input_ids"], labels=few["labels"]).prefix == 0
 
 
 def _reference(q, k, v, lengths, prefix, scale):

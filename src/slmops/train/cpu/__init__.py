@@ -9,8 +9,8 @@ checked against them before a run relies on it. Everything low-level lives here:
 - lora.py      LoRA groups (q/k/v as one autograd function, sparse dropout draws)
 - attention.py short-batch attention with the rotary embedding inside; a packed batch's attention,
                each sequence alone (or after the prefix its batch shares)
-- packing.py   padding-free packing: which batches pack (per kind of CPU), and a prefix all of
-               a batch's examples share, computed once
+- packing.py   padding-free packing: which batches pack (per kind of CPU), a prefix all of a
+               batch's examples share computed once, each example's loss-free tail left out
 - norm.py      RMSNorm on a frozen weight;  mlp.py  SwiGLU and the frozen MLP as one node
 - embedding.py the tied, trainable embedding's gradient as rows (full fine-tuning)
 - quantized.py QLoRA's 4-bit base, dequantized by the C kernel (nf4.c)

@@ -34,12 +34,15 @@ class PackingPolicy:
     function around each layer's attention.
     share_prefix: a batch whose examples all begin with the same SHARED_PREFIX_MIN or more tokens
     that no loss reads (a chat template's system prompt, an instruction template) packs that
-    prefix once (Packing.prefix), whatever its padding; its attention runs per sequence."""
+    prefix once (Packing.prefix), whatever its padding; its attention runs per sequence.
+    trim_tails: each example's tokens after the last one whose output a loss reads are left out,
+    as padding is (`loss_free_tail`): at least its last token, which predicts nothing."""
 
     row_multiple: int
     pack_below: float
     short_alone: bool
     share_prefix: bool = False
+    trim_tails: bool = False
 
     def unshared(self) -> PackingPolicy:
         """This policy with every example packed whole."""
@@ -47,6 +50,7 @@ class PackingPolicy:
 
     def describe(self) -> str:
         shared = "; a prefix all of a batch's examples share (no loss on it) computed once" if self.share_prefix else ""
+        shared += "; each example's tokens after its last loss left out" if self.trim_tails else ""
         if self.short_alone:
             return ("every batch with padding, and all batches over %d tokens, each sequence's attention alone" % SHORT_ATTENTION_MAX_LEN
                     + shared)
@@ -67,11 +71,12 @@ PADDED_ATTENTION = PackingPolicy(row_multiple=16, pack_below=0.9, short_alone=Fa
 # with every batch packed).
 # Batches whose examples share a prefix compute it once (share_prefix): on the tone data, with the chat
 # template's 24-token system prompt in 47-token examples, ~45% fewer rows for every projection.
-FP32_ALONE = PackingPolicy(row_multiple=1, pack_below=1.0, short_alone=True, share_prefix=True)
-# PADDED_ATTENTION with shared prefixes: not yet measured where the products are bf16 (AMX, AVX512-BF16),
-# so not any machine's policy; `python benchmarks/packing_policy.py --policies
+# Each example's last token predicts nothing (trim_tails): on tone, one of ~26 rows an example after sharing.
+FP32_ALONE = PackingPolicy(row_multiple=1, pack_below=1.0, short_alone=True, share_prefix=True, trim_tails=True)
+# PADDED_ATTENTION with shared prefixes and trimmed tails: not yet measured where the products are bf16
+# (AMX, AVX512-BF16), so not any machine's policy; `python benchmarks/packing_policy.py --policies
 # PADDED_ATTENTION_SHARED_PREFIX,PADDED_ATTENTION` measures it there.
-PADDED_ATTENTION_SHARED_PREFIX = dataclasses.replace(PADDED_ATTENTION, share_prefix=True)
+PADDED_ATTENTION_SHARED_PREFIX = dataclasses.replace(PADDED_ATTENTION, share_prefix=True, trim_tails=True)
 # Shared prefixes are computed once from this many tokens: below it the rows saved are few (a chat
 # template's "<|im_start|>user" alone is 2-3 tokens).
 SHARED_PREFIX_MIN = 4
@@ -90,6 +95,19 @@ def shareable_prefix(input_ids: torch.Tensor, labels: torch.Tensor, valid: torch
     labelled = (labels[:, 1:] != IGNORE).any(0)  # column t: does any example's position t carry a loss
     first_loss = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1]
     return max(0, min(common, first_loss, int(valid.sum(1).min()) - 1))
+
+
+def loss_free_tail(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The (B, T) bool mask of a right-padded batch's tokens up to each example's last loss row (the
+    last position t whose next label counts): the tokens after it feed no loss, and in a causal model
+    no earlier token attends to them, so leaving them out changes neither the loss nor a gradient.
+    That is at least each example's last token. An example without a loss keeps its first token."""
+    from slmops.data.tokenize import IGNORE
+
+    reads = torch.cat([labels[:, 1:] != IGNORE, labels.new_zeros(labels.shape[0], 1, dtype=torch.bool)], 1) & valid
+    positions = torch.arange(labels.shape[1], device=labels.device)
+    last = torch.where(reads, positions, -1).amax(1).clamp_(min=0)  # (B,) the last loss row, 0 for none
+    return valid & (positions[None] <= last[:, None])
 
 
 def _rounded_rows(tokens: int, multiple: int) -> int:
@@ -185,13 +203,17 @@ class Packing:
         """The packing of a right-padded batch (with only_if_it_pays, a long one, one with
         enough padding to remove: the policy's pack_below, or one with a prefix to share), else
         None. Given input_ids and labels, a policy with share_prefix packs a shareable prefix
-        (shareable_prefix) of SHARED_PREFIX_MIN tokens or more once."""
+        (shareable_prefix) of SHARED_PREFIX_MIN tokens or more once, and one with trim_tails leaves
+        each example's loss-free tail out (loss_free_tail)."""
         if attention_mask.dim() != 2:
             return None
         valid = attention_mask.bool()
         lengths = valid.sum(1, keepdim=True)
         if not right_padded(valid) or int(lengths.min()) == 0:
             return None  # left padding or holes: positions would differ from the padded forward's
+        if policy.trim_tails and labels is not None:
+            valid = loss_free_tail(valid, labels)  # (still right-padded: a prefix of each row)
+            attention_mask, lengths = valid, valid.sum(1, keepdim=True)
         prefix = shareable_prefix(input_ids, labels, valid) if policy.share_prefix and input_ids is not None else 0
         if prefix >= SHARED_PREFIX_MIN:
             return Packing(attention_mask, policy, prefix)
