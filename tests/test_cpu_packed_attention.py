@@ -224,7 +224,8 @@ def test_short_fp32_batches_attend_alone_on_the_kernel(llama_head_32, tmp_path, 
     padding-free to exactly their real tokens, each sequence's attention alone in the kernel
     (FP32_ALONE: no scatter back to the padded layout around each layer's attention): the padded
     batch's loss and gradients, every batch with padding packed, one without none; bf16 products
-    keep the padded-layout policy; and a wrong kernel turns the path off at the start-up check."""
+    keep the padded-layout policy (sharing prefixes on AVX512-BF16 without AMX); and a wrong kernel
+    turns the path off at the start-up check."""
     plan = plan_finetune(tiny_config(llama_head_32, tmp_path / "m", lora_dropout=0.0, bf16=False, target_modules="all-linear"))
     model = trained_a_little(plan).train()
     path = FastPath.install(model)
@@ -234,7 +235,11 @@ def test_short_fp32_batches_attend_alone_on_the_kernel(llama_head_32, tmp_path, 
     # the fp32 kernel wherever it builds (training takes it only without AVX-512, where it was measured)
     monkeypatch.setattr(path.kernels, "packed_attention_f32", True)
     policy = path.packing_policy(torch.float32)
-    assert policy is fast_packing.FP32_ALONE and path.packing_policy(torch.bfloat16) is fast_packing.PADDED_ATTENTION
+    assert policy is fast_packing.FP32_ALONE
+    # bf16 products: the padded layout, with shared prefixes on AVX512-BF16 dot products (measured there), not on AMX tiles
+    avx512_bf16_kernel = path.kernels.packed_attention_for(torch.bfloat16, 32) and not path.kernels.amx
+    assert path.packing_policy(torch.bfloat16) is (fast_packing.PADDED_ATTENTION_SHARED_PREFIX if avx512_bf16_kernel
+                                                    else fast_packing.PADDED_ATTENTION)
     batch = much_padding(plan)
     packing = fast_packing.Packing.of(batch["attention_mask"], policy=policy)
     assert packing is not None and not packing.long and packing.alone

@@ -2,7 +2,8 @@
 computed once (packing.Packing.prefix, SharedPrefixAttentionFunction): the attention against an
 fp64 reference of separate examples, the same loss and gradients as packing every example whole (on
 the kernel, on SDPA and on the model's own attention), which prefixes are shared and which are not,
-and the trainer's start-up check that turns sharing off when it trains differently."""
+and the trainer's start-up check that turns sharing off when it trains differently (with bf16
+products, settled by the distance of each from an fp32 forward)."""
 
 import dataclasses
 import functools
@@ -200,21 +201,23 @@ def test_the_start_up_check_turns_a_wrong_shared_prefix_off(llama_head_32, tmp_p
     assert not agreed and "gradient cosine" in detail
 
 
-def test_finetune_checks_shared_prefixes_and_says_so(llama_head_32, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_finetune_checks_shared_prefixes_and_says_so(llama_head_32, tmp_path, capsys, monkeypatch, bf16):
     """The tone template's opening ("Phrase:") is shared by every example and carries no loss: where
-    the packing policy shares prefixes (fp32 products on the fp32 kernel), the trainer checks it on
-    the first examples and says so; a sharing that trains differently is turned off, and the run
-    still trains, every example packed whole."""
+    the packing policy shares prefixes (fp32 products on the fp32 kernel, bf16 ones on AVX512-BF16
+    without AMX), the trainer checks it on the first examples and says so; a sharing that trains
+    differently is turned off, and the run still trains, every example packed whole."""
     from conftest import TONE, TONE_TEMPLATE
     from slmops.cli.main import main
     from slmops.train.cpu import kernels as cpu_kernels
 
     built = cpu_kernels.get()
-    shares = built is not None and built.packed_attention_f32  # (FP32_ALONE: AVX2 + FMA without AVX-512)
+    # FP32_ALONE: AVX2 + FMA without AVX-512; PADDED_ATTENTION_SHARED_PREFIX: AVX512-BF16 without AMX
+    shares = built is not None and (built.packed_attention and not built.amx if bf16 else built.packed_attention_f32)
 
     def finetune(out: str) -> str:
         args = ["finetune", "-m", str(llama_head_32), "-d", str(TONE), "--text_template", TONE_TEMPLATE, "--train_split", "train[:32]",
-                "--max_steps", "2", "--report_to", "none", "--bf16", "false", "-o", str(tmp_path / out), "--lora_dropout", "0"]
+                "--max_steps", "2", "--report_to", "none", "--bf16", str(bf16).lower(), "-o", str(tmp_path / out), "--lora_dropout", "0"]
         assert main(args) in (0, None)
         return capsys.readouterr().err
 
@@ -232,3 +235,52 @@ def test_finetune_checks_shared_prefixes_and_says_so(llama_head_32, tmp_path, ca
     text = finetune("broken")
     assert "shared prefixes off: computing a batch's shared prefix once trains differently from every example whole" in text, text
     assert "fast CPU path off" not in text, "the rest of the path still checked and kept"
+
+
+@pytest.mark.parametrize("fp32_forward", [True, False])
+def test_the_bf16_check_of_shared_prefixes_arbitrates_by_distance_from_fp32(llama_head_32, tmp_path, monkeypatch, fp32_forward):
+    """With bf16 products a prefix computed once rounds differently from every example whole (on
+    SmolLM2's tone examples as far apart as either is from fp32), so where the two differ beyond
+    bf16's agreement the check asks which is closer to an fp32 forward (or, where none can run:
+    4-bit weights, memory, to the model's own bf16 forward): a right sharing passes, one whose
+    prefix rows pass no gradient back through the layers fails."""
+    from slmops.train.cpu import path as fast_path_module
+
+    plan = plan_finetune(tiny_config(llama_head_32, tmp_path / "m", lora_dropout=0.0, bf16=True, target_modules="all-linear"))
+    model = trained_a_little(plan).train()
+    dtype = plan.precision.autocast or plan.precision.weights
+    assert dtype == torch.bfloat16
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=plan.precision.autocast is not None)
+    path = FastPath.install(model)
+    if not fp32_forward:
+        monkeypatch.setattr(path, "_fp32_reference", lambda *a: None)
+    batch = _batch(model.config.vocab_size, pad_id=plan.tokenizer.pad_token_id)
+    policy = fast_packing.PADDED_ATTENTION_SHARED_PREFIX
+    shared, whole = functools.partial(packed_loss, policy=policy), functools.partial(packed_loss, policy=policy.unshared())
+    # beyond bf16's agreement: the arbitration decides (as on real data, where the two differ by ~1e-3 in cosine; on this
+    # tiny random model bf16 is further from fp32, cosine 0.975, and a right sharing 0.960: the bound is relative)
+    monkeypatch.setattr(fast_path_module, "_agree", lambda *a: False)
+    with autocast:
+        agreed, detail = path.agrees(model, shared, whole, batch, dtype)
+    assert agreed and ("against fp32" if fp32_forward else "the model's own bf16 forward") in detail, detail
+
+    prefix = shareable_prefix(batch["input_ids"], batch["labels"], batch["attention_mask"].bool())
+    assert prefix >= fast_packing.SHARED_PREFIX_MIN
+
+    def drop_the_prefix_rows_gradient(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: torch.cat([grad[:, :prefix] * 0, grad[:, prefix:]], 1))
+
+    def wrong_sharing(model, batch):  # the prefix rows pass no gradient back into earlier layers
+        layers = model.get_base_model().get_decoder().layers
+        hooks = [layer.register_forward_pre_hook(drop_the_prefix_rows_gradient, with_kwargs=True) for layer in layers]
+        try:
+            return shared(model, batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    with autocast:
+        agreed, detail = path.agrees(model, wrong_sharing, whole, batch, dtype)
+    assert not agreed, detail

@@ -261,8 +261,9 @@ class Trainer:
         self.loss_fn = selective_loss if fast else plain_loss
         policy = self.fast_path.packing_policy(self.precision.autocast or self.precision.weights) \
             if self.fast_path is not None and self.fast_path.packs_sequences else None
+        # (the packing alone: a shared prefix has its own check, with gradients, in _check_shared_prefixes)
         packed = fast and policy is not None and \
-            check_packing(self.model, probe, lambda: self.fast_path.fp32_loss(self.model, selective_loss, probe), policy)
+            check_packing(self.model, probe, lambda: self.fast_path.fp32_loss(self.model, selective_loss, probe), policy.unshared())
         if packed:
             self.loss_fn = functools.partial(packed_loss, policy=policy)
         log.info("loss: %s%s", "output head on labelled positions only" if fast else "full logits (model's own forward)",

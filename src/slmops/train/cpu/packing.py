@@ -73,9 +73,11 @@ PADDED_ATTENTION = PackingPolicy(row_multiple=16, pack_below=0.9, short_alone=Fa
 # template's 24-token system prompt in 47-token examples, ~45% fewer rows for every projection.
 # Each example's last token predicts nothing (trim_tails): on tone, one of ~26 rows an example after sharing.
 FP32_ALONE = PackingPolicy(row_multiple=1, pack_below=1.0, short_alone=True, share_prefix=True, trim_tails=True)
-# PADDED_ATTENTION with shared prefixes and trimmed tails: not yet measured where the products are bf16
-# (AMX, AVX512-BF16), so not any machine's policy; `python benchmarks/packing_policy.py --policies
-# PADDED_ATTENTION_SHARED_PREFIX,PADDED_ATTENTION` measures it there.
+# PADDED_ATTENTION with shared prefixes and trimmed tails: bf16 products on AVX512-BF16 without AMX
+# (the packed attention kernel on AVX512-BF16 dot products). On the Zen 4 EPYC (2026-12-07),
+# `python benchmarks/packing_policy.py --policies PADDED_ATTENTION_SHARED_PREFIX,PADDED_ATTENTION`,
+# steps alternating: tone LoRA 1.45x, full fine-tuning 1.44x, QLoRA 1.19x; chat_qa LoRA 1.23x. Not yet
+# measured on AMX, which keeps PADDED_ATTENTION.
 PADDED_ATTENTION_SHARED_PREFIX = dataclasses.replace(PADDED_ATTENTION, share_prefix=True, trim_tails=True)
 # Shared prefixes are computed once from this many tokens: below it the rows saved are few (a chat
 # template's "<|im_start|>user" alone is 2-3 tokens).
