@@ -11,10 +11,11 @@ Switches (--switch):
   divides by the norm's excess in its own pass) against torch's clip_grad_norm_ then step;
 - shared_prefix: a prefix that all of a batch's examples share (the chat template's system
   prompt), packed and computed once (slmops.train.cpu.packing.Packing.prefix), against every
-  example packed whole (where the machine's packing policy shares prefixes: fp32 products);
+  example packed whole (where the machine's packing policy shares prefixes: fp32 products, and bf16 on
+  AVX512-BF16 without AMX);
 - trim_tails: each example's tokens after its last loss (at least its last token, which predicts
   nothing) left out of the packed rows (slmops.train.cpu.packing.loss_free_tail), against every
-  example's tail kept (where the machine's packing policy trims: fp32 products).
+  example's tail kept (where the machine's packing policy trims: as for shared_prefix).
 
     python benchmarks/step_switch.py --switch trainable_norms --method full
     python benchmarks/step_switch.py --switch clipping --method full --steps 40
@@ -74,19 +75,23 @@ def switch_clipping(alternation: Alternation) -> str:
     return "clipped_step / clip_grad_norm_ then step"
 
 
-def switch_shared_prefix(alternation: Alternation) -> str:
-    """Packing with the packing policy as the machine has it (a prefix that all of a batch's examples
-    share, computed once) on the candidate's steps, every example packed whole on the others."""
+def _alternate_packing(alternation: Alternation, peer) -> None:
+    """Packing.of with the packing policy as the machine has it on the candidate's steps, and
+    `peer(policy)` on the others."""
     from slmops.train.cpu import packing as fast_packing
 
     of = fast_packing.Packing.of
 
     def alternating_of(attention_mask, only_if_it_pays=True, policy=fast_packing.PADDED_ATTENTION, input_ids=None, labels=None):
-        if not alternation.on():
-            policy = policy.unshared()
-        return of(attention_mask, only_if_it_pays, policy, input_ids, labels)
+        return of(attention_mask, only_if_it_pays, policy if alternation.on() else peer(policy), input_ids, labels)
 
     fast_packing.Packing.of = staticmethod(alternating_of)
+
+
+def switch_shared_prefix(alternation: Alternation) -> str:
+    """Packing with the packing policy as the machine has it (a prefix that all of a batch's examples
+    share, computed once) on the candidate's steps, every example packed whole on the others."""
+    _alternate_packing(alternation, lambda policy: policy.unshared())
     return "a shared prefix computed once / every example packed whole"
 
 
@@ -95,16 +100,7 @@ def switch_trim_tails(alternation: Alternation) -> str:
     loss left out) on the candidate's steps, every example's tail kept on the others."""
     import dataclasses
 
-    from slmops.train.cpu import packing as fast_packing
-
-    of = fast_packing.Packing.of
-
-    def alternating_of(attention_mask, only_if_it_pays=True, policy=fast_packing.PADDED_ATTENTION, input_ids=None, labels=None):
-        if not alternation.on():
-            policy = dataclasses.replace(policy, trim_tails=False)
-        return of(attention_mask, only_if_it_pays, policy, input_ids, labels)
-
-    fast_packing.Packing.of = staticmethod(alternating_of)
+    _alternate_packing(alternation, lambda policy: dataclasses.replace(policy, trim_tails=False))
     return "loss-free tails left out / every example's tail kept"
 
 

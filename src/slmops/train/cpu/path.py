@@ -69,10 +69,16 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=0)) if b.norm() > 0 and a.norm() > 0 else float(torch.equal(a, b))
 
 
-def _no_further(cosine: float, reference_cosine: float) -> bool:
-    """A gradient at `cosine` with the truth is no further from it than one at `reference_cosine`, within
-    SHARED_DISTANCE_RATIO (and 1e-4 of 1 - cosine: two near-exact gradients pass)."""
-    return 1 - cosine <= SHARED_DISTANCE_RATIO * max(1 - reference_cosine, 1e-4)
+def _no_further(candidate: tuple[float, torch.Tensor], reference: tuple[float, torch.Tensor],
+                center: tuple[float, torch.Tensor]) -> bool:
+    """`candidate` (loss, gradients) is no further from `center` than `reference` is, within
+    SHARED_DISTANCE_RATIO: in loss (or within 2% of it, verify()'s bf16 tolerance: a probe's few
+    labelled tokens move by that much) and in the gradient's 1 - cosine (or 1e-4: two near-exact
+    gradients pass)."""
+    loss_error, reference_error = abs(candidate[0] - center[0]), abs(reference[0] - center[0])
+    distance, reference_distance = 1 - _cosine(candidate[1], center[1]), 1 - _cosine(reference[1], center[1])
+    return (loss_error <= max(SHARED_DISTANCE_RATIO * reference_error, 2e-2 * max(1.0, abs(center[0])))
+            and distance <= SHARED_DISTANCE_RATIO * max(reference_distance, 1e-4))
 
 
 def _agree(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor], loss_rtol: float, min_cosine: float) -> bool:
@@ -387,11 +393,10 @@ class FastPath:
         between them, 0.9984-0.9987 each with fp32). So a disagreement there is arbitrated, as
         verify() does, against `reference_fn` in fp32 (the model's own forward, weights upcast for
         the check): `loss_fn` passes when it is no further from fp32 than `reference_fn` in bf16 is
-        (its gradient's 1 - cosine and its loss error within twice the reference's, the loss's also within
-        2%, verify()'s bf16 tolerance: a probe's few labelled tokens move by that much). Where
-        no fp32 forward can run (4-bit weights, too little memory), the scale is how far the model's
-        own bf16 forward is from `reference_fn`: two right bf16 computations. A wrong function is far
-        off both (a prefix missing half its keys' gradients: cosine 0.98 on the tone data)."""
+        (`_no_further`). Where no fp32 forward can run (4-bit weights, too little memory), the scale
+        is how far the model's own bf16 forward is from `reference_fn`: two right bf16 computations.
+        A wrong function is far off both (a prefix missing half its keys' gradients: cosine 0.98 on
+        the tone data)."""
         trainable = self._checked_parameters(model)
         got = self._loss_and_grads(model, loss_fn, batch, trainable, enabled=True)
         want = self._loss_and_grads(model, reference_fn, batch, trainable, enabled=True)
@@ -401,19 +406,14 @@ class FastPath:
         if _agree(got, want, 1e-2, 0.9999):
             return True, detail
         truth = self._fp32_reference(model, reference_fn, batch, trainable)
-        if truth is None:  # no fp32 forward here (4-bit weights, memory): bf16's own spread is the scale
-            own = self._loss_and_grads(model, reference_fn, batch, trainable, enabled=False)
-            spread_err, spread_cos = abs(own[0] - want[0]), _cosine(own[1], want[1])
-            detail += (f"; the model's own bf16 forward differs from it by {spread_err:.4f} in loss, gradient cosine "
-                       f"{spread_cos:.6f}")
-            return (abs(got[0] - want[0]) <= max(2 * spread_err, 2e-2 * max(1.0, abs(want[0])))
-                    and _no_further(_cosine(got[1], want[1]), spread_cos)), detail
-        got_err, want_err = abs(got[0] - truth[0]), abs(want[0] - truth[0])
-        got_cos, want_cos = _cosine(got[1], truth[1]), _cosine(want[1], truth[1])
-        detail += (f"; against fp32: loss off by {got_err:.4f} vs {want_err:.4f}, gradient cosine {got_cos:.6f} vs "
-                   f"{want_cos:.6f}")
-        return (got_err <= max(2 * want_err, 2e-2 * max(1.0, abs(truth[0]))) and _no_further(got_cos, want_cos),
-                detail)
+        if truth is not None:  # each way's distance from fp32
+            center, reference, against = truth, want, "fp32"
+        else:  # no fp32 forward here (4-bit weights, memory): two right bf16 computations give the scale
+            center, reference, against = want, self._loss_and_grads(model, reference_fn, batch, trainable, enabled=False), \
+                "every example whole, and the model's own bf16 forward"
+        detail += (f"; against {against}: loss off by {abs(got[0] - center[0]):.4f} vs {abs(reference[0] - center[0]):.4f}, "
+                   f"gradient cosine {_cosine(got[1], center[1]):.6f} vs {_cosine(reference[1], center[1]):.6f}")
+        return _no_further(got, reference, center), detail
 
     def fp32_loss(self, model, loss_fn, batch: dict[str, torch.Tensor]) -> float | None:
         """The mean loss of the model's own forward in fp32 (see _fp32_reference), or None."""
