@@ -75,3 +75,19 @@ def much_padding(plan):
     lengths = plan.data.train.lengths
     by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return collate(plan.data.train, by_length[:3] + by_length[-3:], plan.tokenizer.pad_token_id)
+
+
+class _Thing:
+    pass
+
+
+def ctrl_c_inside_a_finalizer() -> None:
+    """What SQLAlchemy's connection finalizers did to a search worker: SIGINT arrives while a
+    weakref callback runs, so its KeyboardInterrupt goes to sys.unraisablehook ("Exception
+    ignored in ...") and this returns as if nothing happened."""
+    import signal
+    import weakref
+
+    thing = _Thing()
+    ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))  # noqa: F841 (lives until `thing` goes)
+    del thing

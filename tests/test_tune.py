@@ -6,6 +6,7 @@ and a study that resumes after SIGKILL or Ctrl-C with the killed trial retried, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -339,6 +340,45 @@ def test_a_trial_killed_in_flight_is_retried_and_the_study_finishes_exact(sig, t
     assert len(retry) == 1 and retry[0].params == dead.params and retry[0].state.name in ("COMPLETE", "PRUNED")
     rows = table(out)
     assert rows[killed]["state"] == "fail" and reason in rows[killed]["note"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_storage_finalizer_still_stops_the_trial_and_it_is_retried(tiny_llama, tmp_path, capsys, monkeypatch):
+    """The ctrl-c case above once failed: the SIGINT landed in SQLAlchemy's weakref callback,
+    Python printed "Exception ignored" and the worker trained both trials to the end and exited 0.
+    Here the Ctrl-C lands in such a finalizer at step 3 of the first trial, every time."""
+    from helpers import ctrl_c_inside_a_finalizer
+    from slmops.train import trainer
+
+    steps: list[int] = []
+
+    @dataclasses.dataclass
+    class HooksWithALostCtrlC(trainer.TrainingHooks):
+        def __post_init__(self):
+            inner = self.after_step
+
+            def after_step(step: int):
+                steps.append(step)
+                if step == 3 and steps.count(3) == 1:
+                    ctrl_c_inside_a_finalizer()
+                return inner(step) if inner else None
+
+            self.after_step = after_step
+
+    out = tmp_path / "out"
+    file = search_file(tmp_path / "s.yaml", tiny_llama, out, trials=2, max_steps=40, eval_steps=20)
+    monkeypatch.setattr(trainer, "TrainingHooks", HooksWithALostCtrlC)
+    code, text = run_cli(capsys, "tune", "--config", str(file), "--log_level", "2")
+    assert code == 130, text
+    assert max(steps) == 3, steps  # stopped before step 4, not at the end of the trial
+    monkeypatch.undo()
+    code, text = run_cli(capsys, "tune", "--config", str(file), "--log_level", "2")
+    assert code == 0, text
+    trials = trials_of(out)
+    assert states(trials)[0] == "FAIL" and "interrupted (Ctrl-C)" in trials[0].user_attrs["fail_reason"]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].params == trials[0].params and retry[0].state.name in ("COMPLETE", "PRUNED")
+    assert len([t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]) == 2
 
 
 def test_the_shipped_search_file_makes_its_plan(capsys, monkeypatch):

@@ -9,6 +9,7 @@ import sys
 from slmops.cli import data, deploy, evaluate, finetune, generate, models, report, run, serve, tune
 from slmops.cli.common import Parser, fail
 from slmops.errors import SlmopsError
+from slmops.interrupts import remembering_ctrl_c
 
 COMMANDS = [finetune, evaluate, deploy, generate, serve, run, tune, report, models, data]
 
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # (finetune --nproc_per_node launches it again)
     try:
-        return args.handler(args)
+        with remembering_ctrl_c():
+            return args.handler(args)
     except SlmopsError as exc:
         return fail(exc)
     except KeyboardInterrupt:

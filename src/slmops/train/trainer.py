@@ -19,6 +19,7 @@ from slmops.config import TrainingConfig
 from slmops.config.finetune import interval
 from slmops.data.batching import collate, epoch_batches, last_tokens, split_rows
 from slmops.data.tokenize import IGNORE, TokenizedData
+from slmops.interrupts import raise_if_interrupted
 from slmops.logs import progress_bar, say
 from slmops.models.precision import Precision
 from slmops.train import checkpoint as ckpt
@@ -410,6 +411,7 @@ class Trainer:
         position = 0  # in `batches`
         try:
             while self.state.step < self.steps:
+                raise_if_interrupted()  # a Ctrl-C some finalizer swallowed stops here (slmops/interrupts.py)
                 step_started = time.perf_counter()
                 if position >= len(batches):  # next epoch: a new, seeded order
                     self.state.epoch += 1

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.errors import ConfigError
+from slmops.interrupts import raise_if_interrupted
 from slmops.tune.load import SearchPlan
 
 log = logging.getLogger("slmops")
@@ -407,6 +408,7 @@ def run_worker(plan: SearchPlan, study, storage, on_trial: Callable[[Any, Any], 
     waiting_said = False
     callbacks = [on_trial] if on_trial else []
     while True:
+        raise_if_interrupted()  # (a Ctrl-C swallowed in a storage finalizer between trials)
         fail_dead_trials(study, storage)
         now = counts(study)
         if progress is not None:

@@ -306,6 +306,7 @@ def run_distributed_trial(config: FinetuneConfig, folder: Path, hooks, processes
     import yaml
 
     from slmops.finetune_recipe import replayable_config
+    from slmops.interrupts import raise_if_interrupted
     from slmops.train.distributed import threads_per_process
 
     folder = Path(folder)
@@ -354,6 +355,7 @@ def run_distributed_trial(config: FinetuneConfig, folder: Path, hooks, processes
         try:
             while process.poll() is None:
                 time.sleep(poll_seconds)
+                raise_if_interrupted()
                 relay()
             relay()  # the last evaluation, logged as the run ended
         except BaseException:  # Ctrl-C or a failure here: the launch goes with it
