@@ -96,6 +96,7 @@ ROWS = {
     "slmops": ("slmops", {}),
     "slmops_fp32": ("slmops", {"bf16": False}),
     "slmops_nogc": ("slmops", {"gradient_checkpointing": False}),  # never recompute (slmops turns it on by itself where a pass would not fit)
+    "slmops_plain": ("slmops", {"cpu_fast_path": "off"}),  # slmops without its CPU fast path: the model's own (PEFT's) forward
     # QLoRA (4-bit NF4 base via bitsandbytes) and full fine-tuning, each against its own peer
     "trl_qlora": ("trl", {"bf16": True, "gradient_checkpointing": False, "method": "qlora"}),
     "slmops_qlora": ("slmops", {"method": "qlora"}),
