@@ -14,10 +14,13 @@ from slmops.config import EvaluateConfig, ExportConfig, FinetuneConfig, from_dic
 
 
 def finetune(config: FinetuneConfig):
-    """Fine-tune as `slmops finetune` does; see slmops.finetune_recipe.finetune."""
+    """Fine-tune as `slmops finetune` does; see slmops.finetune_recipe.finetune. A Ctrl-C stops it by
+    the end of the step it lands in, as on the command line (slmops.interrupts)."""
     from slmops.finetune_recipe import finetune as _finetune
+    from slmops.interrupts import remembering_ctrl_c
 
-    return _finetune(config)
+    with remembering_ctrl_c():
+        return _finetune(config)
 
 
 def evaluate(config: EvaluateConfig) -> dict:
