@@ -242,7 +242,8 @@ def _flags(model, out, steps):
             "--per_device_train_batch_size", "4", "--bf16", "false", "--report_to", "tensorboard", "-o", str(out), "--log_level", "3"]
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_killed_or_interrupted_then_resume_matches_uninterrupted_run(sig, tiny_llama, tmp_path):
     steps = 40
     ref = _cli(_flags(tiny_llama, tmp_path / "ref", steps))
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
@@ -252,9 +253,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "checkpoints" / "step-000012").is_dir():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "adapter").exists(), "the run should have been killed before it finished"
+    proc.send_signal(sig)
+    said = proc.communicate(timeout=120)[0]
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), said
+    if sig == signal.SIGINT:  # one line, no traceback; the checkpoints are whole, no staging folder is left
+        assert said.strip().splitlines()[-1] == "slmops: interrupted", said
+        assert not [p.name for p in (out / "checkpoints").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert not (out / "adapter").exists(), "the run should have been stopped before it finished"
     resumed = _cli(_flags(tiny_llama, out, steps) + ["--resume_from_checkpoint", "latest"])
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
 
