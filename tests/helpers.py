@@ -91,3 +91,23 @@ def ctrl_c_inside_a_finalizer() -> None:
     thing = _Thing()
     ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))  # noqa: F841 (lives until `thing` goes)
     del thing
+
+
+def lose_a_ctrl_c_after_step(monkeypatch, at: int) -> list[int]:
+    """From now on, every run's metrics log makes a Ctrl-C land in a finalizer (swallowed) right
+    after it logs training step `at`, once. Returns the training steps logged, as they are (so
+    log every step: --logging_steps 1)."""
+    from slmops.train import monitor
+
+    logged: list[int] = []
+    log = monitor.MetricsLog.log
+
+    def log_then_lose_a_ctrl_c(self, step, split, **values):
+        log(self, step, split, **values)
+        if split == "train":
+            logged.append(step)
+            if step == at and logged.count(at) == 1:
+                ctrl_c_inside_a_finalizer()
+
+    monkeypatch.setattr(monitor.MetricsLog, "log", log_then_lose_a_ctrl_c)
+    return logged

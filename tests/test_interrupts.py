@@ -39,22 +39,11 @@ def test_a_ctrl_c_still_raises_at_once_and_another_handler_is_left_alone():
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_finetune_from_python_stops_by_the_next_step_when_a_finalizer_swallows_the_ctrl_c(tiny_llama, tmp_path, monkeypatch):
-    from helpers import tiny_config
+    from helpers import lose_a_ctrl_c_after_step, tiny_config
 
     from slmops import finetune
-    from slmops.train import monitor
 
-    logged: list[int] = []
-    log = monitor.MetricsLog.log
-
-    def log_and_lose_a_ctrl_c_at_step_2(self, step, split, **values):
-        log(self, step, split, **values)
-        if split == "train":
-            logged.append(step)
-            if step == 2:
-                ctrl_c_inside_a_finalizer()
-
-    monkeypatch.setattr(monitor.MetricsLog, "log", log_and_lose_a_ctrl_c_at_step_2)
+    logged = lose_a_ctrl_c_after_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_config(tiny_llama, tmp_path / "out", max_steps=40, logging_steps=1))
     assert logged == [1, 2]  # not on to step 40

@@ -6,7 +6,6 @@ and a study that resumes after SIGKILL or Ctrl-C with the killed trial retried, 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import signal
@@ -347,30 +346,14 @@ def test_a_ctrl_c_swallowed_by_a_storage_finalizer_still_stops_the_trial_and_it_
     """The ctrl-c case above once failed: the SIGINT landed in SQLAlchemy's weakref callback,
     Python printed "Exception ignored" and the worker trained both trials to the end and exited 0.
     Here the Ctrl-C lands in such a finalizer at step 3 of the first trial, every time."""
-    from helpers import ctrl_c_inside_a_finalizer
-    from slmops.train import trainer
-
-    steps: list[int] = []
-
-    @dataclasses.dataclass
-    class HooksWithALostCtrlC(trainer.TrainingHooks):
-        def __post_init__(self):
-            inner = self.after_step
-
-            def after_step(step: int):
-                steps.append(step)
-                if step == 3 and steps.count(3) == 1:
-                    ctrl_c_inside_a_finalizer()
-                return inner(step) if inner else None
-
-            self.after_step = after_step
+    from helpers import lose_a_ctrl_c_after_step
 
     out = tmp_path / "out"
-    file = search_file(tmp_path / "s.yaml", tiny_llama, out, trials=2, max_steps=40, eval_steps=20)
-    monkeypatch.setattr(trainer, "TrainingHooks", HooksWithALostCtrlC)
+    file = search_file(tmp_path / "s.yaml", tiny_llama, out, trials=2, max_steps=40, eval_steps=20, logging_steps=1)
+    logged = lose_a_ctrl_c_after_step(monkeypatch, 3)
     code, text = run_cli(capsys, "tune", "--config", str(file), "--log_level", "2")
     assert code == 130, text
-    assert max(steps) == 3, steps  # stopped before step 4, not at the end of the trial
+    assert logged == [1, 2, 3], logged  # stopped before step 4, not at the end of the trial
     monkeypatch.undo()
     code, text = run_cli(capsys, "tune", "--config", str(file), "--log_level", "2")
     assert code == 0, text
